@@ -1,0 +1,3 @@
+from shufflefs.cli import main
+
+raise SystemExit(main())

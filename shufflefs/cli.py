@@ -1,0 +1,232 @@
+"""Command line: `shufflefs mount` and `shufflefs umount`.
+
+Errors a user can cause print one line `shufflefs: error: ...` and exit 1 (2 for usage errors);
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from shufflefs import __version__
+
+EXIT_FAILURE = 1
+
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$")
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '10G', '1.5GiB', '4096' -> bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 10G, 1.5GiB)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shufflefs",
+        description="Spark's local directory on FUSE: committed shuffle files are written through "
+                    "to a store, scratch files stay on this node.")
+    parser.add_argument("--version", action="version", version=f"shufflefs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount", help="mount a store on a directory",
+        description="Mount STORE_URL on MOUNTPOINT. Without --foreground, returns once the mount "
+                    "is live (exit 0) or failed (non-zero, with the reason).",
+        epilog="Store URLs: file:///abs/dir (any POSIX directory, e.g. NFS), "
+               "s3://bucket[/prefix] (AWS credential chain; endpoint from --s3-endpoint-url or "
+               "AWS_ENDPOINT_URL), memory:// (tests).")
+    mount.add_argument("store_url", metavar="STORE_URL")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("--cache-dir", help="staging files, cache and LMDB (default: "
+                       "/var/lib/shufflefs/<mountpoint> as root, else $XDG_STATE_HOME/shufflefs/<mountpoint>)")
+    mount.add_argument("--cache-size", type=parse_size,
+                       help="bound on local bytes (staging + cache), e.g. 20G "
+                            "(default: 80%% of the free space where --cache-dir is)")
+    mount.add_argument("--commit", choices=("sync", "async"), default="sync",
+                       help="sync: the rename/close that commits a shuffle file returns once it is "
+                            "stored; async: returns at once, uploads continue and are drained at "
+                            "unmount (default: %(default)s)")
+    mount.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                       help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    mount.add_argument("--upload-workers", type=_positive_int, default=8,
+                       help="store requests in flight at once (default: %(default)s)")
+    mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
+    mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
+    mount.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = commands.add_parser(
+        "umount", help="drain pending uploads, then unmount",
+        description="Ask the daemon serving MOUNTPOINT to finish its pending uploads and unmount; "
+                    "wait for it. Clears a stale mount left by a dead daemon.")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.add_argument("--timeout", type=float, default=0,
+                        help="give up waiting after this many seconds (default: wait until drained)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return cmd_mount(args)
+        return cmd_umount(args)
+    except CliError as exc:
+        print(f"shufflefs: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+class CliError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------- mount
+def _mount_config(args):
+    from shufflefs.daemon import MountConfig, default_cache_dir
+
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(args.mountpoint))
+    cache_size = args.cache_size
+    if cache_size is None:
+        probe = cache_dir
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        cache_size = int(shutil.disk_usage(probe).free * 0.8)
+    return MountConfig(store_url=args.store_url, mountpoint=args.mountpoint, cache_dir=cache_dir,
+                       cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
+                       upload_workers=args.upload_workers)
+
+
+def _setup_logging(level: str, stream) -> None:
+    logging.basicConfig(stream=stream, level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_mount(args) -> int:
+    config = _mount_config(args)
+    if args.foreground or args.ready_fd is not None:
+        return _run_foreground(args, config)
+    return _spawn_daemon(args, config)
+
+
+def _run_foreground(args, config) -> int:
+    from shufflefs.daemon import SetupError, run
+
+    _setup_logging(args.log_level, sys.stderr)
+    ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+
+    def ready() -> None:
+        if ready_pipe is not None:
+            ready_pipe.write("OK\n")
+            ready_pipe.close()
+
+    try:
+        return run(config, ready)
+    except SetupError as exc:
+        if ready_pipe is not None:
+            ready_pipe.write(f"ERR {exc}\n")
+            ready_pipe.close()
+        raise CliError(str(exc)) from None
+
+
+def _spawn_daemon(args, config) -> int:
+    """Start `shufflefs mount --ready-fd` in a new session and wait for its verdict."""
+    log_file = os.path.abspath(args.log_file or os.path.join(config.cache_dir, "shufflefs.log"))
+    try:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        log = open(log_file, "a")
+    except OSError as exc:
+        raise CliError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "shufflefs", "mount", config.store_url, config.mountpoint,
+               "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
+               "--commit", config.commit, "--upload-workers", str(config.upload_workers),
+               "--log-level", args.log_level, "--ready-fd", str(write_end)]
+    if config.s3_endpoint_url:
+        command += ["--s3-endpoint-url", config.s3_endpoint_url]
+    with log:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                   pass_fds=(write_end,), start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end) as verdict_pipe:
+        verdict = verdict_pipe.readline().strip()
+    if verdict == "OK":
+        return 0
+    if verdict.startswith("ERR "):
+        process.wait()
+        raise CliError(verdict[4:])
+    status = process.wait()
+    raise CliError(f"the daemon exited (status {status}) before the mount was live; see {log_file}")
+
+
+# ---------------------------------------------------------------------------- umount
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_umount(args) -> int:
+    from shufflefs.daemon import mounted_filesystems, run_file
+
+    mountpoint = os.path.realpath(args.mountpoint)
+    fstype = mounted_filesystems().get(mountpoint)
+    try:
+        with open(run_file(mountpoint, "json")) as f:
+            pid = json.load(f)["pid"]
+    except (FileNotFoundError, ValueError, KeyError):
+        pid = None
+    if pid is None or not _pid_alive(pid):
+        if fstype == "fuse.shufflefs":
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+            print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
+            return 0
+        raise CliError(f"{mountpoint} is not a shufflefs mount")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while _pid_alive(pid):
+        if deadline is not None and time.monotonic() > deadline:
+            raise CliError(f"daemon {pid} still draining after {args.timeout:g}s; it goes on in the background")
+        time.sleep(0.1)
+    try:
+        with open(run_file(mountpoint, "status")) as f:
+            status = json.load(f)
+    except (FileNotFoundError, ValueError):
+        status = {}
+    if status.get("given_up"):
+        raise CliError(f"unmounted {mountpoint}, but {status['given_up']} uploads could not be completed; "
+                       "they resume on the next mount with the same --cache-dir")
+    return 0

@@ -1,0 +1,664 @@
+"""The filesystem core: namespace, file states, commit, read path. No kernel needed.
+
+Methods are called by the FUSE adapter (`shufflefs.fs`) on the trio thread, and directly by
+tests. They raise FsError(errno) for every refusal; StoreError escapes only from reads that
+needed the store and failed, and the adapter maps it to EIO.
+
+A run of code between two `await`s is atomic (one trio thread), so each handler validates
+everything first, then mutates, and re-validates after any await.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections import Counter, OrderedDict
+
+import trio
+
+from shufflefs.journal import Journal
+from shufflefs.naming import INDEX_CACHE_MAX, is_durable, is_index
+from shufflefs.remote import Op, Remote
+from shufflefs.staging import StagingArea, StagingFile
+from shufflefs.stores import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+READAHEAD = 4 * 1024 * 1024
+NAME_MAX = 255
+
+
+class FsError(Exception):
+    def __init__(self, errno_: int, message: str = ""):
+        super().__init__(message or os.strerror(errno_))
+        self.errno = errno_
+
+
+class Node:
+    """An inode. A file has exactly one name (no hard links); a directory's children are its
+    entries. `committed` files are durable: immutable, and their bytes live (or are on their
+    way) at the store key of their path."""
+
+    __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
+                 "linked", "lookups", "children", "owned", "listed_at", "size", "staging", "opens",
+                 "writers", "committed", "from_remote")
+
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
+        now = time.time_ns()
+        self.ino = ino
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.atime_ns = self.mtime_ns = self.ctime_ns = now
+        self.parent = parent
+        self.name = name
+        self.linked = True
+        self.lookups = 0
+        # directories
+        self.children: dict[str, Node] | None = {} if stat.S_ISDIR(mode) else None
+        self.owned = False  # created by this mount: its entries are all known here
+        self.listed_at = float("-inf")
+        # files
+        self.size = 0
+        self.staging: StagingFile | None = None
+        self.opens = 0
+        self.writers = 0
+        self.committed = False
+        self.from_remote = False  # learned from a store listing, not created here
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+class Handle:
+    __slots__ = ("node", "writable", "buf_off", "buf")
+
+    def __init__(self, node: Node, writable: bool):
+        self.node = node
+        self.writable = writable
+        self.buf_off = 0
+        self.buf = b""
+
+
+class Filesystem:
+    def __init__(self, store: Store, remote: Remote, journal: Journal, staging: StagingArea, *,
+                 commit_mode: str = "sync", cache_size: int, remote_ttl: float = 1.0):
+        self.store = store
+        self.remote = remote
+        self.journal = journal
+        self.staging = staging
+        self.commit_mode = commit_mode
+        self.cache_size = cache_size
+        self.remote_ttl = remote_ttl
+        self.draining = False
+        self.stats: Counter[str] = Counter()
+        root = Node(ROOT_INODE, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), None, "")
+        root.lookups = 1
+        self.root = root
+        self.inodes: dict[int, Node] = {ROOT_INODE: root}
+        self._next_ino = ROOT_INODE + 1
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
+        self._next_fh = 1
+        self.evictable: OrderedDict[int, Node] = OrderedDict()
+        self._listings: dict[int, trio.Event] = {}
+        self._put_owner: dict[Op, Node] = {}
+        remote.on_put_done = self._put_done
+
+    # ------------------------------------------------------------------ helpers
+    def key_of(self, node: Node) -> str:
+        parts = []
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/".join(reversed(parts))
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def _dir(self, ino: int) -> Node:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    def _new_node(self, parent: Node, name: str, mode: int, uid: int, gid: int) -> Node:
+        node = Node(self._next_ino, mode, uid, gid, parent, name)
+        self._next_ino += 1
+        self.inodes[node.ino] = node
+        parent.children[name] = node
+        parent.mtime_ns = parent.ctime_ns = node.ctime_ns
+        return node
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if name in ("", ".", "..") or "/" in name:
+            raise FsError(errno.EINVAL)
+        if len(os.fsencode(name)) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+
+    def _detach(self, node: Node) -> None:
+        parent = node.parent
+        if parent is not None and parent.children.get(node.name) is node:
+            del parent.children[node.name]
+            parent.mtime_ns = parent.ctime_ns = time.time_ns()
+        node.linked = False
+
+    def _attach(self, parent: Node, name: str, node: Node) -> None:
+        node.parent = parent
+        node.name = name
+        node.linked = True
+        parent.children[name] = node
+        node.ctime_ns = parent.mtime_ns = parent.ctime_ns = time.time_ns()
+
+    def _maybe_free(self, node: Node) -> None:
+        """Drop an unlinked inode once the kernel and all handles forgot it."""
+        if node.linked or node.lookups > 0 or node.opens > 0:
+            return
+        self.inodes.pop(node.ino, None)
+        self.evictable.pop(node.ino, None)
+        if node.staging is not None:
+            node.staging.unref()
+            node.staging = None
+
+    def is_owned_entry(self, node: Node) -> bool:
+        """Whether the kernel may cache this entry for long: its directory is this mount's."""
+        parent = node.parent
+        return parent is not None and parent.owned
+
+    # ------------------------------------------------------------------ remote view
+    async def _refresh(self, directory: Node) -> None:
+        """Merge the store's listing of a directory this mount does not own into its entries,
+        at most once per remote_ttl. Local entries win over remote ones."""
+        if time.monotonic() - directory.listed_at < self.remote_ttl:
+            return
+        in_flight = self._listings.get(directory.ino)
+        if in_flight is not None:
+            await in_flight.wait()
+            return
+        in_flight = self._listings[directory.ino] = trio.Event()
+        prefix = self.key_of(directory)
+        try:
+            listing = await self.remote.call(self.store.list_dir, prefix, what=f"listing {prefix or '/'}")
+        finally:
+            del self._listings[directory.ino]
+            in_flight.set()
+        self.stats["remote_lists"] += 1
+        if not directory.linked and directory is not self.root:
+            return
+        directory.listed_at = time.monotonic()
+        seen = set(listing.dirs)
+        for name in listing.dirs:
+            if name not in directory.children:
+                child = self._new_node(directory, name, stat.S_IFDIR | 0o755, self.root.uid, self.root.gid)
+                child.from_remote = True
+        for obj in listing.files:
+            seen.add(obj.name)
+            key = f"{prefix}/{obj.name}" if prefix else obj.name
+            if obj.name in directory.children or self.remote.last_op(key) is not None:
+                continue  # what this mount did, or is doing, to that key wins
+            child = self._new_node(directory, obj.name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)
+            child.from_remote = child.committed = True
+            child.size = obj.size
+            child.atime_ns = child.mtime_ns = child.ctime_ns = obj.mtime_ns
+        for name, child in list(directory.children.items()):
+            gone = child.from_remote and name not in seen and child.opens == 0
+            if gone and not (child.is_dir and child.children):
+                self._detach(child)
+                self._maybe_free(child)
+
+    # ------------------------------------------------------------------ lookups and attributes
+    async def lookup(self, parent_ino: int, name: str) -> Node | None:
+        """The entry, with its lookup count raised; None if it does not exist."""
+        parent = self._dir(parent_ino)
+        if name == ".":
+            child = parent
+        elif name == "..":
+            child = parent.parent or parent
+        else:
+            child = parent.children.get(name)
+            if child is None and not parent.owned:
+                await self._refresh(parent)
+                child = parent.children.get(name)
+        if child is None:
+            return None
+        child.lookups += 1
+        return child
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.inodes.get(ino)
+        if node is None or node is self.root:
+            return
+        node.lookups -= count
+        self._maybe_free(node)
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                      mtime_ns: int | None = None) -> Node:
+        node = self.node(ino)
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            self._truncate(node, size)
+        if mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+        if uid is not None:
+            node.uid = uid
+        if gid is not None:
+            node.gid = gid
+        if atime_ns is not None:
+            node.atime_ns = atime_ns
+        if mtime_ns is not None:
+            node.mtime_ns = mtime_ns
+        node.ctime_ns = time.time_ns()
+        return node
+
+    def _truncate(self, node: Node, size: int) -> None:
+        if node.committed:
+            raise FsError(errno.EPERM, "committed shuffle files are immutable")
+        if size > node.size:
+            self._make_room(size - node.size)
+        os.ftruncate(node.staging.fd, size)
+        node.staging.resize(size)
+        node.size = size
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    def statfs(self) -> dict:
+        block = 4096
+        free = max(0, self.cache_size - self.staging.bytes)
+        return {"f_bsize": block, "f_frsize": block, "f_blocks": self.cache_size // block,
+                "f_bfree": free // block, "f_bavail": free // block, "f_files": 1 << 32,
+                "f_ffree": (1 << 32) - len(self.inodes), "f_favail": (1 << 32) - len(self.inodes),
+                "f_namemax": NAME_MAX}
+
+    # ------------------------------------------------------------------ namespace changes
+    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
+        parent = self._dir(parent_ino)
+        self._check_name(name)
+        if name in parent.children:
+            raise FsError(errno.EEXIST)
+        node = self._new_node(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+        node.owned = True
+        node.lookups += 1
+        return node
+
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int,
+                     gid: int) -> tuple[int, Node]:
+        parent = self._dir(parent_ino)
+        self._check_name(name)
+        existing = parent.children.get(name)
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST)
+            fh = await self.open(existing.ino, flags)
+            existing.lookups += 1
+            return fh, existing
+        staging = self.staging.new()
+        node = self._new_node(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        node.staging = staging
+        node.lookups += 1
+        return self._open_handle(node, flags), node
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        parent = self._dir(parent_ino)
+        node = parent.children.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if node.committed:
+            self._forget_remote(node, self.key_of(node))
+        self._detach(node)
+        self._maybe_free(node)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        parent = self._dir(parent_ino)
+        node = parent.children.get(name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if not node.owned:
+            await self._refresh(node)
+        if node.children:
+            raise FsError(errno.ENOTEMPTY)
+        if parent.children.get(name) is not node:
+            raise FsError(errno.ENOENT)  # removed by someone else while we listed
+        self._detach(node)
+        self._maybe_free(node)
+
+    async def rename(self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str,
+                     flags: int = 0) -> None:
+        import pyfuse3  # flag values only
+
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        old_parent = self._dir(old_parent_ino)
+        new_parent = self._dir(new_parent_ino)
+        self._check_name(new_name)
+        node = old_parent.children.get(old_name)
+        if node is None:
+            raise FsError(errno.ENOENT)
+        if not new_parent.owned and new_name not in new_parent.children:
+            await self._refresh(new_parent)
+            if old_parent.children.get(old_name) is not node:
+                raise FsError(errno.ENOENT)
+        target = new_parent.children.get(new_name)
+        if target is node:
+            return
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if target.is_dir and not node.is_dir:
+                raise FsError(errno.EISDIR)
+            if node.is_dir and not target.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if target.is_dir and (target.children or not target.owned):
+                raise FsError(errno.ENOTEMPTY)
+        if node.is_dir:
+            ancestor = new_parent
+            while ancestor is not None:
+                if ancestor is node:
+                    raise FsError(errno.EINVAL)
+                ancestor = ancestor.parent
+            if self._holds_remote_data(node):
+                raise FsError(errno.EXDEV, "directories holding committed files are not renamed")
+        will_be_durable = not node.is_dir and is_durable(new_name)
+        if node.committed and not will_be_durable and node.staging is None:
+            raise FsError(errno.EXDEV, "an evicted committed file can only keep a durable name")
+
+        old_key = self.key_of(node)
+        if target is not None:
+            target_key = self.key_of(target)
+            if target.committed:
+                # a put or move of `node` to the same key replaces the object: no delete needed
+                self._forget_remote(target, target_key,
+                                    delete=not (will_be_durable and (node.committed or node.writers == 0)))
+            self._detach(target)
+            self._maybe_free(target)
+        self._detach(node)
+        self._attach(new_parent, new_name, node)
+        if node.is_dir:
+            return
+        new_key = self.key_of(node)
+        if node.committed and will_be_durable:
+            op = self.remote.move(old_key, new_key)
+            self.journal.index_move(old_key, new_key)
+            if self.commit_mode == "sync":
+                await self._wait_stored(op)
+        elif node.committed:
+            self._forget_remote(node, old_key)
+            node.committed = False
+        elif will_be_durable and node.writers == 0:
+            await self._commit(node)
+
+    def _holds_remote_data(self, directory: Node) -> bool:
+        if not directory.owned:
+            return True
+        return any(child.committed or (child.is_dir and self._holds_remote_data(child))
+                   for child in directory.children.values())
+
+    # ------------------------------------------------------------------ commit
+    async def _commit(self, node: Node) -> None:
+        """Make `node` durable at the key of its path."""
+        if self.draining:
+            raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
+        key = self.key_of(node)
+        node.committed = True
+        if is_index(node.name) and node.size <= INDEX_CACHE_MAX:
+            self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
+        op = self.remote.put(key, node.staging)
+        self._put_owner[op] = node
+        self.stats["commits"] += 1
+        if self.commit_mode == "sync":
+            await self._wait_stored(op)
+        else:
+            await self.remote.wait_for_backlog(self.cache_size // 2)
+
+    async def _wait_stored(self, op: Op) -> None:
+        try:
+            await self.remote.wait(op)
+        except StoreError as exc:
+            log.error("%r could not be stored: %s", op, exc)
+            raise FsError(errno.EIO, str(exc)) from None
+
+    def _forget_remote(self, node: Node, key: str, delete: bool = True) -> None:
+        """`node` no longer holds `key`: stop its upload if still pending, drop it from the
+        index cache, and remove the object."""
+        op = self.remote.last_op(key)
+        if op is not None and op.kind == "put" and self._put_owner.get(op) is node:
+            self.remote.cancel(op)
+        self.journal.index_delete(key)
+        if delete:
+            self.remote.delete(key)
+
+    def _put_done(self, op: Op) -> None:
+        node = self._put_owner.pop(op, None)
+        if node is not None and node.staging is op.staging and node.opens == 0 and node.linked:
+            self.evictable[node.ino] = node
+            self._evict(0)
+
+    def _make_room(self, needed: int) -> None:
+        if not self._evict(needed):
+            raise FsError(errno.ENOSPC, f"--cache-size {self.cache_size} is full")
+
+    def _evict(self, needed: int) -> bool:
+        """Drop local copies of uploaded files, least recently used first, until `needed` more
+        bytes fit in the cache budget. Returns whether they fit."""
+        while self.staging.bytes + needed > self.cache_size and self.evictable:
+            _, node = self.evictable.popitem(last=False)
+            if self._can_evict(node):
+                node.staging.unref()
+                node.staging = None
+                self.stats["evictions"] += 1
+        return self.staging.bytes + needed <= self.cache_size
+
+    def _can_evict(self, node: Node) -> bool:
+        return (node.linked and node.committed and node.opens == 0 and node.staging is not None
+                and self.remote.last_op(self.key_of(node)) is None)
+
+    # ------------------------------------------------------------------ open files
+    async def open(self, ino: int, flags: int) -> int:
+        node = self.node(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        return self._open_handle(node, flags)
+
+    def _open_handle(self, node: Node, flags: int) -> int:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable:
+            if node.committed:
+                raise FsError(errno.EPERM, "committed shuffle files are immutable")
+            if flags & os.O_TRUNC and node.size:
+                self._truncate(node, 0)
+            node.writers += 1
+        node.opens += 1
+        self.evictable.pop(node.ino, None)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(node, writable)
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handle(fh)
+        node = handle.node
+        if node.staging is not None:
+            return os.pread(node.staging.fd, size, offset)
+        if offset >= node.size:
+            return b""
+        key = await self._settled_key(node)
+        if is_index(node.name) and node.size <= INDEX_CACHE_MAX:
+            data = self.journal.index_get(key)
+            if data is None:
+                data = await self.remote.call(self.store.get_range, key, 0, node.size, what=f"reading {key}")
+                self.stats["index_fetches"] += 1
+                self.journal.index_put(key, data)
+            else:
+                self.stats["index_cache_hits"] += 1
+            return data[offset:offset + size]
+        end = offset + size
+        if not (handle.buf_off <= offset and end <= handle.buf_off + len(handle.buf)):
+            length = min(max(size, READAHEAD), node.size - offset)
+            handle.buf = await self.remote.call(self.store.get_range, key, offset, length,
+                                                what=f"reading {key}")
+            handle.buf_off = offset
+            self.stats["range_gets"] += 1
+        start = offset - handle.buf_off
+        return handle.buf[start:start + size]
+
+    async def _settled_key(self, node: Node) -> str:
+        """The key of an evicted or remote file once no operation on it is pending."""
+        while True:
+            key = self.key_of(node)
+            op = self.remote.last_op(key)
+            if op is None:
+                return key
+            await op.finished.wait()
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        node = handle.node
+        if not handle.writable:
+            raise FsError(errno.EBADF)
+        if node.committed:
+            raise FsError(errno.EPERM, "committed shuffle files are immutable")
+        end = offset + len(data)
+        if end > node.size:
+            self._make_room(end - node.size)
+        written = os.pwrite(node.staging.fd, data, offset)
+        if end > node.size:
+            node.size = end
+            node.staging.resize(end)
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+        return written
+
+    async def flush(self, fh: int) -> None:
+        """close(2) of a descriptor: commit a durable-named file now if this is its last writer,
+        so a failed upload in sync mode reaches the caller of close()."""
+        handle = self._handle(fh)
+        node = handle.node
+        if handle.writable and node.writers == 1 and self._commit_due(node):
+            await self._commit(node)
+
+    def _commit_due(self, node: Node) -> bool:
+        return node.linked and not node.committed and is_durable(node.name)
+
+    async def fsync(self, fh: int) -> None:
+        node = self._handle(fh).node
+        if node.staging is not None:
+            await trio.to_thread.run_sync(os.fsync, node.staging.fd)
+
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is None:
+            return
+        node = handle.node
+        node.opens -= 1
+        if handle.writable:
+            node.writers -= 1
+        try:
+            if handle.writable and node.writers == 0 and self._commit_due(node):
+                await self._commit(node)
+        finally:
+            if node.opens == 0:
+                if node.staging is not None:
+                    node.staging.close_fd()
+                if self._can_evict(node):
+                    self.evictable[node.ino] = node
+                self._maybe_free(node)
+
+    # ------------------------------------------------------------------ directories
+    async def opendir(self, ino: int) -> int:
+        directory = self._dir(ino)
+        if not directory.owned:
+            await self._refresh(directory)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dir_handles[fh] = list(directory.children.items())
+        return fh
+
+    def readdir_entries(self, fh: int) -> list[tuple[str, Node]]:
+        try:
+            return self.dir_handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
+
+    def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    # ------------------------------------------------------------------ start-up and shutdown
+    def resume_journal(self) -> int:
+        """Re-issue the remote operations an earlier run left pending, and put the files they
+        concern back into the namespace. Returns how many were resumed."""
+        keep = set()
+        ops = self.journal.pending_ops()
+        for seq, record in ops:
+            kind, key = record["kind"], record["key"]
+            if kind == "put":
+                try:
+                    staging = self.staging.adopt(record["path"])
+                except FileNotFoundError:
+                    log.error("staging file %s of pending upload %s is gone; that file is lost",
+                              record["path"], key)
+                    self.journal.remove_op(seq)
+                    continue
+                keep.add(staging.path)
+                node = self._materialize(key)
+                node.staging = staging
+                node.size = staging.size
+                node.committed = True
+                self._put_owner[self.remote.resume(seq, record, staging.ref())] = node
+            else:
+                self.remote.resume(seq, record, None)
+                node = self._find(key)
+                if node is not None and kind == "move":
+                    dst_dir = self._materialize_dir(record["dst"].rpartition("/")[0])
+                    self._detach(node)
+                    self._attach(dst_dir, record["dst"].rpartition("/")[2], node)
+                elif node is not None:
+                    self._detach(node)
+                    self._maybe_free(node)
+        removed = self.staging.remove_unreferenced(keep)
+        if removed:
+            log.info("removed %d staging files of an earlier run that no upload needed", removed)
+        return len(ops)
+
+    def _find(self, key: str) -> Node | None:
+        node = self.root
+        for part in key.split("/"):
+            node = node.children.get(part) if node.is_dir else None
+            if node is None:
+                return None
+        return node
+
+    def _materialize_dir(self, key: str) -> Node:
+        node = self.root
+        for part in filter(None, key.split("/")):
+            child = node.children.get(part)
+            if child is None:
+                child = self._new_node(node, part, stat.S_IFDIR | 0o755, self.root.uid, self.root.gid)
+            node = child
+        return node
+
+    def _materialize(self, key: str) -> Node:
+        parent_key, _, name = key.rpartition("/")
+        parent = self._materialize_dir(parent_key)
+        existing = parent.children.get(name)
+        if existing is not None:
+            self._detach(existing)
+            self._maybe_free(existing)
+        return self._new_node(parent, name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)

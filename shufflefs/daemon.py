@@ -1,0 +1,240 @@
+"""Setting up and running one mount: checks, cache directory, FUSE session, signals, drain.
+
+Every check that can fail for a user's reason happens before anything is mounted and raises
+SetupError with one line of explanation.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from shufflefs.core import Filesystem
+from shufflefs.fs import Operations
+from shufflefs.journal import Journal
+from shufflefs.remote import Remote
+from shufflefs.staging import StagingArea
+from shufflefs.stores import Store, StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+
+class SetupError(Exception):
+    """A reason not to mount, for the user, in one line."""
+
+
+@dataclass
+class MountConfig:
+    store_url: str
+    mountpoint: str
+    cache_dir: str
+    cache_size: int
+    commit: str = "sync"
+    s3_endpoint_url: str | None = None
+    upload_workers: int = 8
+    listing_ttl: float = 1.0
+    max_attempts: int = 6
+
+
+# ---------------------------------------------------------------------------- places
+def default_cache_dir(mountpoint: str) -> str:
+    if os.geteuid() == 0:
+        base = "/var/lib/shufflefs"
+    else:
+        base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
+                            "shufflefs")
+    name = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
+    return os.path.join(base, name)
+
+
+def run_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/shufflefs"
+    return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/shufflefs-{os.getuid()}", "shufflefs")
+
+
+def run_file(mountpoint: str, suffix: str) -> str:
+    digest = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(run_dir(), f"{digest}.{suffix}")
+
+
+def mounted_filesystems() -> dict[str, str]:
+    """mountpoint -> filesystem type, from /proc/self/mounts."""
+    result = {}
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) >= 3:
+                result[fields[1].replace("\\040", " ")] = fields[2]
+    return result
+
+
+# ---------------------------------------------------------------------------- checks
+def check_mountpoint(mountpoint: str) -> str:
+    path = os.path.abspath(mountpoint)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SetupError(f"mountpoint {path} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise SetupError(f"{path} is a stale FUSE mount (transport endpoint is not connected); "
+                             f"clear it with: fusermount3 -u -z {path}") from None
+        raise SetupError(f"cannot use mountpoint {path}: {exc.strerror}") from None
+    if not os.path.isdir(path):
+        raise SetupError(f"mountpoint {path} is not a directory")
+    path = os.path.realpath(path)
+    fstype = mounted_filesystems().get(path)
+    if fstype is not None and os.path.ismount(path):
+        raise SetupError(f"{path} is already a mount point ({fstype})")
+    try:
+        if os.listdir(path):
+            raise SetupError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise SetupError(f"cannot read mountpoint {path}: permission denied") from None
+    del st
+    return path
+
+
+def open_checked_store(config: MountConfig) -> Store:
+    try:
+        store = open_store(config.store_url, s3_endpoint_url=config.s3_endpoint_url)
+        store.check()
+    except StoreError as exc:
+        raise SetupError(str(exc)) from None
+    return store
+
+
+class CacheDir:
+    """The cache directory: LMDB, staging files, a lock that keeps a second daemon out."""
+
+    def __init__(self, path: str, store_url: str):
+        self.path = path
+        try:
+            os.makedirs(path, exist_ok=True)
+            self._lock = open(os.path.join(path, "lock"), "a+")
+        except OSError as exc:
+            raise SetupError(f"cannot use cache dir {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            raise SetupError(f"cache dir {path} is in use by another shufflefs daemon (pid {holder})") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+        self.journal = Journal(os.path.join(path, "lmdb"))
+        recorded = self.journal.meta_get("store_url")
+        if recorded is None:
+            self.journal.meta_set("store_url", store_url)
+        elif recorded != store_url:
+            pending = len(self.journal.pending_ops())
+            self.journal.close()
+            raise SetupError(f"cache dir {path} belongs to store {recorded} ({pending} pending uploads); "
+                             f"use another --cache-dir for {store_url}")
+        self.staging = StagingArea(os.path.join(path, "staging"))
+
+    def close(self) -> None:
+        self.journal.close()
+        self._lock.close()
+
+
+# ---------------------------------------------------------------------------- running
+def mount_options(store_url: str) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options.add("subtype=shufflefs")
+    options.add("fsname=" + (store_url if "," not in store_url else "shufflefs"))
+    if os.geteuid() == 0:
+        options.add("allow_other")  # Spark runs as another user in most deployments
+    return options
+
+
+def write_run_file(path: str, content: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = path + ".tmp"
+    with open(temp, "w") as f:
+        json.dump(content, f)
+    os.replace(temp, path)
+
+
+def run(config: MountConfig, ready: Callable[[], None]) -> int:
+    """Mount, serve until unmounted or signalled, drain, unmount. Raises SetupError before
+    anything is mounted; afterwards returns the exit status (1 if uploads were left over)."""
+    mountpoint = check_mountpoint(config.mountpoint)
+    store = open_checked_store(config)
+    cache = CacheDir(config.cache_dir, store.url)
+    remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts)
+    fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
+                    cache_size=config.cache_size, remote_ttl=config.listing_ttl)
+    operations = Operations(fs)
+    # computed before mounting: resolving the path afterwards would ask this very daemon
+    pid_file = run_file(mountpoint, "json")
+    status_file = run_file(mountpoint, "status")
+    try:
+        pyfuse3.init(operations, mountpoint, mount_options(store.url))
+    except RuntimeError as exc:
+        cache.close()
+        raise SetupError(f"mounting {mountpoint} failed: {exc}") from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            remote.start(nursery)
+            resumed = fs.resume_journal()
+            if resumed:
+                log.info("resumed %d remote operations from the journal", resumed)
+            nursery.start_soon(watch_signals)
+            log.info("mounted %s on %s (commit=%s, cache %s, %d bytes)", store.url, mountpoint,
+                     config.commit, config.cache_dir, config.cache_size)
+            ready()
+            await pyfuse3.main()
+            # unmounted (by a signal below, or from outside): finish what was committed
+            await drain()
+            nursery.cancel_scope.cancel()
+
+    async def drain() -> None:
+        fs.draining = True
+        await remote.drain()
+
+    async def watch_signals() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: draining %d pending remote operations, then unmounting",
+                         signal.Signals(signum).name, len(remote.pending))
+                await drain()
+                pyfuse3.terminate()
+                return
+
+    try:
+        if os.path.exists(status_file):
+            os.unlink(status_file)
+        write_run_file(pid_file, {"pid": os.getpid(), "mountpoint": mountpoint,
+                                  "store": store.url, "cache_dir": config.cache_dir})
+        trio.run(main)
+    finally:
+        pyfuse3.close(unmount=True)
+        cache.close()
+        store.close()
+        stats = dict(remote.stats)
+        write_run_file(status_file, {"given_up": len(remote.given_up), "stats": stats})
+        try:
+            os.unlink(pid_file)
+        except FileNotFoundError:
+            pass
+    log.info("unmounted %s; store requests: %s", mountpoint, stats)
+    if remote.given_up:
+        log.error("%d remote operations could not be completed; they stay in the journal of %s "
+                  "and resume on the next mount with that cache dir", len(remote.given_up), config.cache_dir)
+        return 1
+    return 0

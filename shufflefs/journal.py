@@ -1,0 +1,80 @@
+"""LMDB state of one cache directory: the journal of pending remote operations, the index cache
+and a little metadata. Used from the trio thread only; every method is one short transaction.
+
+The environment is opened with sync=False: a daemon killed by SIGKILL loses nothing (the pages
+are in the kernel), a power loss may lose the last transactions, as it may lose the local
+staging files those transactions point to.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import lmdb
+
+MAP_SIZE = 8 * 1024**3  # address space only; the file grows as needed
+
+
+class Journal:
+    def __init__(self, path: str):
+        self.env = lmdb.open(path, max_dbs=4, map_size=MAP_SIZE, sync=False, metasync=False)
+        self._ops = self.env.open_db(b"ops")
+        self._index = self.env.open_db(b"index")
+        self._meta = self.env.open_db(b"meta")
+        with self.env.begin(db=self._ops) as txn:
+            cursor = txn.cursor()
+            self._next_seq = (struct.unpack(">Q", cursor.key())[0] + 1) if cursor.last() else 1
+
+    # -- pending remote operations, in the order they were issued
+    def add_op(self, record: dict) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        with self.env.begin(write=True, db=self._ops) as txn:
+            txn.put(struct.pack(">Q", seq), json.dumps(record).encode())
+        return seq
+
+    def remove_op(self, seq: int) -> None:
+        with self.env.begin(write=True, db=self._ops) as txn:
+            txn.delete(struct.pack(">Q", seq))
+
+    def pending_ops(self) -> list[tuple[int, dict]]:
+        with self.env.begin(db=self._ops) as txn:
+            return [(struct.unpack(">Q", k)[0], json.loads(v)) for k, v in txn.cursor()]
+
+    # -- index cache: key -> whole .index file
+    def index_get(self, key: str) -> bytes | None:
+        with self.env.begin(db=self._index) as txn:
+            return txn.get(key.encode())
+
+    def index_put(self, key: str, data: bytes) -> None:
+        with self.env.begin(write=True, db=self._index) as txn:
+            txn.put(key.encode(), data)
+
+    def index_delete(self, key: str) -> None:
+        with self.env.begin(write=True, db=self._index) as txn:
+            txn.delete(key.encode())
+
+    def index_move(self, src: str, dst: str) -> None:
+        with self.env.begin(write=True, db=self._index) as txn:
+            data = txn.pop(src.encode())
+            if data is not None:
+                txn.put(dst.encode(), data)
+
+    def index_count(self) -> int:
+        with self.env.begin(db=self._index) as txn:
+            return txn.stat(self._index)["entries"]
+
+    # -- metadata
+    def meta_get(self, name: str) -> str | None:
+        with self.env.begin(db=self._meta) as txn:
+            value = txn.get(name.encode())
+            return value.decode() if value is not None else None
+
+    def meta_set(self, name: str, value: str) -> None:
+        with self.env.begin(write=True, db=self._meta) as txn:
+            txn.put(name.encode(), value.encode())
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()

@@ -1,0 +1,23 @@
+"""File classes by name (see docs/SEMANTICS.md).
+
+durable  - Spark's committed map outputs: written through to the store on commit.
+anything else is local: scratch files and the `<durable name>.<uuid>` temporaries Spark writes
+before renaming them into place.
+"""
+
+from __future__ import annotations
+
+import re
+
+DURABLE_PATTERN = re.compile(r"shuffle_\d+_\d+_\d+\.(?:data|index|checksum\.\w+)")
+INDEX_SUFFIX = ".index"
+#: .index files up to this size are kept in the LMDB index cache
+INDEX_CACHE_MAX = 1024 * 1024
+
+
+def is_durable(name: str) -> bool:
+    return DURABLE_PATTERN.fullmatch(name) is not None
+
+
+def is_index(name: str) -> bool:
+    return name.endswith(INDEX_SUFFIX)

@@ -1,0 +1,83 @@
+"""Local files that hold the bytes of open, scratch, not-yet-uploaded and cached files.
+
+A StagingFile is shared by the inode that owns it and by pending uploads that read it; it is
+removed when the last of them lets go. The area counts the bytes all staging files hold, which
+is what --cache-size bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+
+class StagingFile:
+    __slots__ = ("area", "path", "size", "refs", "_fd")
+
+    def __init__(self, area: "StagingArea", path: str, size: int):
+        self.area = area
+        self.path = path
+        self.size = size
+        self.refs = 1
+        self._fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._fd
+
+    def close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def resize(self, new_size: int) -> None:
+        self.area.bytes += new_size - self.size
+        self.size = new_size
+
+    def ref(self) -> "StagingFile":
+        self.refs += 1
+        return self
+
+    def unref(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self.close_fd()
+            self.area.bytes -= self.size
+            self.area.files -= 1
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class StagingArea:
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.bytes = 0
+        self.files = 0
+
+    def new(self) -> StagingFile:
+        path = os.path.join(self.directory, uuid.uuid4().hex)
+        staging = StagingFile(self, path, 0)
+        staging.fd  # create it now, so a failure shows at create() rather than at first write
+        self.files += 1
+        return staging
+
+    def adopt(self, path: str) -> StagingFile:
+        """Take over a staging file left by an earlier run (journal replay)."""
+        size = os.stat(path).st_size
+        self.bytes += size
+        self.files += 1
+        return StagingFile(self, path, size)
+
+    def remove_unreferenced(self, keep: set[str]) -> int:
+        """Delete staging files of an earlier run that no pending operation needs."""
+        removed = 0
+        for entry in os.scandir(self.directory):
+            if entry.path not in keep:
+                os.unlink(entry.path)
+                removed += 1
+        return removed

@@ -1,0 +1,40 @@
+"""Stores by URL scheme, imported lazily so an optional client library is needed only when used."""
+
+from __future__ import annotations
+
+import importlib
+import urllib.parse
+
+from shufflefs.stores.base import Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted
+
+__all__ = ["Listing", "ObjectInfo", "ObjectMissing", "Store", "StoreError", "UploadAborted",
+           "open_store", "SCHEMES"]
+
+# scheme -> (module, class, what to install when the import fails)
+SCHEMES = {
+    "file": ("shufflefs.stores.file", "FileStore", None),
+    "s3": ("shufflefs.stores.s3", "S3Store", "pip install boto3"),
+    "memory": ("shufflefs.stores.memory", "MemoryStore", None),
+}
+
+
+def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
+    """Build the store for `url`; raise StoreError (not transient) with a one-line message when
+    the URL is malformed or names an unsupported scheme."""
+    parsed = urllib.parse.urlsplit(url)
+    if not parsed.scheme:
+        raise StoreError(f"store URL {url!r} has no scheme; use file:///abs/dir, s3://bucket[/prefix] "
+                         "or memory://", transient=False)
+    if parsed.scheme not in SCHEMES:
+        raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r}; supported: "
+                         + ", ".join(f"{s}://" for s in SCHEMES), transient=False)
+    if parsed.query or parsed.fragment:
+        raise StoreError(f"store URL {url!r} must not have a query or fragment", transient=False)
+    module_name, class_name, install_hint = SCHEMES[parsed.scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise StoreError(f"the {parsed.scheme}:// store needs {exc.name}: {install_hint}",
+                         transient=False) from None
+    store_class = getattr(module, class_name)
+    return store_class.from_url(parsed, s3_endpoint_url=s3_endpoint_url)

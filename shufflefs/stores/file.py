@@ -1,0 +1,144 @@
+"""A store in any POSIX directory (local disk, NFS, a shared volume): `file:///abs/dir`.
+
+Objects are regular files at `<dir>/<key>`. Writes go to a hidden temporary name in the target
+directory and are renamed into place, so a reader never sees a partial object; moves are
+renames. Directories left empty by deletes and moves are removed again, so the tree only holds
+directories that lead to objects (like an object store's prefixes).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import urllib.parse
+import uuid
+
+from shufflefs.stores.base import Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted
+
+TEMP_PREFIX = ".shufflefs-tmp-"
+COPY_CHUNK = 8 * 1024 * 1024
+
+
+class FileStore(Store):
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.url = f"file://{self.root}"
+
+    @classmethod
+    def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> "FileStore":
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"file:// store URL must be file:///absolute/path, got host {parsed.netloc!r}",
+                             transient=False)
+        path = urllib.parse.unquote(parsed.path)
+        if not path.startswith("/"):
+            raise StoreError("file:// store URL needs an absolute path: file:///abs/dir", transient=False)
+        return cls(path)
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def check(self) -> None:
+        if not os.path.isdir(self.root):
+            raise StoreError(f"store directory {self.root} does not exist (create it first)", transient=False)
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"store directory {self.root} is not writable", transient=False)
+
+    def _os_error(self, exc: OSError, what: str) -> StoreError:
+        transient = exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)
+        return StoreError(f"{what}: {exc.strerror}", transient=transient)
+
+    def put_file(self, key, path, abort=None):
+        target = self._path(key)
+        temp = os.path.join(os.path.dirname(target), TEMP_PREFIX + uuid.uuid4().hex)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(path, "rb") as src, open(temp, "wb") as dst:
+                while chunk := src.read(COPY_CHUNK):
+                    if abort is not None and abort.is_set():
+                        raise UploadAborted(key)
+                    dst.write(chunk)
+            os.replace(temp, target)
+        except BaseException as exc:
+            _remove_quietly(temp)
+            if isinstance(exc, OSError):
+                raise self._os_error(exc, f"storing {key}") from exc
+            raise
+
+    def get_range(self, key, offset, length):
+        try:
+            with open(self._path(key), "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise ObjectMissing(key) from None
+        except OSError as exc:
+            raise self._os_error(exc, f"reading {key}") from exc
+
+    def head(self, key):
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._os_error(exc, f"stat {key}") from exc
+        if not os.path.isfile(self._path(key)):
+            return None
+        return ObjectInfo(key.rsplit("/", 1)[-1], st.st_size, st.st_mtime_ns)
+
+    def list_dir(self, prefix):
+        dirs, files = [], []
+        try:
+            with os.scandir(self._path(prefix) if prefix else self.root) as entries:
+                for entry in entries:
+                    if entry.name.startswith(TEMP_PREFIX):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.append(entry.name)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        files.append(ObjectInfo(entry.name, st.st_size, st.st_mtime_ns))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            raise self._os_error(exc, f"listing {prefix or '/'}") from exc
+        return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
+
+    def move(self, src, dst):
+        target = self._path(dst)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(self._path(src), target)
+        except FileNotFoundError:
+            if not os.path.exists(self._path(src)):
+                raise ObjectMissing(src) from None
+            raise StoreError(f"moving {src} to {dst}: directory vanished", transient=True) from None
+        except OSError as exc:
+            raise self._os_error(exc, f"moving {src} to {dst}") from exc
+        self._prune_empty_dirs(src)
+
+    def delete_many(self, keys):
+        for key in keys:
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._os_error(exc, f"deleting {key}") from exc
+            self._prune_empty_dirs(key)
+
+    def _prune_empty_dirs(self, key: str) -> None:
+        parent = os.path.dirname(self._path(key))
+        while parent != self.root and parent.startswith(self.root + "/"):
+            try:
+                os.rmdir(parent)
+            except OSError:  # not empty, or already gone: either way stop climbing
+                return
+            parent = os.path.dirname(parent)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+

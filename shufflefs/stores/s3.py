@@ -1,0 +1,553 @@
+"""A store in an S3 bucket (AWS or any S3-compatible server): `s3://bucket[/prefix]`.
+
+One boto3 client per store, created once and shared by all worker threads (boto3 clients are
+thread-safe). botocore's own retries are off: every method is one attempt, and its failure is
+classified as transient (connection trouble, timeouts, 5xx, throttling) or not (access denied,
+missing bucket, no credentials, other 4xx), because the caller owns retries.
+
+Files at or above `multipart_threshold` are uploaded in parts, checking the abort event before
+each part (and while the bytes stream), and aborting the multipart upload on any failure, so an
+abandoned upload leaves neither an object nor a pending upload. Moves are server-side copies
+(in parts above 5 GiB) followed by a delete.
+
+Credentials come from the standard AWS chain (environment, profile, instance role, ...) and
+never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import logging
+import os
+import stat
+import threading
+import urllib.parse
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted,
+                                   join_key)
+
+# botocore logs request details (and, at DEBUG, signed headers) through these loggers
+for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MAX_PARTS = 10000
+#: S3's limit for a single CopyObject; larger objects are copied with UploadPartCopy
+COPY_OBJECT_LIMIT = 5 * GiB
+DELETE_BATCH = 1000
+
+# error codes worth retrying even though their HTTP status is a 4xx (or absent)
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException",
+    "BandwidthLimitExceeded", "ProvisionedThroughputExceededException", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "OperationAborted",
+    "PriorRequestNotComplete", "EC2ThrottledException", "IDPCommunicationError",
+})
+_MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset({"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                           "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled",
+                           "AccountProblem", "InvalidSecurity"})
+_CREDENTIAL_ERRORS = (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
+                      botocore.exceptions.CredentialRetrievalError)
+# raised while sending or receiving bytes: the request may or may not have happened
+_CONNECTION_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
+                      botocore.exceptions.IncompleteReadError)
+
+
+class _Aborted(Exception):
+    """Raised from inside a request body's read() to stop an upload mid-stream."""
+
+
+class _LocalReadError(Exception):
+    """Raised from inside a request body's read() when reading the local file fails (or it got
+    shorter), so it is not mistaken for a network error."""
+
+    def __init__(self, error: OSError | None):
+        super().__init__(str(error) if error else "the local file shrank during the upload")
+        self.error = error
+
+
+class S3Store(Store):
+    #: size of upload parts (grows for files that would need more than 10000 parts)
+    part_size = 8 * MiB
+    #: size of the ranges copied by UploadPartCopy for objects too big for one CopyObject
+    copy_part_size = 512 * MiB
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        session = boto3.session.Session()
+        region = session.region_name or "us-east-1"
+        config = botocore.config.Config(
+            s3={"addressing_style": "path"},
+            # one attempt per call: the caller owns retries ('max_attempts' here would count
+            # retries, not attempts, so {'max_attempts': 1} means two tries)
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            max_pool_connections=32,
+        )
+        try:
+            self._client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region,
+                                          config=config)
+        except ValueError as exc:  # botocore: "Invalid endpoint: ..."
+            raise StoreError(f"invalid S3 endpoint URL {_redact_url(endpoint_url or '')!r}: "
+                             f"{_one_line(str(exc))}", transient=False) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreError(f"cannot set up the S3 client: {_one_line(str(exc))}", transient=False) from None
+        self.region = region
+        #: the endpoint actually used, for messages (never contains credentials)
+        self.endpoint = _redact_url(self._client.meta.endpoint_url)
+        # whether botocore adds CRC32 checksums to uploads (AWS_REQUEST_CHECKSUM_CALCULATION);
+        # multipart uploads then have to declare and repeat the checksums of their parts
+        self._part_checksums = (getattr(self._client.meta.config, "request_checksum_calculation", None)
+                                == "when_supported")
+
+    @classmethod
+    def from_url(cls, parsed: urllib.parse.SplitResult, s3_endpoint_url: str | None = None,
+                 **_options) -> "S3Store":
+        bucket = parsed.netloc
+        if not bucket:
+            raise StoreError("s3:// store URL needs a bucket: s3://bucket[/prefix]", transient=False)
+        if "@" in bucket:  # never echo it: it may hold credentials
+            raise StoreError("s3:// store URL must not contain credentials; use AWS_ACCESS_KEY_ID/"
+                             "AWS_SECRET_ACCESS_KEY or a profile", transient=False)
+        if ":" in bucket:
+            raise StoreError(f"s3:// store URL has an invalid bucket name {bucket!r}; set the endpoint "
+                             "with --s3-endpoint-url or AWS_ENDPOINT_URL", transient=False)
+        prefix = urllib.parse.unquote(parsed.path).strip("/")
+        endpoint = (s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL") or None)
+        return cls(bucket, prefix, endpoint)
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # best effort: only releases pooled connections
+            pass
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return join_key(self.prefix, key)
+
+    def _where(self, full_key: str) -> str:
+        return f"s3://{self.bucket}/{full_key}"
+
+    def _error(self, exc: BaseException, what: str) -> StoreError:
+        """Map a botocore (or local file) exception to a one-line StoreError."""
+        if isinstance(exc, StoreError):
+            return exc
+        local = next((e for e in _exception_chain(exc) if isinstance(e, _LocalReadError)), None)
+        if local is not None:
+            exc = local.error if local.error is not None else local
+            if not isinstance(exc, OSError):
+                return StoreError(f"{what}: the local file shrank during the upload", transient=True)
+        if isinstance(exc, _CREDENTIAL_ERRORS):
+            return StoreError(f"{what}: {_NO_CREDENTIALS}", transient=False)
+        if isinstance(exc, botocore.exceptions.ClientError):
+            code, status, message = _client_error_parts(exc)
+            text = f"{what}: {code}" + (f" ({message})" if message and message != code else "")
+            return StoreError(text, transient=_is_transient(code, status))
+        if isinstance(exc, _CONNECTION_ERRORS):
+            return StoreError(f"{what}: cannot reach S3 endpoint {self.endpoint}: {_connection_reason(exc)}",
+                              transient=True)
+        if isinstance(exc, botocore.exceptions.ParamValidationError):
+            return StoreError(f"{what}: {_one_line(str(exc))}", transient=False)
+        if isinstance(exc, OSError):  # the local file being uploaded
+            transient = exc.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR)
+            return StoreError(f"{what}: local file: {exc.strerror or exc}", transient=transient)
+        if isinstance(exc, botocore.exceptions.BotoCoreError):
+            return StoreError(f"{what}: {_one_line(str(exc))}", transient=True)
+        return StoreError(f"{what}: {type(exc).__name__}: {_one_line(str(exc))}", transient=True)
+
+    # -- Store interface -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        bucket = self.bucket
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except _CREDENTIAL_ERRORS:
+            raise StoreError(_NO_CREDENTIALS, transient=False) from None
+        except _CONNECTION_ERRORS as exc:
+            raise StoreError(f"cannot reach S3 endpoint {self.endpoint}: {_connection_reason(exc)}",
+                             transient=False) from None
+        except botocore.exceptions.ClientError as exc:
+            code, status, message = _client_error_parts(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                msg = f"bucket {bucket!r} does not exist at {self.endpoint}"
+            elif code in _DENIED_CODES or status == 403:
+                msg = f"access denied to bucket {bucket!r}: check the AWS credentials"
+            elif status in (301, 307) or code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
+                region = (exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                          .get("x-amz-bucket-region"))
+                msg = (f"bucket {bucket!r} is in region {region}, not {self.region}: set AWS_DEFAULT_REGION={region}"
+                       if region else f"bucket {bucket!r} is not in region {self.region}: set AWS_DEFAULT_REGION")
+            else:  # e.g. 5xx or throttling: worth trying again later
+                raise StoreError(f"S3 bucket {bucket!r} at {self.endpoint} is not usable: {code}"
+                                 + (f" ({message})" if message and message != code else ""),
+                                 transient=_is_transient(code, status)) from None
+            raise StoreError(msg, transient=False) from None
+        except botocore.exceptions.ParamValidationError as exc:
+            raise StoreError(f"invalid S3 bucket name {bucket!r}: {_one_line(str(exc))}", transient=False) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreError(f"S3 bucket {bucket!r} at {self.endpoint} is not usable: {_one_line(str(exc))}",
+                             transient=False) from None
+
+    def put_file(self, key, path, abort=None):
+        full = self._key(key)
+        what = f"uploading {self._where(full)}"
+        if abort is not None and abort.is_set():
+            raise UploadAborted(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise self._error(exc, what) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{what}: local path {path} is not a regular file", transient=False)
+            size = st.st_size
+            if size < self.multipart_threshold:
+                body = _FileSlice(fd, 0, size, abort)
+                try:
+                    self._client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentLength=size)
+                except Exception as exc:
+                    if _is_abort(exc):
+                        raise UploadAborted(key) from None
+                    raise self._error(exc, what) from None
+            else:
+                self._put_multipart(key, full, fd, size, abort, what)
+        finally:
+            os.close(fd)
+
+    def _put_multipart(self, key: str, full: str, fd: int, size: int, abort, what: str) -> None:
+        part_size = _part_size(size, self.part_size)
+        extra = {"ChecksumAlgorithm": "CRC32"} if self._part_checksums else {}
+        try:
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=full, **extra)["UploadId"]
+        except Exception as exc:
+            raise self._error(exc, what) from None
+        completed = False
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, part_size), start=1):
+                if abort is not None and abort.is_set():
+                    raise UploadAborted(key)
+                length = min(part_size, size - offset)
+                try:
+                    response = self._client.upload_part(
+                        Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number,
+                        Body=_FileSlice(fd, offset, length, abort), ContentLength=length, **extra)
+                except Exception as exc:
+                    if _is_abort(exc):
+                        raise UploadAborted(key) from None
+                    raise
+                part = {"ETag": response["ETag"], "PartNumber": number}
+                if "ChecksumCRC32" in response and extra:
+                    part["ChecksumCRC32"] = response["ChecksumCRC32"]
+                parts.append(part)
+            if abort is not None and abort.is_set():
+                raise UploadAborted(key)
+            self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                   MultipartUpload={"Parts": parts})
+            completed = True
+        except UploadAborted:
+            raise
+        except Exception as exc:
+            raise self._error(exc, what) from None
+        finally:
+            if not completed:
+                self._abort_multipart(full, upload_id)
+
+    def _abort_multipart(self, full: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except Exception as exc:  # best effort; a bucket lifecycle rule should clean up the rest
+            log.warning("could not abort the multipart upload of %s: %s", self._where(full),
+                        self._error(exc, "abort").args[0])
+
+    def get_range(self, key, offset, length):
+        full = self._key(key)
+        what = f"reading {self._where(full)}"
+        if length <= 0:
+            if self.head(key) is None:
+                raise ObjectMissing(key)
+            return b""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=full,
+                                               Range=f"bytes={offset}-{offset + length - 1}")
+            with response["Body"] as body:
+                data = body.read()
+        except botocore.exceptions.ClientError as exc:
+            code, _status, _message = _client_error_parts(exc)
+            if code in ("InvalidRange", "416", "RequestedRangeNotSatisfiable"):
+                return b""
+            if code in _MISSING_KEY_CODES:
+                raise ObjectMissing(key) from None
+            raise self._error(exc, what) from None
+        except Exception as exc:
+            raise self._error(exc, what) from None
+        if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 and "ContentRange" not in response:
+            data = data[offset:offset + length]  # the server ignored the Range header
+        return data[:length]
+
+    def head(self, key):
+        full = self._key(key)
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=full)
+        except botocore.exceptions.ClientError as exc:
+            if _client_error_parts(exc)[0] in _MISSING_KEY_CODES:
+                return None
+            raise self._error(exc, f"stat {self._where(full)}") from None
+        except Exception as exc:
+            raise self._error(exc, f"stat {self._where(full)}") from None
+        return ObjectInfo(key.rsplit("/", 1)[-1], response["ContentLength"], _mtime_ns(response["LastModified"]))
+
+    def list_dir(self, prefix):
+        full = self._key(prefix)
+        start = full + "/" if full else ""
+        dirs, files = set(), []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/"):
+                for common in page.get("CommonPrefixes", ()):
+                    name = common["Prefix"][len(start):].rstrip("/")
+                    if name and "/" not in name:
+                        dirs.add(name)
+                for obj in page.get("Contents", ()):
+                    name = obj["Key"][len(start):]
+                    if name and "/" not in name:  # skip a 'dir/' marker object
+                        files.append(ObjectInfo(name, obj["Size"], _mtime_ns(obj["LastModified"])))
+        except Exception as exc:
+            raise self._error(exc, f"listing {self._where(start)}") from None
+        return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
+
+    def move(self, src, dst):
+        src_full, dst_full = self._key(src), self._key(dst)
+        what = f"moving {self._where(src_full)} to {self._where(dst_full)}"
+        if src_full == dst_full:
+            if self.head(src) is None:
+                raise ObjectMissing(src)
+            return
+        try:
+            self._client.copy_object(Bucket=self.bucket, Key=dst_full,
+                                     CopySource={"Bucket": self.bucket, "Key": src_full})
+        except botocore.exceptions.ClientError as exc:
+            code = _client_error_parts(exc)[0]
+            if code in _MISSING_KEY_CODES:
+                raise ObjectMissing(src) from None
+            if code not in ("InvalidRequest", "EntityTooLarge", "InvalidArgument"):
+                raise self._error(exc, what) from None
+            info = self.head(src)  # too big for one CopyObject?
+            if info is None:
+                raise ObjectMissing(src) from None
+            if info.size < COPY_OBJECT_LIMIT:
+                raise self._error(exc, what) from None
+            self._copy_in_parts(src_full, dst_full, info.size, what)
+        except Exception as exc:
+            raise self._error(exc, what) from None
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=src_full)
+        except Exception as exc:
+            raise self._error(exc, f"{what}: deleting the source") from None
+
+    def _copy_in_parts(self, src_full: str, dst_full: str, size: int, what: str) -> None:
+        """Copy an object server-side with UploadPartCopy (for objects above CopyObject's limit)."""
+        part_size = _part_size(size, self.copy_part_size)
+        try:
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=dst_full)["UploadId"]
+        except Exception as exc:
+            raise self._error(exc, what) from None
+        completed = False
+        try:
+            parts = []
+            for number, offset in enumerate(range(0, size, part_size), start=1):
+                last = min(offset + part_size, size) - 1
+                response = self._client.upload_part_copy(
+                    Bucket=self.bucket, Key=dst_full, UploadId=upload_id, PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": src_full}, CopySourceRange=f"bytes={offset}-{last}")
+                parts.append({"ETag": response["CopyPartResult"]["ETag"], "PartNumber": number})
+            self._client.complete_multipart_upload(Bucket=self.bucket, Key=dst_full, UploadId=upload_id,
+                                                   MultipartUpload={"Parts": parts})
+            completed = True
+        except botocore.exceptions.ClientError as exc:
+            if _client_error_parts(exc)[0] in _MISSING_KEY_CODES:
+                raise ObjectMissing(src_full[len(self.prefix):].lstrip("/")) from None
+            raise self._error(exc, what) from None
+        except Exception as exc:
+            raise self._error(exc, what) from None
+        finally:
+            if not completed:
+                self._abort_multipart(dst_full, upload_id)
+
+    def delete_many(self, keys):
+        keys = list(keys)
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": self._key(k)} for k in keys[start:start + DELETE_BATCH]]
+            what = f"deleting {len(batch)} objects in s3://{self.bucket}"
+            try:
+                response = self._client.delete_objects(Bucket=self.bucket,
+                                                       Delete={"Objects": batch, "Quiet": True})
+            except Exception as exc:
+                raise self._error(exc, what) from None
+            errors = [e for e in response.get("Errors", ()) if e.get("Code") not in ("NoSuchKey",)]
+            if errors:
+                first = errors[0]
+                raise StoreError(
+                    f"{what}: {len(errors)} failed, e.g. {first.get('Key')}: {first.get('Code')}"
+                    + (f" ({_one_line(first['Message'])})" if first.get("Message") else ""),
+                    transient=any(_is_transient(e.get("Code", ""), None) for e in errors))
+
+
+class _FileSlice:
+    """A seekable, read-only view of `length` bytes at `start` of an open file, used as a request
+    body (botocore seeks it to compute checksums and to rewind). Reads check `abort`, so an
+    upload can stop mid-stream: the exception ends the request and the half-sent body is dropped
+    by the server."""
+
+    def __init__(self, fd: int, start: int, length: int, abort: threading.Event | None):
+        self._fd = fd
+        self._start = start
+        self._length = length
+        self._pos = 0
+        self._abort = abort
+
+    def read(self, size: int = -1) -> bytes:
+        if self._abort is not None and self._abort.is_set():
+            raise _Aborted()
+        remaining = self._length - self._pos
+        if size is None or size < 0 or size > remaining:
+            size = remaining
+        if size <= 0:
+            return b""
+        try:
+            data = os.pread(self._fd, size, self._start + self._pos)
+        except OSError as exc:
+            raise _LocalReadError(exc) from exc
+        if not data:
+            raise _LocalReadError(None)
+        self._pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._length + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        self._pos = max(0, min(pos, self._length))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the caller owns the descriptor
+        pass
+
+
+_NO_CREDENTIALS = "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+
+
+def _part_size(size: int, minimum: int) -> int:
+    """The part size for `size` bytes: at least `minimum`, in whole MiB, at most MAX_PARTS parts."""
+    needed = -(-size // MAX_PARTS)
+    needed = -(-needed // MiB) * MiB
+    return max(minimum, needed)
+
+
+def _client_error_parts(exc: botocore.exceptions.ClientError) -> tuple[str, int | None, str]:
+    error = exc.response.get("Error", {}) or {}
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = str(error.get("Code") or status or "UnknownError")
+    return code, status, _one_line(str(error.get("Message") or ""))
+
+
+def _is_transient(code: str, status: int | None) -> bool:
+    if code in _TRANSIENT_CODES:
+        return True
+    if status is None and code.isdigit():
+        status = int(code)
+    return status is not None and (status >= 500 or status in (408, 429))
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """Whether `exc` comes from _FileSlice noticing the abort event (botocore wraps exceptions
+    raised while sending a body in HTTPClientError)."""
+    return any(isinstance(e, _Aborted) for e in _exception_chain(exc))
+
+
+def _connection_reason(exc: BaseException) -> str:
+    """A short reason for a connection-level failure, e.g. 'connection refused'."""
+    text = " ".join(str(e) for e in _exception_chain(exc))
+    if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+        return "read timed out"
+    if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
+        return "connection timed out"
+    lowered = text.lower()
+    for needle, reason in (("connection refused", "connection refused"),
+                           ("name or service not known", "host name not found"),
+                           ("nodename nor servname", "host name not found"),
+                           ("temporary failure in name resolution", "host name not found (DNS failure)"),
+                           ("no route to host", "no route to host"),
+                           ("network is unreachable", "network is unreachable"),
+                           ("connection reset", "connection reset by peer"),
+                           ("certificate verify failed", "TLS certificate verification failed"),
+                           ("timed out", "connection timed out")):
+        if needle in lowered:
+            return reason
+    if isinstance(exc, botocore.exceptions.ConnectionClosedError):
+        return "connection closed by the server"
+    return _one_line(str(exc)) or type(exc).__name__
+
+
+def _exception_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        inner = getattr(exc, "kwargs", {}).get("error") if isinstance(getattr(exc, "kwargs", None), dict) else None
+        exc = inner if isinstance(inner, BaseException) else (exc.__cause__ or exc.__context__)
+
+
+def _mtime_ns(value) -> int:
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        delta = value - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+        return (delta // datetime.timedelta(microseconds=1)) * 1000
+    return int(value * 1e9)
+
+
+def _redact_url(url: str) -> str:
+    """The URL without any user:password part."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if parts.username is None and parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
