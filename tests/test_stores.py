@@ -34,13 +34,6 @@ AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "A
 # -- fixtures ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def seaweed():
-    with SeaweedS3() as server:
-        print(f"SeaweedFS answered after {server.startup_seconds:.2f} s")
-        yield server
-
-
 def use_s3_env(monkeypatch, tmp_path, server: SeaweedS3 | None, **overrides) -> None:
     """Point boto3 at `server` with its credentials and nothing from the host's AWS setup."""
     for name in AWS_ENV:

@@ -1,0 +1,136 @@
+"""Real mounts for tests: `shufflefs mount` in a subprocess, always torn down.
+
+Teardown never leaves a mount or a daemon behind: `shufflefs umount` first (the real path),
+then whatever is left is lazily unmounted (`fusermount3 -u -z`) and the daemon killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from shufflefs.daemon import run_file
+
+SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
+
+
+def is_mounted(path: str) -> bool:
+    path = os.path.realpath(path)
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == path for line in mounts)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*SHUFFLEFS, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Mount:
+    def __init__(self, store_url: str, mountpoint: str, cache_dir: str, *args: str, env: dict | None = None):
+        self.store_url = store_url
+        self.path = str(mountpoint)
+        self.cache_dir = str(cache_dir)
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.pid: int | None = None
+        os.makedirs(self.path, exist_ok=True)
+
+    def start(self) -> "Mount":
+        result = run_cli("mount", self.store_url, self.path, "--cache-dir", self.cache_dir, *self.args,
+                         env=self.env)
+        assert result.returncode == 0, f"mount failed: {result.stderr}\nlog:\n{self.log()}"
+        assert is_mounted(self.path)
+        with open(run_file(self.path, "json")) as f:
+            self.pid = json.load(f)["pid"]
+        return self
+
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.cache_dir, "shufflefs.log")) as f:
+                return f.read()[-6000:]
+        except FileNotFoundError:
+            return "(no log)"
+
+    def umount(self, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = run_cli("umount", self.path, env=self.env, timeout=timeout)
+        self.wait_exit(timeout)
+        return result
+
+    def wait_exit(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pid is not None and pid_alive(self.pid):
+            assert time.monotonic() < deadline, f"daemon {self.pid} did not exit\n{self.log()}"
+            time.sleep(0.05)
+
+    def status(self) -> dict:
+        with open(run_file(self.path, "status")) as f:
+            return json.load(f)
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, as a crash would, and clear the dead mount."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.wait_exit()
+        subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+
+    def cleanup(self) -> None:
+        if self.pid is not None and pid_alive(self.pid) and is_mounted(self.path):
+            try:
+                self.umount(timeout=60)
+            except Exception:
+                pass
+        if is_mounted(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+        if self.pid is not None and pid_alive(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait_exit()
+
+    def __enter__(self) -> "Mount":
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self.cleanup()
+
+
+def store_objects(root: str) -> dict[str, bytes]:
+    """Every object of a file:// store, by key."""
+    objects = {}
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                objects[os.path.relpath(path, root)] = f.read()
+    return objects
+
+
+def bucket_objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every object under `prefix` in an S3 bucket, by key relative to the prefix."""
+    objects = {}
+    start = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):
+                continue
+            body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            objects[item["Key"][len(start):]] = body
+    return objects

@@ -1,0 +1,278 @@
+"""Layer 3: real mounts, real syscalls. Each test names the docs/SEMANTICS.md row it checks."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from mounting import Mount, bucket_objects, is_mounted, store_objects
+
+DATA = os.urandom(3 * 1024 * 1024 + 17)
+
+
+def spark_commit(directory: str, shuffle: int, map_id: int, partitions: list[bytes]) -> dict[str, bytes]:
+    """Write one map output the way Spark's IndexShuffleBlockResolver does (temp files with
+    O_APPEND / O_TRUNC, then renames into the final names). Returns name -> bytes."""
+    base = os.path.join(directory, f"shuffle_{shuffle}_{map_id}_0")
+    data = b"".join(partitions)
+    offsets = [0]
+    for part in partitions:
+        offsets.append(offsets[-1] + len(part))
+    index = b"".join(o.to_bytes(8, "big") for o in offsets)
+    checksum = b"".join(len(p).to_bytes(8, "big") for p in partitions)
+    files = {".data": data, ".index": index, ".checksum.ADLER32": checksum}
+    for suffix, content in files.items():
+        temp = f"{base}{suffix}.{uuid.uuid4()}"
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if suffix == ".data" else os.O_TRUNC)
+        fd = os.open(temp, flags, 0o644)
+        for start in range(0, len(content), 32 * 1024):
+            os.write(fd, content[start:start + 32 * 1024])
+            os.fstat(fd)  # FileChannel.position() on an append channel
+        os.close(fd)
+        assert not os.path.exists(base + suffix)
+        os.rename(temp, base + suffix)
+    return {os.path.basename(base) + suffix: content for suffix, content in files.items()}
+
+
+def rel(mount: Mount, path: str) -> str:
+    return os.path.relpath(path, mount.path)
+
+
+def test_write_read_roundtrip(file_mount):
+    path = os.path.join(file_mount.path, "temp_local_1")
+    with open(path, "wb") as f:
+        f.write(DATA)
+    with open(path, "rb") as f:
+        assert f.read() == DATA
+    with pytest.raises(FileExistsError):
+        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    assert os.stat(path).st_size == len(DATA)
+    assert store_objects(file_mount.store_root) == {}  # scratch never leaves the node
+
+
+def test_append_writes(file_mount):
+    path = os.path.join(file_mount.path, "temp_shuffle_x")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for i in range(100):
+        os.write(fd, bytes([i]) * 1000)
+        assert os.fstat(fd).st_size == (i + 1) * 1000
+    os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(bytes([i]) * 1000 for i in range(100))
+
+
+def test_rename_commits_and_sizes_are_exact(file_mount):
+    bucket_dir = os.path.join(file_mount.path, "blockmgr-1", "0c")
+    os.makedirs(bucket_dir)
+    parts = [os.urandom(n) for n in (1000, 0, 70000, 5)]
+    written = spark_commit(bucket_dir, 0, 5, parts)
+    for name, content in written.items():
+        assert os.stat(os.path.join(bucket_dir, name)).st_size == len(content)
+    objects = store_objects(file_mount.store_root)
+    # sync commit: the objects are there when rename returns, and nothing else is
+    assert objects == {f"blockmgr-1/0c/{name}": content for name, content in written.items()}
+
+
+def test_rename_semantics(file_mount):
+    m = file_mount.path
+    os.makedirs(f"{m}/a")
+    os.makedirs(f"{m}/b")
+    with open(f"{m}/a/one", "wb") as f:
+        f.write(b"one")
+    with open(f"{m}/b/two", "wb") as f:
+        f.write(b"two")
+    os.rename(f"{m}/a/one", f"{m}/b/two")  # across directories, replacing
+    assert open(f"{m}/b/two", "rb").read() == b"one"
+    assert not os.path.exists(f"{m}/a/one")
+    # a committed file moved across blockmgr dirs (Spark's recovery): server-side move
+    written = spark_commit(f"{m}/a", 1, 2, [b"x" * 100])
+    os.rename(f"{m}/a/shuffle_1_2_0.data", f"{m}/b/shuffle_1_2_0.data")
+    assert open(f"{m}/b/shuffle_1_2_0.data", "rb").read() == written["shuffle_1_2_0.data"]
+    objects = store_objects(file_mount.store_root)
+    assert objects["b/shuffle_1_2_0.data"] == written["shuffle_1_2_0.data"]
+    assert "a/shuffle_1_2_0.data" not in objects
+
+
+def test_committed_file_is_immutable(file_mount):
+    written = spark_commit(file_mount.path, 3, 1, [b"abc"])
+    path = os.path.join(file_mount.path, "shuffle_3_1_0.data")
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC, os.O_WRONLY | os.O_APPEND):
+        with pytest.raises(PermissionError):
+            os.open(path, flags)
+    with pytest.raises(PermissionError):
+        os.truncate(path, 1)
+    assert open(path, "rb").read() == written["shuffle_3_1_0.data"]
+
+
+def test_mmap_and_sendfile(file_mount):
+    path = os.path.join(file_mount.path, "temp_shuffle_m")
+    with open(path, "wb") as f:
+        f.write(DATA)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ) as mapped:
+        assert mapped[:] == DATA
+    target = os.path.join(os.path.dirname(file_mount.path), "sendfile-out")
+    with open(path, "rb") as src, open(target, "wb") as dst:
+        sent = 0
+        while sent < len(DATA):
+            n = os.sendfile(dst.fileno(), src.fileno(), sent, len(DATA) - sent)
+            assert n > 0
+            sent += n
+    assert open(target, "rb").read() == DATA
+
+
+def test_directories(file_mount):
+    m = file_mount.path
+    os.makedirs(f"{m}/d/e/f")
+    with pytest.raises(FileExistsError):
+        os.mkdir(f"{m}/d")
+    open(f"{m}/d/e/file", "wb").close()
+    assert sorted(os.listdir(f"{m}/d/e")) == ["f", "file"]
+    with pytest.raises(OSError) as raised:
+        os.rmdir(f"{m}/d/e")
+    assert raised.value.errno == errno.ENOTEMPTY
+    os.rmdir(f"{m}/d/e/f")
+    os.unlink(f"{m}/d/e/file")
+    os.rmdir(f"{m}/d/e")
+    assert os.listdir(f"{m}/d") == []
+    assert not os.path.exists(f"{m}/d/e")
+
+
+def test_concurrent_rm_rf(file_mount):
+    m = file_mount.path
+    for b in range(8):
+        directory = f"{m}/blockmgr-x/{b:02x}"
+        os.makedirs(directory)
+        for i in range(30):
+            with open(f"{directory}/temp_shuffle_{i}", "wb") as f:
+                f.write(b"t" * 100)
+        spark_commit(directory, 0, b, [b"d" * 50])
+    assert len(store_objects(file_mount.store_root)) == 8 * 3
+    removers = [subprocess.Popen(["rm", "-rf", f"{m}/blockmgr-x"], stderr=subprocess.PIPE) for _ in range(2)]
+    results = [(p.wait(timeout=60), p.stderr.read()) for p in removers]
+    assert not os.path.exists(f"{m}/blockmgr-x")
+    assert any(code == 0 for code, _ in results), results
+    assert file_mount.umount().returncode == 0  # deletes are drained at unmount
+    assert store_objects(file_mount.store_root) == {}
+
+
+def test_chmod_and_utimes(file_mount):
+    m = file_mount.path
+    os.mkdir(f"{m}/dir")
+    for mode in (0o700, 0o750, 0o755):  # Spark's chmod sequence on directories
+        os.chmod(f"{m}/dir", mode)
+        assert os.stat(f"{m}/dir").st_mode & 0o777 == mode
+    open(f"{m}/dir/f", "wb").close()
+    os.utime(f"{m}/dir/f", ns=(1_000_000_000, 2_000_000_000))
+    assert os.stat(f"{m}/dir/f").st_mtime_ns == 2_000_000_000
+
+
+def test_statfs(tmp_path, file_store):
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "64M") as mount:
+        before = os.statvfs(mount.path)
+        assert before.f_blocks * before.f_frsize == 64 * 1024 * 1024
+        with open(f"{mount.path}/temp_local", "wb") as f:
+            f.write(b"x" * 8 * 1024 * 1024)
+        after = os.statvfs(mount.path)
+        assert (before.f_bavail - after.f_bavail) * after.f_frsize == 8 * 1024 * 1024
+
+
+def test_fsync_and_locks(file_mount):
+    path = f"{file_mount.path}/addfile.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b"x")
+    os.fsync(fd)
+    os.fdatasync(fd)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+    assert subprocess.run([sys.executable, "-c", probe, path]).returncode == 3  # held by us
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+    assert subprocess.run([sys.executable, "-c", probe, path]).returncode == 0
+    os.close(fd)
+
+
+def test_unsupported_operations(file_mount):
+    m = file_mount.path
+    open(f"{m}/f", "wb").close()
+    with pytest.raises(PermissionError):
+        os.link(f"{m}/f", f"{m}/g")
+    with pytest.raises(PermissionError):
+        os.symlink("f", f"{m}/s")
+    with pytest.raises(PermissionError):
+        os.mkfifo(f"{m}/fifo")
+    with pytest.raises(OSError) as raised:
+        os.setxattr(f"{m}/f", "user.x", b"1")
+    assert raised.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as raised:
+        os.getxattr(f"{m}/f", "user.x")
+    assert raised.value.errno == errno.EOPNOTSUPP
+
+
+def test_second_mount_sees_committed_files(tmp_path, s3_env, bucket, seaweed):
+    url = f"s3://{bucket}/jobs"
+    with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=s3_env) as first, \
+         Mount(url, tmp_path / "b", tmp_path / "cache-b", env=s3_env) as second:
+        directory = f"{first.path}/spark-1/executor-0/blockmgr-2/0c"
+        os.makedirs(directory)
+        written = spark_commit(directory, 0, 7, [os.urandom(5000), os.urandom(300)])
+        with open(f"{directory}/temp_shuffle_local", "wb") as f:
+            f.write(b"scratch")
+        other = f"{second.path}/spark-1/executor-0/blockmgr-2/0c"
+        assert sorted(os.listdir(other)) == sorted(written)
+        for name, content in written.items():
+            with open(f"{other}/{name}", "rb") as f:
+                assert f.read() == content
+        # a reducer's index access: seek, two 8-byte reads
+        with open(f"{other}/shuffle_0_7_0.index", "rb") as f:
+            f.seek(8)
+            assert int.from_bytes(f.read(8), "big") == 5000
+        assert sorted(os.listdir(second.path)) == ["spark-1"]
+        objects = bucket_objects(seaweed.client(), bucket, "jobs")
+        assert objects == {f"spark-1/executor-0/blockmgr-2/0c/{n}": c for n, c in written.items()}
+
+
+def test_sigkill_recovery_completes_pending_uploads(tmp_path, s3_env, bucket, seaweed):
+    url = f"s3://{bucket}"
+    mount = Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=s3_env)
+    with mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        os.kill(seaweed.process.pid, signal.SIGSTOP)  # the store stops answering
+        try:
+            started = time.monotonic()
+            written = spark_commit(f"{mount.path}/blockmgr-1/00", 0, 1, [os.urandom(20000)])
+            assert time.monotonic() - started < 5, "async commit must not wait for the store"
+            mount.kill()
+        finally:
+            os.kill(seaweed.process.pid, signal.SIGCONT)
+        assert not is_mounted(mount.path)
+        assert bucket_objects(seaweed.client(), bucket) == {}
+    with Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=s3_env) as again:
+        assert sorted(os.listdir(f"{again.path}/blockmgr-1/00")) == sorted(written)
+        assert again.umount().returncode == 0
+    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-1/00/{n}": c for n, c in written.items()}
+
+
+def test_sigterm_drains_pending_uploads(tmp_path, s3_env, bucket, seaweed):
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=s3_env) as mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        os.kill(seaweed.process.pid, signal.SIGSTOP)
+        try:
+            written = spark_commit(f"{mount.path}/blockmgr-1/00", 2, 3, [os.urandom(100000)])
+            os.kill(mount.pid, signal.SIGTERM)
+            time.sleep(1)
+            assert is_mounted(mount.path), "the mount must stay until the uploads are drained"
+        finally:
+            os.kill(seaweed.process.pid, signal.SIGCONT)
+        mount.wait_exit(120)
+        assert not is_mounted(mount.path)
+        assert mount.status()["given_up"] == 0
+    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-1/00/{n}": c for n, c in written.items()}
