@@ -189,38 +189,30 @@ def _spawn_daemon(args, config) -> int:
 
 
 # ---------------------------------------------------------------------------- umount
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cmd_umount(args) -> int:
-    from shufflefs.daemon import mounted_filesystems, run_file
+    from shufflefs.daemon import mounted_filesystems, process_alive, run_file
 
     mountpoint = os.path.realpath(args.mountpoint)
-    fstype = mounted_filesystems().get(mountpoint)
     try:
         with open(run_file(mountpoint, "json")) as f:
             pid = json.load(f)["pid"]
     except (FileNotFoundError, ValueError, KeyError):
         pid = None
-    if pid is None or not _pid_alive(pid):
-        if fstype == "fuse.shufflefs":
-            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
-            print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
-            return 0
-        raise CliError(f"{mountpoint} is not a shufflefs mount")
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    while _pid_alive(pid):
-        if deadline is not None and time.monotonic() > deadline:
-            raise CliError(f"daemon {pid} still draining after {args.timeout:g}s; it goes on in the background")
-        time.sleep(0.1)
+    if pid is None or not process_alive(pid):
+        if mounted_filesystems().get(mountpoint) != "fuse.shufflefs":
+            raise CliError(f"{mountpoint} is not a shufflefs mount")
+    else:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout if args.timeout else None
+        while process_alive(pid):
+            if deadline is not None and time.monotonic() > deadline:
+                raise CliError(f"daemon {pid} still draining after {args.timeout:g}s; it goes on in the background")
+            time.sleep(0.1)
+    if mounted_filesystems().get(mountpoint) == "fuse.shufflefs":
+        # the daemon died without unmounting (killed, crashed): clear what it left
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+        print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
+        return 0
     try:
         with open(run_file(mountpoint, "status")) as f:
             status = json.load(f)

@@ -79,11 +79,22 @@ def mounted_filesystems() -> dict[str, str]:
     return result
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie does not (our daemons are not reaped where PID 1 does not
+    reap, e.g. in some containers)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 # ---------------------------------------------------------------------------- checks
 def check_mountpoint(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
     try:
-        st = os.stat(path)
+        os.stat(path)
+        os.statvfs(path)  # unlike stat, never answered from the kernel's attribute cache
     except FileNotFoundError:
         raise SetupError(f"mountpoint {path} does not exist") from None
     except OSError as exc:
@@ -102,7 +113,6 @@ def check_mountpoint(mountpoint: str) -> str:
             raise SetupError(f"mountpoint {path} is not empty")
     except PermissionError:
         raise SetupError(f"cannot read mountpoint {path}: permission denied") from None
-    del st
     return path
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from shufflefs.daemon import run_file
+from shufflefs.daemon import process_alive as pid_alive, run_file
 
 SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
 
@@ -27,19 +27,6 @@ def is_mounted(path: str) -> bool:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*SHUFFLEFS, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class Mount:

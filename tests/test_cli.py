@@ -1,0 +1,162 @@
+"""The command line: every way a mount can be refused gives one clear line, a non-zero exit, no
+traceback, and leaves nothing mounted; umount drains; python -m shufflefs works."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mounting import Mount, is_mounted, run_cli
+from servers import free_port
+
+
+def assert_refused(result, mountpoint, *needles: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("shufflefs: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not is_mounted(str(mountpoint))
+
+
+@pytest.fixture
+def mnt(tmp_path):
+    path = tmp_path / "mnt"
+    path.mkdir()
+    yield path
+    if is_mounted(str(path)):
+        os.system(f"fusermount3 -u -z {path}")
+        pytest.fail("a refused mount left a mount behind")
+
+
+def mount_cli(store_url, mountpoint, cache_dir, *extra, env=None):
+    return run_cli("mount", store_url, str(mountpoint), "--cache-dir", str(cache_dir), *extra, env=env)
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("ftp://host/x", "unsupported store URL scheme 'ftp'"),
+    ("just-a-path", "has no scheme"),
+    ("file://relative/dir", "file:///absolute/path"),
+    ("s3://", "bucket"),
+])
+def test_bad_store_url(tmp_path, mnt, url, needle):
+    assert_refused(mount_cli(url, mnt, tmp_path / "cache"), mnt, needle)
+
+
+def test_missing_store_directory(tmp_path, mnt):
+    assert_refused(mount_cli(f"file://{tmp_path}/nope", mnt, tmp_path / "cache"), mnt, "does not exist")
+
+
+def test_unreachable_endpoint(tmp_path, mnt, s3_env):
+    port = free_port()
+    env = {**os.environ, **s3_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    assert_refused(mount_cli("s3://somebucket", mnt, tmp_path / "cache", env=env), mnt, "cannot reach")
+
+
+def test_missing_bucket(tmp_path, mnt, s3_env):
+    env = {**os.environ, **s3_env}
+    assert_refused(mount_cli("s3://no-such-bucket-here", mnt, tmp_path / "cache", env=env), mnt,
+                   "no-such-bucket-here", "does not exist")
+
+
+def test_bad_credentials(tmp_path, mnt, s3_env, bucket):
+    env = {**os.environ, **s3_env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+    result = mount_cli(f"s3://{bucket}", mnt, tmp_path / "cache", env=env)
+    assert_refused(result, mnt, "access denied")
+    assert "wrong-secret" not in result.stderr
+
+
+def test_mountpoint_missing(tmp_path, file_store):
+    missing = tmp_path / "missing"
+    assert_refused(mount_cli(f"file://{file_store}", missing, tmp_path / "cache"), missing, "does not exist")
+
+
+def test_mountpoint_not_a_directory(tmp_path, file_store):
+    path = tmp_path / "plain-file"
+    path.write_bytes(b"")
+    assert_refused(mount_cli(f"file://{file_store}", path, tmp_path / "cache"), path, "not a directory")
+
+
+def test_mountpoint_not_empty(tmp_path, mnt, file_store):
+    (mnt / "something").write_bytes(b"")
+    assert_refused(mount_cli(f"file://{file_store}", mnt, tmp_path / "cache"), mnt, "not empty")
+
+
+def test_mountpoint_already_mounted(tmp_path, file_mount, file_store):
+    result = mount_cli(f"file://{file_store}", file_mount.path, tmp_path / "cache2")
+    assert result.returncode == 1 and "already a mount point" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stale_mount(tmp_path, file_store):
+    mount = Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache")
+    with mount:
+        os.kill(mount.pid, 9)
+        mount.wait_exit()
+        assert is_mounted(mount.path)  # the kernel keeps the dead mount: ENOTCONN
+        result = mount_cli(f"file://{file_store}", mount.path, tmp_path / "cache")
+        assert result.returncode == 1
+        assert "stale FUSE mount" in result.stderr and "fusermount3 -u -z" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        # umount clears a stale mount
+        assert run_cli("umount", mount.path).returncode == 0
+        assert not is_mounted(mount.path)
+
+
+def test_cache_dir_in_use(tmp_path, file_mount, file_store):
+    other = tmp_path / "other"
+    other.mkdir()
+    assert_refused(mount_cli(f"file://{file_store}", other, file_mount.cache_dir), other,
+                   "in use by another shufflefs daemon")
+
+
+def test_cache_dir_of_another_store(tmp_path, mnt, file_store):
+    other_store = tmp_path / "other-store"
+    other_store.mkdir()
+    with Mount(f"file://{file_store}", tmp_path / "first", tmp_path / "cache"):
+        pass
+    assert_refused(mount_cli(f"file://{other_store}", mnt, tmp_path / "cache"), mnt, "belongs to store")
+
+
+def test_umount_of_something_else(tmp_path, mnt):
+    result = run_cli("umount", str(mnt))
+    assert result.returncode == 1 and "is not a shufflefs mount" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--cache-size", "lots"], ["--commit", "later"], ["--upload-workers", "0"]])
+def test_bad_options(tmp_path, mnt, file_store, args):
+    result = mount_cli(f"file://{file_store}", mnt, tmp_path / "cache", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "error:" in result.stderr
+    assert not is_mounted(str(mnt))
+
+
+def test_help_and_version():
+    result = run_cli("mount", "--help")
+    assert result.returncode == 0 and "--cache-size" in result.stdout and "s3://" in result.stdout
+    assert run_cli("--version").stdout.startswith("shufflefs ")
+
+
+def test_umount_waits_and_reports(tmp_path, file_store):
+    mount = Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--commit", "async")
+    with mount:
+        os.makedirs(f"{mount.path}/d")
+        with open(f"{mount.path}/d/shuffle_0_0_0.data", "wb") as f:
+            f.write(os.urandom(1 << 20))
+        result = mount.umount()
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(mount.path)
+        assert os.path.getsize(file_store / "d" / "shuffle_0_0_0.data") == 1 << 20
+        assert mount.status()["given_up"] == 0
+
+
+def test_no_credentials_anywhere(tmp_path, mnt, s3_env, bucket):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"], AWS_CONFIG_FILE=s3_env["AWS_CONFIG_FILE"],
+               AWS_SHARED_CREDENTIALS_FILE=s3_env["AWS_SHARED_CREDENTIALS_FILE"],
+               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    assert_refused(mount_cli(f"s3://{bucket}", mnt, tmp_path / "cache", env=env), mnt, "credentials")
+
