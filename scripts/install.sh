@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything shufflefs and its tests need on Debian (run as root): FUSE 3, Java 17 for
+# PySpark, a virtualenv in .venv with shufflefs (editable) and the test tools. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openjdk-17-jre-headless procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+# a JDK 17 installed some other way is fine too
+if command -v java >/dev/null 2>&1 && java -version 2>&1 | grep -q 'version "17'; then
+  missing=("${missing[@]/openjdk-17-jre-headless}")
+fi
+missing=(${missing[@]+"${missing[@]}"})
+if ((${#missing[@]})); then
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v WARNING || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v WARNING || true
+.venv/bin/python -c 'import pyfuse3, trio, boto3, lmdb, pyspark, shufflefs' \
+  || { echo "install.sh: the Python packages did not install" >&2; exit 1; }
+# the kernel's FUSE connections, so a hung mount can be aborted (/sys/fs/fuse/connections/N/abort)
+if [ -d /sys/fs/fuse/connections ] && ! mountpoint -q /sys/fs/fuse/connections; then
+  mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null || true
+fi
