@@ -210,7 +210,10 @@ class Filesystem:
             child.size = obj.size
             child.atime_ns = child.mtime_ns = child.ctime_ns = obj.mtime_ns
         for name, child in list(directory.children.items()):
-            gone = child.from_remote and name not in seen and child.opens == 0
+            key = f"{prefix}/{name}" if prefix else name
+            # a name this mount is still moving an object to is not listed yet, but it exists
+            gone = (child.from_remote and name not in seen and child.opens == 0
+                    and self.remote.last_op(key) is None)
             if gone and not (child.is_dir and child.children):
                 self._detach(child)
                 self._maybe_free(child)
@@ -267,6 +270,8 @@ class Filesystem:
         if size > node.size:
             self._make_room(size - node.size)
         os.ftruncate(node.staging.fd, size)
+        if node.opens == 0:
+            node.staging.close_fd()  # truncate(2) by path: a closed file keeps no descriptor
         node.staging.resize(size)
         node.size = size
         node.mtime_ns = node.ctime_ns = time.time_ns()
@@ -374,6 +379,9 @@ class Filesystem:
         will_be_durable = not node.is_dir and is_durable(new_name)
         if node.committed and not will_be_durable and node.staging is None:
             raise FsError(errno.EXDEV, "an evicted committed file can only keep a durable name")
+        commits = will_be_durable and not node.committed and node.writers == 0
+        if commits and self.draining:  # refused before anything changed (_commit would be too late)
+            raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
 
         old_key = self.key_of(node)
         if target is not None:
@@ -397,7 +405,7 @@ class Filesystem:
         elif node.committed:
             self._forget_remote(node, old_key)
             node.committed = False
-        elif will_be_durable and node.writers == 0:
+        elif commits:
             await self._commit(node)
 
     def _holds_remote_data(self, directory: Node) -> bool:
@@ -415,6 +423,10 @@ class Filesystem:
         node.committed = True
         if is_index(node.name) and node.size <= INDEX_CACHE_MAX:
             self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
+            if node.opens == 0:
+                # reopened for this read only (a rename commits closed files): a cached file
+                # must not hold a descriptor, or thousands of them run into EMFILE
+                node.staging.close_fd()
         op = self.remote.put(key, node.staging)
         self._put_owner[op] = node
         self.stats["commits"] += 1
@@ -436,6 +448,7 @@ class Filesystem:
         op = self.remote.last_op(key)
         if op is not None and op.kind == "put" and self._put_owner.get(op) is node:
             self.remote.cancel(op)
+            del self._put_owner[op]  # a cancelled put never reports back through _put_done
         self.journal.index_delete(key)
         if delete:
             self.remote.delete(key)
@@ -510,7 +523,7 @@ class Filesystem:
             else:
                 self.stats["index_cache_hits"] += 1
             return data[offset:offset + size]
-        end = offset + size
+        end = min(offset + size, node.size)  # reads past EOF (the kernel's last page) need no more
         if not (handle.buf_off <= offset and end <= handle.buf_off + len(handle.buf)):
             length = min(max(size, READAHEAD), node.size - offset)
             handle.buf = await self.remote.call(self.store.get_range, key, offset, length,

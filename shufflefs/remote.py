@@ -208,6 +208,10 @@ class Remote:
         attempt = 0
         while True:
             attempt += 1
+            if all(op.cancelled for op in ops):  # no longer wanted: stop retrying it
+                for op in ops:
+                    self._finish(op)
+                return False
             try:
                 await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
                 return True

@@ -1,0 +1,1332 @@
+"""Layer 2: the filesystem core (`shufflefs.core.Filesystem`) called directly, without FUSE or a
+kernel, against the in-process MemoryStore, and against a FileStore where the store's own
+behaviour matters (moves, deletes, listings of real directories).
+
+Every `core` row of docs/SEMANTICS.md has its test here, under the name the row gives; the
+remaining tests cover commit timing, the journal across a crash, and the shared namespace.
+The helpers play the kernel's part: a lookup before mkdir, flush then release on close(2),
+forget once the kernel drops an inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+import shufflefs.remote
+from shufflefs.core import READAHEAD, ROOT_INODE, Filesystem, FsError, Node
+from shufflefs.journal import Journal
+from shufflefs.remote import Remote
+from shufflefs.staging import StagingArea
+from shufflefs.stores import StoreError
+from shufflefs.stores.file import FileStore
+from shufflefs.stores.memory import MemoryStore
+
+KiB = 1024
+MiB = 1024 * KiB
+UID, GID = os.getuid(), os.getgid()
+NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC  # how Spark creates .index, .checksum, rdd_*, spills
+APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # how Spark creates .data and temp files
+MODES = pytest.mark.parametrize("mode", ["sync", "async"])
+STORES = pytest.mark.parametrize("store_kind", ["memory", "file"])
+
+
+# -- stores that record what was asked of them -------------------------------------------------
+
+
+class Recorder:
+    """Mixin for a real store: logs every call with its keys, and can hold uploads at a gate
+    (to see what happens while an upload is in flight) or ignore the abort event (a store that
+    cannot stop an upload once it started)."""
+
+    def _setup_recorder(self) -> None:
+        self.log: list[tuple] = []
+        self.gate = threading.Event()  # holds put_file
+        self.gate.set()
+        self.move_gate = threading.Event()  # holds move
+        self.move_gate.set()
+        self.honor_abort = True
+
+    def calls_of(self, method: str, key: str | None = None) -> list[tuple]:
+        return [entry for entry in self.log if entry[0] == method and (key is None or entry[1] == key)]
+
+    def put_file(self, key, path, abort=None):
+        self.log.append(("put_file", key))
+        if not self.gate.wait(30):
+            raise StoreError("test gate stayed closed", transient=False)
+        return super().put_file(key, path, abort if self.honor_abort else None)
+
+    def get_range(self, key, offset, length):
+        self.log.append(("get_range", key, offset, length))
+        return super().get_range(key, offset, length)
+
+    def head(self, key):
+        self.log.append(("head", key))
+        return super().head(key)
+
+    def list_dir(self, prefix):
+        self.log.append(("list_dir", prefix))
+        return super().list_dir(prefix)
+
+    def move(self, src, dst):
+        self.log.append(("move", src, dst))
+        if not self.move_gate.wait(30):
+            raise StoreError("test gate stayed closed", transient=False)
+        return super().move(src, dst)
+
+    def delete_many(self, keys):
+        self.log.append(("delete_many", tuple(keys)))
+        return super().delete_many(keys)
+
+
+class RecordingMemoryStore(Recorder, MemoryStore):
+    def __init__(self):
+        MemoryStore.__init__(self)
+        self._setup_recorder()
+
+
+class RecordingFileStore(Recorder, FileStore):
+    def __init__(self, root: str):
+        os.makedirs(root)
+        FileStore.__init__(self, root)
+        self._setup_recorder()
+
+
+def contents(store) -> dict[str, bytes]:
+    """Every object in the store, byte for byte."""
+    if isinstance(store, MemoryStore):
+        return {key: value[0] for key, value in store.objects.copy().items()}
+    result = {}
+    for dirpath, _, filenames in os.walk(store.root):
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            with open(path, "rb") as f:
+                result[os.path.relpath(path, store.root)] = f.read()
+    return result
+
+
+# -- one filesystem core as the daemon builds it ------------------------------------------------
+
+
+class Mount:
+    def __init__(self, store, cache_dir: str, nursery: trio.Nursery, *, commit_mode: str, cache_size: int,
+                 remote_ttl: float, max_attempts: int, workers: int):
+        os.makedirs(cache_dir, exist_ok=True)
+        self.store = store
+        self.cache_dir = cache_dir
+        self.journal = Journal(os.path.join(cache_dir, "lmdb"))
+        self.staging = StagingArea(os.path.join(cache_dir, "staging"))
+        self.remote = Remote(store, self.journal, workers=workers, max_attempts=max_attempts)
+        self.fs = Filesystem(store, self.remote, self.journal, self.staging, commit_mode=commit_mode,
+                             cache_size=cache_size, remote_ttl=remote_ttl)
+        self.remote.start(nursery)
+        self.closed = False
+
+    def staging_paths(self) -> set[str]:
+        return {entry.path for entry in os.scandir(self.staging.directory)}
+
+    def close_journal(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.journal.close()
+
+
+class Env:
+    def __init__(self, tmp_path, nursery: trio.Nursery):
+        self.tmp_path = tmp_path
+        self.nursery = nursery
+        self.stores: list = []
+        self.mounts: list[Mount] = []
+
+    def store(self, kind: str = "memory"):
+        store = RecordingMemoryStore() if kind == "memory" else RecordingFileStore(str(self.tmp_path / "store"))
+        self.stores.append(store)
+        return store
+
+    def plant(self, store, key: str, data: bytes) -> None:
+        """An object another node committed."""
+        path = self.tmp_path / f"planted-{uuid.uuid4()}"
+        path.write_bytes(data)
+        store.put_file(key, str(path))
+
+    def mount(self, store=None, *, name: str = "node1", nursery: trio.Nursery | None = None,
+              commit_mode: str = "sync", cache_size: int = 64 * MiB, remote_ttl: float = 1.0,
+              max_attempts: int = 3, workers: int = 8) -> Mount:
+        if store is None:
+            store = self.store()
+        mount = Mount(store, str(self.tmp_path / name), nursery or self.nursery, commit_mode=commit_mode,
+                      cache_size=cache_size, remote_ttl=remote_ttl, max_attempts=max_attempts, workers=workers)
+        self.mounts.append(mount)
+        return mount
+
+
+@pytest.fixture
+async def env(tmp_path, monkeypatch):
+    # the retry schedule's shape is what matters here, not its pace
+    monkeypatch.setattr(shufflefs.remote, "BACKOFF_FIRST", 0.005)
+    async with trio.open_nursery() as nursery:
+        environment = Env(tmp_path, nursery)
+        try:
+            yield environment
+        finally:
+            for store in environment.stores:  # let no worker thread hang on a closed gate
+                store.gate.set()
+                store.move_gate.set()
+                if isinstance(store, MemoryStore):
+                    store.fail_next = 0
+            nursery.cancel_scope.cancel()
+    for mount in environment.mounts:
+        mount.close_journal()
+
+
+# -- what the kernel and a program would do ----------------------------------------------------
+
+
+async def create(fs: Filesystem, parent: int, name: str, flags: int = NEW) -> tuple[int, Node]:
+    return await fs.create(parent, name, 0o644, flags, UID, GID)
+
+
+async def close(fs: Filesystem, fh: int) -> None:
+    """close(2) of the last descriptor: flush, and release even when flush failed."""
+    try:
+        await fs.flush(fh)
+    finally:
+        await fs.release(fh)
+
+
+async def write_file(fs: Filesystem, parent: int, name: str, data: bytes, *, flags: int = NEW,
+                     chunk: int = 256 * KiB) -> Node:
+    fh, node = await create(fs, parent, name, flags)
+    try:
+        for offset in range(0, len(data), chunk):
+            assert await fs.write(fh, offset, data[offset:offset + chunk]) == len(data[offset:offset + chunk])
+    finally:
+        await close(fs, fh)
+    return node
+
+
+async def read_all(fs: Filesystem, ino: int, chunk: int = 128 * KiB) -> bytes:
+    fh = await fs.open(ino, os.O_RDONLY)
+    try:
+        parts, offset = [], 0
+        while data := await fs.read(fh, offset, chunk):
+            parts.append(data)
+            offset += len(data)
+        return b"".join(parts)
+    finally:
+        await fs.release(fh)
+
+
+async def mkdirs(fs: Filesystem, path: str) -> int:
+    """mkdir -p: look each component up first, as the kernel does before mkdir."""
+    ino = ROOT_INODE
+    for part in path.split("/"):
+        node = await fs.lookup(ino, part)
+        if node is None:
+            node = await fs.mkdir(ino, part, 0o755, UID, GID)
+        ino = node.ino
+    return ino
+
+
+async def resolve(fs: Filesystem, path: str) -> Node | None:
+    node = fs.root
+    for part in path.split("/"):
+        node = await fs.lookup(node.ino, part)
+        if node is None:
+            return None
+    return node
+
+
+async def commit(fs: Filesystem, parent: int, name: str, data: bytes) -> Node:
+    """Spark's commit: write `<name>.<uuid>`, close it, rename it to `name`."""
+    temp = f"{name}.{uuid.uuid4()}"
+    node = await write_file(fs, parent, temp, data, flags=APPEND)
+    await fs.rename(parent, temp, parent, name)
+    return node
+
+
+def forget(fs: Filesystem, node: Node) -> None:
+    """The kernel drops its references to the inode."""
+    fs.forget(node.ino, node.lookups)
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.002)
+
+
+async def settle(mount: Mount) -> None:
+    """Wait (without draining) until no remote operation is pending."""
+    await until(lambda: not mount.remote.pending)
+
+
+def open_staging_fds(m: Mount) -> set[str]:
+    """Paths in the staging area this process holds a descriptor of."""
+    result = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(m.staging.directory + "/"):
+            result.add(target)
+    return result
+
+
+def errno_of(excinfo) -> int:
+    return excinfo.value.errno
+
+
+def index_bytes(partitions: int, seed: int = 0) -> bytes:
+    """A Spark .index: (R+1) big-endian int64 offsets."""
+    offsets, total = [0], 0
+    for i in range(partitions):
+        total += 100 + (i * 7 + seed) % 50
+        offsets.append(total)
+    return b"".join(o.to_bytes(8, "big") for o in offsets)
+
+
+BM = "blockmgr-1/0c"
+DATA, INDEX, CHECKSUM = "shuffle_0_5_0.data", "shuffle_0_5_0.index", "shuffle_0_5_0.checksum.ADLER32"
+
+
+def key(name: str, directory: str = BM) -> str:
+    return f"{directory}/{name}"
+
+
+# -- create, write, truncate --------------------------------------------------------------------
+
+
+async def test_create_exclusive(env):
+    m = env.mount()
+    fs = m.fs
+    env.plant(m.store, "shuffle_9_9_0.data", b"from another node")
+    d = await mkdirs(fs, BM)
+    excl = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    fh, node = await create(fs, d, "temp_shuffle_a", excl)
+    await fs.write(fh, 0, b"first")
+    await close(fs, fh)
+
+    with pytest.raises(FsError) as exc:
+        await create(fs, d, "temp_shuffle_a", excl)
+    assert errno_of(exc) == errno.EEXIST
+    assert await read_all(fs, node.ino) == b"first"
+
+    # without O_EXCL the existing file is opened (same inode); O_TRUNC empties it
+    fh, again = await create(fs, d, "temp_shuffle_a", os.O_WRONLY | os.O_CREAT)
+    assert again is node and node.size == 5
+    await close(fs, fh)
+    fh, again = await create(fs, d, "temp_shuffle_a", NEW)
+    assert again is node and node.size == 0 and m.staging.bytes == 0
+    await close(fs, fh)
+
+    # EEXIST also for a directory, a committed file and a file only the store knows
+    with pytest.raises(FsError) as exc:
+        await create(fs, ROOT_INODE, "blockmgr-1", excl)
+    assert errno_of(exc) == errno.EEXIST
+    await commit(fs, d, DATA, b"committed")
+    with pytest.raises(FsError) as exc:
+        await create(fs, d, DATA, excl)
+    assert errno_of(exc) == errno.EEXIST
+    assert (await fs.lookup(ROOT_INODE, "shuffle_9_9_0.data")).size == 17  # the kernel looks up first
+    with pytest.raises(FsError) as exc:
+        await create(fs, ROOT_INODE, "shuffle_9_9_0.data", excl)
+    assert errno_of(exc) == errno.EEXIST
+    assert contents(m.store) == {key(DATA): b"committed", "shuffle_9_9_0.data": b"from another node"}
+
+
+async def test_committed_file_is_immutable(env):
+    m = env.mount()
+    fs = m.fs
+    env.plant(m.store, "shuffle_1_1_0.data", b"remote")
+    d = await mkdirs(fs, BM)
+    node = await commit(fs, d, DATA, b"x" * 1000)
+    before = list(m.store.log)
+
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND, os.O_WRONLY | os.O_TRUNC):
+        with pytest.raises(FsError) as exc:
+            await fs.open(node.ino, flags)
+        assert errno_of(exc) == errno.EPERM, flags
+    with pytest.raises(FsError) as exc:
+        await create(fs, d, DATA, NEW)  # open(O_CREAT|O_TRUNC) of the existing name
+    assert errno_of(exc) == errno.EPERM
+    for size in (0, 10, 2000):
+        with pytest.raises(FsError) as exc:
+            await fs.setattr(node.ino, size=size)
+        assert errno_of(exc) == errno.EPERM
+    assert node.size == 1000 and node.writers == 0 and node.opens == 0
+    # metadata stays changeable (local only); reading works
+    await fs.setattr(node.ino, mode=0o600)
+    assert node.mode & 0o777 == 0o600
+    assert await read_all(fs, node.ino) == b"x" * 1000
+
+    # a descriptor still open when its file committed (at close of a dup, or pages the kernel
+    # writes back late) cannot change it any more
+    fh, direct = await create(fs, d, INDEX, NEW)
+    await fs.write(fh, 0, b"i" * 16)
+    await fs.flush(fh)  # last writer's close: commits
+    assert direct.committed
+    with pytest.raises(FsError) as exc:
+        await fs.write(fh, 16, b"late")
+    assert errno_of(exc) == errno.EPERM
+    await fs.release(fh)
+    assert direct.size == 16
+
+    # a file learned from the store is just as immutable
+    remote_node = await fs.lookup(ROOT_INODE, "shuffle_1_1_0.data")
+    with pytest.raises(FsError) as exc:
+        await fs.open(remote_node.ino, os.O_RDWR)
+    assert errno_of(exc) == errno.EPERM
+
+    assert contents(m.store) == {key(DATA): b"x" * 1000, key(INDEX): b"i" * 16, "shuffle_1_1_0.data": b"remote"}
+    assert [e for e in m.store.log[len(before):] if e[0] not in ("put_file", "list_dir")] == []
+    assert len(m.store.calls_of("put_file", key(DATA))) == 1
+
+
+async def test_truncate_local_file(env):
+    m = env.mount()
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    m.store.log.clear()
+    temp = f"{DATA}.{uuid.uuid4()}"
+    fh, node = await create(fs, d, temp, APPEND)
+    await fs.write(fh, 0, b"a" * 1000)
+    # a failed write is reverted with ftruncate to the last good position, then writing goes on
+    await fs.setattr(node.ino, size=600)
+    assert node.size == 600 and m.staging.bytes == 600
+    await fs.write(fh, 600, b"b" * 100)
+    await close(fs, fh)
+    assert await read_all(fs, node.ino) == b"a" * 600 + b"b" * 100
+
+    # growing fills with zeros and counts against the cache
+    await fs.setattr(node.ino, size=1000)
+    assert await read_all(fs, node.ino) == b"a" * 600 + b"b" * 100 + bytes(300)
+    assert m.staging.bytes == 1000
+    await fs.setattr(node.ino, size=700)
+    assert m.store.log == []
+    assert open_staging_fds(m) == set()  # truncate(2) of a closed file leaves no descriptor
+
+    # what the commit uploads is exactly the truncated file
+    await fs.rename(d, temp, d, DATA)
+    assert contents(m.store) == {key(DATA): b"a" * 600 + b"b" * 100}
+
+    # O_TRUNC of a local file
+    scratch = await write_file(fs, d, "temp_local_1", b"z" * 50)
+    fh = await fs.open(scratch.ino, os.O_WRONLY | os.O_TRUNC)
+    assert scratch.size == 0
+    await close(fs, fh)
+    assert await read_all(fs, scratch.ino) == b""
+    assert m.staging.bytes == 700
+
+
+# -- reads --------------------------------------------------------------------------------------
+
+
+async def test_evicted_file_read_back_with_ranged_gets(env):
+    m = env.mount(cache_size=12 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    data = os.urandom(2 * READAHEAD + MiB + 3)
+    node = await commit(fs, d, DATA, data)
+    assert node.staging is not None  # a local copy while the cache allows
+
+    # local data that needs the room pushes the uploaded file out of the cache
+    await write_file(fs, d, "temp_shuffle_x", bytes(4 * MiB))
+    assert node.staging is None and fs.stats["evictions"] == 1
+    assert m.staging.bytes == 4 * MiB and len(m.staging_paths()) == 1
+    assert node.size == len(data)
+
+    # a sequential read: one GET per readahead window
+    assert await read_all(fs, node.ino) == data
+    gets = m.store.calls_of("get_range", key(DATA))
+    assert [(offset, length) for _, _, offset, length in gets] == [
+        (0, READAHEAD), (READAHEAD, READAHEAD), (2 * READAHEAD, MiB + 3)]
+
+    # pread in the middle: one GET from there, later reads in the window are served from it
+    m.store.log.clear()
+    fh = await fs.open(node.ino, os.O_RDONLY)
+    start = 5 * MiB + 10
+    assert await fs.read(fh, start, 100) == data[start:start + 100]
+    assert await fs.read(fh, start + 100, 4000) == data[start + 100:start + 4100]
+    assert await fs.read(fh, len(data) - 5, 100) == data[-5:]
+    assert await fs.read(fh, len(data), 100) == b""
+    assert [(e[2], e[3]) for e in m.store.log] == [(start, min(READAHEAD, len(data) - start))]
+    await fs.release(fh)
+    assert node.staging is None  # reading does not bring the file back into the cache
+
+
+async def test_index_cache(env):
+    m = env.mount(cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    index = index_bytes(200)
+    data = os.urandom(400 * KiB)
+    index_node = await commit(fs, d, INDEX, index)
+    data_node = await commit(fs, d, DATA, data)
+    assert m.journal.index_get(key(INDEX)) == index  # filled at commit, on the writing node
+    assert m.journal.index_get(key(DATA)) is None  # only .index files
+    assert m.staging_paths() == {index_node.staging.path, data_node.staging.path}
+    # an idle cached file keeps no descriptor open (thousands of cached files would hit EMFILE)
+    assert open_staging_fds(m) == set()
+
+    await write_file(fs, d, "temp_shuffle_x", bytes(900 * KiB))
+    assert index_node.staging is None and data_node.staging is None
+    m.store.log.clear()
+
+    # a reducer reads its two offsets; every open is served from LMDB, never from the store
+    for reduce_id in (0, 17, 199):
+        fh = await fs.open(index_node.ino, os.O_RDONLY)
+        assert await fs.read(fh, reduce_id * 8, 8) == index[reduce_id * 8:reduce_id * 8 + 8]
+        assert await fs.read(fh, reduce_id * 8 + 8, 8) == index[reduce_id * 8 + 8:reduce_id * 8 + 16]
+        await fs.release(fh)
+    assert m.store.calls_of("get_range", key(INDEX)) == []
+    assert fs.stats["index_cache_hits"] == 6 and fs.stats["index_fetches"] == 0
+    assert await read_all(fs, data_node.ino) == data  # .data goes to the store
+    assert len(m.store.calls_of("get_range", key(DATA))) == 1
+
+    # the entry goes when the file goes
+    await fs.unlink(d, INDEX)
+    assert m.journal.index_get(key(INDEX)) is None
+
+
+# -- rename -------------------------------------------------------------------------------------
+
+
+async def test_rename_before_commit_costs_no_request(env):
+    m = env.mount()
+    fs = m.fs
+    src = await mkdirs(fs, "blockmgr-1/0c")
+    dst = await mkdirs(fs, "blockmgr-1/1a")
+    m.store.log.clear()
+
+    # UnsafeShuffleWriter: temp_shuffle_<uuid> moves across directories into .data.<uuid>
+    temp = f"{DATA}.{uuid.uuid4()}"
+    moved = await write_file(fs, src, "temp_shuffle_1", b"d" * 300, flags=APPEND)
+    await fs.rename(src, "temp_shuffle_1", dst, temp)
+    assert await fs.lookup(src, "temp_shuffle_1") is None
+    assert (await fs.lookup(dst, temp)) is moved and moved.size == 300
+
+    # replacing an existing local file: atomic, the old bytes are gone
+    old = await write_file(fs, dst, "rdd_0_1", b"old" * 10)
+    await write_file(fs, dst, "temp_local_2", b"new")
+    await fs.rename(dst, "temp_local_2", dst, "rdd_0_1")
+    replaced_by = await fs.lookup(dst, "rdd_0_1")
+    assert replaced_by is not old and not old.linked
+    assert await read_all(fs, replaced_by.ino) == b"new"
+    assert await fs.lookup(dst, "temp_local_2") is None
+    forget(fs, old)
+    assert m.staging.bytes == 303  # the replaced file's staging file is gone
+
+    # a durable name's temp file renamed to another temp name: still local
+    await fs.rename(dst, temp, src, temp + ".2")
+    assert not moved.committed and moved.size == 300
+    assert m.store.log == [] and contents(m.store) == {}
+
+
+@MODES
+@STORES
+async def test_commit_on_rename(env, mode, store_kind):
+    m = env.mount(env.store(store_kind), commit_mode=mode)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    other = await mkdirs(fs, "blockmgr-1/3f")
+    data = os.urandom(300 * KiB + 7)
+    index = index_bytes(10)
+    checksum = os.urandom(80)
+    m.store.log.clear()
+
+    # Spark's order: index, then data (a temp_shuffle file moved in from another directory
+    # first), then checksum; each rename commits, nothing before it does
+    temp_index = f"{INDEX}.{uuid.uuid4()}"
+    index_node = await write_file(fs, d, temp_index, index)
+    assert m.store.log == []
+    await fs.rename(d, temp_index, d, INDEX)
+    if mode == "sync":
+        assert contents(m.store) == {key(INDEX): index}
+    assert index_node.committed and index_node.size == len(index)
+    assert m.journal.index_get(key(INDEX)) == index
+
+    temp_data = f"{DATA}.{uuid.uuid4()}"
+    data_node = await write_file(fs, other, "temp_shuffle_7", data, flags=APPEND)
+    await fs.rename(other, "temp_shuffle_7", d, temp_data)
+    assert not data_node.committed
+    await fs.rename(d, temp_data, d, DATA)
+    assert data_node.committed and data_node.size == len(data)  # exact right after rename
+    if mode == "sync":
+        assert contents(m.store) == {key(INDEX): index, key(DATA): data}
+
+    await commit(fs, d, CHECKSUM, checksum)
+    if mode == "async":
+        await m.remote.drain()
+    assert contents(m.store) == {key(INDEX): index, key(DATA): data, key(CHECKSUM): checksum}
+    assert sorted(e[1] for e in m.store.calls_of("put_file")) == sorted([key(INDEX), key(DATA), key(CHECKSUM)])
+    assert {e[0] for e in m.store.log} == {"put_file"}
+    assert m.journal.pending_ops() == []
+    # still readable, from the local copy
+    assert await read_all(fs, data_node.ino) == data
+    assert m.store.calls_of("get_range") == []
+
+
+@MODES
+async def test_rename_replaces_committed_file(env, mode):
+    m = env.mount(commit_mode=mode)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    first = await commit(fs, d, DATA, b"first attempt" * 100)
+    await commit(fs, d, INDEX, index_bytes(5, seed=1))
+    # a retried task writes its output again and renames it over the first attempt's
+    new_data, new_index = b"second" * 77, index_bytes(5, seed=2)
+    second = await commit(fs, d, DATA, new_data)
+    await commit(fs, d, INDEX, new_index)
+    assert (await fs.lookup(d, DATA)) is second and not first.linked
+    assert second.size == len(new_data)
+    if mode == "async":
+        await m.remote.drain()
+    assert contents(m.store) == {key(DATA): new_data, key(INDEX): new_index}
+    assert m.store.calls_of("delete_many") == []  # the new object replaces the old one
+    assert m.journal.index_get(key(INDEX)) == new_index
+    assert await read_all(fs, second.ino) == new_data
+    assert m.journal.pending_ops() == []
+
+
+@MODES
+@STORES
+async def test_rename_committed_file_moves_object(env, mode, store_kind):
+    m = env.mount(env.store(store_kind), commit_mode=mode, cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    data, index = os.urandom(600 * KiB), index_bytes(30)
+    data_node = await commit(fs, d, DATA, data)
+    await settle(m)
+    index_node = await commit(fs, d, INDEX, index)
+    await settle(m)
+    await write_file(fs, d, "temp_shuffle_x", bytes(500 * KiB))
+    assert data_node.staging is None and index_node.staging is not None  # one evicted, one local
+    m.store.log.clear()
+
+    # an executor recovering a dead one's output moves it into its own block manager directory
+    new_dir = "blockmgr-2/1a"
+    dst = await mkdirs(fs, new_dir)
+    m.store.log.clear()
+    await fs.rename(d, DATA, dst, DATA)
+    await fs.rename(d, INDEX, dst, INDEX)
+    assert (await fs.lookup(dst, DATA)) is data_node and data_node.size == len(data)
+    assert await fs.lookup(d, DATA) is None
+    # readable at once under the new name (an async move is waited for)
+    assert await read_all(fs, data_node.ino) == data
+    if mode == "async":
+        await m.remote.drain()
+    assert contents(m.store) == {key(DATA, new_dir): data, key(INDEX, new_dir): index}
+    assert sorted(m.store.calls_of("move")) == [("move", key(DATA), key(DATA, new_dir)),
+                                                ("move", key(INDEX), key(INDEX, new_dir))]
+    assert m.store.calls_of("put_file") == [] and m.store.calls_of("delete_many") == []
+    assert [e[1] for e in m.store.calls_of("get_range")] == [key(DATA, new_dir)]
+    # the index cache entry moved along
+    assert m.journal.index_get(key(INDEX)) is None
+    assert m.journal.index_get(key(INDEX, new_dir)) == index
+    if store_kind == "file":  # the store's emptied directories went with the objects
+        assert os.listdir(m.store.root) == ["blockmgr-2"]
+
+    # another durable name in the same directory, replacing a committed file there
+    other = os.urandom(1000)
+    await commit(fs, dst, "shuffle_0_6_0.data", other)
+    await settle(m)
+    await fs.rename(dst, DATA, dst, "shuffle_0_6_0.data")
+    await settle(m)
+    assert contents(m.store) == {key("shuffle_0_6_0.data", new_dir): data, key(INDEX, new_dir): index}
+    assert m.store.calls_of("delete_many") == []  # the moved object replaced the other one
+    assert m.journal.pending_ops() == []
+
+
+@MODES
+async def test_rename_committed_to_local_name(env, mode):
+    m = env.mount(commit_mode=mode, cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    data, index = os.urandom(100 * KiB), index_bytes(8)
+    evicted = await commit(fs, d, "shuffle_0_1_0.data", os.urandom(700 * KiB))
+    await settle(m)
+    await write_file(fs, d, "temp_shuffle_x", bytes(500 * KiB))
+    assert evicted.staging is None
+    node = await commit(fs, d, DATA, data)
+    index_node = await commit(fs, d, INDEX, index)
+    await settle(m)
+    m.store.log.clear()
+
+    # with its local copy: the object is deleted and the file is an ordinary local file again
+    await fs.rename(d, DATA, d, DATA + ".bak")
+    await fs.rename(d, INDEX, d, "index-copy")
+    assert not node.committed and not index_node.committed
+    await settle(m)
+    assert set(contents(m.store)) == {key("shuffle_0_1_0.data")}
+    assert m.journal.index_get(key(INDEX)) is None
+    fh = await fs.open(node.ino, os.O_WRONLY | os.O_APPEND)
+    await fs.write(fh, node.size, b"more")
+    await close(fs, fh)
+    assert await read_all(fs, node.ino) == data + b"more"
+    assert m.store.calls_of("put_file") == []
+
+    # evicted: there are no local bytes to keep, so mv must copy (EXDEV); nothing changes
+    with pytest.raises(FsError) as exc:
+        await fs.rename(d, "shuffle_0_1_0.data", d, "shuffle_0_1_0.data.bak")
+    assert errno_of(exc) == errno.EXDEV
+    assert (await fs.lookup(d, "shuffle_0_1_0.data")) is evicted and evicted.committed
+    assert await fs.lookup(d, "shuffle_0_1_0.data.bak") is None
+
+    # renamed back to a durable name, the local file commits again
+    await fs.rename(d, DATA + ".bak", d, DATA)
+    await settle(m)
+    assert contents(m.store)[key(DATA)] == data + b"more"
+    assert m.journal.pending_ops() == []
+
+
+async def test_rename_noreplace(env):
+    m = env.mount()
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    a = await write_file(fs, d, "temp_shuffle_a", b"A")
+    b = await write_file(fs, d, "temp_shuffle_b", b"B")
+    committed = await commit(fs, d, DATA, b"durable")
+    m.store.log.clear()
+
+    for target in ("temp_shuffle_b", DATA):
+        with pytest.raises(FsError) as exc:
+            await fs.rename(d, "temp_shuffle_a", d, target, pyfuse3.RENAME_NOREPLACE)
+        assert errno_of(exc) == errno.EEXIST
+    with pytest.raises(FsError) as exc:
+        await fs.rename(d, "temp_shuffle_a", d, "temp_shuffle_b", pyfuse3.RENAME_EXCHANGE)
+    assert errno_of(exc) == errno.EINVAL
+    assert (await fs.lookup(d, "temp_shuffle_a")) is a and (await fs.lookup(d, "temp_shuffle_b")) is b
+    assert (await fs.lookup(d, DATA)) is committed and committed.committed
+    assert await read_all(fs, b.ino) == b"B" and await read_all(fs, committed.ino) == b"durable"
+
+    await fs.rename(d, "temp_shuffle_a", d, "temp_shuffle_c", pyfuse3.RENAME_NOREPLACE)
+    assert (await fs.lookup(d, "temp_shuffle_c")) is a and await fs.lookup(d, "temp_shuffle_a") is None
+    assert m.store.log == [] and contents(m.store) == {key(DATA): b"durable"}
+
+
+async def test_rename_directory(env):
+    m = env.mount()
+    fs = m.fs
+    env.plant(m.store, "spark-9/blockmgr-9/0c/shuffle_1_1_0.data", b"other node")
+    spark = await mkdirs(fs, "spark-1")
+    await mkdirs(fs, "spark-1/blockmgr-1/0c")
+    bm = await resolve(fs, "spark-1/blockmgr-1")
+    bucket = await resolve(fs, "spark-1/blockmgr-1/0c")
+    await write_file(fs, bucket.ino, "temp_shuffle_1", b"t" * 10)
+    # a file being written under its final name when its directory moves
+    fh, writing = await create(fs, bucket.ino, DATA, APPEND)
+    await fs.write(fh, 0, b"data")
+    m.store.log.clear()
+
+    await fs.rename(spark, "blockmgr-1", spark, "blockmgr-2")
+    assert await resolve(fs, "spark-1/blockmgr-1") is None
+    assert (await resolve(fs, "spark-1/blockmgr-2")) is bm
+    assert await read_all(fs, (await resolve(fs, "spark-1/blockmgr-2/0c/temp_shuffle_1")).ino) == b"t" * 10
+    assert m.store.log == []
+    await close(fs, fh)  # commits where the file is now
+    assert contents(m.store)["spark-1/blockmgr-2/0c/" + DATA] == b"data"
+    assert writing.committed
+
+    # holding a committed file: the objects' keys would all change, refused
+    with pytest.raises(FsError) as exc:
+        await fs.rename(spark, "blockmgr-2", spark, "blockmgr-3")
+    assert errno_of(exc) == errno.EXDEV
+    assert (await resolve(fs, "spark-1/blockmgr-2")) is bm
+
+    # into itself
+    await mkdirs(fs, "spark-1/local/sub")
+    local = await resolve(fs, "spark-1/local")
+    sub = await resolve(fs, "spark-1/local/sub")
+    with pytest.raises(FsError) as exc:
+        await fs.rename(spark, "local", sub.ino, "x")
+    assert errno_of(exc) == errno.EINVAL
+    # onto a non-empty directory, onto an empty one
+    await mkdirs(fs, "spark-1/full/f")
+    with pytest.raises(FsError) as exc:
+        await fs.rename(spark, "local", spark, "full")
+    assert errno_of(exc) == errno.ENOTEMPTY
+    empty = fs.node(await mkdirs(fs, "spark-1/empty"))
+    await fs.rename(spark, "local", spark, "empty")
+    assert (await resolve(fs, "spark-1/empty/sub")) is sub and (await resolve(fs, "spark-1/empty")) is local
+    assert not empty.linked
+
+    # a directory learned from the store (another node's): this mount does not know all of it
+    foreign = await resolve(fs, "spark-9/blockmgr-9")
+    assert foreign is not None and not foreign.owned
+    with pytest.raises(FsError) as exc:
+        await fs.rename(foreign.parent.ino, "blockmgr-9", foreign.parent.ino, "blockmgr-8")
+    assert errno_of(exc) == errno.EXDEV
+    assert set(contents(m.store)) == {"spark-1/blockmgr-2/0c/" + DATA, "spark-9/blockmgr-9/0c/shuffle_1_1_0.data"}
+
+
+# -- unlink -------------------------------------------------------------------------------------
+
+
+async def test_delete_before_commit_costs_nothing(env):
+    m = env.mount()
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    m.store.log.clear()
+    names = ["temp_shuffle_1", "temp_local_2", f"{DATA}.{uuid.uuid4()}", f"{INDEX}.{uuid.uuid4()}", "rdd_0_1"]
+    nodes = [await write_file(fs, d, name, os.urandom(1000), flags=APPEND) for name in names]
+    # one still open while unlinked: readable through its descriptor until closed
+    fh, open_node = await create(fs, d, "temp_shuffle_open", APPEND)
+    await fs.write(fh, 0, b"still here")
+    # a file written under its final name, deleted before its close would have committed it
+    fh_durable, durable = await create(fs, d, DATA, APPEND)
+    await fs.write(fh_durable, 0, b"never stored")
+    assert m.staging.bytes == 5 * 1000 + 10 + 12
+
+    for name in names + ["temp_shuffle_open", DATA]:
+        await fs.unlink(d, name)
+        assert await fs.lookup(d, name) is None
+    assert await fs.read(fh, 0, 100) == b"still here"
+    await close(fs, fh)
+    await close(fs, fh_durable)
+    assert not durable.committed
+    for node in nodes + [open_node, durable]:
+        forget(fs, node)
+    assert m.staging.bytes == 0 and m.staging_paths() == set()
+    with pytest.raises(FsError) as exc:
+        await fs.unlink(d, "temp_shuffle_1")
+    assert errno_of(exc) == errno.ENOENT
+    await m.remote.drain()
+    assert m.store.log == [] and contents(m.store) == {}
+    assert m.journal.pending_ops() == []
+
+
+@STORES
+async def test_unlink_committed_deletes_object(env, store_kind):
+    m = env.mount(env.store(store_kind), cache_size=1 * MiB)
+    fs = m.fs
+    env.plant(m.store, "blockmgr-0/shuffle_0_0_0.data", b"elsewhere")
+    d = await mkdirs(fs, BM)
+    evicted = await commit(fs, d, "shuffle_0_1_0.data", os.urandom(700 * KiB))
+    await write_file(fs, d, "temp_shuffle_x", bytes(500 * KiB))
+    assert evicted.staging is None
+    nodes = [evicted]
+    for name, data in ((DATA, b"d" * 5000), (INDEX, index_bytes(3)), (CHECKSUM, b"c" * 24)):
+        nodes.append(await commit(fs, d, name, data))
+    # and the one committed by another node, learned from the store
+    foreign = await resolve(fs, "blockmgr-0/shuffle_0_0_0.data")
+    assert foreign.committed
+    nodes.append(foreign)
+    assert len(contents(m.store)) == 5
+    m.store.log.clear()
+
+    for node in nodes:
+        await fs.unlink(node.parent.ino, node.name)
+        assert not node.linked
+        forget(fs, node)
+    assert m.journal.index_get(key(INDEX)) is None
+    await m.remote.drain()
+    assert contents(m.store) == {}
+    deleted = [k for e in m.store.calls_of("delete_many") for k in e[1]]
+    assert sorted(deleted) == sorted([key("shuffle_0_1_0.data"), key(DATA), key(INDEX), key(CHECKSUM),
+                                      "blockmgr-0/shuffle_0_0_0.data"])
+    assert {e[0] for e in m.store.log} == {"delete_many"}  # no download, no upload
+    assert m.staging.bytes == 500 * KiB  # only the scratch file is left locally
+    assert m.journal.pending_ops() == []
+    if store_kind == "file":
+        assert os.listdir(m.store.root) == []
+
+
+async def test_unlink_during_async_upload(env):
+    m = env.mount(commit_mode="async")
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    store = m.store
+    store.gate.clear()
+
+    # in flight, and the store honours the abort: nothing is ever stored
+    node = await commit(fs, d, DATA, b"1" * 3000)
+    await until(lambda: store.calls_of("put_file", key(DATA)))
+    await fs.unlink(d, DATA)
+    forget(fs, node)
+    # written again and unlinked again while its upload waits behind the first: never started
+    again = await commit(fs, d, DATA, b"2" * 3000)
+    await fs.unlink(d, DATA)
+    forget(fs, again)
+    store.gate.set()
+    await settle(m)
+    assert contents(store) == {}
+    assert len(store.calls_of("put_file", key(DATA))) == 1  # the second upload never began
+    assert store.calls_of("delete_many")  # and the key was cleared after the aborted upload
+
+    # in flight, and the store cannot stop it: the object is deleted right after
+    store.gate.clear()
+    store.honor_abort = False
+    node = await commit(fs, d, INDEX, index_bytes(4))
+    await until(lambda: store.calls_of("put_file", key(INDEX)))
+    await fs.unlink(d, INDEX)
+    forget(fs, node)
+    store.gate.set()
+    await m.remote.drain()
+    assert contents(store) == {}
+    put_at = store.log.index(("put_file", key(INDEX)))
+    assert any(e[0] == "delete_many" and key(INDEX) in e[1] for e in store.log[put_at:])
+    assert m.journal.index_get(key(INDEX)) is None
+    assert m.journal.pending_ops() == [] and m.remote.given_up == []
+    assert m.staging.bytes == 0 and m.staging_paths() == set()
+    # white box: a long-running daemon keeps nothing for uploads it cancelled
+    assert m.fs._put_owner == {}
+
+
+# -- cache budget -------------------------------------------------------------------------------
+
+
+async def test_eviction_and_enospc(env):
+    m = env.mount(cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    blobs = {name: os.urandom(256 * KiB) for name in ("shuffle_0_1_0.data", "shuffle_0_2_0.data", "shuffle_0_3_0.data")}
+    a, b, c = [await commit(fs, d, name, data) for name, data in blobs.items()]
+    assert m.staging.bytes == 768 * KiB
+
+    reader = await fs.open(b.ino, os.O_RDONLY)  # open files stay
+    assert await read_all(fs, a.ino) == blobs[a.name]  # now the most recently used
+    await write_file(fs, d, "temp_shuffle_1", bytes(300 * KiB))
+    assert c.staging is None  # least recently used went first, and only as much as needed
+    assert a.staging is not None and b.staging is not None
+    assert m.staging.bytes == 812 * KiB
+    assert fs.statfs()["f_bfree"] == (1 * MiB - 812 * KiB) // 4096
+
+    # local data never leaves: once nothing evictable is left, ENOSPC
+    fh, big = await create(fs, d, "temp_shuffle_2", APPEND)
+    with pytest.raises(FsError) as exc:
+        await fs.write(fh, 0, bytes(600 * KiB))
+    assert errno_of(exc) == errno.ENOSPC
+    assert big.size == 0 and a.staging is None and b.staging is not None
+    assert m.staging.bytes <= 1 * MiB
+    with pytest.raises(FsError) as exc:
+        await fs.setattr(big.ino, size=2 * MiB)
+    assert errno_of(exc) == errno.ENOSPC
+    assert await fs.write(fh, 0, bytes(200 * KiB)) == 200 * KiB  # what fits is fine
+    assert b.staging is not None and m.staging.bytes == 756 * KiB
+    # closing the reader makes its file evictable
+    await fs.release(reader)
+    assert await fs.write(fh, 200 * KiB, bytes(400 * KiB)) == 400 * KiB
+    assert b.staging is None
+    await close(fs, fh)
+    assert m.staging.bytes == 900 * KiB and fs.stats["evictions"] == 3
+
+    # every evicted file reads back from the store
+    for node in (a, b, c):
+        assert await read_all(fs, node.ino) == blobs[node.name]
+    assert contents(m.store) == {key(name): data for name, data in blobs.items()}
+
+
+# -- file classes and commit timing -------------------------------------------------------------
+
+
+@MODES
+async def test_scratch_files_never_uploaded(env, mode):
+    m = env.mount(commit_mode=mode)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    py = await mkdirs(fs, "blockmgr-1/python/4242")
+    m.store.log.clear()
+    local_names = [f"temp_shuffle_{uuid.uuid4()}", f"temp_local_{uuid.uuid4()}", f"{DATA}.{uuid.uuid4()}",
+                   f"{INDEX}.{uuid.uuid4()}", f"{CHECKSUM}.{uuid.uuid4()}", "rdd_3_7", "broadcast_0_python",
+                   "shuffle_0_5.data", "shuffle_0_5_0.dat", "shuffle_0_5_0.data.tmp", "xshuffle_0_5_0.data",
+                   "shuffle_a_5_0.index"]
+    for name in local_names:
+        await write_file(fs, d, name, os.urandom(500), flags=APPEND)
+    for i in range(20):
+        await write_file(fs, py, f"spill_{i}", os.urandom(200))
+    # renames among local names stay local too
+    await fs.rename(d, local_names[0], d, local_names[2] + ".b")
+    await fs.rename(d, local_names[1], py, "rdd_9_9")
+    await m.remote.drain()
+    assert m.store.log == [] and contents(m.store) == {}
+    assert m.journal.pending_ops() == [] and m.remote.stats["put_requests"] == 0
+    assert len(m.staging_paths()) == len(local_names) + 20
+
+
+@MODES
+async def test_commit_on_close_of_durable_name(env, mode):
+    m = env.mount(commit_mode=mode)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    index = index_bytes(12)
+
+    # written directly under the final name: the close of its last writer commits
+    fh, node = await create(fs, d, INDEX, NEW)
+    await fs.write(fh, 0, index)
+    assert not node.committed
+    await fs.flush(fh)
+    assert node.committed
+    if mode == "sync":
+        assert contents(m.store) == {key(INDEX): index}  # stored before close() returns
+    await fs.release(fh)
+
+    # two writers (and a reader): only the last writer's close commits, with every byte
+    fh1, data_node = await create(fs, d, DATA, APPEND)
+    fh2 = await fs.open(data_node.ino, os.O_WRONLY)
+    reader = await fs.open(data_node.ino, os.O_RDONLY)
+    await fs.write(fh1, 0, b"a" * 100)
+    await fs.write(fh2, 100, b"b" * 100)
+    await close(fs, fh1)
+    await close(fs, reader)
+    assert not data_node.committed and m.store.calls_of("put_file", key(DATA)) == []
+    await close(fs, fh2)
+    assert data_node.committed
+    if mode == "async":
+        await m.remote.drain()
+    assert contents(m.store) == {key(INDEX): index, key(DATA): b"a" * 100 + b"b" * 100}
+    assert len(m.store.calls_of("put_file")) == 2  # release after flush does not upload again
+    assert m.journal.index_get(key(INDEX)) == index
+
+
+async def test_sync_commit_waits_for_store(env):
+    m = env.mount(commit_mode="sync")
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    data = os.urandom(50 * KiB)
+    temp = f"{DATA}.{uuid.uuid4()}"
+    await write_file(fs, d, temp, data, flags=APPEND)
+    m.store.gate.clear()
+    seen_at_return = []
+
+    async def rename():
+        await fs.rename(d, temp, d, DATA)
+        seen_at_return.append(contents(m.store).get(key(DATA)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rename)
+        await until(lambda: m.store.calls_of("put_file", key(DATA)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen_at_return == [] and contents(m.store) == {}  # upload held: rename still waits
+        m.store.gate.set()
+    assert seen_at_return == [data]
+
+
+async def test_sync_commit_failure_is_eio(env):
+    m = env.mount(commit_mode="sync", max_attempts=3)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    data = os.urandom(10 * KiB)
+    index = index_bytes(6)
+    temp = f"{DATA}.{uuid.uuid4()}"
+    node = await write_file(fs, d, temp, data, flags=APPEND)
+    m.store.log.clear()
+    m.store.fail_next = 10**9
+
+    with pytest.raises(FsError) as exc:
+        await fs.rename(d, temp, d, DATA)
+    assert errno_of(exc) == errno.EIO
+    assert len(m.store.calls_of("put_file", key(DATA))) >= 3  # retried before giving up
+    # the file stays, under its new name
+    assert (await fs.lookup(d, DATA)) is node and await fs.lookup(d, temp) is None
+    assert node.committed and node.size == len(data)
+    # the close that commits a file written under its final name fails the same way
+    fh, index_node = await create(fs, d, INDEX, NEW)
+    await fs.write(fh, 0, index)
+    with pytest.raises(FsError) as exc:
+        await close(fs, fh)
+    assert errno_of(exc) == errno.EIO
+    assert index_node.committed and fh not in fs.handles
+    assert contents(m.store) == {}
+    assert len(m.journal.pending_ops()) == 2
+
+    # the store heals: the uploads complete in the background, nobody has to ask again
+    m.store.fail_next = 0
+    await until(lambda: len(contents(m.store)) == 2)
+    assert contents(m.store) == {key(DATA): data, key(INDEX): index}
+    await settle(m)
+    assert m.journal.pending_ops() == [] and m.remote.given_up == []
+    assert await read_all(fs, node.ino) == data
+
+
+async def test_async_commit_returns_before_upload_and_drain_completes(env):
+    m = env.mount(commit_mode="async", cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    first, second = os.urandom(200 * KiB), os.urandom(400 * KiB)
+    m.store.gate.clear()
+
+    node = await commit(fs, d, DATA, first)  # returns although the upload cannot proceed
+    assert node.committed and contents(m.store) == {}
+    await until(lambda: m.store.calls_of("put_file", key(DATA)))
+    assert m.remote.pending and len(m.journal.pending_ops()) == 1
+
+    # more than half of --cache-size waiting for upload: the next commit waits
+    temp = f"{INDEX}.{uuid.uuid4()}"
+    await write_file(fs, d, temp, second)
+    returned = trio.Event()
+
+    async def rename():
+        await fs.rename(d, temp, d, INDEX)
+        returned.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rename)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not returned.is_set()
+        m.store.fail_next = 2  # and the store still fails a little once the gate opens
+        m.store.gate.set()
+        given_up = await m.remote.drain()
+    assert returned.is_set() and given_up == []
+    assert contents(m.store) == {key(DATA): first, key(INDEX): second}
+    assert m.journal.pending_ops() == [] and not m.remote.pending
+    assert m.remote.stats["failed_requests"] == 2
+
+
+# -- crash and restart --------------------------------------------------------------------------
+
+
+async def test_journal_resume_after_crash(env):
+    store = env.store()
+    expected = {}
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(store, nursery=crashed, commit_mode="async", max_attempts=2)
+        fs = m1.fs
+        d = await mkdirs(fs, "spark-1/blockmgr-1/0c")
+        other = await mkdirs(fs, "spark-1/blockmgr-1/1a")
+        store.fail_next = 10**9  # nothing gets through before the crash
+        for name, data in ((INDEX, index_bytes(9)), (DATA, os.urandom(70 * KiB)), (CHECKSUM, os.urandom(72))):
+            await commit(fs, d, name, data)
+            expected[key(name, "spark-1/blockmgr-1/0c")] = data
+        # committed, then deleted
+        gone = await commit(fs, d, "shuffle_0_6_0.data", b"deleted" * 10)
+        await fs.unlink(d, "shuffle_0_6_0.data")
+        forget(fs, gone)
+        # committed, then moved
+        moved = os.urandom(5000)
+        await commit(fs, d, "shuffle_0_7_0.data", moved)
+        await fs.rename(d, "shuffle_0_7_0.data", other, "shuffle_0_7_0.data")
+        expected[key("shuffle_0_7_0.data", "spark-1/blockmgr-1/1a")] = moved
+        # written under its final name
+        direct = os.urandom(3000)
+        await write_file(fs, other, "shuffle_0_8_0.index", direct)
+        expected[key("shuffle_0_8_0.index", "spark-1/blockmgr-1/1a")] = direct
+        # local files: one closed, one still open
+        await write_file(fs, d, "temp_shuffle_x", b"scratch" * 100)
+        fh, _ = await create(fs, d, "temp_local_y", APPEND)
+        await fs.write(fh, 0, b"open scratch")
+        await until(lambda: store.calls_of("put_file") and m1.remote.stats["failed_requests"] >= 10)
+
+        pending = m1.journal.pending_ops()
+        owed_paths = {record["path"] for _, record in pending if record["kind"] == "put"}
+        # the deleted file's upload was dropped before it began; its delete is owed
+        assert [record["kind"] for _, record in pending].count("put") == 5
+        assert {"delete", "move"} <= {record["kind"] for _, record in pending}
+        assert owed_paths <= m1.staging_paths()
+        old_staging = m1.staging_paths()
+        assert len(old_staging - owed_paths) == 2  # the two scratch files
+        crashed.cancel_scope.cancel()  # SIGKILL: no drain, no cleanup
+    m1.close_journal()
+    assert contents(store) == {}
+    assert m1.staging_paths() == old_staging
+
+    store.fail_next = 0
+    m2 = env.mount(store)  # same name: same cache directory
+    fs = m2.fs
+    assert fs.resume_journal() == len(pending)
+    # what the upload still needs is kept, the old run's scratch files are gone
+    assert m2.staging_paths() == owed_paths
+    assert await m2.remote.drain() == []
+    assert contents(store) == expected
+    assert m2.journal.pending_ops() == []
+    for k, data in expected.items():
+        node = await resolve(fs, k)
+        assert node is not None and node.committed, k
+        assert node.size == len(data) and await read_all(fs, node.ino) == data
+    assert await resolve(fs, key("shuffle_0_6_0.data", "spark-1/blockmgr-1/0c")) is None
+    assert await resolve(fs, key("shuffle_0_7_0.data", "spark-1/blockmgr-1/0c")) is None
+    assert await resolve(fs, key("temp_shuffle_x", "spark-1/blockmgr-1/0c")) is None
+    index_key = key(INDEX, "spark-1/blockmgr-1/0c")
+    assert m2.journal.index_get(index_key) == expected[index_key]
+    # only the cached copies of the uploaded files remain in staging
+    live = {node.staging.path for node in fs.inodes.values() if node.staging is not None}
+    assert m2.staging_paths() == live and len(live) == len(expected)
+
+
+# -- shared namespace ---------------------------------------------------------------------------
+
+
+async def test_owned_dirs_answer_locally(env):
+    m = env.mount(remote_ttl=0.5)
+    fs = m.fs
+    lists = lambda: len(m.store.calls_of("list_dir"))  # noqa: E731
+
+    assert await fs.lookup(ROOT_INODE, "blockmgr-1") is None
+    assert lists() == 1
+    bm = await fs.mkdir(ROOT_INODE, "blockmgr-1", 0o755, UID, GID)
+    sub = await fs.mkdir(bm.ino, "0c", 0o755, UID, GID)
+    # existence checks in an owned directory: answered here, negative answers included
+    for i in range(100):
+        assert await fs.lookup(bm.ino, f"{i:02x}-missing") is None
+        assert await fs.lookup(sub.ino, f"shuffle_0_{i}_0.index") is None
+    fh = await fs.opendir(sub.ino)
+    assert fs.readdir_entries(fh) == []
+    fs.releasedir(fh)
+    await fs.rmdir(bm.ino, "0c")
+    # even an object another node put below it is not asked for
+    env.plant(m.store, "blockmgr-1/zz", b"x")
+    assert await fs.lookup(bm.ino, "zz") is None
+    assert lists() == 1
+
+    # the root is shared: misses go to the store, at most once per remote_ttl, even concurrently
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(fs.lookup, ROOT_INODE, f"missing-{i}")
+    assert await fs.lookup(ROOT_INODE, "missing-x") is None
+    assert lists() == 1
+    await trio.sleep(0.55)
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(fs.lookup, ROOT_INODE, f"missing-{i}")
+    assert lists() == 2
+    assert await fs.lookup(ROOT_INODE, "blockmgr-1") is bm  # a known name asks nobody
+    assert lists() == 2
+
+
+@STORES
+async def test_shared_namespace_between_two_filesystems(env, store_kind):
+    store = env.store(store_kind)
+    m1 = env.mount(store, name="node1")
+    m2 = env.mount(store, name="node2", remote_ttl=0.05)
+    path = "spark-1/executor-1/blockmgr-1/0c"
+    d = await mkdirs(m1.fs, path)
+    await mkdirs(m1.fs, "spark-1/executor-1/blockmgr-1/3f")  # empty: not in the store
+    index, data, checksum = index_bytes(50), os.urandom(300 * KiB), os.urandom(400)
+    for name, blob in ((INDEX, index), (DATA, data), (CHECKSUM, checksum)):
+        await commit(m1.fs, d, name, blob)
+    await write_file(m1.fs, d, "temp_shuffle_1", b"local only")
+    fh, _ = await create(m1.fs, d, "shuffle_0_9_0.data", APPEND)  # not committed yet
+    await m1.fs.write(fh, 0, b"in progress")
+
+    fs2 = m2.fs
+    bucket = await resolve(fs2, path)
+    assert bucket is not None and bucket.is_dir and not bucket.owned
+    fh2 = await fs2.opendir(bucket.ino)
+    listed = {name: node.size for name, node in fs2.readdir_entries(fh2)}
+    fs2.releasedir(fh2)
+    assert listed == {INDEX: len(index), DATA: len(data), CHECKSUM: len(checksum)}
+    assert await fs2.lookup(bucket.ino, "temp_shuffle_1") is None
+    assert await fs2.lookup(bucket.ino, "shuffle_0_9_0.data") is None
+    bm = await resolve(fs2, "spark-1/executor-1/blockmgr-1")
+    fh2 = await fs2.opendir(bm.ino)
+    assert [name for name, _ in fs2.readdir_entries(fh2)] == ["0c"]
+    fs2.releasedir(fh2)
+
+    # the same bytes by the same path
+    assert await read_all(fs2, (await fs2.lookup(bucket.ino, DATA)).ino) == data
+    assert await read_all(fs2, (await fs2.lookup(bucket.ino, CHECKSUM)).ino) == checksum
+    # the index: fetched once, then from this node's LMDB index cache
+    index_node = await fs2.lookup(bucket.ino, INDEX)
+    store.log.clear()
+    for reduce_id in range(0, 50, 7):
+        fh2 = await fs2.open(index_node.ino, os.O_RDONLY)
+        assert await fs2.read(fh2, reduce_id * 8, 16) == index[reduce_id * 8:reduce_id * 8 + 16]
+        await fs2.release(fh2)
+    assert store.calls_of("get_range", key(INDEX, path)) == [("get_range", key(INDEX, path), 0, len(index))]
+    assert fs2.stats["index_fetches"] == 1 and fs2.stats["index_cache_hits"] == 7
+    assert m2.journal.index_get(key(INDEX, path)) == index
+
+    # the first node deletes: the second stops seeing the file with its next listing (a
+    # readdir or a miss, once remote_ttl passed)
+    await m1.fs.unlink(d, DATA)
+    await m1.remote.drain()
+    await trio.sleep(0.06)
+    assert await fs2.lookup(bucket.ino, "shuffle_0_0_0.data") is None
+    assert await fs2.lookup(bucket.ino, DATA) is None
+    assert (await fs2.lookup(bucket.ino, INDEX)) is index_node
+    await close(m1.fs, fh)
+
+
+async def test_delete_batching(env, monkeypatch):
+    monkeypatch.setattr(shufflefs.remote, "DELETE_BATCH", 50)
+    m = env.mount(commit_mode="async")
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    names = [f"shuffle_1_{i}_0.data" for i in range(120)]
+    for i, name in enumerate(names):
+        await commit(fs, d, name, str(i).encode() * 10)
+    await m.remote.drain()
+    assert len(contents(m.store)) == 120
+    m.store.log.clear()
+
+    for name in names:  # shuffle cleanup: one unlink after the other
+        await fs.unlink(d, name)
+    await settle(m)
+    batches = [e[1] for e in m.store.calls_of("delete_many")]
+    assert sorted(k for batch in batches for k in batch) == sorted(key(name) for name in names)
+    assert len(batches) == 3 and max(map(len, batches)) == 50
+    assert contents(m.store) == {} and m.remote.stats["deleted_keys"] == 120
+    assert m.journal.pending_ops() == []
+
+
+async def test_rename_in_shared_directory_survives_listing(env):
+    """A file of another node renamed in a directory this mount does not own: while the
+    server-side move is on its way, a listing (which cannot show the new name yet) must not
+    make the renamed file vanish."""
+    store = env.store()
+    m1 = env.mount(store, name="node1")
+    m2 = env.mount(store, name="node2", commit_mode="async", remote_ttl=0.01)
+    d = await mkdirs(m1.fs, "shared/0c")
+    await commit(m1.fs, d, DATA, b"x" * 100)
+    fs2 = m2.fs
+    node = await resolve(fs2, "shared/0c/" + DATA)
+    assert node.from_remote and node.committed
+    bucket = node.parent
+    store.move_gate.clear()
+    await fs2.rename(bucket.ino, DATA, bucket.ino, "shuffle_0_6_0.data")
+    await until(lambda: store.calls_of("move"))
+    await trio.sleep(0.02)
+    listings = len(store.calls_of("list_dir", "shared/0c"))
+    assert await fs2.lookup(bucket.ino, "shuffle_0_0_0.data") is None  # a miss: lists again
+    assert len(store.calls_of("list_dir", "shared/0c")) == listings + 1
+    assert (await fs2.lookup(bucket.ino, "shuffle_0_6_0.data")) is node
+    assert await fs2.lookup(bucket.ino, DATA) is None
+    store.move_gate.set()
+    await m2.remote.drain()
+    assert contents(store) == {"shared/0c/shuffle_0_6_0.data": b"x" * 100}
+    await trio.sleep(0.02)
+    fh = await fs2.opendir(bucket.ino)
+    assert [(name, n) for name, n in fs2.readdir_entries(fh)] == [("shuffle_0_6_0.data", node)]
+    fs2.releasedir(fh)
+    assert await read_all(fs2, node.ino) == b"x" * 100
+
+
+@MODES
+async def test_drain_refuses_new_commits(env, mode):
+    """Once draining for unmount, a rename or close that would commit fails with EROFS and
+    changes nothing; everything else keeps working."""
+    m = env.mount(commit_mode=mode)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    old = await commit(fs, d, DATA, b"first")
+    await settle(m)
+    temp = f"{DATA}.{uuid.uuid4()}"
+    new = await write_file(fs, d, temp, b"second", flags=APPEND)
+    fh, direct = await create(fs, d, INDEX, NEW)
+    await fs.write(fh, 0, index_bytes(2))
+    fs.draining = True
+    await m.remote.drain()
+    m.store.log.clear()
+
+    with pytest.raises(FsError) as exc:
+        await fs.rename(d, temp, d, DATA)
+    assert errno_of(exc) == errno.EROFS
+    assert (await fs.lookup(d, temp)) is new and (await fs.lookup(d, DATA)) is old
+    assert old.committed and old.linked and not new.committed
+    with pytest.raises(FsError) as exc:
+        await close(fs, fh)
+    assert errno_of(exc) == errno.EROFS
+    assert not direct.committed
+    # local work goes on
+    await fs.rename(d, temp, d, "temp_shuffle_kept")
+    await fs.unlink(d, "temp_shuffle_kept")
+    await m.remote.drain()
+    assert m.store.log == [] and contents(m.store) == {key(DATA): b"first"}

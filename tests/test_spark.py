@@ -1,0 +1,77 @@
+"""Layer 4: real PySpark jobs (local-cluster: real executor JVMs) with spark.local.dir on a
+shufflefs mount, compared with the same job on a plain directory, and the store checked while
+Spark still holds its shuffle files."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from mounting import Mount, bucket_objects, store_objects
+from shufflefs.naming import is_durable
+from sparkrun import run_spark_job, shuffle_files
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(scope="module")
+def plain_result(tmp_path_factory):
+    """The job on a plain local directory: the results every mount must reproduce."""
+    base = tmp_path_factory.mktemp("plain")
+    (base / "local").mkdir()
+    return run_spark_job(base / "local", base / "result.json")
+
+
+def check_store_mirrors_mount(mount_path: str, objects_now, wait: float = 0) -> int:
+    """Every committed shuffle file under the mount has an object with identical bytes at its
+    path key, and no object has a scratch name. Async commits get `wait` seconds to land."""
+    files = shuffle_files(mount_path)
+    assert len(files) > 10, "the job left fewer shuffle files than expected"
+    expected = {}
+    for path in files:
+        with open(path, "rb") as f:
+            expected[os.path.relpath(path, mount_path)] = f.read()
+    deadline = time.monotonic() + wait
+    while True:
+        objects = objects_now()
+        missing = [key for key, data in expected.items() if objects.get(key) != data]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, f"{len(missing)} of {len(expected)} shuffle files have no identical object, e.g. {missing[:3]}"
+    scratch = [key for key in objects if not is_durable(os.path.basename(key))]
+    assert not scratch, f"scratch files reached the store: {scratch[:5]}"
+    return len(expected)
+
+
+def test_spark_job_on_s3_mount(tmp_path, plain_result, s3_env, bucket, seaweed):
+    client = seaweed.client()
+    checked = []
+    with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
+        result = run_spark_job(
+            mount.path, tmp_path / "result.json",
+            pause_callback=lambda: checked.append(
+                check_store_mirrors_mount(mount.path, lambda: bucket_objects(client, bucket, "shuffle"))))
+        assert result == plain_result
+        assert checked and checked[0] > 10
+        assert mount.umount().returncode == 0
+        stats = mount.status()["stats"]
+        assert stats.get("failed_requests", 0) == 0
+    print(f"s3: {checked[0]} shuffle files mirrored; store requests {stats}")
+
+
+def test_spark_job_on_file_mount_async(tmp_path, plain_result, file_store):
+    checked = []
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--commit", "async") as mount:
+        result = run_spark_job(
+            mount.path, tmp_path / "result.json",
+            pause_callback=lambda: checked.append(
+                check_store_mirrors_mount(mount.path, lambda: store_objects(str(file_store)), wait=60)))
+        assert result == plain_result
+        assert checked and checked[0] > 10
+        assert mount.umount().returncode == 0
+    # Spark deleted its shuffle files at exit: their objects went with them
+    leftover = store_objects(str(file_store))
+    assert not leftover, f"{len(leftover)} objects of deleted shuffle files remain"
