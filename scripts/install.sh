@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openjdk-17-jre-headless procps)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openjdk-17-jre-headless procps xxd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -356,6 +356,7 @@ def build_session(local_dir: str, master: str):
         .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
         .config("spark.executorEnv.SPARK_LOCAL_DIRS", local_dir)
         .config("spark.log.level", "WARN")
+        .config("spark.executor.syncLogLevel.enabled", "true")  # executors: WARN too
         # JVM <-> Python worker traffic over Unix sockets (in java.io.tmpdir, not
         # in DIR): over TCP every Python task pays ~40 ms of delayed-ACK latency,
         # which doubles the run time of the 256-partition jobs.
@@ -399,7 +400,7 @@ def main(argv=None) -> int:
         sc = spark.sparkContext
         sc.setLogLevel("WARN")
         app_id = sc.applicationId
-        spark_home = os.environ.get("SPARK_HOME")
+        spark_home = _spark_home()
         log(f"session up in {time.monotonic() - t0:.1f}s: master={sc.master} app={app_id} "
             f"local_dir={local_dir}")
 
@@ -435,7 +436,7 @@ def main(argv=None) -> int:
         traceback.print_exc(file=sys.stderr)
         _stop(spark)
         if app_id and spark_home:
-            log(f"executor logs (if any): {os.path.join(spark_home, 'work', app_id)}")
+            _show_executor_logs(os.path.join(spark_home, "work", app_id))
         return 1
 
     _stop(spark)
@@ -445,6 +446,33 @@ def main(argv=None) -> int:
         shutil.rmtree(os.path.join(spark_home, "work", app_id), ignore_errors=True)
     log(f"stopped, total {time.monotonic() - t0:.1f}s")
     return 0
+
+
+def _spark_home():
+    try:
+        from pyspark.find_spark_home import _find_spark_home
+
+        return os.environ.get("SPARK_HOME") or _find_spark_home()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _show_executor_logs(work_dir: str, lines: int = 25) -> None:
+    """Print the tails of the local-cluster executors' stderr (they live in
+    $SPARK_HOME/work/<app>/<executor>/stderr and are kept after a failure)."""
+    if not os.path.isdir(work_dir):
+        return
+    for name in sorted(os.listdir(work_dir)):
+        path = os.path.join(work_dir, name, "stderr")
+        try:
+            with open(path, errors="replace") as f:
+                tail = f.read().splitlines()[-lines:]
+        except OSError:
+            continue
+        log(f"--- tail of executor {name} log {path} ---")
+        for line in tail:
+            print(line, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _cross_check(results: dict) -> None:
