@@ -119,7 +119,7 @@ def _mount_config(args):
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
         cache_size = int(shutil.disk_usage(probe).free * 0.8)
-    return MountConfig(store_url=args.store_url, mountpoint=args.mountpoint, cache_dir=cache_dir,
+    return MountConfig(store_url=args.store_url, mountpoint=os.path.abspath(args.mountpoint), cache_dir=cache_dir,
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
                        upload_workers=args.upload_workers)
 
@@ -142,7 +142,10 @@ def _run_foreground(args, config) -> int:
     from shufflefs.daemon import SetupError, run
 
     _setup_logging(args.log_level, sys.stderr)
-    ready_pipe = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+    ready_pipe = None
+    if args.ready_fd is not None:
+        ready_pipe = os.fdopen(args.ready_fd, "w")
+        os.chdir("/")  # a daemon must not keep the directory it was started from busy
 
     def ready() -> None:
         if ready_pipe is not None:
