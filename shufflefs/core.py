@@ -466,12 +466,18 @@ class Filesystem:
     def _evict(self, needed: int) -> bool:
         """Drop local copies of uploaded files, least recently used first, until `needed` more
         bytes fit in the cache budget. Returns whether they fit."""
-        while self.staging.bytes + needed > self.cache_size and self.evictable:
-            _, node = self.evictable.popitem(last=False)
+        if self.staging.bytes + needed <= self.cache_size:
+            return True
+        for node in list(self.evictable.values()):
+            if self.staging.bytes + needed <= self.cache_size:
+                break
             if self._can_evict(node):
                 node.staging.unref()
                 node.staging = None
                 self.stats["evictions"] += 1
+            elif node.linked and node.committed and node.staging is not None and node.opens == 0:
+                continue  # only an operation on its key is pending: a candidate again later
+            del self.evictable[node.ino]
         return self.staging.bytes + needed <= self.cache_size
 
     def _can_evict(self, node: Node) -> bool:

@@ -925,6 +925,27 @@ async def test_eviction_and_enospc(env):
     assert contents(m.store) == {key(name): data for name, data in blobs.items()}
 
 
+async def test_file_evictable_again_after_its_move(env):
+    """A cached file whose move is pending cannot be evicted yet, but must be once it is done."""
+    m = env.mount(cache_size=1 * MiB, commit_mode="async")
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    data = os.urandom(512 * KiB)
+    node = await commit(fs, d, "shuffle_0_1_0.data", data)
+    await settle(m)
+    m.store.move_gate.clear()
+    await fs.rename(d, "shuffle_0_1_0.data", d, "shuffle_0_9_0.data")
+    await write_file(fs, d, "temp_shuffle_a", bytes(400 * KiB))  # fits without evicting
+    with pytest.raises(FsError) as exc:
+        await write_file(fs, d, "temp_shuffle_b", bytes(400 * KiB))
+    assert errno_of(exc) == errno.ENOSPC and node.staging is not None  # the move still needs it
+    m.store.move_gate.set()
+    await settle(m)
+    await write_file(fs, d, "temp_shuffle_c", bytes(400 * KiB))
+    assert node.staging is None
+    assert await read_all(fs, node.ino) == data
+
+
 # -- file classes and commit timing -------------------------------------------------------------
 
 
