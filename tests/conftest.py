@@ -52,15 +52,19 @@ def file_mount(tmp_path, file_store):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any test left a mount under this session's temporary directory."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    base = str(factory.getbasetemp())
     leftover = []
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
             fields = line.split()
-            if fields[2] == "fuse.shufflefs" and "pytest" in fields[1]:
+            if fields[2] == "fuse.shufflefs" and fields[1].startswith(base + "/"):
                 leftover.append(fields[1])
     for path in leftover:
         os.system(f"fusermount3 -u -z '{path}'")
     if leftover:
         print(f"\nERROR: tests left shufflefs mounts behind: {leftover}", file=sys.stderr)
         session.exitstatus = 1
-

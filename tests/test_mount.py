@@ -276,3 +276,20 @@ def test_sigterm_drains_pending_uploads(tmp_path, s3_env, bucket, seaweed):
         assert not is_mounted(mount.path)
         assert mount.status()["given_up"] == 0
     assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-1/00/{n}": c for n, c in written.items()}
+
+
+def test_small_cache_reads_back_evicted_files(tmp_path, file_store):
+    """--cache-size bounds local bytes: uploaded files are evicted and read back remotely."""
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "10M") as mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        blobs = {}
+        for map_id in range(6):
+            blobs.update(spark_commit(f"{mount.path}/blockmgr-1/00", 0, map_id, [os.urandom(3 * 1024 * 1024)]))
+        staged = sum(e.stat().st_size for e in os.scandir(f"{mount.cache_dir}/staging"))
+        assert staged <= 10 * 1024 * 1024 < sum(map(len, blobs.values()))
+        for name, content in blobs.items():
+            with open(f"{mount.path}/blockmgr-1/00/{name}", "rb") as f:
+                assert f.read() == content
+        with open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.data", "rb") as f:
+            f.seek(1024 * 1024)
+            assert f.read(100) == blobs["shuffle_0_0_0.data"][1024 * 1024:1024 * 1024 + 100]
