@@ -156,13 +156,16 @@ def run_spark_job(
         _kill_session(sid, proc)
         rc = proc.poll()
         LAST_RUN["wall_s"] = time.monotonic() - t0
-        return AssertionError(
+        msg = (
             f"spark_job.py {what} (exit status {rc}, {time.monotonic() - t0:.1f}s, "
             f"local_dir={local_dir})\n"
             f"command: {' '.join(cmd)}\n"
             f"--- stdout tail ---\n" + "\n".join(stdout_lines[-10:]) + "\n"
             f"--- stderr tail ({stderr_path}) ---\n{_tail(stderr_path)}"
         )
+        if rc is None or rc < 0:  # killed: spark_job.py could not show the executors' logs
+            msg += _executor_log_tails(stderr_path)
+        return AssertionError(msg)
 
     callback_time = 0.0
     callback_error: Optional[BaseException] = None
@@ -295,6 +298,28 @@ def _kill_session(sid: int, proc: subprocess.Popen) -> None:
         proc.wait(5)
     except subprocess.TimeoutExpired:
         pass
+
+
+def _executor_log_tails(stderr_path: str, lines: int = 15) -> str:
+    """Tails of the local-cluster executors' logs ($SPARK_HOME/work/<app>/<n>/stderr)
+    of the application named in the job's stderr."""
+    try:
+        with open(stderr_path, errors="replace") as f:
+            m = re.search(r"\bapp=(app-[\w-]+)", f.read())
+        if not m:
+            return ""
+        from pyspark.find_spark_home import _find_spark_home
+
+        work = os.path.join(os.environ.get("SPARK_HOME") or _find_spark_home(), "work", m.group(1))
+        out = []
+        for name in sorted(os.listdir(work)):
+            path = os.path.join(work, name, "stderr")
+            with open(path, errors="replace") as f:
+                tail = f.read().splitlines()[-lines:]
+            out.append(f"\n--- executor {name} log tail ({path}) ---\n" + "\n".join(tail))
+        return "".join(out)
+    except Exception:  # noqa: BLE001 - best effort
+        return ""
 
 
 def _tail(path: str) -> str:
