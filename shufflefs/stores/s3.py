@@ -231,15 +231,25 @@ class S3Store(Store):
         finally:
             os.close(fd)
 
+    def _multipart(self, full: str, send_parts, **create_args) -> None:
+        """Create a multipart upload at `full`, let send_parts(upload_id) send the parts and
+        return their list, complete it; on any failure abort it, so no upload is left behind."""
+        upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=full, **create_args)["UploadId"]
+        completed = False
+        try:
+            parts = send_parts(upload_id)
+            self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                   MultipartUpload={"Parts": parts})
+            completed = True
+        finally:
+            if not completed:
+                self._abort_multipart(full, upload_id)
+
     def _put_multipart(self, key: str, full: str, fd: int, size: int, abort, what: str) -> None:
         part_size = _part_size(size, self.part_size)
         extra = {"ChecksumAlgorithm": "CRC32"} if self._part_checksums else {}
-        try:
-            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=full, **extra)["UploadId"]
-        except Exception as exc:
-            raise self._error(exc, what) from None
-        completed = False
-        try:
+
+        def send_parts(upload_id: str) -> list[dict]:
             parts = []
             for number, offset in enumerate(range(0, size, part_size), start=1):
                 if abort is not None and abort.is_set():
@@ -259,16 +269,14 @@ class S3Store(Store):
                 parts.append(part)
             if abort is not None and abort.is_set():
                 raise UploadAborted(key)
-            self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
-                                                   MultipartUpload={"Parts": parts})
-            completed = True
+            return parts
+
+        try:
+            self._multipart(full, send_parts, **extra)
         except UploadAborted:
             raise
         except Exception as exc:
             raise self._error(exc, what) from None
-        finally:
-            if not completed:
-                self._abort_multipart(full, upload_id)
 
     def _abort_multipart(self, full: str, upload_id: str) -> None:
         try:
@@ -365,12 +373,8 @@ class S3Store(Store):
     def _copy_in_parts(self, src_full: str, dst_full: str, size: int, what: str) -> None:
         """Copy an object server-side with UploadPartCopy (for objects above CopyObject's limit)."""
         part_size = _part_size(size, self.copy_part_size)
-        try:
-            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=dst_full)["UploadId"]
-        except Exception as exc:
-            raise self._error(exc, what) from None
-        completed = False
-        try:
+
+        def send_parts(upload_id: str) -> list[dict]:
             parts = []
             for number, offset in enumerate(range(0, size, part_size), start=1):
                 last = min(offset + part_size, size) - 1
@@ -378,18 +382,16 @@ class S3Store(Store):
                     Bucket=self.bucket, Key=dst_full, UploadId=upload_id, PartNumber=number,
                     CopySource={"Bucket": self.bucket, "Key": src_full}, CopySourceRange=f"bytes={offset}-{last}")
                 parts.append({"ETag": response["CopyPartResult"]["ETag"], "PartNumber": number})
-            self._client.complete_multipart_upload(Bucket=self.bucket, Key=dst_full, UploadId=upload_id,
-                                                   MultipartUpload={"Parts": parts})
-            completed = True
+            return parts
+
+        try:
+            self._multipart(dst_full, send_parts)
         except botocore.exceptions.ClientError as exc:
             if _client_error_parts(exc)[0] in _MISSING_KEY_CODES:
                 raise ObjectMissing(src_full[len(self.prefix):].lstrip("/")) from None
             raise self._error(exc, what) from None
         except Exception as exc:
             raise self._error(exc, what) from None
-        finally:
-            if not completed:
-                self._abort_multipart(dst_full, upload_id)
 
     def delete_many(self, keys):
         keys = list(keys)
