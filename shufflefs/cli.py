@@ -163,7 +163,14 @@ def _run_foreground(args, config) -> int:
 
 def _spawn_daemon(args, config) -> int:
     """Start `shufflefs mount --ready-fd` in a new session and wait for its verdict."""
+    from shufflefs.daemon import SetupError, check_outside
+
     log_file = os.path.abspath(args.log_file or os.path.join(config.cache_dir, "shufflefs.log"))
+    try:  # before the log file is created, which could make the mountpoint non-empty
+        check_outside(os.path.realpath(config.mountpoint), "--cache-dir", config.cache_dir)
+        check_outside(os.path.realpath(config.mountpoint), "--log-file", log_file)
+    except SetupError as exc:
+        raise CliError(str(exc)) from None
     try:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         log = open(log_file, "a")
@@ -193,19 +200,18 @@ def _spawn_daemon(args, config) -> int:
 
 # ---------------------------------------------------------------------------- umount
 def cmd_umount(args) -> int:
-    from shufflefs.daemon import mounted_filesystems, process_alive, run_file
+    from shufflefs.daemon import daemon_pid, mounted_filesystems, process_alive, run_file
 
     mountpoint = os.path.realpath(args.mountpoint)
-    try:
-        with open(run_file(mountpoint, "json")) as f:
-            pid = json.load(f)["pid"]
-    except (FileNotFoundError, ValueError, KeyError):
-        pid = None
-    if pid is None or not process_alive(pid):
+    pid = daemon_pid(mountpoint)
+    if pid is None:
         if mounted_filesystems().get(mountpoint) != "fuse.shufflefs":
             raise CliError(f"{mountpoint} is not a shufflefs mount")
     else:
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError as exc:
+            raise CliError(f"cannot signal the daemon (pid {pid}) of {mountpoint}: {exc.strerror}") from None
         deadline = time.monotonic() + args.timeout if args.timeout else None
         while process_alive(pid):
             if deadline is not None and time.monotonic() > deadline:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1
 READAHEAD = 4 * 1024 * 1024
 NAME_MAX = 255
+#: how long a name removed from a directory this mount does not own stays hidden from store
+#: listings (deletes are asynchronous, and SeaweedFS lists emptied prefixes for ~2 minutes)
+TOMBSTONE_TTL = 180.0
 
 
 class FsError(Exception):
@@ -76,11 +79,15 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("node", "writable", "buf_off", "buf")
+    """An open file. A writable handle counts in its node's `writers` until it is flushed
+    (close(2)); the kernel may send RELEASE only after the next syscall, e.g. Spark's rename."""
+
+    __slots__ = ("node", "writable", "flushed", "buf_off", "buf")
 
     def __init__(self, node: Node, writable: bool):
         self.node = node
         self.writable = writable
+        self.flushed = False
         self.buf_off = 0
         self.buf = b""
 
@@ -103,10 +110,11 @@ class Filesystem:
         self.inodes: dict[int, Node] = {ROOT_INODE: root}
         self._next_ino = ROOT_INODE + 1
         self.handles: dict[int, Handle] = {}
-        self.dir_handles: dict[int, list[tuple[str, Node]]] = {}
+        self.dir_handles: dict[int, tuple[Node, list[tuple[str, Node]]]] = {}
         self._next_fh = 1
         self.evictable: OrderedDict[int, Node] = OrderedDict()
         self._listings: dict[int, trio.Event] = {}
+        self._tombstones: OrderedDict[str, float] = OrderedDict()
         self._put_owner: dict[Op, Node] = {}
         remote.on_put_done = self._put_done
 
@@ -159,6 +167,16 @@ class Filesystem:
         parent.children[name] = node
         node.ctime_ns = parent.mtime_ns = parent.ctime_ns = time.time_ns()
 
+    def _bury(self, node: Node, key: str) -> None:
+        """Remember that `key` left a directory whose listing comes from the store, so that a
+        listing taken before the store caught up does not bring it back."""
+        if node.parent is not None and not node.parent.owned:
+            self._tombstones[key] = time.monotonic()
+            self._tombstones.move_to_end(key)
+
+    def _buried(self, key: str) -> bool:
+        return key in self._tombstones
+
     def _maybe_free(self, node: Node) -> None:
         """Drop an unlinked inode once the kernel and all handles forgot it."""
         if node.linked or node.lookups > 0 or node.opens > 0:
@@ -194,16 +212,18 @@ class Filesystem:
         self.stats["remote_lists"] += 1
         if not directory.linked and directory is not self.root:
             return
-        directory.listed_at = time.monotonic()
+        now = directory.listed_at = time.monotonic()
+        while self._tombstones and now - next(iter(self._tombstones.values())) > TOMBSTONE_TTL:
+            self._tombstones.popitem(last=False)
         seen = set(listing.dirs)
         for name in listing.dirs:
-            if name not in directory.children:
+            if name not in directory.children and not self._buried(f"{prefix}/{name}" if prefix else name):
                 child = self._new_node(directory, name, stat.S_IFDIR | 0o755, self.root.uid, self.root.gid)
                 child.from_remote = True
         for obj in listing.files:
             seen.add(obj.name)
             key = f"{prefix}/{obj.name}" if prefix else obj.name
-            if obj.name in directory.children or self.remote.last_op(key) is not None:
+            if obj.name in directory.children or self.remote.last_op(key) is not None or self._buried(key):
                 continue  # what this mount did, or is doing, to that key wins
             child = self._new_node(directory, obj.name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)
             child.from_remote = child.committed = True
@@ -215,6 +235,8 @@ class Filesystem:
             gone = (child.from_remote and name not in seen and child.opens == 0
                     and self.remote.last_op(key) is None)
             if gone and not (child.is_dir and child.children):
+                if is_index(name):
+                    self.journal.index_delete(key)
                 self._detach(child)
                 self._maybe_free(child)
 
@@ -319,8 +341,10 @@ class Filesystem:
             raise FsError(errno.ENOENT)
         if node.is_dir:
             raise FsError(errno.EISDIR)
+        key = self.key_of(node)
         if node.committed:
-            self._forget_remote(node, self.key_of(node))
+            self._forget_remote(node, key)
+        self._bury(node, key)
         self._detach(node)
         self._maybe_free(node)
 
@@ -337,6 +361,7 @@ class Filesystem:
             raise FsError(errno.ENOTEMPTY)
         if parent.children.get(name) is not node:
             raise FsError(errno.ENOENT)  # removed by someone else while we listed
+        self._bury(node, self.key_of(node))
         self._detach(node)
         self._maybe_free(node)
 
@@ -390,8 +415,10 @@ class Filesystem:
                 # a put or move of `node` to the same key replaces the object: no delete needed
                 self._forget_remote(target, target_key,
                                     delete=not (will_be_durable and (node.committed or node.writers == 0)))
+            self._bury(target, target_key)
             self._detach(target)
             self._maybe_free(target)
+        self._bury(node, old_key)
         self._detach(node)
         self._attach(new_parent, new_name, node)
         if node.is_dir:
@@ -420,14 +447,21 @@ class Filesystem:
         if self.draining:
             raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
         key = self.key_of(node)
-        node.committed = True
-        if is_index(node.name) and node.size <= INDEX_CACHE_MAX:
-            self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
+        cached_index = is_index(node.name) and node.size <= INDEX_CACHE_MAX
+        try:
+            if cached_index:
+                self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
+            op = self.remote.put(key, node.staging)
+        except BaseException:
+            if cached_index:
+                self.journal.index_delete(key)
+            raise  # not committed: nothing was journaled, the caller gets the error
+        finally:
             if node.opens == 0:
-                # reopened for this read only (a rename commits closed files): a cached file
-                # must not hold a descriptor, or thousands of them run into EMFILE
+                # reopened for the index read only (a rename commits closed files): a cached
+                # file must not hold a descriptor, or thousands of them run into EMFILE
                 node.staging.close_fd()
-        op = self.remote.put(key, node.staging)
+        node.committed = True
         self._put_owner[op] = node
         self.stats["commits"] += 1
         if self.commit_mode == "sync":
@@ -542,6 +576,9 @@ class Filesystem:
     async def _settled_key(self, node: Node) -> str:
         """The key of an evicted or remote file once no operation on it is pending."""
         while True:
+            if not node.linked:
+                # its object went with its name; there is no local copy to read any more
+                raise FsError(errno.ESTALE, "file removed after its local copy was evicted")
             key = self.key_of(node)
             op = self.remote.last_op(key)
             if op is None:
@@ -555,6 +592,9 @@ class Filesystem:
             raise FsError(errno.EBADF)
         if node.committed:
             raise FsError(errno.EPERM, "committed shuffle files are immutable")
+        if handle.flushed:
+            handle.flushed = False
+            node.writers += 1
         end = offset + len(data)
         if end > node.size:
             self._make_room(end - node.size)
@@ -570,8 +610,11 @@ class Filesystem:
         so a failed upload in sync mode reaches the caller of close()."""
         handle = self._handle(fh)
         node = handle.node
-        if handle.writable and node.writers == 1 and self._commit_due(node):
-            await self._commit(node)
+        if handle.writable and not handle.flushed:
+            handle.flushed = True
+            node.writers -= 1
+            if node.writers == 0 and self._commit_due(node):
+                await self._commit(node)
 
     def _commit_due(self, node: Node) -> bool:
         return node.linked and not node.committed and is_durable(node.name)
@@ -587,7 +630,7 @@ class Filesystem:
             return
         node = handle.node
         node.opens -= 1
-        if handle.writable:
+        if handle.writable and not handle.flushed:
             node.writers -= 1
         try:
             if handle.writable and node.writers == 0 and self._commit_due(node):
@@ -607,10 +650,11 @@ class Filesystem:
             await self._refresh(directory)
         fh = self._next_fh
         self._next_fh += 1
-        self.dir_handles[fh] = list(directory.children.items())
+        self.dir_handles[fh] = (directory, list(directory.children.items()))
         return fh
 
-    def readdir_entries(self, fh: int) -> list[tuple[str, Node]]:
+    def readdir_entries(self, fh: int) -> tuple[Node, list[tuple[str, Node]]]:
+        """The directory and the entries it had at opendir (stable offsets for readdir)."""
         try:
             return self.dir_handles[fh]
         except KeyError:
@@ -632,7 +676,7 @@ class Filesystem:
                     staging = self.staging.adopt(record["path"])
                 except FileNotFoundError:
                     log.error("staging file %s of pending upload %s is gone; that file is lost",
-                              record["path"], key)
+                              self.staging.path_of(record["path"]), key)
                     self.journal.remove_op(seq)
                     continue
                 keep.add(staging.path)
@@ -640,7 +684,7 @@ class Filesystem:
                 node.staging = staging
                 node.size = staging.size
                 node.committed = True
-                self._put_owner[self.remote.resume(seq, record, staging.ref())] = node
+                self._put_owner[self.remote.resume(seq, record, staging)] = node
             else:
                 self.remote.resume(seq, record, None)
                 node = self._find(key)
@@ -651,6 +695,9 @@ class Filesystem:
                 elif node is not None:
                     self._detach(node)
                     self._maybe_free(node)
+        # the index cache is rebuilt on demand; entries of files this run does not know are stale
+        pending_keys = {r["dst"] if r["kind"] == "move" else r["key"] for _, r in ops}
+        self.journal.index_retain(pending_keys)
         removed = self.staging.remove_unreferenced(keep)
         if removed:
             log.info("removed %d staging files of an earlier run that no upload needed", removed)

@@ -16,6 +16,7 @@ import signal
 from dataclasses import dataclass
 from typing import Callable
 
+import lmdb
 import pyfuse3
 import trio
 
@@ -89,6 +90,19 @@ def process_alive(pid: int) -> bool:
         return False
 
 
+def daemon_pid(mountpoint: str) -> int | None:
+    """The pid of the live daemon serving `mountpoint`, from its pid file; None when the file is
+    missing or stale (a killed daemon leaves it, and its pid may belong to another process now)."""
+    try:
+        with open(run_file(mountpoint, "json")) as f:
+            pid = int(json.load(f)["pid"])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid if b"shufflefs" in command and process_alive(pid) else None
+
+
 # ---------------------------------------------------------------------------- checks
 def check_mountpoint(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
@@ -125,6 +139,13 @@ def open_checked_store(config: MountConfig) -> Store:
     return store
 
 
+def check_outside(mountpoint: str, what: str, path: str) -> None:
+    """The daemon would deadlock writing through its own mount."""
+    real = os.path.realpath(path)
+    if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
+        raise SetupError(f"{what} {path} is inside the mountpoint {mountpoint}; put it elsewhere")
+
+
 class CacheDir:
     """The cache directory: LMDB, staging files, a lock that keeps a second daemon out."""
 
@@ -135,6 +156,13 @@ class CacheDir:
             self._lock = open(os.path.join(path, "lock"), "a+")
         except OSError as exc:
             raise SetupError(f"cannot use cache dir {path}: {exc.strerror}") from None
+        try:
+            self._open(path, store_url)
+        except (OSError, lmdb.Error) as exc:
+            self._lock.close()
+            raise SetupError(f"cannot use cache dir {path}: {exc}") from None
+
+    def _open(self, path: str, store_url: str) -> None:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -183,7 +211,10 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     """Mount, serve until unmounted or signalled, drain, unmount. Raises SetupError before
     anything is mounted; afterwards returns the exit status (1 if uploads were left over)."""
     mountpoint = check_mountpoint(config.mountpoint)
+    check_outside(mountpoint, "--cache-dir", config.cache_dir)
     store = open_checked_store(config)
+    for path in store.local_paths():
+        check_outside(mountpoint, "the store directory", path)
     cache = CacheDir(config.cache_dir, store.url)
     remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,

@@ -85,7 +85,10 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
-            self.fs.forget(inode, count)
+            try:
+                self.fs.forget(inode, count)
+            except Exception:  # forget has no reply to carry an error; never stop the loop
+                log.exception("forget(%d, %d)", inode, count)
 
     @_translated
     async def getattr(self, inode, ctx=None):
@@ -179,11 +182,11 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def readdir(self, fh, start_id, token):
-        entries = self.fs.readdir_entries(fh)
+        directory, entries = self.fs.readdir_entries(fh)
         for index in range(start_id, len(entries)):
             name, node = entries[index]
-            if not node.linked:
-                continue
+            if directory.children.get(name) is not node:
+                continue  # removed or renamed since opendir
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), index + 1):
                 break
             node.lookups += 1

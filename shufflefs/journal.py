@@ -61,6 +61,14 @@ class Journal:
             if data is not None:
                 txn.put(dst.encode(), data)
 
+    def index_retain(self, keys: set[str]) -> int:
+        """Drop every index cache entry but those of `keys`; return how many went."""
+        with self.env.begin(write=True, db=self._index) as txn:
+            stale = [k for k in txn.cursor().iternext(values=False) if k.decode() not in keys]
+            for k in stale:
+                txn.delete(k)
+        return len(stale)
+
     def index_count(self) -> int:
         with self.env.begin(db=self._index) as txn:
             return txn.stat(self._index)["entries"]

@@ -12,6 +12,7 @@ Only the trio thread touches this object; the store runs in `trio.to_thread` wor
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 from typing import Callable
@@ -44,6 +45,7 @@ class Op:
         self.deps: list[Op] = []
         self.started = False
         self.cancelled = False
+        self.given_up = False
         self.abort = threading.Event()
         self.finished = trio.Event()
         self.settled = trio.Event()
@@ -58,7 +60,7 @@ class Op:
         if self.dst is not None:
             record["dst"] = self.dst
         if self.staging is not None:
-            record["path"] = self.staging.path
+            record["path"] = os.path.basename(self.staging.path)
             record["size"] = self.size
         return record
 
@@ -80,6 +82,8 @@ class Remote:
         self.draining = False
         self._tail: dict[str, Op] = {}
         self._limiter = trio.CapacityLimiter(workers)
+        # reads (listings, ranged GETs) must not queue behind large uploads
+        self._read_limiter = trio.CapacityLimiter(workers)
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
         self._delete_queue: list[Op] = []
@@ -91,7 +95,7 @@ class Remote:
 
     # -- issuing operations (synchronous: safe to call between two awaits of a handler)
     def put(self, key: str, staging: StagingFile) -> Op:
-        return self._submit(Op("put", key, staging=staging.ref()))
+        return self._submit(Op("put", key, staging=staging))
 
     def move(self, src: str, dst: str) -> Op:
         return self._submit(Op("move", src, dst=dst))
@@ -106,6 +110,8 @@ class Remote:
 
     def _submit(self, op: Op, seq: int | None = None) -> Op:
         op.seq = seq if seq is not None else self.journal.add_op(op.record())
+        if op.staging is not None:
+            op.staging.ref()  # only once journaled: a failed add_op leaves nothing to undo
         op.deps = [self._tail[k] for k in op.keys if k in self._tail]
         for k in op.keys:
             self._tail[k] = op
@@ -125,6 +131,9 @@ class Remote:
         the upload is aborted as soon as the store allows."""
         op.cancelled = True
         op.abort.set()
+        # a cancelled put is never needed again, even after a crash
+        self.journal.remove_op(op.seq)
+        self._notify()  # end its backoff sleep now
 
     async def wait(self, op: Op) -> None:
         """Wait until `op` settles; raise its StoreError if it could not be done."""
@@ -153,7 +162,7 @@ class Remote:
         delay = BACKOFF_FIRST
         for attempt in range(1, attempts + 1):
             try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
             except ObjectMissing:
                 raise
             except StoreError as exc:
@@ -166,7 +175,16 @@ class Remote:
     # -- execution
     async def _run(self, op: Op) -> None:
         for dep in op.deps:
+            await dep.settled.wait()
+            if dep.error is not None and not op.settled.is_set():
+                # whoever waits for this op learns now that it cannot happen soon
+                op.error = dep.error
+                op.settled.set()
             await dep.finished.wait()
+        if any(dep.given_up for dep in op.deps):
+            # after an earlier op on its key was given up, running this one would reorder them
+            self._give_up([op])
+            return
         if op.cancelled and op.kind == "put":
             self._finish(op)
             return
@@ -237,14 +255,18 @@ class Remote:
                 if self.draining:
                     log.error("giving up on %d operation(s) while draining, kept in the journal "
                               "for the next mount: %r: %s", len(ops), ops[0], error)
-                    for op in ops:
-                        self.given_up.append(op)
-                        self._finish(op, keep_journal=True)
+                    self._give_up(ops)
                     return False
             with trio.move_on_after(delay):
-                while not (self.draining and attempt >= self.max_attempts):
+                while not (self.draining and attempt >= self.max_attempts) and not all(op.cancelled for op in ops):
                     await self._changed.wait()
             delay = min(delay * 2, BACKOFF_MAX)
+
+    def _give_up(self, ops: list[Op]) -> None:
+        for op in ops:
+            op.given_up = True
+            self.given_up.append(op)
+            self._finish(op, keep_journal=True)
 
     def _finish(self, op: Op, keep_journal: bool = False) -> None:
         if op.finished.is_set():
@@ -258,7 +280,10 @@ class Remote:
         if op.kind == "put":
             self.pending_put_bytes -= op.size
             if not op.cancelled and not keep_journal and self.on_put_done is not None:
-                self.on_put_done(op)
+                try:
+                    self.on_put_done(op)
+                except Exception:  # must not take the scheduler (and the daemon) down
+                    log.exception("after storing %r", op)
             if not keep_journal:
                 op.staging.unref()
         op.finished.set()

@@ -24,7 +24,8 @@ class StagingFile:
     @property
     def fd(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # no O_CREAT: a staging file that vanished must fail loudly, not read as empty
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         return self._fd
 
     def close_fd(self) -> None:
@@ -46,6 +47,7 @@ class StagingFile:
             self.close_fd()
             self.area.bytes -= self.size
             self.area.files -= 1
+            self.area.adopted.pop(self.path, None)
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
@@ -58,20 +60,31 @@ class StagingArea:
         os.makedirs(directory, exist_ok=True)
         self.bytes = 0
         self.files = 0
+        self.adopted: dict[str, StagingFile] = {}
 
     def new(self) -> StagingFile:
         path = os.path.join(self.directory, uuid.uuid4().hex)
         staging = StagingFile(self, path, 0)
-        staging.fd  # create it now, so a failure shows at create() rather than at first write
+        staging._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.files += 1
         return staging
 
-    def adopt(self, path: str) -> StagingFile:
-        """Take over a staging file left by an earlier run (journal replay)."""
+    def path_of(self, name: str) -> str:
+        """The staging file called `name` (journals record names, not paths, so a cache dir
+        keeps working when it is reached by another path)."""
+        return os.path.join(self.directory, os.path.basename(name))
+
+    def adopt(self, name: str) -> StagingFile:
+        """Take over a staging file left by an earlier run (journal replay); adopting the same
+        file twice gives the same object, with one more reference."""
+        path = self.path_of(name)
+        if path in self.adopted:
+            return self.adopted[path].ref()
         size = os.stat(path).st_size
         self.bytes += size
         self.files += 1
-        return StagingFile(self, path, size)
+        staging = self.adopted[path] = StagingFile(self, path, size)
+        return staging
 
     def remove_unreferenced(self, keep: set[str]) -> int:
         """Delete staging files of an earlier run that no pending operation needs."""

@@ -41,6 +41,7 @@ def mount_cli(store_url, mountpoint, cache_dir, *extra, env=None):
     ("just-a-path", "has no scheme"),
     ("file://relative/dir", "file:///absolute/path"),
     ("s3://", "bucket"),
+    ("s3://[bad", "malformed store URL"),
 ])
 def test_bad_store_url(tmp_path, mnt, url, needle):
     assert_refused(mount_cli(url, mnt, tmp_path / "cache"), mnt, needle)
@@ -119,6 +120,12 @@ def test_cache_dir_of_another_store(tmp_path, mnt, file_store):
     with Mount(f"file://{file_store}", tmp_path / "first", tmp_path / "cache"):
         pass
     assert_refused(mount_cli(f"file://{other_store}", mnt, tmp_path / "cache"), mnt, "belongs to store")
+
+
+def test_cache_dir_or_store_inside_the_mountpoint(tmp_path, mnt, file_store):
+    assert_refused(mount_cli(f"file://{file_store}", mnt, mnt / "cache"), mnt, "inside the mountpoint")
+    assert_refused(mount_cli(f"file://{mnt}/store", mnt, tmp_path / "cache"), mnt, "does not exist")
+    assert not os.path.exists(mnt / "cache")
 
 
 def test_umount_of_something_else(tmp_path, mnt):

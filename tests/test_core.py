@@ -52,6 +52,8 @@ class Recorder:
         self.gate.set()
         self.move_gate = threading.Event()  # holds move
         self.move_gate.set()
+        self.delete_gate = threading.Event()  # holds delete_many
+        self.delete_gate.set()
         self.honor_abort = True
 
     def calls_of(self, method: str, key: str | None = None) -> list[tuple]:
@@ -83,6 +85,8 @@ class Recorder:
 
     def delete_many(self, keys):
         self.log.append(("delete_many", tuple(keys)))
+        if not self.delete_gate.wait(30):
+            raise StoreError("test gate stayed closed", transient=False)
         return super().delete_many(keys)
 
 
@@ -179,6 +183,7 @@ async def env(tmp_path, monkeypatch):
             for store in environment.stores:  # let no worker thread hang on a closed gate
                 store.gate.set()
                 store.move_gate.set()
+                store.delete_gate.set()
                 if isinstance(store, MemoryStore):
                     store.fail_next = 0
             nursery.cancel_scope.cancel()
@@ -1137,7 +1142,7 @@ async def test_journal_resume_after_crash(env):
         await until(lambda: store.calls_of("put_file") and m1.remote.stats["failed_requests"] >= 10)
 
         pending = m1.journal.pending_ops()
-        owed_paths = {record["path"] for _, record in pending if record["kind"] == "put"}
+        owed_paths = {m1.staging.path_of(record["path"]) for _, record in pending if record["kind"] == "put"}
         # the deleted file's upload was dropped before it began; its delete is owed
         assert [record["kind"] for _, record in pending].count("put") == 5
         assert {"delete", "move"} <= {record["kind"] for _, record in pending}
@@ -1189,7 +1194,7 @@ async def test_owned_dirs_answer_locally(env):
         assert await fs.lookup(bm.ino, f"{i:02x}-missing") is None
         assert await fs.lookup(sub.ino, f"shuffle_0_{i}_0.index") is None
     fh = await fs.opendir(sub.ino)
-    assert fs.readdir_entries(fh) == []
+    assert fs.readdir_entries(fh)[1] == []
     fs.releasedir(fh)
     await fs.rmdir(bm.ino, "0c")
     # even an object another node put below it is not asked for
@@ -1231,14 +1236,14 @@ async def test_shared_namespace_between_two_filesystems(env, store_kind):
     bucket = await resolve(fs2, path)
     assert bucket is not None and bucket.is_dir and not bucket.owned
     fh2 = await fs2.opendir(bucket.ino)
-    listed = {name: node.size for name, node in fs2.readdir_entries(fh2)}
+    listed = {name: node.size for name, node in fs2.readdir_entries(fh2)[1]}
     fs2.releasedir(fh2)
     assert listed == {INDEX: len(index), DATA: len(data), CHECKSUM: len(checksum)}
     assert await fs2.lookup(bucket.ino, "temp_shuffle_1") is None
     assert await fs2.lookup(bucket.ino, "shuffle_0_9_0.data") is None
     bm = await resolve(fs2, "spark-1/executor-1/blockmgr-1")
     fh2 = await fs2.opendir(bm.ino)
-    assert [name for name, _ in fs2.readdir_entries(fh2)] == ["0c"]
+    assert [name for name, _ in fs2.readdir_entries(fh2)[1]] == ["0c"]
     fs2.releasedir(fh2)
 
     # the same bytes by the same path
@@ -1315,7 +1320,7 @@ async def test_rename_in_shared_directory_survives_listing(env):
     assert contents(store) == {"shared/0c/shuffle_0_6_0.data": b"x" * 100}
     await trio.sleep(0.02)
     fh = await fs2.opendir(bucket.ino)
-    assert [(name, n) for name, n in fs2.readdir_entries(fh)] == [("shuffle_0_6_0.data", node)]
+    assert [(name, n) for name, n in fs2.readdir_entries(fh)[1]] == [("shuffle_0_6_0.data", node)]
     fs2.releasedir(fh)
     assert await read_all(fs2, node.ino) == b"x" * 100
 
@@ -1351,3 +1356,131 @@ async def test_drain_refuses_new_commits(env, mode):
     await fs.unlink(d, "temp_shuffle_kept")
     await m.remote.drain()
     assert m.store.log == [] and contents(m.store) == {key(DATA): b"first"}
+
+
+# -- found in review ------------------------------------------------------------------------------
+
+
+async def test_rename_before_release_still_commits_synchronously(env):
+    """The kernel sends RELEASE in the background: Spark's rename can arrive between FLUSH and
+    RELEASE of the file it just closed. The sync rename must still commit."""
+    m = env.mount()
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    fh, _ = await create(fs, d, DATA + ".tmp", APPEND)
+    await fs.write(fh, 0, b"payload")
+    await fs.flush(fh)  # close(2) returned; RELEASE still queued
+    await fs.rename(d, DATA + ".tmp", d, DATA)
+    assert contents(m.store) == {key(DATA): b"payload"}
+    await fs.release(fh)
+    assert len(m.store.calls_of("put_file")) == 1
+
+
+async def test_sync_rename_of_committed_file_does_not_hang_on_a_failing_upload(env):
+    m = env.mount(commit_mode="async", max_attempts=3)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    m.store.fail_next = 10_000
+    await commit(fs, d, DATA, b"x")
+    fs.commit_mode = "sync"
+    with trio.fail_after(5):
+        with pytest.raises(FsError) as exc:
+            await fs.rename(d, DATA, d, "shuffle_0_6_0.data")
+    assert errno_of(exc) == errno.EIO
+    m.store.fail_next = 0
+    await settle(m)
+    assert contents(m.store) == {key("shuffle_0_6_0.data"): b"x"}
+
+
+async def test_failed_journal_write_leaves_the_file_uncommitted(env, monkeypatch):
+    m = env.mount()
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    node = await write_file(fs, d, INDEX + ".tmp", index_bytes(3))
+
+    def full(record):
+        raise OSError(errno.ENOSPC, "LMDB map full")
+
+    monkeypatch.setattr(m.journal, "add_op", full)
+    with pytest.raises(OSError):
+        await fs.rename(d, INDEX + ".tmp", d, INDEX)
+    assert not node.committed and node.staging.refs == 1
+    assert m.journal.index_get(key(INDEX)) is None
+    monkeypatch.undo()
+    fh = await fs.open(node.ino, os.O_WRONLY)  # still a local, writable file
+    await close(fs, fh)
+
+
+async def test_dependents_of_a_given_up_upload_stay_in_the_journal(env):
+    m = env.mount(commit_mode="async", max_attempts=2)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    m.store.fail_next = 10_000
+    await commit(fs, d, DATA, b"x")
+    await fs.rename(d, DATA, d, "shuffle_0_6_0.data")
+    with trio.fail_after(10):
+        given_up = await m.remote.drain()
+    assert sorted(op.kind for op in given_up) == ["move", "put"]
+    assert sorted(r["kind"] for _, r in m.journal.pending_ops()) == ["move", "put"]
+    assert m.store.calls_of("move") == []  # the move never ran ahead of its put
+
+
+async def test_rm_rf_of_a_tree_learned_from_the_store(env):
+    store = env.store()
+    for name in ("a/b/shuffle_0_1_0.data", "a/b/shuffle_0_1_0.index", "a/shuffle_0_2_0.data"):
+        env.plant(store, name, b"data")
+    m = env.mount(store, commit_mode="async")
+    fs = m.fs
+    a = await resolve(fs, "a")
+    b = await resolve(fs, "a/b")
+    for path in ("a/b/shuffle_0_1_0.data", "a/b/shuffle_0_1_0.index", "a/shuffle_0_2_0.data"):
+        assert await resolve(fs, path) is not None  # the kernel looks names up before unlink
+    store.delete_gate.clear()  # the store is slow to delete: every listing still shows the tree
+    await fs.unlink(b.ino, "shuffle_0_1_0.data")
+    await fs.unlink(b.ino, "shuffle_0_1_0.index")
+    await fs.unlink(a.ino, "shuffle_0_2_0.data")
+    a.listed_at = b.listed_at = float("-inf")
+    await fs.rmdir(a.ino, "b")
+    await fs.rmdir(ROOT_INODE, "a")
+    fs.root.listed_at = float("-inf")
+    assert await fs.lookup(ROOT_INODE, "a") is None  # no ghost from a listing of the old state
+    store.delete_gate.set()
+    await settle(m)
+    assert contents(store) == {}
+
+
+async def test_read_of_evicted_file_after_unlink_is_estale(env):
+    m = env.mount(cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    node = await commit(fs, d, DATA, b"A" * 600 * KiB)
+    await write_file(fs, d, "temp_shuffle_x", bytes(600 * KiB))  # evicts it
+    assert node.staging is None
+    fh = await fs.open(node.ino, os.O_RDONLY)
+    await fs.unlink(d, DATA)
+    await commit(fs, d, DATA, b"B" * 100)
+    with pytest.raises(FsError) as exc:
+        await fs.read(fh, 0, 4096)
+    assert errno_of(exc) == errno.ESTALE
+    await fs.release(fh)
+
+
+async def test_cache_dir_reached_by_another_path(env, tmp_path):
+    """The journal names staging files relative to the cache dir: a symlink or a moved disk
+    still finds them."""
+    store = env.store()
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(store, name="real", commit_mode="async", nursery=crashed)
+        d = await mkdirs(m1.fs, BM)
+        store.fail_next = 10_000
+        await commit(m1.fs, d, DATA, b"owed")
+        crashed.cancel_scope.cancel()
+    m1.close_journal()
+    store.fail_next = 0
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    async with trio.open_nursery() as nursery:
+        m2 = env.mount(store, name="link", nursery=nursery)
+        assert m2.fs.resume_journal() == 1
+        await m2.remote.drain()
+        nursery.cancel_scope.cancel()
+    assert contents(store) == {key(DATA): b"owed"}

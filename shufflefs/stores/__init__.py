@@ -21,7 +21,10 @@ SCHEMES = {
 def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
     """Build the store for `url`; raise StoreError (not transient) with a one-line message when
     the URL is malformed or names an unsupported scheme."""
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise StoreError(f"malformed store URL {url!r}: {exc}", transient=False) from None
     if not parsed.scheme:
         raise StoreError(f"store URL {url!r} has no scheme; use file:///abs/dir, s3://bucket[/prefix] "
                          "or memory://", transient=False)

@@ -91,6 +91,10 @@ class Store:
         """Delete the objects; keys that do not exist are not an error."""
         raise NotImplementedError
 
+    def local_paths(self) -> list[str]:
+        """Local directories the store writes into (they must not lie inside the mount)."""
+        return []
+
     def close(self) -> None:
         pass
 

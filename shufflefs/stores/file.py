@@ -34,6 +34,9 @@ class FileStore(Store):
             raise StoreError("file:// store URL needs an absolute path: file:///abs/dir", transient=False)
         return cls(path)
 
+    def local_paths(self) -> list[str]:
+        return [self.root]
+
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key)
 
