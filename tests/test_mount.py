@@ -293,3 +293,15 @@ def test_small_cache_reads_back_evicted_files(tmp_path, file_store):
         with open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.data", "rb") as f:
             f.seek(1024 * 1024)
             assert f.read(100) == blobs["shuffle_0_0_0.data"][1024 * 1024:1024 * 1024 + 100]
+
+
+def test_large_file_uses_multipart_upload(tmp_path, s3_env, bucket, seaweed):
+    big = os.urandom(40 * 1024 * 1024 + 123)
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        spark_commit(f"{mount.path}/blockmgr-1/00", 4, 4, [big])
+        head = seaweed.client().head_object(Bucket=bucket, Key="blockmgr-1/00/shuffle_4_4_0.data")
+        assert head["ContentLength"] == len(big)
+        assert "-" in head["ETag"], "a 40 MiB file must go up in parts"
+        body = seaweed.client().get_object(Bucket=bucket, Key="blockmgr-1/00/shuffle_4_4_0.data")["Body"].read()
+        assert body == big
