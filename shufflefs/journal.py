@@ -69,10 +69,6 @@ class Journal:
                 txn.delete(k)
         return len(stale)
 
-    def index_count(self) -> int:
-        with self.env.begin(db=self._index) as txn:
-            return txn.stat(self._index)["entries"]
-
     # -- metadata
     def meta_get(self, name: str) -> str | None:
         with self.env.begin(db=self._meta) as txn:

@@ -150,8 +150,11 @@ class Remote:
         journal entries stay, for the next mount with this cache dir)."""
         self.draining = True
         self._notify()  # wake ops sleeping in backoff after their last attempt
+        reported = float("-inf")
         while self.pending:
-            log.info("draining: %d remote operations pending", len(self.pending))
+            if trio.current_time() - reported >= 5:
+                reported = trio.current_time()
+                log.info("draining: %d remote operations pending", len(self.pending))
             with trio.move_on_after(5):
                 await self._changed.wait()
         return self.given_up
