@@ -305,3 +305,38 @@ def test_large_file_uses_multipart_upload(tmp_path, s3_env, bucket, seaweed):
         assert "-" in head["ETag"], "a 40 MiB file must go up in parts"
         body = seaweed.client().get_object(Bucket=bucket, Key="blockmgr-1/00/shuffle_4_4_0.data")["Body"].read()
         assert body == big
+
+
+def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env):
+    """Sync commit against a store that went away: the committing rename fails with EIO after
+    the retries; umount cannot drain, says so, exits 1, and the upload stays in the journal."""
+    from servers import SeaweedS3
+
+    server = SeaweedS3().start()
+    try:
+        bucket = server.create_bucket("gone")
+        env = {**s3_env, **server.env()}
+        with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", env=env) as mount:
+            os.makedirs(f"{mount.path}/blockmgr-1/00")
+            server.stop()
+            temp = f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index.tmp"
+            with open(temp, "wb") as f:
+                f.write(b"\0" * 16)
+            started = time.monotonic()
+            with pytest.raises(OSError) as raised:
+                os.rename(temp, f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")
+            assert raised.value.errno == errno.EIO
+            assert time.monotonic() - started < 60
+            result = mount.umount()
+            assert result.returncode == 1
+            assert "could not be completed" in result.stderr and "same --cache-dir" in result.stderr
+            assert not is_mounted(mount.path)
+    finally:
+        server.stop()
+    from shufflefs.journal import Journal
+
+    journal = Journal(str(tmp_path / "cache" / "lmdb"))
+    try:
+        assert [r["key"] for _, r in journal.pending_ops()] == ["blockmgr-1/00/shuffle_0_0_0.index"]
+    finally:
+        journal.close()
