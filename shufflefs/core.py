@@ -33,6 +33,9 @@ NAME_MAX = 255
 #: how long a name removed from a directory this mount does not own stays hidden from store
 #: listings (deletes are asynchronous, and SeaweedFS lists emptied prefixes for ~2 minutes)
 TOMBSTONE_TTL = 180.0
+# renameat2(2) flags, as the kernel passes them
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 
 class FsError(Exception):
@@ -367,9 +370,7 @@ class Filesystem:
 
     async def rename(self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str,
                      flags: int = 0) -> None:
-        import pyfuse3  # flag values only
-
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         old_parent = self._dir(old_parent_ino)
         new_parent = self._dir(new_parent_ino)
@@ -385,7 +386,7 @@ class Filesystem:
         if target is node:
             return
         if target is not None:
-            if flags & pyfuse3.RENAME_NOREPLACE:
+            if flags & RENAME_NOREPLACE:
                 raise FsError(errno.EEXIST)
             if target.is_dir and not node.is_dir:
                 raise FsError(errno.EISDIR)
