@@ -5,15 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openjdk-17-jre-headless procps xxd)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
+java17=no
 # a JDK 17 installed some other way is fine too
 if command -v java >/dev/null 2>&1 && java -version 2>&1 | grep -q 'version "17'; then
-  missing=("${missing[@]/openjdk-17-jre-headless}")
+  java17=yes
 fi
-missing=(${missing[@]+"${missing[@]}"})
+missing=()
+for p in "${packages[@]}"; do
+  if [ "$p" = openjdk-17-jre-headless ] && [ "$java17" = yes ]; then continue; fi
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
 if ((${#missing[@]})); then
   echo "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
