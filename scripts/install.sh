@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv openjdk-17-jre-headless procps xxd)
+packages=(ca-certificates python3 python3-dev python3-venv gcc fuse3 libfuse3-dev pkg-config openjdk-17-jre-headless procps xxd)
 java17=no
 # a JDK 17 installed some other way is fine too
 if command -v java >/dev/null 2>&1 && java -version 2>&1 | grep -q 'version "17'; then
