@@ -29,7 +29,3 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v WARNING || true
 .venv/bin/python -c 'import pyfuse3, trio, boto3, lmdb, pyspark, shufflefs' \
   || { echo "install.sh: the Python packages did not install" >&2; exit 1; }
-# the kernel's FUSE connections, so a hung mount can be aborted (/sys/fs/fuse/connections/N/abort)
-if [ -d /sys/fs/fuse/connections ] && ! mountpoint -q /sys/fs/fuse/connections; then
-  mount -t fusectl none /sys/fs/fuse/connections 2>/dev/null || true
-fi

@@ -1376,12 +1376,18 @@ async def test_rename_before_release_still_commits_synchronously(env):
     assert len(m.store.calls_of("put_file")) == 1
 
 
-async def test_sync_rename_of_committed_file_does_not_hang_on_a_failing_upload(env):
-    m = env.mount(commit_mode="async", max_attempts=3)
-    fs = m.fs
-    d = await mkdirs(fs, BM)
+async def committed_while_the_store_fails(env, max_attempts: int) -> tuple[Mount, int]:
+    """A mount (async commit) with DATA committed in BM and its upload failing for now."""
+    m = env.mount(commit_mode="async", max_attempts=max_attempts)
+    d = await mkdirs(m.fs, BM)
     m.store.fail_next = 10_000
-    await commit(fs, d, DATA, b"x")
+    await commit(m.fs, d, DATA, b"x")
+    return m, d
+
+
+async def test_sync_rename_of_committed_file_does_not_hang_on_a_failing_upload(env):
+    m, d = await committed_while_the_store_fails(env, max_attempts=3)
+    fs = m.fs
     fs.commit_mode = "sync"
     with trio.fail_after(5):
         with pytest.raises(FsError) as exc:
@@ -1412,12 +1418,8 @@ async def test_failed_journal_write_leaves_the_file_uncommitted(env, monkeypatch
 
 
 async def test_dependents_of_a_given_up_upload_stay_in_the_journal(env):
-    m = env.mount(commit_mode="async", max_attempts=2)
-    fs = m.fs
-    d = await mkdirs(fs, BM)
-    m.store.fail_next = 10_000
-    await commit(fs, d, DATA, b"x")
-    await fs.rename(d, DATA, d, "shuffle_0_6_0.data")
+    m, d = await committed_while_the_store_fails(env, max_attempts=2)
+    await m.fs.rename(d, DATA, d, "shuffle_0_6_0.data")
     with trio.fail_after(10):
         given_up = await m.remote.drain()
     assert sorted(op.kind for op in given_up) == ["move", "put"]
