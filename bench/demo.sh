@@ -3,5 +3,5 @@
 # with several shuffles on it, show its shuffle files and the store, and unmount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
-exec .venv/bin/python scripts/demo.py
+bash .ci/install.sh
+exec .venv/bin/python bench/demo.py
