@@ -46,7 +46,6 @@ class StagingFile:
         if self.refs == 0:
             self.close_fd()
             self.area.bytes -= self.size
-            self.area.files -= 1
             self.area.adopted.pop(self.path, None)
             try:
                 os.unlink(self.path)
@@ -59,14 +58,12 @@ class StagingArea:
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self.bytes = 0
-        self.files = 0
         self.adopted: dict[str, StagingFile] = {}
 
     def new(self) -> StagingFile:
         path = os.path.join(self.directory, uuid.uuid4().hex)
         staging = StagingFile(self, path, 0)
         staging._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.files += 1
         return staging
 
     def path_of(self, name: str) -> str:
@@ -82,7 +79,6 @@ class StagingArea:
             return self.adopted[path].ref()
         size = os.stat(path).st_size
         self.bytes += size
-        self.files += 1
         staging = self.adopted[path] = StagingFile(self, path, size)
         return staging
 
