@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
     mount.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.set_defaults(run=cmd_mount)
 
     umount = commands.add_parser(
         "umount", help="drain pending uploads, then unmount",
@@ -88,15 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     umount.add_argument("--timeout", type=float, default=0,
                         help="give up waiting after this many seconds (default: wait until drained)")
+    umount.set_defaults(run=cmd_umount)
+
+    stats = commands.add_parser(
+        "stats", help="counters of a running mount (JSON)",
+        description="Print the counters of the daemon serving the mount that holds PATH as JSON: "
+                    "store requests and bytes, pending uploads, cache use, memory.")
+    stats.add_argument("path", metavar="PATH")
+    stats.add_argument("--sync", action="store_true",
+                       help="first wait until every file committed so far is in the store")
+    stats.add_argument("--timeout", type=float, default=600,
+                       help="give up waiting for an answer after this many seconds (default: %(default)s)")
+    stats.set_defaults(run=cmd_stats)
+
+    from shufflefs.bench import add_bench_parser
+    add_bench_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "mount":
-            return cmd_mount(args)
-        return cmd_umount(args)
+        return args.run(args)
     except CliError as exc:
         print(f"shufflefs: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -198,6 +212,25 @@ def _spawn_daemon(args, config) -> int:
     raise CliError(f"the daemon exited (status {status}) before the mount was live; see {log_file}")
 
 
+# ---------------------------------------------------------------------------- stats
+def cmd_stats(args) -> int:
+    print(json.dumps(mount_stats(args.path, sync=args.sync, timeout=args.timeout), indent=1, sort_keys=True))
+    return 0
+
+
+def mount_stats(path: str, *, sync: bool = False, timeout: float | None = 600) -> dict:
+    from shufflefs.control import ControlError, request
+    from shufflefs.daemon import run_file, shufflefs_mount_of
+
+    mountpoint = shufflefs_mount_of(path)
+    if mountpoint is None:
+        raise CliError(f"{path} is not on a shufflefs mount")
+    try:
+        return request(run_file(mountpoint, "sock"), "sync" if sync else "stats", timeout)
+    except ControlError as exc:
+        raise CliError(f"{mountpoint}: {exc}") from None
+
+
 # ---------------------------------------------------------------------------- umount
 def cmd_umount(args) -> int:
     from shufflefs.daemon import daemon_pid, mounted_filesystems, process_alive, run_file
@@ -231,3 +264,4 @@ def cmd_umount(args) -> int:
         raise CliError(f"unmounted {mountpoint}, but {status['given_up']} uploads could not be completed; "
                        "they resume on the next mount with the same --cache-dir")
     return 0
+

@@ -20,6 +20,8 @@ import lmdb
 import pyfuse3
 import trio
 
+from shufflefs import control
+from shufflefs.control import process_memory
 from shufflefs.core import Filesystem
 from shufflefs.fs import Operations
 from shufflefs.journal import Journal
@@ -78,6 +80,18 @@ def mounted_filesystems() -> dict[str, str]:
             if len(fields) >= 3:
                 result[fields[1].replace("\\040", " ")] = fields[2]
     return result
+
+
+def shufflefs_mount_of(path: str) -> str | None:
+    """The mountpoint of the shufflefs mount that holds `path`, if any."""
+    mounts = mounted_filesystems()
+    path = os.path.realpath(path)
+    while True:
+        if path in mounts:
+            return path if mounts[path] == "fuse.shufflefs" else None
+        if path == "/":
+            return None
+        path = os.path.dirname(path)
 
 
 def process_alive(pid: int) -> bool:
@@ -223,6 +237,13 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
     status_file = run_file(mountpoint, "status")
+    control_socket = run_file(mountpoint, "sock")
+
+    def stats() -> dict:
+        return {"store": dict(remote.stats), "fs": dict(fs.stats), "pending_ops": len(remote.pending),
+                "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
+                "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
+                **process_memory()}
     try:
         pyfuse3.init(operations, mountpoint, mount_options(store.url))
     except RuntimeError as exc:
@@ -236,6 +257,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)
             nursery.start_soon(watch_signals)
+            await nursery.start(control.serve, control_socket, stats, remote.settle)
             log.info("mounted %s on %s (commit=%s, cache %s, %d bytes)", store.url, mountpoint,
                      config.commit, config.cache_dir, config.cache_size)
             ready()
@@ -267,13 +289,14 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         pyfuse3.close(unmount=True)
         cache.close()
         store.close()
-        stats = dict(remote.stats)
-        write_run_file(status_file, {"given_up": len(remote.given_up), "stats": stats})
+        final = stats()
+        write_run_file(status_file, {"given_up": len(remote.given_up), "stats": final["store"],
+                                     "fs": final["fs"], "peak_rss_bytes": final["peak_rss_bytes"]})
         try:
             os.unlink(pid_file)
         except FileNotFoundError:
             pass
-    log.info("unmounted %s; store requests: %s", mountpoint, stats)
+    log.info("unmounted %s; store requests: %s", mountpoint, final["store"])
     if remote.given_up:
         log.error("%d remote operations could not be completed; they stay in the journal of %s "
                   "and resume on the next mount with that cache dir", len(remote.given_up), config.cache_dir)

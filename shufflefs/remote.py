@@ -145,6 +145,12 @@ class Remote:
         while self.pending_put_bytes > limit:
             await self._changed.wait()
 
+    async def settle(self) -> None:
+        """Wait until every operation issued so far has finished (later ones are not waited
+        for); unlike drain, new operations keep being accepted."""
+        for op in list(self.pending):
+            await op.finished.wait()
+
     async def drain(self) -> list[Op]:
         """Wait until every operation finished or gave up; return those that gave up (their
         journal entries stay, for the next mount with this cache dir)."""
@@ -165,13 +171,19 @@ class Remote:
         delay = BACKOFF_FIRST
         for attempt in range(1, attempts + 1):
             try:
-                return await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+                result = await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
             except ObjectMissing:
+                self.stats[f"{fn.__name__}_requests"] += 1
                 raise
             except StoreError as exc:
                 if attempt == attempts or not exc.transient:
                     raise
                 log.warning("%s failed (attempt %d): %s; retrying", what or fn.__name__, attempt, exc)
+            else:
+                self.stats[f"{fn.__name__}_requests"] += 1
+                if isinstance(result, bytes):
+                    self.stats[f"{fn.__name__}_bytes"] += len(result)
+                return result
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 

@@ -1,0 +1,122 @@
+"""The daemon's control socket: `shufflefs stats` and `shufflefs bench` ask a running mount for
+its counters, and may wait until everything committed so far is in the store.
+
+One request per connection: the client sends one JSON line ({"command": "stats"} or
+{"command": "sync"}) and reads one JSON line back. The socket lives next to the pid file,
+in the run directory, never inside the mountpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import socket
+from typing import Callable
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 4096
+
+
+class ControlError(Exception):
+    pass
+
+
+def process_memory() -> dict:
+    """Resident and peak resident memory of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    kib = lambda name: int(fields[name].split()[0]) * 1024  # noqa: E731
+    return {"rss_bytes": kib("VmRSS"), "peak_rss_bytes": kib("VmHWM"),
+            "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}
+
+
+async def serve(path: str, stats: Callable[[], dict], settle: Callable, *,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answer control requests on a unix socket at `path` until cancelled. `settle()` waits
+    until every remote operation issued so far has finished."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(path)
+        sock.listen()
+    except OSError as exc:  # the mount works without it; only stats and bench need it
+        log.warning("no control socket at %s: %s", path, exc)
+        sock.close()
+        task_status.started()
+        return
+    listener = trio.SocketListener(sock)
+    task_status.started()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                request = await _read_line(stream)
+                command = json.loads(request).get("command")
+                if command == "sync":
+                    await settle()
+                elif command != "stats":
+                    raise ValueError(f"unknown command {command!r}")
+                reply = {"ok": True, **stats()}
+            except (ValueError, AttributeError) as exc:
+                reply = {"ok": False, "error": str(exc)}
+            try:
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+            except trio.BrokenResourceError:
+                pass  # the client went away (e.g. timed out waiting for sync)
+
+    try:
+        await trio.serve_listeners(handle, [listener])
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+async def _read_line(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = await stream.receive_some(MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return data
+
+
+def request(path: str, command: str, timeout: float | None = 30.0) -> dict:
+    """Send one command to the control socket at `path`; ControlError when there is no
+    daemon behind it, or it fails or does not answer in time."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except socket.timeout:
+        raise ControlError(f"no answer to {command!r} within {timeout:g}s") from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ControlError("no shufflefs daemon is serving it") from None
+    except OSError as exc:
+        raise ControlError(f"control socket {path}: {exc.strerror or exc}") from None
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise ControlError("the daemon closed the control connection without an answer") from None
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "request failed"))
+    return reply
