@@ -68,6 +68,10 @@ class Phase:
     opens: int
     #: write and delete on a shufflefs mount: seconds until the store had all of it
     stored_seconds: float | None = None
+    #: CPU time the shufflefs daemon spent in the phase (until stored)
+    daemon_cpu_seconds: float | None = None
+    #: requests the daemon received from the kernel in the phase
+    fuse_requests: int | None = None
     store: dict = field(default_factory=dict)
 
     @property
@@ -259,45 +263,46 @@ class ShuffleRun:
         return total, 2 * self.workload.mappers
 
     # -- running phases
-    def phase(self, name: str, task, items: int, progress_total: int, unit_bytes: bool, files: int) -> Phase:
-        progress = Progress(f"{self.label}: {name}", progress_total, unit_bytes)
+    def _in_parallel(self, name: str, task, items: int, progress_total: int, unit_bytes: bool):
+        """An action running task(item) for every item on the pool, summing (bytes, opens)."""
+        def action() -> tuple[int, int]:
+            progress = Progress(f"{self.label}: {name}", progress_total, unit_bytes)
+            try:
+                with ThreadPoolExecutor(self.workload.pool_size) as pool:
+                    results = list(pool.map(lambda item: task(item, progress), range(items)))
+            finally:
+                progress.close()
+            return sum(r[0] for r in results), sum(r[1] for r in results)
+        return action
+
+    def _delete_tree(self) -> tuple[int, int]:
+        shutil.rmtree(self.base)
+        return 0, 0
+
+    def _timed(self, name: str, files: int, action) -> Phase:
+        """Run one phase; on a mount, count the store requests it caused, and for phases that
+        change the store, wait until the store has all of it."""
+        changes_store = name in ("write", "delete")
         before = self._store_counters() if self.mount else None
         started = time.perf_counter()
         try:
-            with ThreadPoolExecutor(self.workload.pool_size) as pool:
-                results = list(pool.map(lambda item: task(item, progress), range(items)))
+            nbytes, opens = action()
         except OSError as exc:
             raise BenchError(f"{name} phase on {self.label}: {exc}") from None
-        finally:
-            progress.close()
-        seconds = time.perf_counter() - started
-        result = Phase(name, sum(r[0] for r in results), seconds, files, sum(r[1] for r in results))
+        result = Phase(name, nbytes, time.perf_counter() - started, files, opens)
         if self.mount:
-            sync = name in ("write", "delete")
-            after = self._store_counters(sync=sync)
-            if sync:
+            after = self._store_counters(sync=changes_store)
+            if changes_store:
                 result.stored_seconds = time.perf_counter() - started
             result.store = {k: after[k] - before[k] for k in STORE_COUNTERS if after[k] != before[k]}
+            result.daemon_cpu_seconds = round(after["cpu_seconds"] - before["cpu_seconds"], 2)
+            result.fuse_requests = after["fuse_requests"] - before["fuse_requests"]
         return result
 
     def _store_counters(self, sync: bool = False) -> dict:
-        store = mount_stats(self.base, sync=sync)["store"]
-        return {k: store.get(k, 0) for k in STORE_COUNTERS}
-
-    def delete_phase(self) -> Phase:
-        files = 3 * self.workload.mappers
-        before = self._store_counters() if self.mount else None
-        started = time.perf_counter()
-        try:
-            shutil.rmtree(self.base)
-        except OSError as exc:
-            raise BenchError(f"delete phase on {self.label}: {exc}") from None
-        result = Phase("delete", 0, time.perf_counter() - started, files, 0)
-        if self.mount:
-            after = self._store_counters(sync=True)
-            result.stored_seconds = time.perf_counter() - started
-            result.store = {k: after[k] - before[k] for k in STORE_COUNTERS if after[k] != before[k]}
-        return result
+        stats = mount_stats(self.base, sync=sync)
+        return {**{k: stats["store"].get(k, 0) for k in STORE_COUNTERS}, "cpu_seconds": stats["cpu_seconds"],
+                "fuse_requests": sum(v for k, v in stats["fs"].items() if k.startswith("fuse_"))}
 
     def run(self, is_mount: bool) -> dict[str, Phase]:
         w = self.workload
@@ -305,12 +310,15 @@ class ShuffleRun:
         self.mount = is_mount
         phases = {}
         try:
-            phases["write"] = self.phase("write", self.write_map_output, w.mappers, w.data_bytes, True, w.mappers)
+            phases["write"] = self._timed("write", w.mappers, self._in_parallel(
+                "write", self.write_map_output, w.mappers, w.data_bytes, True))
             if not w.write_only:
                 lookups = w.mappers * w.reducers
-                phases["index"] = self.phase("index", self.lookup_blocks, w.reducers, lookups, False, lookups)
-                phases["read"] = self.phase("read", self.read_blocks, w.reducers, w.data_bytes, True, lookups)
-            phases["delete"] = self.delete_phase()
+                phases["index"] = self._timed("index", lookups, self._in_parallel(
+                    "index", self.lookup_blocks, w.reducers, lookups, False))
+                phases["read"] = self._timed("read", lookups, self._in_parallel(
+                    "read", self.read_blocks, w.reducers, w.data_bytes, True))
+            phases["delete"] = self._timed("delete", 3 * w.mappers, self._delete_tree)
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
         return phases
@@ -412,7 +420,7 @@ def format_report(report: dict) -> str:
              f"= {w['data_bytes'] / 1e6:.1f} MB, {w['pool_size']} tasks at once",
              "",
              f"{'phase':7} {'target':6} {'seconds':>8} {'MB/s':>8} {'files/s':>9} {'opens/s':>9} "
-             f"{'ratio':>6}  {'until stored':>12}  store",
+             f"{'ratio':>6}  {'until stored':>12}  {'daemon CPU':>10}  {'FUSE reqs':>9}  store",
              ]
     ratios = report.get("ratios", {})
     for phase in report["targets"]["dir"]["phases"]:
@@ -420,9 +428,11 @@ def format_report(report: dict) -> str:
             p = target["phases"][phase]
             ratio = f"{ratios[phase]:.2f}" if name == "dir" and ratios.get(phase) else ""
             stored = f"{p['stored_seconds']:.2f}s" if p["stored_seconds"] is not None else ""
+            cpu = f"{p['daemon_cpu_seconds']:.2f}s" if p["daemon_cpu_seconds"] is not None else ""
+            requests = p["fuse_requests"] if p["fuse_requests"] is not None else ""
             store = " ".join(f"{k}={v}" for k, v in p["store"].items())
             lines.append(f"{phase:7} {name:6} {p['seconds']:8.2f} {p['mb_per_s']:8.1f} {p['files_per_s']:9.0f} "
-                         f"{p['opens_per_s']:9.0f} {ratio:>6}  {stored:>12}  {store}")
+                         f"{p['opens_per_s']:9.0f} {ratio:>6}  {stored:>12}  {cpu:>10}  {requests:>9}  {store}")
     lines.append("")
     lines.append("files/s: map outputs (write), block lookups (index, read), files removed (delete). "
                  "ratio: DIR / plain of MB/s (write, read) or files/s (index, delete), medians.")

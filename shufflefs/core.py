@@ -190,6 +190,12 @@ class Filesystem:
             node.staging.unref()
             node.staging = None
 
+    @property
+    def commits_at_flush(self) -> bool:
+        """Whether close(2) commits (and in sync mode reports a failed upload); otherwise the
+        last RELEASE of a writer does."""
+        return self.commit_mode == "sync"
+
     def is_owned_entry(self, node: Node) -> bool:
         """Whether the kernel may cache this entry for long: its directory is this mount's."""
         parent = node.parent
@@ -433,6 +439,10 @@ class Filesystem:
         elif node.committed:
             self._forget_remote(node, old_key)
             node.committed = False
+            # writable again: stores may share the uploaded file (a file:// hard link), so
+            # later writes go to a private copy
+            shared, node.staging = node.staging, self.staging.copy(node.staging)
+            shared.unref()
         elif commits:
             await self._commit(node)
 

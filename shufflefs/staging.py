@@ -66,6 +66,16 @@ class StagingArea:
         staging._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return staging
 
+    def copy(self, source: StagingFile) -> StagingFile:
+        """A new staging file with the bytes of `source`."""
+        staging = self.new()
+        with open(source.path, "rb") as src:
+            offset = 0
+            while copied := os.sendfile(staging.fd, src.fileno(), offset, 1 << 30):
+                offset += copied
+        staging.resize(offset)
+        return staging
+
     def path_of(self, name: str) -> str:
         """The staging file called `name` (journals record names, not paths, so a cache dir
         keeps working when it is reached by another path)."""

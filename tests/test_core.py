@@ -693,6 +693,30 @@ async def test_rename_committed_to_local_name(env, mode):
     assert m.journal.pending_ops() == []
 
 
+async def test_writes_after_uncommit_never_change_a_stored_file(env):
+    """file:// stores hard-link the committed staging file; once the file leaves its durable
+    name and is written again, those writes must go to a private copy."""
+    store = env.store("file")
+    m = env.mount(store)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    data = os.urandom(100 * KiB)
+    node = await commit(fs, d, DATA, data)
+    await settle(m)
+    stored = os.path.join(store.root, key(DATA))
+    assert os.stat(stored).st_ino == os.stat(node.staging.path).st_ino  # linked, not copied
+    reader = os.open(stored, os.O_RDONLY)  # e.g. another node reading the object
+    try:
+        await fs.rename(d, DATA, d, "kept-copy")
+        fh = await fs.open(node.ino, os.O_WRONLY | os.O_APPEND)
+        await fs.write(fh, node.size, b"more")
+        await close(fs, fh)
+        assert os.pread(reader, len(data) + 100, 0) == data
+    finally:
+        os.close(reader)
+    assert await read_all(fs, node.ino) == data + b"more"
+
+
 async def test_rename_noreplace(env):
     m = env.mount()
     fs = m.fs

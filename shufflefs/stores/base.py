@@ -67,7 +67,8 @@ class Store:
         """Store the bytes of local file `path` at `key`, replacing any object there.
         Atomic: readers see the old object or the whole new one. If `abort` is set while the
         upload runs, the store stops as early as it can, leaves no object, and raises
-        UploadAborted."""
+        UploadAborted. Callers never modify `path` in place afterwards (they replace or remove
+        it), so a store may keep the file itself instead of a copy (file:// hard-links it)."""
         raise NotImplementedError
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
