@@ -97,6 +97,10 @@ class S3Store(Store):
             read_timeout=60,
             max_pool_connections=32,
         )
+        if (endpoint_url or "").lower().startswith("http://") and not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
+            # over plain http SigV4 signs a SHA-256 of every body, which already guards it; a
+            # CRC32 on top would be one more pass over each upload for nothing
+            config = config.merge(botocore.config.Config(request_checksum_calculation="when_required"))
         try:
             self._client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region,
                                           config=config)
