@@ -104,9 +104,12 @@ def test_bench_refuses_a_mount_as_plain_reference(file_mount, tmp_path):
 def test_stats_and_sync_wait_for_async_uploads(tmp_path, file_store):
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--commit", "async") as mount:
         os.makedirs(os.path.join(mount.path, "d"))
-        for i in range(20):
-            with open(os.path.join(mount.path, "d", f"shuffle_0_{i}_0.data"), "wb") as f:
+        for i in range(20):  # half written under their final name, half renamed into it
+            final = os.path.join(mount.path, "d", f"shuffle_0_{i}_0.data")
+            with open(final + (".tmp" if i % 2 else ""), "wb") as f:
                 f.write(os.urandom(100_000))
+            if i % 2:  # async mode gets no FLUSH: this commit happens at RELEASE
+                os.rename(final + ".tmp", final)
         result = run_cli("stats", os.path.join(mount.path, "d"), "--sync")
         assert result.returncode == 0, result.stderr
         stats = json.loads(result.stdout)
