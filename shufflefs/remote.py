@@ -209,6 +209,7 @@ class Remote:
             return  # the batcher finishes it
         op.started = True
         if op.kind == "put":
+            op.staging.shared |= self.store.keeps_put_files
             done = await self._attempt([op], self.store.put_file, op.key, op.staging.path, op.abort)
             if done:
                 self.stats["put_requests"] += 1

@@ -134,7 +134,8 @@ class Mount:
         self.closed = False
 
     def staging_paths(self) -> set[str]:
-        return {entry.path for entry in os.scandir(self.staging.directory)}
+        """Staging files in use (not the empty ones kept for reuse)."""
+        return {entry.path for entry in os.scandir(self.staging.directory)} - set(self.staging.free)
 
     def close_journal(self) -> None:
         if not self.closed:
@@ -715,6 +716,35 @@ async def test_writes_after_uncommit_never_change_a_stored_file(env):
     finally:
         os.close(reader)
     assert await read_all(fs, node.ino) == data + b"more"
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "file"])
+async def test_staging_files_are_reused_under_new_names(env, store_kind):
+    m = env.mount(env.store(store_kind), commit_mode="async")
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    scratch = await write_file(fs, d, "temp_shuffle_a", os.urandom(5000))
+    scratch_path = scratch.staging.path
+    scratch_inode = os.stat(scratch_path).st_ino
+    await fs.unlink(d, "temp_shuffle_a")
+    forget(fs, scratch)
+    assert m.staging.bytes == 0
+    reused = await write_file(fs, d, "temp_shuffle_b", b"new")
+    assert reused.staging.path != scratch_path  # a name is never used twice
+    assert os.stat(reused.staging.path).st_ino == scratch_inode
+    assert await read_all(fs, reused.ino) == b"new"
+
+    committed = await commit(fs, d, DATA, os.urandom(3000))
+    await settle(m)
+    assert m.staging.free == []
+    await fs.unlink(d, DATA)
+    forget(fs, committed)
+    await settle(m)
+    # a file:// store hard-linked the upload: that file must not be reused
+    assert len(m.staging.free) == (1 if store_kind == "memory" else 0)
+    fresh = await write_file(fs, d, "temp_shuffle_c", b"c")
+    assert m.staging.free == []
+    assert m.staging_paths() == {reused.staging.path, fresh.staging.path}
 
 
 async def test_rename_noreplace(env):

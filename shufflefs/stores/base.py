@@ -57,6 +57,9 @@ class Store:
     url: str = ""
     #: files at least this big are uploaded in parts (where the store has multipart upload)
     multipart_threshold = 16 * 1024 * 1024
+    #: whether put_file may keep the local file itself (a hard link) instead of a copy; then
+    #: that file must never be reused
+    keeps_put_files = False
 
     def check(self) -> None:
         """Verify the store is usable (reachable, exists, credentials work) or raise StoreError
@@ -68,7 +71,7 @@ class Store:
         Atomic: readers see the old object or the whole new one. If `abort` is set while the
         upload runs, the store stops as early as it can, leaves no object, and raises
         UploadAborted. Callers never modify `path` in place afterwards (they replace or remove
-        it), so a store may keep the file itself instead of a copy (file:// hard-links it)."""
+        it), so a store may keep the file itself instead of a copy (see keeps_put_files)."""
         raise NotImplementedError
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:

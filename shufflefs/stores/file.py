@@ -22,6 +22,8 @@ COPY_CHUNK = 8 * 1024 * 1024
 
 
 class FileStore(Store):
+    keeps_put_files = True
+
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.url = f"file://{self.root}"
