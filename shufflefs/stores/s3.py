@@ -97,10 +97,6 @@ class S3Store(Store):
             read_timeout=60,
             max_pool_connections=32,
         )
-        if (endpoint_url or "").lower().startswith("http://") and not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
-            # over plain http SigV4 signs a SHA-256 of every body, which already guards it; a
-            # CRC32 on top would be one more pass over each upload for nothing
-            config = config.merge(botocore.config.Config(request_checksum_calculation="when_required"))
         try:
             self._client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region,
                                           config=config)
@@ -113,7 +109,10 @@ class S3Store(Store):
         #: the endpoint actually used, for messages (never contains credentials)
         self.endpoint = _redact_url(self._client.meta.endpoint_url)
         # whether botocore adds CRC32 checksums to uploads (AWS_REQUEST_CHECKSUM_CALCULATION);
-        # multipart uploads then have to declare and repeat the checksums of their parts
+        # multipart uploads then have to declare and repeat the checksums of their parts. Keep
+        # them even over http, where SigV4 also hashes the body: without the checksum SeaweedFS
+        # stored an empty object for a PUT cut short by a SIGKILL of the daemon
+        # (test_sigkill_recovery_completes_pending_uploads)
         self._part_checksums = (getattr(self._client.meta.config, "request_checksum_calculation", None)
                                 == "when_supported")
 
