@@ -253,7 +253,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             remote.start(nursery)
-            nursery.start_soon(cache.staging.keep_files_ready)
+            nursery.start_soon(cache.staging.housekeep)
             resumed = fs.resume_journal()
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)

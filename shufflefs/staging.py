@@ -8,8 +8,9 @@ Creating a file costs far more than renaming one on common local filesystems (ex
 of CPU against ~10 µs), and Spark creates thousands of short-lived files, so removed staging
 files are truncated and kept for reuse, each reuse under a fresh name: a name is never used
 twice, so a journal entry can never point at another file's bytes. Files a store may still
-hold (`shared`: file:// hard-links uploads) are never reused. When there are too few to reuse,
-`keep_files_ready` creates more in a worker thread, so the trio thread rarely pays for a create.
+hold (`shared`: file:// hard-links uploads) are never reused. `housekeep` does the truncating
+and removing in a worker thread, and creates empty files there when too few are left, so the
+trio thread rarely waits for the file system.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import trio
 
 log = logging.getLogger(__name__)
 
-#: empty files kept ready for new(), created in a worker thread
+#: empty files kept ready for new()
 READY_FILES = 64
 
 
@@ -74,41 +75,62 @@ class StagingArea:
         self.adopted: dict[str, StagingFile] = {}
         self.keep_free = keep_free
         self.free: list[str] = []  # empty files ready for reuse
-        self._running_low = trio.Event()
+        # work for the housekeeping thread, when it runs (otherwise done on the spot)
+        self._to_truncate: list[str] = []
+        self._to_unlink: list[str] = []
+        self._housekeeping = False
+        self._work_waiting = trio.Event()
 
-    async def keep_files_ready(self, count: int = READY_FILES) -> None:
-        """Run until cancelled: whenever fewer than count/2 empty files are ready, create
-        enough in a worker thread."""
-        while True:
-            missing = count - len(self.free)
-            if missing > 0:
-                try:
-                    self.free += await trio.to_thread.run_sync(self._create_empty, missing)
-                except OSError as exc:  # e.g. a full disk: new() creates its own, and says so
-                    log.warning("cannot prepare staging files in %s: %s", self.directory, exc)
-                    await trio.sleep(5)
-                    continue
-            self._running_low = trio.Event()
-            await self._running_low.wait()
-
-    def _create_empty(self, count: int) -> list[str]:
-        paths = []
+    async def housekeep(self, ready: int = READY_FILES) -> None:
+        """Run until cancelled, keeping file-system work off the trio thread: truncate and
+        remove files let go of, and keep `ready` empty files prepared for new()."""
+        self._housekeeping = True
         try:
-            for _ in range(count):
-                path = os.path.join(self.directory, uuid.uuid4().hex)
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-                paths.append(path)
-        except OSError:
-            for path in paths:
+            while True:
+                truncate, self._to_truncate = self._to_truncate, []
+                unlink, self._to_unlink = self._to_unlink, []
+                missing = max(0, ready - len(self.free) - len(truncate))
+                if truncate or unlink or missing:
+                    prepared = await trio.to_thread.run_sync(self._tidy, truncate, unlink, missing)
+                    self.free += prepared
+                    if len(prepared) < len(truncate) + missing:
+                        await trio.sleep(5)  # the file system refuses: do not spin
+                    continue
+                self._work_waiting = trio.Event()
+                await self._work_waiting.wait()
+        finally:
+            self._housekeeping = False
+
+    def _tidy(self, truncate: list[str], unlink: list[str], create: int) -> list[str]:
+        """(worker thread) Returns the files now empty and ready. Failures are logged: a file
+        that could not be truncated or removed is left to the next start's clean-up."""
+        ready = []
+        for path in truncate:
+            try:
+                os.truncate(path, 0)
+                ready.append(path)
+            except OSError as exc:
+                _log_unless_gone(exc)
+        for path in unlink:
+            try:
                 os.unlink(path)
-            raise
-        return paths
+            except OSError as exc:
+                _log_unless_gone(exc)
+        for _ in range(create):
+            path = os.path.join(self.directory, uuid.uuid4().hex)
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            except OSError as exc:  # e.g. a full disk: new() creates its own meanwhile
+                log.warning("cannot prepare staging files: %s", exc)
+                break
+            ready.append(path)
+        return ready
 
     def new(self) -> StagingFile:
         path = os.path.join(self.directory, uuid.uuid4().hex)
         staging = StagingFile(self, path, 0)
         if len(self.free) <= READY_FILES // 2:
-            self._running_low.set()
+            self._work_waiting.set()
         while self.free:
             try:
                 os.rename(self.free.pop(), path)
@@ -121,14 +143,14 @@ class StagingArea:
 
     def recycle(self, staging: StagingFile) -> None:
         """The last reference to `staging` is gone: keep the file for reuse, or remove it."""
-        try:
-            if not staging.shared and len(self.free) < self.keep_free:
-                os.truncate(staging.path, 0)
-                self.free.append(staging.path)
-            else:
-                os.unlink(staging.path)
-        except FileNotFoundError:
-            pass
+        reuse = not staging.shared and len(self.free) + len(self._to_truncate) < self.keep_free
+        if reuse and staging.size == 0:
+            self.free.append(staging.path)
+        elif self._housekeeping:
+            (self._to_truncate if reuse else self._to_unlink).append(staging.path)
+            self._work_waiting.set()
+        else:
+            self.free += self._tidy([staging.path] if reuse else [], [] if reuse else [staging.path], 0)
 
     def copy(self, source: StagingFile) -> StagingFile:
         """A new staging file with the bytes of `source`."""
@@ -165,3 +187,8 @@ class StagingArea:
                 os.unlink(entry.path)
                 removed += 1
         return removed
+
+
+def _log_unless_gone(exc: OSError) -> None:
+    if not isinstance(exc, FileNotFoundError):
+        log.warning("staging clean-up: %s", exc)

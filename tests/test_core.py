@@ -1540,3 +1540,27 @@ async def test_cache_dir_reached_by_another_path(env, tmp_path):
         await m2.remote.drain()
         nursery.cancel_scope.cancel()
     assert contents(store) == {key(DATA): b"owed"}
+
+
+async def test_staging_housekeeping_in_a_worker_thread(tmp_path, nursery):
+    area = StagingArea(str(tmp_path / "staging"))
+    nursery.start_soon(area.housekeep, 4)
+
+    async def until(condition) -> None:
+        with trio.fail_after(10):
+            while not condition():
+                await trio.sleep(0.01)
+
+    await until(lambda: len(area.free) == 4)  # prepared before anyone asked
+    files = [area.new() for _ in range(6)]  # 4 prepared, 2 created on the spot
+    assert len({os.stat(f.path).st_ino for f in files}) == 6
+    for f in files:
+        os.pwrite(f.fd, b"x" * 100, 0)
+        f.resize(100)
+    files[0].shared = True  # a store holds it: must be removed, not reused
+    for f in files:
+        f.unref()
+    assert area.bytes == 0
+    await until(lambda: len(os.listdir(area.directory)) == 5 == len(area.free))
+    assert not os.path.exists(files[0].path)
+    assert all(os.path.getsize(path) == 0 for path in area.free)
