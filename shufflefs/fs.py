@@ -144,9 +144,12 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         raise FsError(errno.EPERM, "only regular files and directories are supported")
 
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
-        # committed files never change: the kernel may keep their pages across opens
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.fs.handles[fh].node.committed)
+    @staticmethod
+    def _file_info(fh: int) -> pyfuse3.FileInfo:
+        # The kernel may keep a file's pages across opens: every byte of a local file is
+        # written through this mount's page cache (writeback cache; truncation included), and
+        # committed files never change. Otherwise each open would read the file again.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_translated
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import mmap
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import uuid
 
 import pytest
 
-from mounting import Mount, bucket_objects, is_mounted, store_objects
+from mounting import Mount, bucket_objects, is_mounted, run_cli, store_objects
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 
@@ -340,3 +341,30 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
         assert [r["key"] for _, r in journal.pending_ops()] == ["blockmgr-1/00/shuffle_0_0_0.index"]
     finally:
         journal.close()
+
+
+def test_page_cache_kept_across_opens_and_coherent(file_mount):
+    """Every open keeps the kernel's cached pages (no READ reaches the daemon for bytes
+    written through the mount), and what is read is always what was last written."""
+    def fuse_reads() -> int:
+        result = run_cli("stats", file_mount.path)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["fs"].get("fuse_read", 0)
+
+    path = f"{file_mount.path}/temp_shuffle_cached"
+    data = os.urandom(300_000)
+    with open(path, "wb") as f:
+        f.write(data)
+    before = fuse_reads()
+    for _ in range(3):
+        with open(path, "rb") as f:
+            assert f.read() == data
+    assert fuse_reads() == before
+    with open(path, "r+b") as f:  # rewritten in place, then truncated by an O_TRUNC open
+        f.write(b"new")
+    with open(path, "rb") as f:
+        assert f.read() == b"new" + data[3:]
+    with open(path, "wb") as f:
+        f.write(b"short")
+    with open(path, "rb") as f:
+        assert f.read() == b"short"
