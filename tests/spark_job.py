@@ -60,7 +60,7 @@ POLY_BASE = 1_000_003
 
 
 def log(msg: str) -> None:
-    print(f"spark_job.py: {msg}", file=sys.stderr, flush=True)
+    print(f"{os.path.basename(sys.argv[0]) or 'spark_job.py'}: {msg}", file=sys.stderr, flush=True)
 
 
 _last_mark = [time.monotonic()]
@@ -325,7 +325,12 @@ def _ensure_java_home(env) -> None:
         env["JAVA_HOME"] = os.path.dirname(os.path.dirname(real))
 
 
-def build_session(local_dir: str, master: str):
+def build_session(local_dir: str, master: str, *, app_name: str = "shufflefs-spark-job",
+                  conf: dict | None = None):
+    """A SparkSession whose local dirs (driver and executors) are all local_dir.
+
+    conf: settings that replace this job's defaults below (a value of None drops
+    the default and leaves Spark's own)."""
     # The driver JVM (spark-submit, started by py4j) inherits this environment,
     # and local-cluster Workers hand it on to the executor JVMs.
     env = os.environ
@@ -345,51 +350,80 @@ def build_session(local_dir: str, master: str):
 
     from pyspark.sql import SparkSession
 
-    builder = (
-        SparkSession.builder.master(master)
-        .appName("shufflefs-spark-job")
-        .config("spark.local.dir", local_dir)
-        .config("spark.driver.memory", "1g")
-        .config("spark.driver.extraJavaOptions", JVM_OPTS)
-        .config("spark.executor.extraJavaOptions", JVM_OPTS)
-        .config("spark.driver.host", "127.0.0.1")
-        .config("spark.driver.bindAddress", "127.0.0.1")
-        .config("spark.pyspark.python", sys.executable)
-        .config("spark.pyspark.driver.python", sys.executable)
-        .config("spark.executorEnv.PYSPARK_PYTHON", sys.executable)
-        .config("spark.executorEnv.SPARK_LOCAL_DIRS", local_dir)
-        .config("spark.log.level", "WARN")
+    settings = {
+        "spark.local.dir": local_dir,
+        "spark.driver.memory": "1g",
+        "spark.driver.extraJavaOptions": JVM_OPTS,
+        "spark.executor.extraJavaOptions": JVM_OPTS,
+        "spark.driver.host": "127.0.0.1",
+        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.pyspark.python": sys.executable,
+        "spark.pyspark.driver.python": sys.executable,
+        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        "spark.executorEnv.SPARK_LOCAL_DIRS": local_dir,
+        "spark.log.level": "WARN",
         # JVM <-> Python worker traffic over Unix sockets (in java.io.tmpdir, not
         # in DIR): over TCP every Python task pays ~40 ms of delayed-ACK latency,
         # which doubles the run time of the 256-partition jobs.
-        .config("spark.python.unix.domain.socket.enabled", "true")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.default.parallelism", str(MAP_SLICES))
+        "spark.python.unix.domain.socket.enabled": "true",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.default.parallelism": str(MAP_SLICES),
         # 256 partitions must really happen: no AQE coalescing, no broadcast.
-        .config("spark.sql.adaptive.enabled", "false")
-        .config("spark.sql.adaptive.coalescePartitions.enabled", "false")
-        .config("spark.sql.autoBroadcastJoinThreshold", "-1")
-        .config("spark.sql.shuffle.partitions", "8")
-        .config("spark.shuffle.spill.numElementsForceSpillThreshold", str(FORCE_SPILL_RECORDS))
+        "spark.sql.adaptive.enabled": "false",
+        "spark.sql.adaptive.coalescePartitions.enabled": "false",
+        "spark.sql.autoBroadcastJoinThreshold": "-1",
+        "spark.sql.shuffle.partitions": "8",
+        "spark.shuffle.spill.numElementsForceSpillThreshold": str(FORCE_SPILL_RECORDS),
         # Fail fast instead of retrying on a broken filesystem.
-        .config("spark.task.maxFailures", "1")
-        .config("spark.stage.maxConsecutiveAttempts", "1")
-    )
+        "spark.task.maxFailures": "1",
+        "spark.stage.maxConsecutiveAttempts": "1",
+    }
+    settings.update(conf or {})
+    builder = SparkSession.builder.master(master).appName(app_name)
+    for key, value in settings.items():
+        if value is not None:
+            builder = builder.config(key, value)
     return builder.getOrCreate()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def all_jobs(spark) -> dict:
+    """This job: the RDD and DataFrame shuffles with 8 and 256 partitions."""
+    sc = spark.sparkContext
+    results: dict = {}
+    _last_mark[0] = time.monotonic()
+    for nparts in PARTITION_COUNTS:
+        t = time.monotonic()
+        results.update(rdd_jobs(sc, nparts))
+        log(f"RDD jobs with {nparts} partitions: {time.monotonic() - t:.1f}s")
+        t = time.monotonic()
+        results.update(df_jobs(spark, nparts))
+        log(f"DataFrame jobs with {nparts} partitions: {time.monotonic() - t:.1f}s")
+
+    bad = [k for k, v in results.items() if v.get("sorted") is False]
+    if bad:
+        raise RuntimeError(f"output not sorted: {bad}")
+    # Same data through a different number of partitions: same answer.
+    _cross_check(results)
+    return results
+
+
+def add_driver_arguments(ap: argparse.ArgumentParser) -> None:
+    """The command-line options every driver built on drive() takes."""
     ap.add_argument("--local-dir", required=True, help="spark.local.dir (must exist or be creatable)")
-    ap.add_argument("--result", required=True, help="write the {job: summary} JSON here")
+    ap.add_argument("--result", required=True, help="write the result JSON here")
     ap.add_argument("--master", default="local-cluster[2,1,1024]")
     ap.add_argument("--pause", action="store_true",
                     help="print SPARK_JOBS_DONE and wait for a stdin line before spark.stop()")
-    args = ap.parse_args(argv)
 
-    local_dir = os.path.abspath(args.local_dir)
-    result_path = os.path.abspath(args.result)
+
+def drive(jobs, local_dir: str, result_path: str, master: str, pause: bool, *,
+          app_name: str = "shufflefs-spark-job", conf: dict | None = None) -> int:
+    """Run `jobs(spark) -> dict` in a session on local_dir, write its dict as JSON to
+    result_path, optionally pause (see --pause), then stop Spark and reap every process
+    it started.  Returns the exit status: 0, or 1 if Spark or a check failed."""
+    local_dir = os.path.abspath(local_dir)
+    result_path = os.path.abspath(result_path)
     os.makedirs(local_dir, exist_ok=True)
     _become_subreaper()
 
@@ -398,7 +432,7 @@ def main(argv=None) -> int:
     app_id = None
     spark_home = None
     try:
-        spark = build_session(local_dir, args.master)
+        spark = build_session(local_dir, master, app_name=app_name, conf=conf)
         sc = spark.sparkContext
         sc.setLogLevel("WARN")
         app_id = sc.applicationId
@@ -406,21 +440,7 @@ def main(argv=None) -> int:
         log(f"session up in {time.monotonic() - t0:.1f}s: master={sc.master} app={app_id} "
             f"local_dir={local_dir}")
 
-        results: dict = {}
-        _last_mark[0] = time.monotonic()
-        for nparts in PARTITION_COUNTS:
-            t = time.monotonic()
-            results.update(rdd_jobs(sc, nparts))
-            log(f"RDD jobs with {nparts} partitions: {time.monotonic() - t:.1f}s")
-            t = time.monotonic()
-            results.update(df_jobs(spark, nparts))
-            log(f"DataFrame jobs with {nparts} partitions: {time.monotonic() - t:.1f}s")
-
-        bad = [k for k, v in results.items() if v.get("sorted") is False]
-        if bad:
-            raise RuntimeError(f"output not sorted: {bad}")
-        # Same data through a different number of partitions: same answer.
-        _cross_check(results)
+        results = jobs(spark)
 
         tmp = result_path + ".tmp"
         with open(tmp, "w") as f:
@@ -429,7 +449,7 @@ def main(argv=None) -> int:
         os.replace(tmp, result_path)
         log(f"all jobs done in {time.monotonic() - t0:.1f}s, results in {result_path}")
 
-        if args.pause:
+        if pause:
             sys.stdout.write("SPARK_JOBS_DONE\n")
             sys.stdout.flush()
             sys.stdin.readline()
@@ -444,10 +464,17 @@ def main(argv=None) -> int:
     _stop(spark)
     # local-cluster Workers keep executor stdout/stderr in $SPARK_HOME/work/<app>;
     # drop them after a successful run so the venv does not fill up.
-    if app_id and spark_home and args.master.startswith("local-cluster"):
+    if app_id and spark_home and master.startswith("local-cluster"):
         shutil.rmtree(os.path.join(spark_home, "work", app_id), ignore_errors=True)
     log(f"stopped, total {time.monotonic() - t0:.1f}s")
     return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_driver_arguments(ap)
+    args = ap.parse_args(argv)
+    return drive(all_jobs, args.local_dir, args.result, args.master, args.pause)
 
 
 def _spark_home():

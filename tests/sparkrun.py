@@ -76,6 +76,7 @@ def run_spark_job(
     timeout: float = 600,
     master: Optional[str] = None,
     extra_args: Iterable[str] = (),
+    script=SPARK_JOB,
 ) -> dict:
     """Run tests/spark_job.py with ``spark.local.dir=local_dir``; return its result.
 
@@ -88,6 +89,9 @@ def run_spark_job(
     timeout: seconds for the whole run, not counting the time spent in
         pause_callback.
     master: Spark master (default: spark_job.py's, local-cluster[2,1,1024]).
+    extra_args: more arguments for the script.
+    script: another driver program with spark_job.py's command line and pause
+        protocol (e.g. bench/spark_workloads.py, built on spark_job.drive()).
 
     The job's stderr is kept in ``<result_path>.stderr``.
     """
@@ -113,7 +117,8 @@ def run_spark_job(
     run_env["PYSPARK_DRIVER_PYTHON"] = sys.executable
     run_env["PYTHONUNBUFFERED"] = "1"
 
-    cmd = [sys.executable, str(SPARK_JOB), "--local-dir", local_dir, "--result", result_path]
+    script_name = os.path.basename(os.fspath(script))
+    cmd = [sys.executable, os.fspath(script), "--local-dir", local_dir, "--result", result_path]
     if master:
         cmd += ["--master", master]
     if pause_callback is not None:
@@ -157,13 +162,13 @@ def run_spark_job(
         rc = proc.poll()
         LAST_RUN["wall_s"] = time.monotonic() - t0
         msg = (
-            f"spark_job.py {what} (exit status {rc}, {time.monotonic() - t0:.1f}s, "
+            f"{script_name} {what} (exit status {rc}, {time.monotonic() - t0:.1f}s, "
             f"local_dir={local_dir})\n"
             f"command: {' '.join(cmd)}\n"
             f"--- stdout tail ---\n" + "\n".join(stdout_lines[-10:]) + "\n"
             f"--- stderr tail ({stderr_path}) ---\n{_tail(stderr_path)}"
         )
-        if rc is None or rc < 0:  # killed: spark_job.py could not show the executors' logs
+        if rc is None or rc < 0:  # killed: the script could not show the executors' logs
             msg += _executor_log_tails(stderr_path)
         return AssertionError(msg)
 
@@ -221,7 +226,7 @@ def run_spark_job(
             return json.load(f)
     except (OSError, ValueError) as e:
         raise AssertionError(
-            f"spark_job.py exited 0 but {result_path} is unreadable: {e}\n"
+            f"{script_name} exited 0 but {result_path} is unreadable: {e}\n"
             f"--- stderr tail ---\n{_tail(stderr_path)}"
         ) from None
 
