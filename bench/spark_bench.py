@@ -395,6 +395,9 @@ def spark_app_work_dir(stderr_path: str) -> str | None:
 
 def run_once(workload: str, system: System, round_number: int, args, base: str, timeout: float) -> dict:
     record = {"workload": workload, "config": system.name, "round": round_number, "status": "ok"}
+    if not os.path.isdir(base):
+        print(f"(work dir {base} vanished, recreated) ", end="", flush=True)
+        os.makedirs(base)
     run_dir = tempfile.mkdtemp(dir=base, prefix=f"{workload}-{system.name}-r{round_number}-")
     result_path = os.path.join(run_dir, "result.json")
     seaweed = None
@@ -426,13 +429,15 @@ def run_once(workload: str, system: System, round_number: int, args, base: str, 
         peer_log = getattr(system, "log_path", "")
         if peer_log:
             record["error"] += f"\n--- {system.name} log tail ---\n{tail(peer_log)}"
-        stderr_path = LAST_RUN.get("stderr_path", "")
-        if stderr_path.startswith(run_dir):
-            record["error"] += f"\n--- Spark driver stderr tail ---\n{tail(stderr_path, 20000)}"
-            work = spark_app_work_dir(stderr_path)
+        if LAST_RUN.get("stderr_path", "").startswith(run_dir):
+            record["error"] += f"\n--- Spark driver stderr tail ---\n{tail(LAST_RUN['stderr_path'], 20000)}"
+    finally:
+        # A failed or interrupted job leaves its executors' logs in $SPARK_HOME/work/<app>
+        # (they are in the error above); a successful one has removed them already.
+        if LAST_RUN.get("stderr_path", "").startswith(run_dir):
+            work = spark_app_work_dir(LAST_RUN["stderr_path"])
             if work:
                 shutil.rmtree(work, ignore_errors=True)
-    finally:
         try:
             system.cleanup()
         finally:
