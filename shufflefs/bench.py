@@ -149,10 +149,10 @@ class Progress:
 class ShuffleRun:
     """One run of the workload in a fresh directory under `root`."""
 
-    def __init__(self, root: str, workload: Workload, label: str):
+    def __init__(self, root: str, workload: Workload, label: str, on_mount: bool = False):
         self.workload = workload
         self.label = label
-        self.mount = None
+        self.on_mount = on_mount  # a shufflefs mount: count its store requests per phase
         self.base = os.path.join(root, f"shufflefs-bench-{uuid.uuid4().hex[:8]}")
         self.blockmgr = os.path.join(self.base, f"blockmgr-{uuid.uuid4()}")
         self.checksums: dict[int, list[int]] = {}
@@ -283,14 +283,14 @@ class ShuffleRun:
         """Run one phase; on a mount, count the store requests it caused, and for phases that
         change the store, wait until the store has all of it."""
         changes_store = name in ("write", "delete")
-        before = self._store_counters() if self.mount else None
+        before = self._store_counters() if self.on_mount else None
         started = time.perf_counter()
         try:
             nbytes, opens = action()
         except OSError as exc:
             raise BenchError(f"{name} phase on {self.label}: {exc}") from None
         result = Phase(name, nbytes, time.perf_counter() - started, files, opens)
-        if self.mount:
+        if self.on_mount:
             after = self._store_counters(sync=changes_store)
             if changes_store:
                 result.stored_seconds = time.perf_counter() - started
@@ -304,10 +304,9 @@ class ShuffleRun:
         return {**{k: stats["store"].get(k, 0) for k in STORE_COUNTERS}, "cpu_seconds": stats["cpu_seconds"],
                 "fuse_requests": sum(v for k, v in stats["fs"].items() if k.startswith("fuse_"))}
 
-    def run(self, is_mount: bool) -> dict[str, Phase]:
+    def run(self) -> dict[str, Phase]:
         w = self.workload
         os.makedirs(self.blockmgr)
-        self.mount = is_mount
         phases = {}
         try:
             phases["write"] = self._timed("write", w.mappers, self._in_parallel(
@@ -384,7 +383,7 @@ def cmd_bench(args) -> int:
     for round_number in range(1, args.rounds + 1):
         for name, path in targets.items():  # alternating: dir, plain, dir, plain ...
             label = f"{name} {round_number}/{args.rounds}"
-            runs[name].append(ShuffleRun(path, workload, label).run(is_mount[name]))
+            runs[name].append(ShuffleRun(path, workload, label, is_mount[name]).run())
     report = build_report(workload, targets, is_mount, runs)
     if args.json:
         print(json.dumps(report, indent=1))

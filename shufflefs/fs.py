@@ -26,9 +26,11 @@ BLOCK_SIZE = 128 * 1024
 
 
 def _translated(method):
+    counter = "fuse_" + method.__name__  # requests by kind, for stats and bench
+
     @functools.wraps(method)
     async def handler(self, *args):
-        self.fs.stats["fuse_" + method.__name__] += 1  # requests by kind, for stats and bench
+        self.fs.stats[counter] += 1
         try:
             return await method(self, *args)
         except FsError as exc:

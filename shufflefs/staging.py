@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 
 import trio
@@ -68,12 +69,13 @@ class StagingFile:
 
 
 class StagingArea:
-    def __init__(self, directory: str, keep_free: int = 1024):
+    def __init__(self, directory: str, keep_free: int = 1024, ready_files: int = READY_FILES):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
         self.bytes = 0
         self.adopted: dict[str, StagingFile] = {}
         self.keep_free = keep_free
+        self.ready_files = ready_files
         self.free: list[str] = []  # empty files ready for reuse
         # work for the housekeeping thread, when it runs (otherwise done on the spot)
         self._to_truncate: list[str] = []
@@ -81,15 +83,15 @@ class StagingArea:
         self._housekeeping = False
         self._work_waiting = trio.Event()
 
-    async def housekeep(self, ready: int = READY_FILES) -> None:
+    async def housekeep(self) -> None:
         """Run until cancelled, keeping file-system work off the trio thread: truncate and
-        remove files let go of, and keep `ready` empty files prepared for new()."""
+        remove files let go of, and keep `ready_files` empty files prepared for new()."""
         self._housekeeping = True
         try:
             while True:
                 truncate, self._to_truncate = self._to_truncate, []
                 unlink, self._to_unlink = self._to_unlink, []
-                missing = max(0, ready - len(self.free) - len(truncate))
+                missing = max(0, self.ready_files - len(self.free) - len(truncate))
                 if truncate or unlink or missing:
                     prepared = await trio.to_thread.run_sync(self._tidy, truncate, unlink, missing)
                     self.free += prepared
@@ -129,7 +131,7 @@ class StagingArea:
     def new(self) -> StagingFile:
         path = os.path.join(self.directory, uuid.uuid4().hex)
         staging = StagingFile(self, path, 0)
-        if len(self.free) <= READY_FILES // 2:
+        if len(self.free) <= self.ready_files // 2:
             self._work_waiting.set()
         while self.free:
             try:
@@ -146,20 +148,20 @@ class StagingArea:
         reuse = not staging.shared and len(self.free) + len(self._to_truncate) < self.keep_free
         if reuse and staging.size == 0:
             self.free.append(staging.path)
-        elif self._housekeeping:
-            (self._to_truncate if reuse else self._to_unlink).append(staging.path)
+            return
+        truncate, unlink = ([staging.path], []) if reuse else ([], [staging.path])
+        if self._housekeeping:
+            self._to_truncate += truncate
+            self._to_unlink += unlink
             self._work_waiting.set()
         else:
-            self.free += self._tidy([staging.path] if reuse else [], [] if reuse else [staging.path], 0)
+            self.free += self._tidy(truncate, unlink, 0)
 
     def copy(self, source: StagingFile) -> StagingFile:
         """A new staging file with the bytes of `source`."""
         staging = self.new()
-        with open(source.path, "rb") as src:
-            offset = 0
-            while copied := os.sendfile(staging.fd, src.fileno(), offset, 1 << 30):
-                offset += copied
-        staging.resize(offset)
+        shutil.copyfile(source.path, staging.path)  # an in-kernel copy (sendfile) on Linux
+        staging.resize(source.size)
         return staging
 
     def path_of(self, name: str) -> str:

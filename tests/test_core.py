@@ -1543,8 +1543,8 @@ async def test_cache_dir_reached_by_another_path(env, tmp_path):
 
 
 async def test_staging_housekeeping_in_a_worker_thread(tmp_path, nursery):
-    area = StagingArea(str(tmp_path / "staging"))
-    nursery.start_soon(area.housekeep, 4)
+    area = StagingArea(str(tmp_path / "staging"), ready_files=4)
+    nursery.start_soon(area.housekeep)
 
     async def until(condition) -> None:
         with trio.fail_after(10):

@@ -4,8 +4,9 @@ Objects are regular files at `<dir>/<key>`. Writes go to a hidden temporary name
 directory and are renamed into place, so a reader never sees a partial object; moves are
 renames. When the source file is on the same filesystem, a put is a hard link instead of a
 copy: the callers' source files (committed staging files) and objects are never modified in
-place, only replaced or removed, so sharing the inode is safe and costs no I/O. Directories left empty by deletes and moves are removed again, so the tree only holds
-directories that lead to objects (like an object store's prefixes).
+place, only replaced or removed, so sharing the inode is safe and costs no I/O. Directories
+left empty by deletes and moves are removed again, so the tree only holds directories that
+lead to objects (like an object store's prefixes).
 """
 
 from __future__ import annotations
