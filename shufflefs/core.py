@@ -2,7 +2,7 @@
 
 Methods are called by the FUSE adapter (`shufflefs.fs`) on the trio thread, and directly by
 tests. They raise FsError(errno) for every refusal; StoreError escapes only from reads that
-needed the store and failed, and the adapter maps it to EIO.
+needed the store and failed, and the adapter answers with its errno (EIO by default).
 
 A run of code between two `await`s is atomic (one trio thread), so each handler validates
 everything first, then mutates, and re-validates after any await.
@@ -485,7 +485,7 @@ class Filesystem:
             await self.remote.wait(op)
         except StoreError as exc:
             log.error("%r could not be stored: %s", op, exc)
-            raise FsError(errno.EIO, str(exc)) from None
+            raise FsError(exc.errno, str(exc)) from None
 
     def _forget_remote(self, node: Node, key: str, delete: bool = True) -> None:
         """`node` no longer holds `key`: stop its upload if still pending, drop it from the

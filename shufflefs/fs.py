@@ -1,7 +1,7 @@
 """The FUSE adapter: decode requests, call the filesystem core, encode replies.
 
 Every handler goes through `_translated`, the one place where failures become errno: FsError
-carries its own, a store failure is EIO, an OSError of the staging disk keeps its errno, and
+carries its own, a store failure its errno (EIO unless the store knows better), an OSError of the staging disk keeps its errno, and
 anything unexpected is logged with its traceback and answered with EIO, so that a bug fails
 one request instead of stopping pyfuse3 (which would leave a dead mount behind).
 """
@@ -39,7 +39,7 @@ def _translated(method):
             raise
         except StoreError as exc:
             log.error("%s: store error: %s", method.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             log.error("%s: %s", method.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None

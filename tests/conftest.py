@@ -10,6 +10,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+#: the pydaos stand-in; a real pydaos is used instead when SHUFFLEFS_DAOS_POOL names a real pool
+FAKE_PYDAOS = os.path.join(os.path.dirname(__file__), "fake_pydaos")
+REAL_DAOS_POOL = os.environ.get("SHUFFLEFS_DAOS_POOL")
+if not REAL_DAOS_POOL:
+    sys.path.insert(0, FAKE_PYDAOS)
+
 from mounting import Mount  # noqa: E402
 from servers import SeaweedS3  # noqa: E402
 
@@ -49,6 +55,50 @@ def file_mount(tmp_path, file_store):
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache") as mount:
         mount.store_root = str(file_store)
         yield mount
+
+
+class DaosTarget:
+    """Where daos:// tests run: a container of the stand-in, or of a real DAOS system."""
+
+    def __init__(self, pool: str, container: str, env: dict, fake=None):
+        self.pool, self.container, self.env, self.fake = pool, container, env, fake
+
+    def url(self, prefix: str = "") -> str:
+        """A store URL of its own for one test (under a fresh prefix)."""
+        return f"daos://{self.pool}/{self.container}/t-{uuid.uuid4().hex[:12]}" + (f"/{prefix}" if prefix else "")
+
+    def require_fake(self):
+        if self.fake is None:
+            pytest.skip("needs the DAOS stand-in (fault injection, counters)")
+        return self.fake
+
+
+@pytest.fixture(scope="session")
+def daos(tmp_path_factory):
+    """The DAOS stand-in (tests/fake_pydaos, state in a session directory), or the real pool
+    $SHUFFLEFS_DAOS_POOL and PYTHON container $SHUFFLEFS_DAOS_CONT when set."""
+    if REAL_DAOS_POOL:
+        container = os.environ.get("SHUFFLEFS_DAOS_CONT")
+        if not container:
+            pytest.fail("SHUFFLEFS_DAOS_POOL is set: also set SHUFFLEFS_DAOS_CONT to a PYTHON container")
+        yield DaosTarget(REAL_DAOS_POOL, container, {})
+        return
+    from pydaos import _fake
+    directory = str(tmp_path_factory.mktemp("daos-system"))
+    _fake.create_system(directory)
+    previous = os.environ.get("FAKE_PYDAOS_DIR")
+    os.environ["FAKE_PYDAOS_DIR"] = directory
+    try:
+        _fake.create_pool("tank")
+        _fake.create_container("tank", "shuffle")
+        env = {"FAKE_PYDAOS_DIR": directory,
+               "PYTHONPATH": os.pathsep.join(filter(None, [FAKE_PYDAOS, os.environ.get("PYTHONPATH")]))}
+        yield DaosTarget("tank", "shuffle", env, _fake)
+    finally:
+        if previous is None:
+            os.environ.pop("FAKE_PYDAOS_DIR", None)
+        else:
+            os.environ["FAKE_PYDAOS_DIR"] = previous
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -121,3 +121,24 @@ def bucket_objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
             body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
             objects[item["Key"][len(start):]] = body
     return objects
+
+
+def daos_objects(url: str) -> dict[str, bytes]:
+    """Every file of a daos:// store, by key, walked through the store's own listing."""
+    from shufflefs.stores import open_store
+
+    store = open_store(url)
+    objects: dict[str, bytes] = {}
+    try:
+        store.check()
+        pending = [""]
+        while pending:
+            prefix = pending.pop()
+            listing = store.list_dir(prefix)
+            pending.extend(f"{prefix}/{d}" if prefix else d for d in listing.dirs)
+            for info in listing.files:
+                key = f"{prefix}/{info.name}" if prefix else info.name
+                objects[key] = store.get_range(key, 0, info.size)
+    finally:
+        store.close()
+    return objects

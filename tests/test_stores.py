@@ -56,7 +56,7 @@ def new_bucket(server: SeaweedS3) -> str:
     return server.create_bucket(f"t{uuid.uuid4().hex[:16]}")
 
 
-@pytest.fixture(params=["memory", "file", "s3"])
+@pytest.fixture(params=["memory", "file", "s3", pytest.param("daos", marks=pytest.mark.daos)])
 def store(request, tmp_path, monkeypatch):
     if request.param == "memory":
         s = open_store("memory://")
@@ -66,6 +66,10 @@ def store(request, tmp_path, monkeypatch):
         root.mkdir()
         s = open_store(f"file://{root}")
         assert isinstance(s, FileStore)
+    elif request.param == "daos":
+        s = open_store(request.getfixturevalue("daos").url(S3_PREFIX))
+        assert type(s).__name__ == "DAOSStore"
+        s.check()
     else:
         server = request.getfixturevalue("seaweed")
         use_s3_env(monkeypatch, tmp_path, server)

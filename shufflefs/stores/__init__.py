@@ -15,6 +15,10 @@ SCHEMES = {
     "file": ("shufflefs.stores.file", "FileStore", None),
     "s3": ("shufflefs.stores.s3", "S3Store", "pip install boto3"),
     "memory": ("shufflefs.stores.memory", "MemoryStore", None),
+    "daos": ("shufflefs.stores.daos", "DAOSStore",
+             "it is not on PyPI: install the DAOS client (package daos-client) and make its pydaos "
+             "importable here, e.g. `pip install /usr/lib64/python3*/site-packages/pydaos` or "
+             "PYTHONPATH; see README 'Deploying on DAOS'"),
 }
 
 
@@ -37,7 +41,8 @@ def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise StoreError(f"the {parsed.scheme}:// store needs {exc.name}: {install_hint}",
+        missing = exc.name if exc.name and "." not in exc.name else f"{exc.name or '?'} ({exc})"
+        raise StoreError(f"the {parsed.scheme}:// store needs {missing}: {install_hint}",
                          transient=False) from None
     store_class = getattr(module, class_name)
     return store_class.from_url(parsed, s3_endpoint_url=s3_endpoint_url)

@@ -10,16 +10,19 @@ Keys are '/'-separated paths relative to the store URL's prefix, never starting 
 
 from __future__ import annotations
 
+import errno as _errno
 import threading
 from dataclasses import dataclass
 
 
 class StoreError(Exception):
-    """A store call failed. `transient` says whether retrying may help."""
+    """A store call failed. `transient` says whether retrying may help; `errno` is what a
+    caller waiting for it (a sync commit, a read) is told."""
 
-    def __init__(self, message: str, transient: bool = True):
+    def __init__(self, message: str, transient: bool = True, errno: int = _errno.EIO):
         super().__init__(message)
         self.transient = transient
+        self.errno = errno
 
 
 class ObjectMissing(StoreError):
