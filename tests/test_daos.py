@@ -244,3 +244,71 @@ def test_put_racing_with_the_removal_of_its_emptied_directory(daos, local):
     assert writer.list_dir("").dirs == ["a"]
     assert writer.list_dir("a").dirs == ["b"]
     assert [f.name for f in writer.list_dir("a/b").files] == ["new"]
+
+
+# -- real mounts over daos:// ----------------------------------------------------------------------
+
+
+def test_two_mounts_share_committed_files(daos, tmp_path):
+    url = daos.url("jobs")
+    with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=daos.env) as first, \
+         Mount(url, tmp_path / "b", tmp_path / "cache-b", env=daos.env) as second:
+        directory = f"{first.path}/blockmgr-2/0c"
+        os.makedirs(directory)
+        written = spark_commit(directory, 0, 7, [os.urandom(3 * MiB), os.urandom(300)])
+        with open(f"{directory}/temp_shuffle_local", "wb") as f:
+            f.write(b"scratch")
+        other = f"{second.path}/blockmgr-2/0c"
+        assert sorted(os.listdir(other)) == sorted(written)
+        for name, content in written.items():
+            with open(f"{other}/{name}", "rb") as f:
+                assert f.read() == content
+        with open(f"{other}/shuffle_0_7_0.index", "rb") as f:
+            f.seek(8)
+            assert int.from_bytes(f.read(8), "big") == 3 * MiB
+        assert daos_objects(url) == {f"blockmgr-2/0c/{n}": c for n, c in written.items()}
+        os.remove(f"{directory}/shuffle_0_7_0.data")
+        assert first.umount().returncode == 0
+        assert sorted(daos_objects(url)) == ["blockmgr-2/0c/shuffle_0_7_0.checksum.ADLER32",
+                                             "blockmgr-2/0c/shuffle_0_7_0.index"]
+
+
+def test_sigkill_recovery_completes_pending_uploads(daos, tmp_path):
+    fake = daos.require_fake()
+    url = daos.url()
+    mount = Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=daos.env)
+    with mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        fake.inject("kv_put", "DER_UNREACH", times=-1)  # the servers stop answering writes
+        try:
+            written = spark_commit(f"{mount.path}/blockmgr-1/00", 0, 1, [os.urandom(2 * MiB + 5)])
+            time.sleep(0.5)
+            mount.kill()
+        finally:
+            fake.clear_faults()
+        assert daos_objects(url) == {}
+    with Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=daos.env) as again:
+        assert sorted(os.listdir(f"{again.path}/blockmgr-1/00")) == sorted(written)
+        assert again.umount().returncode == 0
+    assert daos_objects(url) == {f"blockmgr-1/00/{n}": c for n, c in written.items()}
+
+
+def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
+    """DER_NOSPACE reaches the committing rename as ENOSPC (not EIO) after the retries; once
+    space is back the journal finishes the upload."""
+    fake = daos.require_fake()
+    url = daos.url()
+    with Mount(url, tmp_path / "mnt", tmp_path / "cache", env=daos.env) as mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        temp = f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index.tmp"
+        with open(temp, "wb") as f:
+            f.write(b"\0" * 16)
+        fake.inject("kv_put", "DER_NOSPACE", times=-1)
+        try:
+            with pytest.raises(OSError) as raised:
+                os.rename(temp, f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")
+            assert raised.value.errno == errno.ENOSPC
+        finally:
+            fake.clear_faults()
+        assert mount.umount().returncode == 0
+    assert daos_objects(url) == {"blockmgr-1/00/shuffle_0_0_0.index": b"\0" * 16}

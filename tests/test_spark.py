@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from mounting import Mount, bucket_objects, store_objects
+from mounting import Mount, bucket_objects, daos_objects, store_objects
 from shufflefs.naming import is_durable
 from sparkrun import run_spark_job, shuffle_files
 
@@ -75,3 +75,21 @@ def test_spark_job_on_file_mount_async(tmp_path, plain_result, file_store):
     # Spark deleted its shuffle files at exit: their objects went with them
     leftover = store_objects(str(file_store))
     assert not leftover, f"{len(leftover)} objects of deleted shuffle files remain"
+
+
+@pytest.mark.daos
+def test_spark_job_on_daos_mount(tmp_path, plain_result, daos):
+    url = daos.url("shuffle")
+    checked = []
+    with Mount(url, tmp_path / "mnt", tmp_path / "cache", env=daos.env) as mount:
+        result = run_spark_job(
+            mount.path, tmp_path / "result.json",
+            pause_callback=lambda: checked.append(check_store_mirrors_mount(mount.path, lambda: daos_objects(url))))
+        assert result == plain_result
+        assert checked and checked[0] > 10
+        assert mount.umount().returncode == 0
+        stats = mount.status()["stats"]
+        assert stats.get("failed_requests", 0) == 0
+    leftover = daos_objects(url)
+    assert not leftover, f"{len(leftover)} files of deleted shuffle files remain"
+    print(f"daos: {checked[0]} shuffle files mirrored; store requests {stats}")

@@ -16,9 +16,9 @@ SCHEMES = {
     "s3": ("shufflefs.stores.s3", "S3Store", "pip install boto3"),
     "memory": ("shufflefs.stores.memory", "MemoryStore", None),
     "daos": ("shufflefs.stores.daos", "DAOSStore",
-             "it is not on PyPI: install the DAOS client (package daos-client) and make its pydaos "
-             "importable here, e.g. `pip install /usr/lib64/python3*/site-packages/pydaos` or "
-             "PYTHONPATH; see README 'Deploying on DAOS'"),
+             "it is not on PyPI; install the DAOS client (package daos-client, which puts pydaos in the "
+             "system Python) or run `pip install <daos-prefix>/lib/daos/python` in this environment; see "
+             "README 'Deploying on DAOS'"),
 }
 
 
