@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import os
 import time
 
@@ -101,7 +102,8 @@ def test_no_agent_is_explained(daos, monkeypatch):
         pydaos.DaosClient.cleanup()
 
 
-def test_mount_without_pydaos_fails_with_one_line(tmp_path):
+def test_mount_without_pydaos_fails_with_one_line(daos, tmp_path):
+    daos.require_fake()  # a real pydaos would be found without PYTHONPATH
     (tmp_path / "mnt").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FAKE_PYDAOS_DIR")}
     result = run_cli("mount", "daos://tank/shuffle", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"),
@@ -119,6 +121,15 @@ def test_mount_of_missing_container_fails_with_one_line(daos, tmp_path):
                      "--cache-dir", str(tmp_path / "c"), env={**os.environ, **daos.env})
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr, result.stderr
+
+
+def test_keys_must_be_utf8(daos, local):
+    store = opened(daos.url())
+    name = os.fsdecode(b"blockmgr-\xff/00/shuffle_0_0_0.data")
+    with pytest.raises(StoreError) as info:
+        store.put_file(name, local(b"x"))
+    assert info.value.transient is False and info.value.errno == errno.EILSEQ
+    assert store.list_dir("").dirs == []
 
 
 # -- the DER_* table --------------------------------------------------------------------------------
@@ -312,3 +323,16 @@ def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
             fake.clear_faults()
         assert mount.umount().returncode == 0
     assert daos_objects(url) == {"blockmgr-1/00/shuffle_0_0_0.index": b"\0" * 16}
+
+
+def test_daos_doc_lists_every_error():
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "DAOS.md")) as f:
+        doc = f.read()
+    table = doc[doc.index("## Errors"):doc.index("## The stand-in")]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`DER_"):
+            for name in re.findall(r"`(DER_[A-Z0-9_]+)`", cells[0]):
+                rows[name] = (cells[1] == "yes", getattr(errno, cells[2].strip("`")))
+    assert rows == DER_ERRORS

@@ -183,6 +183,9 @@ class DAOSStore(Store):
             raise StoreError(f"daos:// store URL must not contain credentials; use {usage}", transient=False)
         if not pool or not container:
             raise StoreError(f"daos:// store URL needs a pool and a container: {usage}", transient=False)
+        if not hasattr(pydaos, "DCont"):
+            raise StoreError(f"the pydaos found at {pydaos.__file__} has no DCont/DDict API: it needs the "
+                             "pydaos of DAOS 2.0 or later", transient=False)
         for what, name in (("pool", pool), ("container", container)):
             if not _LABEL.fullmatch(name):
                 raise StoreError(f"invalid DAOS {what} label {name!r}: use a UUID or 1-127 letters, digits "
@@ -254,7 +257,13 @@ class DAOSStore(Store):
     # -- helpers -------------------------------------------------------------------------------
 
     def _full(self, key: str) -> str:
-        return join_key(self.prefix, key)
+        full = join_key(self.prefix, key)
+        try:
+            full.encode()
+        except UnicodeEncodeError:  # pydaos lists keys as str: one such key would break a whole shard
+            raise StoreError(f"{key.encode(errors='surrogateescape')!r}: DAOS keys must be UTF-8",
+                             transient=False, errno=errno.EILSEQ) from None
+        return full
 
     def _where(self, full: str) -> str:
         return f"daos://{self.pool}/{self.container}/{full}"
