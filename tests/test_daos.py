@@ -171,6 +171,19 @@ def test_failed_put_is_classified_and_leaves_no_chunks(daos, local):
     assert store.get_range("blockmgr/00/f.data", 0, 200) == b"y" * 100
 
 
+def test_stale_handle_is_reopened(daos, local):
+    fake = daos.require_fake()
+    store = opened(daos.url())
+    store.put_file("k", local(b"before"))
+    container = store._cont
+    fake.inject("kv_get", "DER_NO_HDL")
+    with pytest.raises(StoreError) as info:
+        store.head("k")
+    assert info.value.transient is True
+    assert store.get_range("k", 0, 10) == b"before"
+    assert store._cont is not None and store._cont is not container
+
+
 # -- layout -----------------------------------------------------------------------------------------
 
 

@@ -89,12 +89,12 @@ DER_ERRORS: dict[str, tuple[bool, int]] = {
     "DER_IO": (True, errno.EIO),
     "DER_NVME_IO": (True, errno.EIO),
     "DER_CSUM": (True, errno.EIO),  # another replica may serve the read
+    "DER_NO_HDL": (True, errno.EIO),  # the handles are dropped and reopened: see REOPEN_ON
     "DER_NOMEM": (True, errno.ENOMEM),
     # nothing changes by retrying soon; the journal still retries writes, slowly
     "DER_NOSPACE": (False, errno.ENOSPC),
     "DER_NO_PERM": (False, errno.EACCES),
     "DER_NONEXIST": (False, errno.ENOENT),
-    "DER_NO_HDL": (False, errno.EIO),
     "DER_INVAL": (False, errno.EINVAL),
     "DER_NOSYS": (False, errno.ENOSYS),
     "DER_NOTSUPPORTED": (False, errno.ENOTSUP),
@@ -110,6 +110,8 @@ DER_ERRORS: dict[str, tuple[bool, int]] = {
     "DER_BAD_CERT": (False, errno.EACCES),
 }
 UNKNOWN_DER = (True, errno.EIO)
+#: errors after which the pool/container/object handles are reopened on the next call
+REOPEN_ON = frozenset({"DER_NO_HDL"})
 
 _LABEL = re.compile(r"[A-Za-z0-9_.:-]{1,127}")
 _DER_NAME = re.compile(r"\b(DER_[A-Z0-9_]+)\b")
@@ -239,7 +241,7 @@ class DAOSStore(Store):
                         raise
                     found = cont.get(name)  # another mount created it meanwhile
         except pydaos.PyDError as exc:
-            raise daos_error(exc, f"opening dictionary {name} of {self.url}") from None
+            raise self._error(exc, f"opening dictionary {name} of {self.url}") from None
         except pydaos.DObjNotFound:
             raise StoreError(f"dictionary {name} of {self.url} vanished while opening it") from None
         with self._lock:
@@ -268,11 +270,17 @@ class DAOSStore(Store):
     def _where(self, full: str) -> str:
         return f"daos://{self.pool}/{self.container}/{full}"
 
+    def _error(self, exc: BaseException, what: str) -> StoreError:
+        if der_name(exc) in REOPEN_ON:
+            log.warning("%s: %s; reopening the container", self.url, exc)
+            self.close()
+        return daos_error(exc, what)
+
     def _call(self, what: str, fn, *args):
         try:
             return fn(*args)
         except pydaos.PyDError as exc:
-            raise daos_error(exc, what) from None
+            raise self._error(exc, what) from None
 
     def _manifests(self, fulls: list[str]) -> dict[str, _Manifest | None]:
         """Manifests of files in one directory, None where there is none."""
@@ -309,7 +317,7 @@ class DAOSStore(Store):
         try:
             return not any(key.startswith(start) for key in names)
         except pydaos.PyDError as exc:
-            raise daos_error(exc, f"listing {self._where(directory)}") from None
+            raise self._error(exc, f"listing {self._where(directory)}") from None
 
     def _prune(self, directory: str) -> None:
         """Unlist emptied directories, from `directory` up. Removing a marker and then looking
@@ -451,7 +459,7 @@ class DAOSStore(Store):
                 elif rest and "/" not in rest:
                     files.append(name)
         except pydaos.PyDError as exc:
-            raise daos_error(exc, f"listing {self._where(directory)}") from None
+            raise self._error(exc, f"listing {self._where(directory)}") from None
         infos = [ObjectInfo(full[len(start):], manifest.size, manifest.mtime_ns)
                  for full, manifest in self._manifests(files).items() if manifest is not None]
         return Listing(sorted(dirs), sorted(infos, key=lambda o: o.name))
