@@ -93,10 +93,14 @@ def test_no_agent_is_explained(daos, monkeypatch):
     daos.require_fake()
     import pydaos
 
+    url = daos.url()
     monkeypatch.delenv("FAKE_PYDAOS_DIR")  # the stand-in's way of having no daos_agent
     pydaos.DaosClient.cleanup()
     try:
-        assert "is daos_agent running" in str(one_line_error(daos.url()))
+        assert "is daos_agent running" in str(one_line_error(url))
+        assert "is daos_agent running" in str(one_line_error(url))  # pydaos would not init again
+        monkeypatch.undo()  # the agent is back: the same process can now use DAOS
+        opened(url).put_file("k", __file__)
     finally:
         monkeypatch.undo()
         pydaos.DaosClient.cleanup()
@@ -184,6 +188,50 @@ def test_stale_handle_is_reopened(daos, local):
     assert store._cont is not None and store._cont is not container
 
 
+def test_manifest_write_that_failed_after_landing_keeps_its_data(daos, local):
+    """A timeout reported after the server applied the manifest write: the file is committed,
+    so its chunks must stay (the store cannot tell from the error alone)."""
+    fake = daos.require_fake()
+    store = opened(daos.url())
+    store.put_file("d/f.data", local(b"old" * 1000))
+    data = os.urandom(MiB + 10)
+    fake.inject("kv_put", "DER_TIMEDOUT", match="d/f.data", applied=True)
+    store.put_file("d/f.data", local(data))  # the second look finds its own manifest: done
+    assert store.get_range("d/f.data", 0, 2 * MiB) == data
+    fake.inject("kv_put", "DER_TIMEDOUT", match="d/f.data", applied=True)
+    fake.inject("kv_get", "DER_UNREACH", match="d/f.data", skip=1)  # and the second look fails too
+    with pytest.raises(StoreError):
+        store.put_file("d/f.data", local(b"new"))
+    assert store.get_range("d/f.data", 0, 10) == b"new"  # it landed; its chunk was kept
+
+
+def test_delete_failing_part_way_removes_the_data_of_what_it_deleted(daos, local):
+    fake = daos.require_fake()
+    store = opened(daos.url())
+    before = chunk_count(daos)
+    for name in ("a", "b", "c"):
+        store.put_file(f"d/{name}", local(os.urandom(1000)))
+    fake.inject("kv_put", "DER_TIMEDOUT", match="d/c")
+    with pytest.raises(StoreError):
+        store.delete_many(["d/a", "d/b", "d/c"])
+    store.delete_many(["d/a", "d/b", "d/c"])  # the journal's retry
+    assert chunk_count(daos) == before
+    assert store.list_dir("").dirs == []
+
+
+def test_layout_written_by_the_first_mount(daos):
+    fake = daos.require_fake()
+    fake.create_container(daos.pool, "fresh")
+    store = opened(f"daos://{daos.pool}/fresh")
+    assert (store.shards, store.chunk_size) == (1024, MiB)
+    assert fake.dict_items(daos.pool, "fresh", "shufflefs.layout") == {
+        b"version": b"1", b"shards": b"1024", b"chunk_size": b"1048576"}
+    with pytest.raises(StoreError) as info:  # a later, incompatible layout is refused
+        store._dict("shufflefs.layout").put("version", "2")
+        opened(f"daos://{daos.pool}/fresh")
+    assert "layout version 2" in str(info.value) and info.value.transient is False
+
+
 # -- layout -----------------------------------------------------------------------------------------
 
 
@@ -264,7 +312,32 @@ def test_put_racing_with_the_removal_of_its_emptied_directory(daos, local):
 
     deleter._is_empty = look_then_race
     deleter.delete_many(["a/b/old"])
-    assert looks == [(["a", "b"], True), (["a", "b"], False)], "the delete looks again after unlisting"
+    assert looks[:2] == [(["a", "b"], True), (["a", "b"], False)], "the delete looks again after unlisting"
+    assert writer.list_dir("").dirs == ["a"]
+    assert writer.list_dir("a").dirs == ["b"]
+    assert [f.name for f in writer.list_dir("a/b").files] == ["new"]
+
+
+def test_racing_deletes_at_two_levels_keep_a_new_file_listed(daos, local):
+    """X empties a/b; a put into a/b lands after X's first look; while a/b is unlisted, Z
+    empties a and unlists it too. X's second look must restore the markers up to the root."""
+    url = daos.url()
+    x, writer, z = opened(url), opened(url), opened(url)
+    x.put_file("a/b/old", local(b"old"))
+    z.put_file("a/h", local(b"h"))
+    looks = []
+
+    def racing_look(directory):
+        looks.append(directory)
+        if len(looks) == 2:  # X unlisted a/b: Z now deletes a's last file and prunes a
+            z.delete_many(["a/h"])
+        empty = DAOSStore._is_empty(x, directory)
+        if len(looks) == 1:
+            writer.put_file("a/b/new", local(b"new"))
+        return empty
+
+    x._is_empty = racing_look
+    x.delete_many(["a/b/old"])
     assert writer.list_dir("").dirs == ["a"]
     assert writer.list_dir("a").dirs == ["b"]
     assert [f.name for f in writer.list_dir("a/b").files] == ["new"]

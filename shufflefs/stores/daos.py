@@ -209,6 +209,7 @@ class DAOSStore(Store):
         name = der_name(exc)
         where = f"DAOS container {self.container!r} in pool {self.pool!r}"
         if "initialize" in str(exc).lower():
+            pydaos.DaosClient.cleanup()  # else pydaos keeps the failed client and never retries daos_init
             return StoreError(f"cannot initialize the DAOS client ({name}): is daos_agent running on this "
                               "node, and its socket (default /var/run/daos_agent) visible here?",
                               transient=name in ("DER_AGENT_COMM", "DER_TIMEDOUT", "DER_UNREACH"))
@@ -322,15 +323,32 @@ class DAOSStore(Store):
     def _prune(self, directory: str) -> None:
         """Unlist emptied directories, from `directory` up. Removing a marker and then looking
         again means a concurrent put (manifest first, then markers bottom-up) either is seen
-        by the second look, which restores the marker, or writes its markers afterwards."""
+        by the second look, which restores the markers up to the root, or writes its markers
+        afterwards."""
         while directory and self._is_empty(directory):
             parent_names = self._names(_parent(directory))
             marker = directory + "/"
             self._call(f"unlisting {self._where(directory)}", parent_names.put, marker, None)
             if not self._is_empty(directory):
-                self._call(f"listing {self._where(directory)}", parent_names.put, marker, DIR_MARKER)
-                return
+                # something raced in: list it again the way a put does (bottom-up to the root,
+                # where another delete may have unlisted an ancestor meanwhile), then look again
+                self._mark_parents(directory)
+                continue
             directory = _parent(directory)
+
+    def _landed(self, full: str, manifest: _Manifest) -> bool | None:
+        """After a failed manifest write: whether it was applied anyway (a timeout can come after
+        the server applied it); None when that cannot be known now."""
+        try:
+            current = self._manifest(full)
+        except StoreError:
+            return None
+        return current is not None and current.data == manifest.data
+
+    def _remove_replaced(self, replaced: _Manifest | None, manifest: _Manifest) -> None:
+        # a retried put or move can find its own earlier write: same data, keep it
+        if replaced is not None and replaced.data != manifest.data:
+            self._remove_data([replaced])
 
     def _remove_data(self, manifests) -> None:
         """Remove the chunks of replaced or deleted files."""
@@ -353,9 +371,12 @@ class DAOSStore(Store):
         values = {"version": None, "shards": None, "chunk_size": None}
         self._call(f"reading the layout of {self.url}", layout.bget, values, MANIFEST_BUFFER)
         if values["version"] is None:  # a new container (or a mount that died while creating it)
-            values = {"version": str(LAYOUT_VERSION), "shards": str(DEFAULT_SHARDS),
-                      "chunk_size": str(DEFAULT_CHUNK_SIZE)}
-            self._call(f"writing the layout of {self.url}", layout.bput, dict(values))
+            # the version last, in its own call: the keys of one bput land independently, so a
+            # version present means the rest is (every mount writes the same values)
+            self._call(f"writing the layout of {self.url}", layout.bput,
+                       {"shards": str(DEFAULT_SHARDS), "chunk_size": str(DEFAULT_CHUNK_SIZE)})
+            self._call(f"writing the layout of {self.url}", layout.bput, {"version": str(LAYOUT_VERSION)})
+            values = dict.fromkeys(values)
             self._call(f"reading the layout of {self.url}", layout.bget, values, MANIFEST_BUFFER)
         try:
             version, shards, chunk_size = (int(values[k]) for k in ("version", "shards", "chunk_size"))
@@ -400,17 +421,24 @@ class DAOSStore(Store):
             if abort is not None and abort.is_set():
                 raise UploadAborted(key)
             replaced = self._manifest(full)
-            self._write_entry(full, manifest)
+            try:
+                self._write_entry(full, manifest)
+            except StoreError:
+                landed = self._landed(full, manifest)
+                if landed is not True:
+                    committed = landed is None  # unknown: keep the chunks it may refer to
+                    raise
             committed = True
-            self._mark_parents(_parent(full))
         except OSError as exc:
             raise StoreError(f"{what}: local file: {exc.strerror}") from None
         finally:
             os.close(fd)
             if written and not committed:
                 self._remove_chunks(written)
-        if replaced is not None and replaced.data != manifest.data:
-            self._remove_data([replaced])
+        try:
+            self._mark_parents(_parent(full))
+        finally:
+            self._remove_replaced(replaced, manifest)
 
     def get_range(self, key, offset, length):
         full = self._full(key)
@@ -436,7 +464,7 @@ class DAOSStore(Store):
                 return data[start:start + end - offset]
             # replaced or deleted while we read: look at the manifest again, once
         missing = next(k for k in keys if values[k] is None)
-        raise StoreError(f"{what}: data chunk {missing} is missing", transient=False)
+        raise StoreError(f"{what}: data chunk {missing} is missing (the file keeps being replaced?)")
 
     def head(self, key):
         full = self._full(key)
@@ -473,12 +501,15 @@ class DAOSStore(Store):
             return
         replaced = self._manifest(dst_full)
         self._write_entry(dst_full, manifest)
-        self._mark_parents(_parent(dst_full))
-        self._write_entry(src_full, None)
-        self._prune(_parent(src_full))
-        # a retried move finds its own earlier copy at dst: same data, keep it
-        if replaced is not None and replaced.data != manifest.data:
-            self._remove_data([replaced])
+        try:
+            self._mark_parents(_parent(dst_full))
+            self._write_entry(src_full, None)
+        finally:
+            self._remove_replaced(replaced, manifest)
+        try:  # the move is done; a retry would find no source and never get here
+            self._prune(_parent(src_full))
+        except StoreError as exc:
+            log.warning("%s may stay listed while empty: %s", self._where(_parent(src_full)), exc)
 
     def delete_many(self, keys):
         by_directory: dict[str, list[str]] = {}
@@ -488,7 +519,20 @@ class DAOSStore(Store):
         for directory, fulls in by_directory.items():
             manifests = self._manifests(fulls)
             names = self._names(directory)
-            for batch in _batches(fulls, REMOVE_BATCH):
-                self._call(f"deleting in {self._where(directory)}", names.bput, dict.fromkeys(batch))
+            try:
+                for batch in _batches(fulls, REMOVE_BATCH):
+                    self._call(f"deleting in {self._where(directory)}", names.bput, dict.fromkeys(batch))
+            except StoreError:
+                self._remove_data_of_deleted(manifests)  # a retry would not find these manifests
+                raise
             self._remove_data(manifests.values())
             self._prune(directory)
+
+    def _remove_data_of_deleted(self, manifests: dict[str, _Manifest | None]) -> None:
+        """After a delete failed part-way: remove the data of the files that are gone."""
+        try:
+            now = self._manifests([full for full, manifest in manifests.items() if manifest is not None])
+        except StoreError:
+            return  # only space leaks
+        self._remove_data(manifests[full] for full, current in now.items()
+                          if current is None or current.data != manifests[full].data)

@@ -4,8 +4,9 @@ It follows the real package's Python API and the behaviour of its C shim (pydaos
 DAOS 2.x), including the parts that are easy to get wrong:
 
 - `DCont(pool, cont)` opens a pool and a container by label or UUID; the container must have
-  layout type PYTHON, else `PyDError(... DER_INVAL)`. Without a reachable agent, creating the
-  first object fails with `PyDError("Failed to initialize DAOS: DER_AGENT_COMM")`.
+  layout type PYTHON, else `PyDError(... DER_INVAL)`. Without a reachable agent the first
+  object fails with `PyDError("Failed to initialize DAOS: DER_AGENT_COMM")`, and the client
+  singleton is kept uninitialized: later calls fail with DER_UNINIT until `DaosClient.cleanup()`.
 - `PyDError(message, rc)` keeps only the text, "<message>: DER_<NAME>": no numeric attribute.
 - `DCont.dict(name)` fails with DER_EXIST for a name in use; `DCont.get(name)` raises
   `DObjNotFound` for an unknown one. There is no way to delete a dict.
@@ -14,8 +15,10 @@ DAOS 2.x), including the parts that are easy to get wrong:
   TypeError). Putting `None` or an empty value deletes the key.
 - `bget` fills the given dict with `bytes` values, `None` for missing keys; a value larger than
   `value_size` (default 1 MiB) costs a second round trip (counted, see `_fake.counters`).
-  `get` raises KeyError for a missing key. Iteration yields `str` keys in hash order, in pages.
-- `bput`/`bget` are not atomic across keys: a failure leaves the keys before it done.
+  `get` raises KeyError for a missing key. Iteration yields `str` keys in hash order, in pages
+  of at most 256 keys and 4 KiB of key bytes at first, growing like the shim's.
+- `bput`/`bget` are not atomic across keys: a failure leaves the keys before it done. An
+  injected failure can also come after its key was written (a lost reply).
 
 State lives in an SQLite database under $FAKE_PYDAOS_DIR, shared by every process, so mounts
 in different processes see one namespace and survive restarts. Pools, containers and injected
@@ -44,7 +47,8 @@ class PyDError(Exception):
 
 
 class DaosClient:
-    """Handles DAOS init/fini; a singleton, like the real one."""
+    """Handles DAOS init/fini; a singleton, like the real one: it is kept even when daos_init
+    failed, so later calls do not initialize again (until cleanup())."""
 
     _instance = None
 
@@ -54,12 +58,16 @@ class DaosClient:
 
     def __new__(cls):
         if cls._instance is None:
-            instance = super().__new__(cls)
-            rc = _fake.daos_init()
-            if rc != _fake.DER_SUCCESS:
-                raise PyDError("Failed to initialize DAOS", rc)
-            cls._instance = instance
+            cls._instance = super().__new__(cls)
+            cls._instance._open()
         return cls._instance
+
+    def _open(self):
+        self.connected = False
+        rc = _fake.daos_init()
+        if rc != _fake.DER_SUCCESS:
+            raise PyDError("Failed to initialize DAOS", rc)
+        self.connected = True
 
 
 @atexit.register
@@ -130,11 +138,12 @@ class DCont:
 
 
 class DDictIter:
-    """Pages through the keys like the real iterator (256 keys, then more per page)."""
+    """Pages through the keys like the real iterator (256 keys and 4 KiB of keys at first)."""
 
     def __init__(self, ddict):
         self._entries = []
         self._nr = 256
+        self._size = 4096
         self._anchor = None
         self._done = False
         self._kv = ddict
@@ -147,10 +156,10 @@ class DDictIter:
             return self._entries.pop()
         if self._done:
             raise StopIteration()
-        ret, nr, anchor = _fake.kv_iter(self._kv.oh, self._entries, self._nr, self._anchor)
+        ret, nr, size, anchor = _fake.kv_iter(self._kv.oh, self._entries, self._nr, self._size, self._anchor)
         if ret != _fake.DER_SUCCESS:
             raise PyDError("failed to enumerate Dictionary", ret)
-        self._anchor, self._nr = anchor, nr
+        self._anchor, self._nr, self._size = anchor, nr, size
         if anchor is None:
             self._done = True
         if self._entries:

@@ -34,8 +34,9 @@ ERRORS = {**{f"DER_{name}": 1001 + i for i, name in enumerate(_GURT)},
           **{f"DER_{name}": 2001 + i for i, name in enumerate(_DAOS)}}
 _NAMES = {number: name for name, number in ERRORS.items()}
 # the ones the shim and pydaos use by name (exported positive, like the shim's constants)
-DER_NO_PERM, DER_INVAL, DER_EXIST, DER_NONEXIST, DER_NOSYS, DER_AGENT_COMM = (
-    ERRORS[f"DER_{name}"] for name in ("NO_PERM", "INVAL", "EXIST", "NONEXIST", "NOSYS", "AGENT_COMM"))
+DER_NO_PERM, DER_INVAL, DER_EXIST, DER_NONEXIST, DER_NOSYS, DER_UNINIT, DER_KEY2BIG, DER_AGENT_COMM = (
+    ERRORS[f"DER_{name}"] for name in ("NO_PERM", "INVAL", "EXIST", "NONEXIST", "NOSYS", "UNINIT", "KEY2BIG",
+                                       "AGENT_COMM"))
 
 
 def err_to_str(rc: int) -> str:
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS objects (oid INTEGER PRIMARY KEY AUTOINCREMENT, cont 
 CREATE TABLE IF NOT EXISTS kv (oid INTEGER, h INTEGER, key BLOB, value BLOB, PRIMARY KEY (oid, h, key))
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS faults (id INTEGER PRIMARY KEY, op TEXT, rc INTEGER, remaining INTEGER,
-                                   match BLOB);
+                                   match BLOB, applied INTEGER, skip INTEGER);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER);
 """
 
@@ -96,18 +97,22 @@ def _count(conn: sqlite3.Connection, name: str, amount: int = 1, maximum: bool =
                      "value + excluded.value", (name, amount))
 
 
-def _fault(conn: sqlite3.Connection, op: str, key: bytes | None = None) -> int:
-    """The rc of an injected failure of `op` (on `key`), consuming it; 0 if none."""
-    for fault_id, rc, remaining, match in conn.execute(
-            "SELECT id, rc, remaining, match FROM faults WHERE op = ? ORDER BY id", (op,)).fetchall():
+def _fault(conn: sqlite3.Connection, op: str, key: bytes | None = None) -> tuple[int, bool]:
+    """The rc of an injected failure of `op` (on `key`), consuming it, and whether the operation
+    is applied before it fails (an error that arrives after the server did the work); rc 0 if none."""
+    for fault_id, rc, remaining, match, applied, skip in conn.execute(
+            "SELECT id, rc, remaining, match, applied, skip FROM faults WHERE op = ? ORDER BY id", (op,)).fetchall():
         if match is not None and (key is None or match not in key):
+            continue
+        if skip:
+            conn.execute("UPDATE faults SET skip = skip - 1 WHERE id = ?", (fault_id,))
             continue
         if remaining == 1:
             conn.execute("DELETE FROM faults WHERE id = ?", (fault_id,))
         elif remaining > 1:
             conn.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?", (fault_id,))
-        return rc
-    return 0
+        return rc, bool(applied)
+    return 0, False
 
 
 def _key_bytes(key) -> bytes:
@@ -138,8 +143,13 @@ def _hash(key: bytes) -> int:
 # -- the shim --------------------------------------------------------------------------------
 
 
+_initialized = False
+
+
 def daos_init() -> int:
-    return DER_SUCCESS if _db_path() else -DER_AGENT_COMM
+    global _initialized
+    _initialized = _db_path() is not None
+    return DER_SUCCESS if _initialized else -DER_AGENT_COMM
 
 
 def _find(conn, table: str, ident: str, pool: str | None = None):
@@ -149,8 +159,10 @@ def _find(conn, table: str, ident: str, pool: str | None = None):
 
 
 def cont_open(pool: str, cont: str):
+    if not _initialized:
+        return -DER_UNINIT, None
     with _Transaction() as conn:
-        rc = _fault(conn, "cont_open")
+        rc, _ = _fault(conn, "cont_open")
         if rc:
             return rc, None
         pool_row = _find(conn, "pools", pool)
@@ -168,7 +180,7 @@ def cont_open(pool: str, cont: str):
 
 def cont_get(hdl: str, name):
     with _Transaction() as conn:
-        rc = _fault(conn, "cont_get")
+        rc, _ = _fault(conn, "cont_get")
         if rc:
             return rc, None, None
         row = conn.execute("SELECT oid, otype FROM objects WHERE cont = ? AND name = ?",
@@ -180,7 +192,7 @@ def cont_get(hdl: str, name):
 
 def cont_newobj(hdl: str, name, otype: int):
     with _Transaction() as conn:
-        rc = _fault(conn, "cont_newobj")
+        rc, _ = _fault(conn, "cont_newobj")
         if rc:
             return rc, None
         try:
@@ -200,7 +212,7 @@ def kv_get(oh: int, d: dict, value_size: int) -> int:
         _count(conn, "kv_get_calls")
         for key in list(d):
             raw = _key_bytes(key)
-            rc = _fault(conn, "kv_get", raw)
+            rc, _ = _fault(conn, "kv_get", raw)
             if rc:
                 return rc
             row = conn.execute("SELECT value FROM kv WHERE oid = ? AND h = ? AND key = ?",
@@ -218,8 +230,8 @@ def kv_put(oh: int, d: dict) -> int:
         for key, value in d.items():
             raw = _key_bytes(key)
             data = _value_bytes(value)
-            rc = _fault(conn, "kv_put", raw)
-            if rc:
+            rc, applied = _fault(conn, "kv_put", raw)
+            if rc and not applied:
                 return rc  # the puts before this one are done: bput is not atomic
             if not raw:
                 return -DER_INVAL
@@ -230,23 +242,38 @@ def kv_put(oh: int, d: dict) -> int:
             else:
                 conn.execute("DELETE FROM kv WHERE oid = ? AND h = ? AND key = ?", (oh, _hash(raw), raw))
                 _count(conn, "kv_remove_values")
+            if rc:
+                return rc
     return DER_SUCCESS
 
 
-def kv_iter(oh: int, entries: list, nr: int, anchor):
-    """One page of keys in hash order after `anchor`; returns (rc, next nr, next anchor or None)."""
+def kv_iter(oh: int, entries: list, nr: int, size: int, anchor):
+    """One page of keys in hash order after `anchor`: at most `nr` keys of `size` bytes in all,
+    like daos_kv_list into the shim's buffer; returns (rc, next nr, next size, next anchor or
+    None), growing nr and size the way the shim does."""
     with _Transaction() as conn:
         _count(conn, "kv_iter_calls")
-        rc = _fault(conn, "kv_iter")
+        rc, _ = _fault(conn, "kv_iter")
         if rc:
-            return rc, nr, None
+            return rc, nr, size, None
         after = anchor or (-1, b"")
         rows = conn.execute("SELECT h, key FROM kv WHERE oid = ? AND (h > ? OR (h = ? AND key > ?)) "
                             "ORDER BY h, key LIMIT ?", (oh, after[0], after[0], after[1], nr + 1)).fetchall()
-    page, more = rows[:nr], len(rows) > nr
-    entries.extend(bytes(key).decode() for _h, key in page)
-    next_nr = nr * 2 if len(page) == nr else nr
-    return DER_SUCCESS, next_nr, ((page[-1][0], bytes(page[-1][1])) if more else None)
+    if rows and len(rows[0][1]) > size:
+        size = len(rows[0][1])  # the shim's DER_KEY2BIG retry with a buffer that fits the key
+    page, used = [], 0
+    for h, key in rows[:nr]:
+        if used + len(key) > size:
+            break
+        page.append((h, bytes(key)))
+        used += len(key)
+    entries.extend(key.decode() for _h, key in page)
+    if len(page) == nr:
+        nr *= 2
+    elif size < 1024 * 1024 and page and size - used < used / len(page):
+        size = size * 2 if size < 512 * 1024 else 1024 * 1024
+    more = len(rows) > len(page)
+    return DER_SUCCESS, nr, size, (page[-1] if more and page else None)
 
 
 # -- administration and test hooks (not part of pydaos) -----------------------------------------
@@ -283,14 +310,17 @@ def deny(pool: str, cont: str) -> None:
         conn.execute("UPDATE conts SET denied = 1 WHERE label = ? OR uuid = ?", (cont, cont))
 
 
-def inject(op: str, error: str, times: int = 1, match: bytes | str | None = None) -> None:
-    """Make the next `times` calls of shim function `op` (on a key containing `match`) fail
-    with DER error `error` (a name like 'DER_TIMEDOUT'); times=-1: every call."""
+def inject(op: str, error: str, times: int = 1, match: bytes | str | None = None, applied: bool = False,
+           skip: int = 0) -> None:
+    """Make the next `times` calls of shim function `op` (on a key containing `match`), after
+    `skip` such calls, fail with DER error `error` (a name like 'DER_TIMEDOUT'); times=-1:
+    every call. `applied` (kv_put): the failing key is written anyway, as when a reply is lost
+    after the write."""
     if isinstance(match, str):
         match = match.encode()
     with _Transaction() as conn:
-        conn.execute("INSERT INTO faults (op, rc, remaining, match) VALUES (?, ?, ?, ?)",
-                     (op, -ERRORS[error], times, match))
+        conn.execute("INSERT INTO faults (op, rc, remaining, match, applied, skip) VALUES (?, ?, ?, ?, ?, ?)",
+                     (op, -ERRORS[error], times, match, int(applied), skip))
 
 
 def clear_faults() -> None:
