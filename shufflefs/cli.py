@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give up waiting for an answer after this many seconds (default: %(default)s)")
     stats.set_defaults(run=cmd_stats)
 
+    helper = commands.add_parser(
+        "install-mount-helper", help="let mount(8) and /etc/fstab mount shufflefs (-t fuse.shufflefs)",
+        description="Write the mount(8) helper (mount.fuse.shufflefs, and mount.shufflefs linking to it) "
+                    "into DIR, running this Python. Then `mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o "
+                    "cache_size=20G,commit=async` and fstab lines of type fuse.shufflefs work.")
+    helper.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default: %(default)s)")
+    helper.set_defaults(run=cmd_install_mount_helper)
+
     from shufflefs.bench import add_bench_parser
     add_bench_parser(commands)
     return parser
@@ -231,9 +239,22 @@ def mount_stats(path: str, *, sync: bool = False, timeout: float | None = 600) -
         raise CliError(f"{mountpoint}: {exc}") from None
 
 
+# ---------------------------------------------------------------------------- install-mount-helper
+def cmd_install_mount_helper(args) -> int:
+    from shufflefs.mount_helper import install
+
+    try:
+        paths = install(args.dir, sys.executable)
+    except OSError as exc:
+        raise CliError(f"cannot install the mount helper in {args.dir}: {exc.strerror}") from None
+    for path in paths:
+        print(f"installed {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- umount
 def cmd_umount(args) -> int:
-    from shufflefs.daemon import daemon_pid, mounted_filesystems, process_alive, run_file
+    from shufflefs.daemon import SetupError, clear_stale_mount, daemon_pid, mounted_filesystems, process_alive, run_file
 
     mountpoint = os.path.realpath(args.mountpoint)
     pid = daemon_pid(mountpoint)
@@ -250,11 +271,12 @@ def cmd_umount(args) -> int:
             if deadline is not None and time.monotonic() > deadline:
                 raise CliError(f"daemon {pid} still draining after {args.timeout:g}s; it goes on in the background")
             time.sleep(0.1)
-    if mounted_filesystems().get(mountpoint) == "fuse.shufflefs":
-        # the daemon died without unmounting (killed, crashed): clear what it left
-        subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
-        print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
-        return 0
+    try:  # the daemon died without unmounting (killed, crashed): clear what it left
+        if clear_stale_mount(mountpoint):
+            print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
+            return 0
+    except SetupError as exc:
+        raise CliError(str(exc)) from None
     try:
         with open(run_file(mountpoint, "status")) as f:
             status = json.load(f)

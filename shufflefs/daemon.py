@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,6 +119,43 @@ def daemon_pid(mountpoint: str) -> int | None:
     return pid if b"shufflefs" in command and process_alive(pid) else None
 
 
+#: what a FUSE mount answers once its daemon is gone (ECONNABORTED first, on recent kernels)
+DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def clear_stale_mount(mountpoint: str) -> bool:
+    """If `mountpoint` holds a shufflefs mount whose daemon is gone, detach it lazily (processes
+    still inside it keep it until they leave; mount namespaces that receive this one's mounts,
+    like a container's HostToContainer volume, lose it too) and return True."""
+    if mounted_filesystems().get(mountpoint) != "fuse.shufflefs" or daemon_pid(mountpoint) is not None:
+        return False
+    # umount -i: not through umount.fuse.shufflefs, which would come back here
+    for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-i", "-l", mountpoint]):
+        try:
+            if subprocess.run(command, capture_output=True, check=False).returncode == 0:
+                log.warning("%s was a stale mount left by a dead daemon; detached it", mountpoint)
+                return True
+        except FileNotFoundError:
+            continue
+    raise SetupError(f"{mountpoint} is a stale shufflefs mount and could not be detached; "
+                     f"try: umount -l {mountpoint}")
+
+
+def notify_service_manager(state: str) -> None:
+    """Tell systemd how the mount is doing (a Type=notify unit: READY=1 once it is live,
+    STOPPING=1 while draining); nothing when not run by one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify the service manager at %s: %s", address, exc.strerror)
+
+
 # ---------------------------------------------------------------------------- checks
 def check_mountpoint(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
@@ -126,9 +165,11 @@ def check_mountpoint(mountpoint: str) -> str:
     except FileNotFoundError:
         raise SetupError(f"mountpoint {path} does not exist") from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise SetupError(f"{path} is a stale FUSE mount (transport endpoint is not connected); "
-                             f"clear it with: fusermount3 -u -z {path}") from None
+        if exc.errno in DEAD_MOUNT_ERRNOS and clear_stale_mount(path):
+            return check_mountpoint(path)
+        if exc.errno in DEAD_MOUNT_ERRNOS:
+            raise SetupError(f"{path} is a stale FUSE mount (transport endpoint is not connected) that is not "
+                             f"shufflefs'; clear it with: fusermount3 -u -z {path}") from None
         raise SetupError(f"cannot use mountpoint {path}: {exc.strerror}") from None
     if not os.path.isdir(path):
         raise SetupError(f"mountpoint {path} is not a directory")
@@ -262,12 +303,14 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             log.info("mounted %s on %s (commit=%s, cache %s, %d bytes)", store.url, mountpoint,
                      config.commit, config.cache_dir, config.cache_size)
             ready()
+            notify_service_manager(f"READY=1\nSTATUS=serving {store.url} on {mountpoint}")
             await pyfuse3.main()
             # unmounted (by a signal below, or from outside): finish what was committed
             await drain()
             nursery.cancel_scope.cancel()
 
     async def drain() -> None:
+        notify_service_manager(f"STOPPING=1\nSTATUS=draining {len(remote.pending)} remote operations")
         fs.draining = True
         await remote.drain()
 

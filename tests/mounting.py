@@ -72,9 +72,13 @@ class Mount:
 
     def kill(self) -> None:
         """SIGKILL the daemon, as a crash would, and clear the dead mount."""
+        self.kill_only()
+        subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+
+    def kill_only(self) -> None:
+        """SIGKILL the daemon and leave its dead mount behind (ENOTCONN), as a crash does."""
         os.kill(self.pid, signal.SIGKILL)
         self.wait_exit()
-        subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
 
     def cleanup(self) -> None:
         if self.pid is not None and pid_alive(self.pid) and is_mounted(self.path):

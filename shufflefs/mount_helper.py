@@ -1,0 +1,191 @@
+"""mount(8) and umount(8) helpers: `mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o
+cache_size=20G,commit=async`, /etc/fstab lines like
+
+    s3://bucket/spark  /mnt/spark-local  fuse.shufflefs  cache_size=20G,commit=async,_netdev,nofail  0 0
+
+and `umount MOUNTPOINT`, which then drains pending uploads before the mount goes away.
+
+mount(8) runs `mount.fuse.shufflefs SOURCE MOUNTPOINT [-sfnv] [-N NS] [-o OPTIONS] [-t TYPE]`,
+umount(8) runs `umount.fuse.shufflefs MOUNTPOINT [-flnrv] [-N NS] [-t TYPE]` (both installed by
+`shufflefs install-mount-helper`). The options are translated into `shufflefs mount` flags;
+mount(8)'s generic ones are ignored. The exit status is 0 only once the mount is live (or gone,
+for umount); 1 for a bad invocation or option, 32 (mount(8)'s "mount failure") when the
+operation itself failed, each with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXIT_USAGE = 1
+EXIT_MOUNT_FAILURE = 32
+
+#: -o option -> `shufflefs mount` flag (options that take a value)
+OPTION_FLAGS = {
+    "cache_dir": "--cache-dir",
+    "cache_size": "--cache-size",
+    "commit": "--commit",
+    "s3_endpoint_url": "--s3-endpoint-url",
+    "upload_workers": "--upload-workers",
+    "log_file": "--log-file",
+    "log_level": "--log-level",
+}
+#: -o options that set the daemon's environment instead of a flag
+ENV_OPTIONS = {"aws_profile": "AWS_PROFILE"}
+#: mount(8)'s and the kernel's generic options: meaningless to shufflefs, accepted and ignored
+GENERIC_OPTIONS = frozenset({
+    "defaults", "rw", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail",
+    "async", "sync", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime", "strictatime",
+    "nostrictatime", "lazytime", "nolazytime", "dev", "nodev", "exec", "noexec", "suid", "nosuid",
+    "loud", "silent", "mand", "nomand", "iversion", "noiversion", "allow_other", "default_permissions",
+})
+GENERIC_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "helper=")
+
+
+class HelperError(Exception):
+    def __init__(self, message: str, status: int = EXIT_USAGE):
+        super().__init__(message)
+        self.status = status
+
+
+class Invocation:
+    """What mount(8) asked for."""
+
+    def __init__(self):
+        self.source: str | None = None
+        self.mountpoint: str | None = None
+        self.options: list[str] = []
+        self.fake = False
+        self.sloppy = False
+        self.verbose = False
+
+
+def parse_invocation(argv: list[str], positionals: int = 2) -> Invocation:
+    call = Invocation()
+    positional = []
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-o", "-t", "-N"):
+            value = next(args, None)
+            if value is None:
+                raise HelperError(f"{arg} needs a value")
+            if arg == "-o":
+                call.options.extend(o for o in value.split(",") if o)
+            elif arg == "-N":
+                raise HelperError("-N (mounting in another namespace) is not supported; run the mount there")
+        elif arg.startswith("-o") and len(arg) > 2:
+            call.options.extend(o for o in arg[2:].split(",") if o)
+        elif arg.startswith("-") and len(arg) > 1:
+            for flag in arg[1:]:
+                if flag == "f":
+                    call.fake = True
+                elif flag == "s":
+                    call.sloppy = True
+                elif flag == "v":
+                    call.verbose = True
+                elif flag not in "nlr":  # no mtab to write; lazy and read-only-remount do not apply
+                    raise HelperError(f"unknown flag -{flag}")
+        else:
+            positional.append(arg)
+    if len(positional) != positionals:
+        raise HelperError("usage: mount.fuse.shufflefs STORE_URL MOUNTPOINT [-o OPTIONS]" if positionals == 2
+                          else "usage: umount.fuse.shufflefs MOUNTPOINT")
+    if positionals == 2:
+        call.source = positional[0]
+    call.mountpoint = positional[-1]
+    return call
+
+
+def translate_options(options: list[str], sloppy: bool = False) -> tuple[list[str], dict[str, str]]:
+    """-o options -> (`shufflefs mount` flags, environment for the daemon)."""
+    flags: list[str] = []
+    env: dict[str, str] = {}
+    for option in options:
+        name, has_value, value = option.partition("=")
+        if option in GENERIC_OPTIONS or option.startswith(GENERIC_PREFIXES):
+            continue
+        if option == "ro":
+            raise HelperError("read-only mounts are not supported (shufflefs is Spark's scratch space); drop 'ro'")
+        if name in OPTION_FLAGS or name in ENV_OPTIONS:
+            if not has_value or not value:
+                raise HelperError(f"mount option {name} needs a value: {name}=...")
+            if name in OPTION_FLAGS:
+                flags += [OPTION_FLAGS[name], value]
+            else:
+                env[ENV_OPTIONS[name]] = value
+            continue
+        if name == "foreground" or name == "ready_fd":
+            raise HelperError(f"mount option {name} is not allowed: a mount helper must return once mounted")
+        if not sloppy:
+            known = ", ".join(sorted([*OPTION_FLAGS, *ENV_OPTIONS]))
+            raise HelperError(f"unknown mount option {option!r} (shufflefs options: {known}; "
+                              "mount(8)'s generic ones are ignored)")
+    return flags, env
+
+
+def helper_command(program: str, argv: list[str]) -> tuple[Invocation, list[str], dict[str, str]]:
+    """The `shufflefs` command a helper invocation stands for, and the daemon's environment."""
+    shufflefs = [sys.executable, "-m", "shufflefs"]
+    if os.path.basename(program).startswith("umount."):
+        call = parse_invocation(argv, positionals=1)
+        return call, [*shufflefs, "umount", call.mountpoint], {}
+    call = parse_invocation(argv)
+    flags, env = translate_options(call.options, call.sloppy)
+    return call, [*shufflefs, "mount", call.source, call.mountpoint, *flags], env
+
+
+#: the helper mount(8) runs; `python` is the interpreter that has shufflefs installed
+HELPER_SCRIPT = """#!/bin/sh
+# mount(8)/umount(8) helper for shufflefs: mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o OPTIONS
+# (`shufflefs install-mount-helper` installs it as /sbin/mount.fuse.shufflefs, with links
+# mount.shufflefs, umount.fuse.shufflefs and umount.shufflefs; it acts on the name it is run by)
+exec {python} -m shufflefs.mount_helper "$0" "$@"
+"""
+#: names mount(8) and umount(8) look for, for -t fuse.shufflefs and -t shufflefs
+HELPER_NAMES = ("mount.fuse.shufflefs", "mount.shufflefs", "umount.fuse.shufflefs", "umount.shufflefs")
+
+
+def install(directory: str, python: str) -> list[str]:
+    """Write the helper into `directory` under both names; return the paths written."""
+    import shlex
+
+    first = os.path.join(directory, HELPER_NAMES[0])
+    temporary = first + ".tmp"
+    with open(temporary, "w") as f:
+        f.write(HELPER_SCRIPT.format(python=shlex.quote(python)))
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, first)
+    paths = [first]
+    for name in HELPER_NAMES[1:]:
+        link = os.path.join(directory, name)
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(HELPER_NAMES[0], link)
+        paths.append(link)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv: the name the helper was run by, then mount(8)'s arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    program = os.path.basename(argv[0]) if argv else "mount.fuse.shufflefs"
+    try:
+        call, command, env = helper_command(program, argv[1:])
+    except HelperError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return exc.status
+    if call.verbose or call.fake:
+        print(f"{program}: " + " ".join(command[2:]), file=sys.stderr)
+    if call.fake:
+        return 0
+    import subprocess
+
+    # `shufflefs mount` returns once the mount is live, `shufflefs umount` once it is drained
+    # and gone; each prints its own one-line error
+    result = subprocess.run(command, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    return 0 if result.returncode == 0 else EXIT_MOUNT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Deployment: the mount(8)/umount(8) helper (option translation, real `mount -t
+fuse.shufflefs`, an fstab file, `umount`), the restart of a dead daemon under consumers in
+other mount namespaces, the container entrypoint's SIGTERM path as PID 1, the systemd
+notification, and the Kubernetes manifests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mounting import Mount, is_mounted, run_cli, store_objects
+from shufflefs import mount_helper
+from shufflefs.mount_helper import HelperError, helper_command, translate_options
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+# -- option translation ----------------------------------------------------------------------------
+
+
+def test_options_become_flags_and_generic_ones_are_ignored():
+    flags, env = translate_options(["rw", "defaults", "_netdev", "nofail", "auto", "noauto", "x-systemd.automount",
+                                    "cache_size=20G", "commit=async", "cache_dir=/var/cache/sfs", "noatime",
+                                    "s3_endpoint_url=http://h:8333", "upload_workers=4", "aws_profile=spark",
+                                    "log_level=debug", "comment=hello"])
+    assert flags == ["--cache-size", "20G", "--commit", "async", "--cache-dir", "/var/cache/sfs",
+                     "--s3-endpoint-url", "http://h:8333", "--upload-workers", "4", "--log-level", "debug"]
+    assert env == {"AWS_PROFILE": "spark"}
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("bogus", "unknown mount option 'bogus'"),
+    ("cache_size", "cache_size needs a value"),
+    ("cache_size=", "cache_size needs a value"),
+    ("ro", "read-only mounts are not supported"),
+    ("foreground", "not allowed"),
+])
+def test_bad_options_are_refused(option, needle):
+    with pytest.raises(HelperError) as info:
+        translate_options([option])
+    assert needle in str(info.value)
+
+
+def test_sloppy_ignores_unknown_options():
+    assert translate_options(["bogus", "commit=sync"], sloppy=True) == (["--commit", "sync"], {})
+
+
+def test_invocation_as_mount_and_as_umount():
+    call, command, env = helper_command("mount.fuse.shufflefs", ["s3://b/p", "/mnt/x", "-n", "-o", "rw,commit=async",
+                                                                 "-t", "fuse.shufflefs"])
+    assert command[1:] == ["-m", "shufflefs", "mount", "s3://b/p", "/mnt/x", "--commit", "async"]
+    assert not call.fake
+    call, command, _ = helper_command("mount.shufflefs", ["s3://b", "/mnt/x", "-fv", "-ocommit=sync"])
+    assert call.fake and call.verbose and command[-2:] == ["--commit", "sync"]
+    _, command, _ = helper_command("umount.fuse.shufflefs", ["/mnt/x", "-n", "-l", "-t", "fuse.shufflefs"])
+    assert command[1:] == ["-m", "shufflefs", "umount", "/mnt/x"]
+    for argv in ([], ["only-one"], ["a", "b", "c"], ["a", "b", "-o"], ["a", "b", "-N", "ns"], ["a", "b", "-q"]):
+        with pytest.raises(HelperError):
+            helper_command("mount.fuse.shufflefs", argv)
+
+
+def test_repo_helper_is_the_installed_one(tmp_path):
+    with open(os.path.join(REPO, "mount-helpers", "mount.shufflefs")) as f:
+        assert f.read() == mount_helper.HELPER_SCRIPT.format(python='"${SHUFFLEFS_PYTHON:-python3}"')
+    result = run_cli("install-mount-helper", "--dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(mount_helper.HELPER_NAMES)
+    assert os.readlink(tmp_path / "umount.shufflefs") == "mount.fuse.shufflefs"
+    assert os.access(tmp_path / "mount.fuse.shufflefs", os.X_OK)
+    result = run_cli("install-mount-helper", "--dir", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "cannot install the mount helper" in result.stderr
+
+
+# -- the helper run by mount(8) and umount(8) ---------------------------------------------------------
+
+
+@pytest.fixture
+def installed_helper():
+    """The helper installed where mount(8) looks (/sbin), and whatever was there put back."""
+    directory = "/sbin"
+    saved = {}
+    for name in mount_helper.HELPER_NAMES:
+        path = os.path.join(directory, name)
+        if os.path.lexists(path):
+            saved[name] = path + ".shufflefs-test-saved"
+            os.replace(path, saved[name])
+    try:
+        result = run_cli("install-mount-helper", "--dir", directory)
+        assert result.returncode == 0, result.stderr
+        yield directory
+    finally:
+        for name in mount_helper.HELPER_NAMES:
+            path = os.path.join(directory, name)
+            if os.path.lexists(path):
+                os.unlink(path)
+            if name in saved:
+                os.replace(saved[name], path)
+
+
+def mount8(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env=env)
+
+
+def test_mount_t_fuse_shufflefs_and_umount(installed_helper, tmp_path, file_store):
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    result = mount8("-t", "fuse.shufflefs", f"file://{file_store}", str(mnt),
+                    "-o", f"cache_dir={cache},cache_size=64M,commit=async,_netdev,nofail,x-systemd.requires=x")
+    try:
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(str(mnt))  # live when mount returned
+        os.makedirs(mnt / "blockmgr-1" / "00")
+        (mnt / "blockmgr-1" / "00" / "shuffle_0_0_0.index").write_bytes(b"\1" * 16)
+        status = Mount(f"file://{file_store}", mnt, cache)
+        assert status.log().count("commit=async") == 1
+        result = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(str(mnt))
+        # umount went through the helper (`shufflefs umount`: SIGTERM, drain, unmount)
+        assert "SIGTERM: draining" in status.log()
+        assert store_objects(str(file_store)) == {"blockmgr-1/00/shuffle_0_0_0.index": b"\1" * 16}
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_fstab_line(installed_helper, tmp_path, file_store):
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# a comment\nfile://{file_store}  {mnt}  fuse.shufflefs  "
+                     f"defaults,_netdev,nofail,noauto,cache_dir={cache},commit=sync  0 0\n")
+    result = mount8("-T", str(fstab), str(mnt))
+    try:
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(str(mnt))
+        assert Mount(f"file://{file_store}", mnt, cache).log().count("commit=sync") == 1
+        assert run_cli("umount", str(mnt)).returncode == 0
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_mount_errors_are_one_line(installed_helper, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = mount8("-t", "fuse.shufflefs", "file:///tmp", str(mnt), "-o", "bogus=1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
+        "cache_size, commit, log_file, log_level, s3_endpoint_url, upload_workers; mount(8)'s generic ones "
+        "are ignored)"]
+    result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
+    assert result.returncode == 32
+    assert len(result.stderr.strip().splitlines()) == 1 and "unsupported store URL scheme" in result.stderr
+    assert not is_mounted(str(mnt))
