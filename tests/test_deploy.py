@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -158,3 +159,89 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.returncode == 32
     assert len(result.stderr.strip().splitlines()) == 1 and "unsupported store URL scheme" in result.stderr
     assert not is_mounted(str(mnt))
+
+
+# -- restart under consumers in other mount namespaces -------------------------------------------------
+
+CONSUMER = r"""
+import errno, json, os, sys, time
+mnt, log_path, stop_path = sys.argv[1:4]
+names = sys.argv[4:]
+with open(log_path, "a", buffering=1) as log:
+    while not os.path.exists(stop_path):
+        for name in names:
+            try:
+                with open(os.path.join(mnt, name), "rb") as f:
+                    size = len(f.read())
+                result = {"name": name, "ok": size}
+            except OSError as exc:
+                result = {"name": name, "errno": errno.errorcode.get(exc.errno, exc.errno)}
+            log.write(json.dumps({"t": time.time(), **result}) + "\n")
+        time.sleep(0.05)
+"""
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    """A directory that is a shared mount, as Kubernetes makes a Bidirectional volume's source:
+    mounts made below it reach mount namespaces that copied it as slaves."""
+    base = tmp_path / "shared"
+    base.mkdir()
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    subprocess.run(["mount", "--make-shared", str(base)], check=True)
+    try:
+        yield base
+    finally:
+        subprocess.run(["umount", "-l", str(base)], capture_output=True)
+
+
+def read_log(path) -> list[dict]:
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_consumer_in_slave_namespace_survives_daemon_sigkill_and_restart(shared_dir, tmp_path, file_store):
+    mnt, cache = shared_dir / "mnt", tmp_path / "cache"
+    mount = Mount(f"file://{file_store}", mnt, cache)
+    consumer = None
+    stop, log_path = tmp_path / "stop", tmp_path / "consumer.log"
+    names = ["blockmgr-1/00/shuffle_0_0_0.data", "blockmgr-1/00/shuffle_0_0_0.index"]
+    with mount:
+        os.makedirs(mnt / "blockmgr-1" / "00")
+        (mnt / names[0]).write_bytes(os.urandom(100_000))
+        (mnt / names[1]).write_bytes(b"\0" * 16)
+        try:
+            # what a container with a HostToContainer volume is: its own mount namespace, slave
+            consumer = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", PY, "-c", CONSUMER,
+                                         str(mnt), str(log_path), str(stop), *names], cwd="/")
+            deadline = time.monotonic() + 30
+            while not any("ok" in r for r in (read_log(log_path) if log_path.exists() else [])):
+                assert time.monotonic() < deadline and consumer.poll() is None, "the consumer cannot read"
+                time.sleep(0.1)
+            mount.kill_only()
+            killed = time.time()
+            time.sleep(0.5)
+            assert consumer.poll() is None
+            restarting = time.time()
+            mount.start()  # the same command on the same cache dir: detaches the dead mount first
+            restarted = time.time()
+            deadline = time.monotonic() + 30
+            while True:
+                after = [r for r in read_log(log_path) if r["t"] > restarted]
+                if {r["name"] for r in after if "ok" in r} == set(names):
+                    break
+                assert time.monotonic() < deadline, f"the consumer did not recover: {after[-4:]}"
+                time.sleep(0.1)
+        finally:
+            stop.touch()
+            if consumer is not None:
+                consumer.wait(30)
+        records = read_log(log_path)
+        during = [r for r in records if killed < r["t"] < restarting]
+        assert during and all("errno" in r for r in during), "while the daemon is dead reads fail"
+        assert {r["errno"] for r in during} <= {"ENOTCONN", "ECONNABORTED", "ENOENT"}
+        later = [r for r in records if r["t"] > restarted and "ok" in r]
+        assert {r["name"]: r["ok"] for r in later} == {names[0]: 100_000, names[1]: 16}
+        assert consumer.returncode == 0
