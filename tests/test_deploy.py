@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
-from mounting import Mount, is_mounted, run_cli, store_objects
+from mounting import Mount, daos_objects, is_mounted, run_cli, store_objects
 from shufflefs import mount_helper
 from shufflefs.mount_helper import HelperError, helper_command, translate_options
 
@@ -245,3 +246,80 @@ def test_consumer_in_slave_namespace_survives_daemon_sigkill_and_restart(shared_
         later = [r for r in records if r["t"] > restarted and "ok" in r]
         assert {r["name"]: r["ok"] for r in later} == {names[0]: 100_000, names[1]: 16}
         assert consumer.returncode == 0
+
+
+# -- the container entrypoint: `shufflefs mount --foreground` as PID 1 ---------------------------------
+
+
+def child_pids(pid: int) -> list[int]:
+    children = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            children += [int(p) for p in f.read().split()]
+    return children
+
+
+@pytest.mark.daos
+def test_entrypoint_as_pid1_drains_on_sigterm(daos, tmp_path):
+    """The image's entrypoint is PID 1 of its container, where no signal has a default action:
+    SIGTERM must still drain the pending uploads, unmount, and exit 0."""
+    fake = daos.require_fake()
+    url, mnt = daos.url(), tmp_path / "mnt"
+    mnt.mkdir()
+    entry = subprocess.Popen(["unshare", "--pid", "--fork", PY, "-m", "shufflefs", "mount", "--foreground", url,
+                              str(mnt), "--cache-dir", str(tmp_path / "cache"), "--commit", "async"],
+                             env={**os.environ, **daos.env}, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(str(mnt)):
+            assert entry.poll() is None and time.monotonic() < deadline, entry.stderr.read()
+            time.sleep(0.1)
+        (daemon,) = child_pids(entry.pid)
+        with open(f"/proc/{daemon}/status") as f:
+            assert "NSpid:" in (ns := next(line for line in f if line.startswith("NSpid:")))
+        assert ns.split()[-1] == "1", ns  # it really is PID 1 of its namespace
+        fake.inject("kv_put", "DER_UNREACH", times=-1)  # uploads stay pending until cleared
+        os.makedirs(mnt / "blockmgr-1" / "00")
+        (mnt / "blockmgr-1" / "00" / "shuffle_0_0_0.data").write_bytes(b"d" * 5000)
+        os.kill(daemon, signal.SIGTERM)
+        time.sleep(1.5)
+        assert is_mounted(str(mnt)) and entry.poll() is None, "it must drain before unmounting"
+        fake.clear_faults()
+        assert entry.wait(120) == 0
+        assert not is_mounted(str(mnt))
+        assert daos_objects(url) == {"blockmgr-1/00/shuffle_0_0_0.data": b"d" * 5000}
+        assert "SIGTERM: draining" in entry.stderr.read()
+    finally:
+        fake.clear_faults()
+        if entry.poll() is None:
+            entry.kill()
+            entry.wait()
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+def test_systemd_notification(tmp_path, file_store):
+    """Under a Type=notify unit: READY=1 once the mount is live, STOPPING=1 when draining."""
+    import socket
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    address = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(30)
+        daemon = subprocess.Popen([PY, "-m", "shufflefs", "mount", "--foreground", f"file://{file_store}", str(mnt),
+                                   "--cache-dir", str(tmp_path / "cache")],
+                                  env={**os.environ, "NOTIFY_SOCKET": address}, stdin=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            ready = sock.recv(4096).decode()
+            assert ready.startswith("READY=1\n") and is_mounted(str(mnt))
+            daemon.send_signal(signal.SIGTERM)
+            assert sock.recv(4096).decode().startswith("STOPPING=1\n")
+            assert daemon.wait(60) == 0 and not is_mounted(str(mnt))
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
