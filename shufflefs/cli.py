@@ -271,12 +271,15 @@ def cmd_umount(args) -> int:
             if deadline is not None and time.monotonic() > deadline:
                 raise CliError(f"daemon {pid} still draining after {args.timeout:g}s; it goes on in the background")
             time.sleep(0.1)
-    try:  # the daemon died without unmounting (killed, crashed): clear what it left
-        if clear_stale_mount(mountpoint):
-            print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
-            return 0
+    cleared = 0
+    try:  # daemons that died without unmounting (killed, crashed) left these, maybe stacked
+        while clear_stale_mount(mountpoint):
+            cleared += 1
     except SetupError as exc:
         raise CliError(str(exc)) from None
+    if cleared:
+        print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
+        return 0
     try:
         with open(run_file(mountpoint, "status")) as f:
             status = json.load(f)

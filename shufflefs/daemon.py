@@ -22,7 +22,7 @@ import lmdb
 import pyfuse3
 import trio
 
-from shufflefs import control
+from shufflefs import control, kernel_mount
 from shufflefs.control import process_memory
 from shufflefs.core import Filesystem
 from shufflefs.fs import Operations
@@ -123,11 +123,16 @@ def daemon_pid(mountpoint: str) -> int | None:
 DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
+def is_stale_mount(mountpoint: str) -> bool:
+    """Whether the topmost mount on `mountpoint` is a shufflefs mount whose daemon is gone."""
+    return mounted_filesystems().get(mountpoint) == "fuse.shufflefs" and daemon_pid(mountpoint) is None
+
+
 def clear_stale_mount(mountpoint: str) -> bool:
     """If `mountpoint` holds a shufflefs mount whose daemon is gone, detach it lazily (processes
-    still inside it keep it until they leave; mount namespaces that receive this one's mounts,
-    like a container's HostToContainer volume, lose it too) and return True."""
-    if mounted_filesystems().get(mountpoint) != "fuse.shufflefs" or daemon_pid(mountpoint) is not None:
+    still inside it keep it until they leave; copies of it in mount namespaces below a shared
+    parent go too, but bind mounts of the mountpoint itself keep it) and return True."""
+    if not is_stale_mount(mountpoint):
         return False
     # umount -i: not through umount.fuse.shufflefs, which would come back here
     for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-i", "-l", mountpoint]):
@@ -157,7 +162,8 @@ def notify_service_manager(state: str) -> None:
 
 
 # ---------------------------------------------------------------------------- checks
-def check_mountpoint(mountpoint: str) -> str:
+def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
+    """The mountpoint's real path, and whether it holds a stale shufflefs mount to mount over."""
     path = os.path.abspath(mountpoint)
     try:
         os.stat(path)
@@ -165,7 +171,10 @@ def check_mountpoint(mountpoint: str) -> str:
     except FileNotFoundError:
         raise SetupError(f"mountpoint {path} does not exist") from None
     except OSError as exc:
-        if exc.errno in DEAD_MOUNT_ERRNOS and clear_stale_mount(path):
+        if exc.errno in DEAD_MOUNT_ERRNOS and is_stale_mount(path):
+            if MOUNTS_ITSELF:
+                return path, True  # see kernel_mount: mounting over it reaches its consumers
+            clear_stale_mount(path)  # a user mount goes through fusermount3, which cannot
             return check_mountpoint(path)
         if exc.errno in DEAD_MOUNT_ERRNOS:
             raise SetupError(f"{path} is a stale FUSE mount (transport endpoint is not connected) that is not "
@@ -182,7 +191,7 @@ def check_mountpoint(mountpoint: str) -> str:
             raise SetupError(f"mountpoint {path} is not empty")
     except PermissionError:
         raise SetupError(f"cannot read mountpoint {path}: permission denied") from None
-    return path
+    return path, False
 
 
 def open_checked_store(config: MountConfig) -> Store:
@@ -245,6 +254,30 @@ class CacheDir:
 
 
 # ---------------------------------------------------------------------------- running
+#: root mounts with mount(2) itself (shufflefs.kernel_mount); other users through libfuse
+MOUNTS_ITSELF = os.geteuid() == 0
+#: the libfuse options that are also the kernel's
+KERNEL_OPTIONS = ("allow_other", "default_permissions")
+
+
+def mount(operations: Operations, mountpoint: str, options: set[str]) -> int | None:
+    """Mount and hand the session to pyfuse3; return the id of the mount made with mount(2),
+    None when libfuse mounted it."""
+    if not MOUNTS_ITSELF:
+        pyfuse3.init(operations, mountpoint, options)
+        return None
+    source = next(o.partition("=")[2] for o in options if o.startswith("fsname="))
+    fd = kernel_mount.mount_fuse(mountpoint, source, "fuse.shufflefs", [o for o in options if o in KERNEL_OPTIONS])
+    mount_id = kernel_mount.top_mount_id(mountpoint)
+    try:
+        pyfuse3.init(operations, f"/dev/fd/{fd}", options)
+    except BaseException:
+        kernel_mount.unmount_if_ours(mountpoint, mount_id)
+        os.close(fd)
+        raise
+    return mount_id
+
+
 def mount_options(store_url: str) -> set[str]:
     options = set(pyfuse3.default_options)
     options.add("subtype=shufflefs")
@@ -265,7 +298,7 @@ def write_run_file(path: str, content: dict) -> None:
 def run(config: MountConfig, ready: Callable[[], None]) -> int:
     """Mount, serve until unmounted or signalled, drain, unmount. Raises SetupError before
     anything is mounted; afterwards returns the exit status (1 if uploads were left over)."""
-    mountpoint = check_mountpoint(config.mountpoint)
+    mountpoint, over_stale = check_mountpoint(config.mountpoint)
     check_outside(mountpoint, "--cache-dir", config.cache_dir)
     store = open_checked_store(config)
     for path in store.local_paths():
@@ -286,10 +319,13 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                 "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
                 **process_memory()}
     try:
-        pyfuse3.init(operations, mountpoint, mount_options(store.url))
-    except RuntimeError as exc:
+        mount_id = mount(operations, mountpoint, mount_options(store.url))
+    except (RuntimeError, OSError) as exc:
         cache.close()
-        raise SetupError(f"mounting {mountpoint} failed: {exc}") from None
+        raise SetupError(f"mounting {mountpoint} failed: {getattr(exc, 'strerror', None) or exc}") from None
+    if over_stale:
+        log.warning("mounted over the stale mount a dead daemon left on %s: whoever still saw that one "
+                    "(other mount namespaces, bind mounts of it) now sees this one", mountpoint)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -330,7 +366,12 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                                   "store": store.url, "cache_dir": config.cache_dir})
         trio.run(main)
     finally:
-        pyfuse3.close(unmount=True)
+        if mount_id is not None:
+            try:
+                kernel_mount.unmount_if_ours(mountpoint, mount_id)
+            except OSError as exc:
+                log.error("cannot unmount %s: %s", mountpoint, exc.strerror)
+        pyfuse3.close(unmount=mount_id is None)
         cache.close()
         store.close()
         final = stats()
@@ -340,6 +381,11 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             os.unlink(pid_file)
         except FileNotFoundError:
             pass
+        try:  # the dead mounts this one covered; their last consumers just lost this mount anyway
+            while clear_stale_mount(mountpoint):
+                pass
+        except SetupError as exc:
+            log.warning("%s", exc)
     log.info("unmounted %s; store requests: %s", mountpoint, final["store"])
     if remote.given_up:
         log.error("%d remote operations could not be completed; they stay in the journal of %s "

@@ -93,7 +93,7 @@ def test_mountpoint_already_mounted(tmp_path, file_mount, file_store):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_stale_mount_is_detached_by_the_next_mount_and_by_umount(tmp_path, file_store):
+def test_next_mount_covers_a_stale_mount_and_umount_clears_them(tmp_path, file_store):
     mount = Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache")
     with mount:
         os.makedirs(f"{mount.path}/blockmgr-1/00")
@@ -104,12 +104,17 @@ def test_stale_mount_is_detached_by_the_next_mount_and_by_umount(tmp_path, file_
         with pytest.raises(OSError) as raised:
             os.statvfs(mount.path)  # (stat may still be answered from the kernel's cache)
         assert raised.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-        mount.start()  # the same command as before: it detaches the stale mount first
+        mount.start()  # the same command as before: it mounts over the stale mount
         with open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index", "rb") as f:
             assert f.read() == b"\0" * 16
-        assert "stale mount left by a dead daemon" in mount.log()
+        assert "mounted over the stale mount a dead daemon left" in mount.log()
+        assert mount.umount().returncode == 0  # a clean unmount also clears what it covered
+        assert not is_mounted(mount.path)
+        mount.start()
         mount.kill_only()
-        assert run_cli("umount", mount.path).returncode == 0  # umount clears one too
+        mount.start()
+        mount.kill_only()  # two dead mounts stacked
+        assert run_cli("umount", mount.path).returncode == 0  # umount clears them all
         assert not is_mounted(mount.path)
 
 

@@ -203,7 +203,12 @@ def read_log(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_consumer_in_slave_namespace_survives_daemon_sigkill_and_restart(shared_dir, tmp_path, file_store):
+@pytest.mark.parametrize("view", ["slave-namespace", "bind-of-mountpoint"])
+def test_consumer_survives_daemon_sigkill_and_restart(view, shared_dir, tmp_path, file_store):
+    """slave-namespace: a process in its own mount namespace that copied the tree as slave
+    (`unshare --propagation slave`). bind-of-mountpoint: in such a namespace, a bind mount of
+    the mountpoint itself made read-slave, which is how kubelet gives a container a
+    HostToContainer volume. Both must read again once the daemon is started again."""
     mnt, cache = shared_dir / "mnt", tmp_path / "cache"
     mount = Mount(f"file://{file_store}", mnt, cache)
     consumer = None
@@ -215,8 +220,14 @@ def test_consumer_in_slave_namespace_survives_daemon_sigkill_and_restart(shared_
         (mnt / names[1]).write_bytes(b"\0" * 16)
         try:
             # what a container with a HostToContainer volume is: its own mount namespace, slave
-            consumer = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", PY, "-c", CONSUMER,
-                                         str(mnt), str(log_path), str(stop), *names], cwd="/")
+            consume = [PY, "-c", CONSUMER, str(mnt), str(log_path), str(stop), *names]
+            if view == "bind-of-mountpoint":
+                bound = tmp_path / "bound"
+                bound.mkdir()
+                consume[3] = str(bound)
+                consume = ["sh", "-c", f"mount --rbind {mnt} {bound} && mount --make-rslave {bound} && "
+                                       'exec "$@"', "consumer", *consume]
+            consumer = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", *consume], cwd="/")
             deadline = time.monotonic() + 30
             while not any("ok" in r for r in (read_log(log_path) if log_path.exists() else [])):
                 assert time.monotonic() < deadline and consumer.poll() is None, "the consumer cannot read"
@@ -226,7 +237,7 @@ def test_consumer_in_slave_namespace_survives_daemon_sigkill_and_restart(shared_
             time.sleep(0.5)
             assert consumer.poll() is None
             restarting = time.time()
-            mount.start()  # the same command on the same cache dir: detaches the dead mount first
+            mount.start()  # the same command on the same cache dir: mounts over the dead mount
             restarted = time.time()
             deadline = time.monotonic() + 30
             while True:
