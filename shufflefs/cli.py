@@ -46,6 +46,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def parse_owner(text: str) -> tuple[int, int]:
+    """'185' or '185:185' -> (uid, gid); the gid defaults to the uid."""
+    uid, _, gid = text.partition(":")
+    try:
+        owner = (int(uid), int(gid or uid))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid owner {text!r}: use UID or UID:GID (numbers)") from None
+    if min(owner) < 0:
+        raise argparse.ArgumentTypeError(f"invalid owner {text!r}: ids cannot be negative")
+    return owner
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shufflefs",
@@ -60,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "is live (exit 0) or failed (non-zero, with the reason).",
         epilog="Store URLs: file:///abs/dir (any POSIX directory, e.g. NFS), "
                "s3://bucket[/prefix] (AWS credential chain; endpoint from --s3-endpoint-url or "
-               "AWS_ENDPOINT_URL), memory:// (tests).")
+               "AWS_ENDPOINT_URL), daos://pool/container[/prefix] (needs pydaos), memory:// (tests).")
     mount.add_argument("store_url", metavar="STORE_URL")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT")
     mount.add_argument("--cache-dir", help="staging files, cache and LMDB (default: "
@@ -76,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     mount.add_argument("--upload-workers", type=_positive_int, default=8,
                        help="store requests in flight at once (default: %(default)s)")
+    mount.add_argument("--owner", type=parse_owner, metavar="UID[:GID]",
+                       help="owner of the mount's root and of what is learned from the store, e.g. 185:185 "
+                            "for the user of Spark's container images (default: the daemon's user)")
     mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
     mount.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -143,7 +158,7 @@ def _mount_config(args):
         cache_size = int(shutil.disk_usage(probe).free * 0.8)
     return MountConfig(store_url=args.store_url, mountpoint=os.path.abspath(args.mountpoint), cache_dir=cache_dir,
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
-                       upload_workers=args.upload_workers)
+                       upload_workers=args.upload_workers, owner=args.owner)
 
 
 def _setup_logging(level: str, stream) -> None:
@@ -205,6 +220,8 @@ def _spawn_daemon(args, config) -> int:
                "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if config.s3_endpoint_url:
         command += ["--s3-endpoint-url", config.s3_endpoint_url]
+    if config.owner is not None:
+        command += ["--owner", "%d:%d" % config.owner]
     with log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    pass_fds=(write_end,), start_new_session=True)

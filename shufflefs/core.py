@@ -97,7 +97,8 @@ class Handle:
 
 class Filesystem:
     def __init__(self, store: Store, remote: Remote, journal: Journal, staging: StagingArea, *,
-                 commit_mode: str = "sync", cache_size: int, remote_ttl: float = 1.0):
+                 commit_mode: str = "sync", cache_size: int, remote_ttl: float = 1.0,
+                 owner: tuple[int, int] | None = None):
         self.store = store
         self.remote = remote
         self.journal = journal
@@ -107,7 +108,9 @@ class Filesystem:
         self.remote_ttl = remote_ttl
         self.draining = False
         self.stats: Counter[str] = Counter()
-        root = Node(ROOT_INODE, stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), None, "")
+        # the owner of the root also owns what is learned from the store
+        uid, gid = owner if owner is not None else (os.getuid(), os.getgid())
+        root = Node(ROOT_INODE, stat.S_IFDIR | 0o755, uid, gid, None, "")
         root.lookups = 1
         self.root = root
         self.inodes: dict[int, Node] = {ROOT_INODE: root}
@@ -437,14 +440,18 @@ class Filesystem:
             if self.commit_mode == "sync":
                 await self._wait_stored(op)
         elif node.committed:
-            self._forget_remote(node, old_key)
-            node.committed = False
-            # writable again: stores may share the uploaded file (a file:// hard link), so
-            # later writes go to a private copy
-            shared, node.staging = node.staging, self.staging.copy(node.staging)
-            shared.unref()
+            self._uncommit(node, old_key, delete=True)
         elif commits:
             await self._commit(node)
+
+    def _uncommit(self, node: Node, key: str, delete: bool) -> None:
+        """Make a committed file writable again (its pending upload is cancelled; with `delete`
+        its object goes too, else the next commit replaces it)."""
+        self._forget_remote(node, key, delete=delete)
+        node.committed = False
+        # stores may share the uploaded file (a file:// hard link): later writes go to a copy
+        shared, node.staging = node.staging, self.staging.copy(node.staging)
+        shared.unref()
 
     def _holds_remote_data(self, directory: Node) -> bool:
         if not directory.owned:
@@ -602,7 +609,11 @@ class Filesystem:
         if not handle.writable:
             raise FsError(errno.EBADF)
         if node.committed:
-            raise FsError(errno.EPERM, "committed shuffle files are immutable")
+            # a descriptor opened before the commit: the close() of a duplicate committed the
+            # file early (a shell's `> file` dups the descriptor and closes the original). It
+            # is written again, and committed again at its last close.
+            self._uncommit(node, self.key_of(node), delete=False)
+            self.stats["recommits"] += 1
         if handle.flushed:
             handle.flushed = False
             node.writers += 1

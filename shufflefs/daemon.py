@@ -49,6 +49,7 @@ class MountConfig:
     upload_workers: int = 8
     listing_ttl: float = 1.0
     max_attempts: int = 6
+    owner: tuple[int, int] | None = None
 
 
 # ---------------------------------------------------------------------------- places
@@ -306,7 +307,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     cache = CacheDir(config.cache_dir, store.url)
     remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
-                    cache_size=config.cache_size, remote_ttl=config.listing_ttl)
+                    cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner)
     operations = Operations(fs)
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")

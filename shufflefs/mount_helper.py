@@ -30,6 +30,7 @@ OPTION_FLAGS = {
     "upload_workers": "--upload-workers",
     "log_file": "--log-file",
     "log_level": "--log-level",
+    "owner": "--owner",
 }
 #: -o options that set the daemon's environment instead of a flag
 ENV_OPTIONS = {"aws_profile": "AWS_PROFILE"}

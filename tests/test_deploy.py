@@ -29,9 +29,10 @@ def test_options_become_flags_and_generic_ones_are_ignored():
     flags, env = translate_options(["rw", "defaults", "_netdev", "nofail", "auto", "noauto", "x-systemd.automount",
                                     "cache_size=20G", "commit=async", "cache_dir=/var/cache/sfs", "noatime",
                                     "s3_endpoint_url=http://h:8333", "upload_workers=4", "aws_profile=spark",
-                                    "log_level=debug", "comment=hello"])
+                                    "log_level=debug", "comment=hello", "owner=185:185"])
     assert flags == ["--cache-size", "20G", "--commit", "async", "--cache-dir", "/var/cache/sfs",
-                     "--s3-endpoint-url", "http://h:8333", "--upload-workers", "4", "--log-level", "debug"]
+                     "--s3-endpoint-url", "http://h:8333", "--upload-workers", "4", "--log-level", "debug",
+                     "--owner", "185:185"]
     assert env == {"AWS_PROFILE": "spark"}
 
 
@@ -154,8 +155,8 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
-        "cache_size, commit, log_file, log_level, s3_endpoint_url, upload_workers; mount(8)'s generic ones "
-        "are ignored)"]
+        "cache_size, commit, log_file, log_level, owner, s3_endpoint_url, upload_workers; mount(8)'s generic "
+        "ones are ignored)"]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 32
     assert len(result.stderr.strip().splitlines()) == 1 and "unsupported store URL scheme" in result.stderr
@@ -334,3 +335,37 @@ def test_systemd_notification(tmp_path, file_store):
                 daemon.kill()
                 daemon.wait()
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can reach (pytest's tmp_path is root's only)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="shufflefs-test-")
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        for name in os.listdir(path):
+            subprocess.run(["fusermount3", "-u", "-z", os.path.join(path, name)], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_owner_lets_spark_user_write_the_root(tmp_path, public_dir, file_store):
+    """Spark's container images run executors as uid 185, not root: --owner gives them the
+    mount's root (and what is learned from the store)."""
+    write = 'mkdir -p "$1/blockmgr-1/00" && head -c 16 /dev/zero > "$1/blockmgr-1/00/shuffle_0_0_0.index"'
+    user = dict(user=65534, group=65534, capture_output=True, text=True, cwd="/")
+    with Mount(f"file://{file_store}", f"{public_dir}/a", tmp_path / "cache-a") as mount:
+        refused = subprocess.run(["sh", "-c", write, "sh", mount.path], **user)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    with Mount(f"file://{file_store}", f"{public_dir}/b", tmp_path / "cache-b", "--owner", "65534:65534") as mount:
+        assert os.stat(mount.path).st_uid == 65534
+        written = subprocess.run(["sh", "-c", write, "sh", mount.path], **user)
+        assert written.returncode == 0, written.stderr
+    with Mount(f"file://{file_store}", tmp_path / "c", tmp_path / "cache-c", "--owner", "65534") as mount:
+        learned = os.stat(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")  # from the store
+        assert (learned.st_uid, learned.st_gid) == (65534, 65534)
+    result = run_cli("mount", f"file://{file_store}", str(tmp_path / "d"), "--owner", "spark")
+    assert result.returncode == 2 and "invalid owner 'spark'" in result.stderr

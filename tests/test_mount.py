@@ -368,3 +368,16 @@ def test_page_cache_kept_across_opens_and_coherent(file_mount):
         f.write(b"short")
     with open(path, "rb") as f:
         assert f.read() == b"short"
+
+
+def test_shell_redirection_into_a_durable_name(file_mount):
+    """`cmd > shuffle_..index` (the shell dups the descriptor and closes the original before
+    cmd writes: an early commit) ends with the whole file stored."""
+    path = f"{file_mount.path}/blockmgr-1/00/shuffle_0_0_0.index"
+    os.makedirs(os.path.dirname(path))
+    result = subprocess.run(["sh", "-c", f"head -c 24 /dev/urandom > {path}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    with open(path, "rb") as f:
+        content = f.read()
+    assert len(content) == 24
+    assert store_objects(file_mount.store_root) == {"blockmgr-1/00/shuffle_0_0_0.index": content}
