@@ -6,6 +6,7 @@ notification, and the Kubernetes manifests."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -310,26 +311,53 @@ def test_entrypoint_as_pid1_drains_on_sigterm(daos, tmp_path):
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
 
-def test_systemd_notification(tmp_path, file_store):
-    """Under a Type=notify unit: READY=1 once the mount is live, STOPPING=1 when draining."""
+def systemd_exec_start(unit: str, instance: str, env: dict) -> list[str]:
+    """ExecStart= of a unit file, expanded as systemd does: %i, ${VAR} as one word, $VAR split."""
+    import configparser
+
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str
+    parser.read(unit)
+    assert parser["Service"]["Type"] == "notify" and parser["Service"]["KillSignal"] == "SIGTERM"
+    words = []
+    for word in parser["Service"]["ExecStart"].replace("%i", instance).split():
+        if re.fullmatch(r"\$\{\w+\}", word):
+            words.append(env[word[2:-1]])
+        elif re.fullmatch(r"\$\w+", word):
+            words.extend(env[word[1:]].split())
+        else:
+            words.append(word)
+    return words
+
+
+def test_systemd_unit_is_ready_when_mounted_and_drains_on_stop(tmp_path, file_store):
+    """The unit's ExecStart, run the way systemd runs a Type=notify service: READY=1 once the
+    mount is live; on stop (SIGTERM) STOPPING=1, drain, unmount, exit 0."""
     import socket
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    env = {"SHUFFLEFS_STORE": f"file://{file_store}", "SHUFFLEFS_MOUNTPOINT": str(mnt),
+           "SHUFFLEFS_OPTIONS": "--commit async --cache-size 64M"}
+    command = systemd_exec_start(os.path.join(REPO, "mount-helpers", "shufflefs@.service"), "test", env)
+    assert command[:3] == ["/usr/local/bin/shufflefs", "mount", "--foreground"]
+    assert set(a for a in command if a.startswith("--")) <= mount_flags()
+    command = [PY, "-m", "shufflefs", *command[1:]]
+    command[command.index("--cache-dir") + 1] = str(tmp_path / "cache")  # not /var/lib here
     address = str(tmp_path / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
         sock.settimeout(30)
-        daemon = subprocess.Popen([PY, "-m", "shufflefs", "mount", "--foreground", f"file://{file_store}", str(mnt),
-                                   "--cache-dir", str(tmp_path / "cache")],
-                                  env={**os.environ, "NOTIFY_SOCKET": address}, stdin=subprocess.DEVNULL,
+        daemon = subprocess.Popen(command, env={**os.environ, "NOTIFY_SOCKET": address}, stdin=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
             ready = sock.recv(4096).decode()
             assert ready.startswith("READY=1\n") and is_mounted(str(mnt))
+            (mnt / "shuffle_0_0_0.index").write_bytes(b"\0" * 16)
             daemon.send_signal(signal.SIGTERM)
             assert sock.recv(4096).decode().startswith("STOPPING=1\n")
             assert daemon.wait(60) == 0 and not is_mounted(str(mnt))
+            assert store_objects(str(file_store)) == {"shuffle_0_0_0.index": b"\0" * 16}
         finally:
             if daemon.poll() is None:
                 daemon.kill()
@@ -369,3 +397,111 @@ def test_owner_lets_spark_user_write_the_root(tmp_path, public_dir, file_store):
         assert (learned.st_uid, learned.st_gid) == (65534, 65534)
     result = run_cli("mount", f"file://{file_store}", str(tmp_path / "d"), "--owner", "spark")
     assert result.returncode == 2 and "invalid owner 'spark'" in result.stderr
+
+
+# -- Kubernetes manifests and the image ------------------------------------------------------------
+
+K8S = os.path.join(REPO, "k8s")
+#: the oldest Kubernetes the manifests are for (native sidecars are on by default from 1.29)
+K8S_VERSIONS = ("1.29.0", "1.37.0")
+
+
+def manifests(name: str) -> list[dict]:
+    import yaml
+
+    with open(os.path.join(K8S, name)) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]
+
+
+def one(items: list[dict], **match) -> dict:
+    found = [i for i in items if all(i.get(k) == v for k, v in match.items())]
+    assert len(found) == 1, (match, items)
+    return found[0]
+
+
+def mount_flags() -> set[str]:
+    return set(re.findall(r"(--[a-z][a-z0-9-]+)", run_cli("mount", "--help").stdout))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(K8S) if n.endswith(".yaml")))
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifest_validates_against_the_kubernetes_schema(name, version):
+    import kubernetes_validate
+
+    docs = manifests(name)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on any unknown or wrong field
+
+
+def check_mounter(container: dict, volumes: list[dict], config: dict) -> tuple[str, str]:
+    """What every shufflefs container needs; returns (mountpoint, its volume's name)."""
+    assert container["securityContext"] == {"privileged": True} or container["securityContext"]["privileged"]
+    args = container["args"]
+    mountpoint = args[1]
+    flags = [a for a in args if a.startswith("--")]
+    assert set(flags) <= mount_flags(), "every flag exists"
+    for variable in re.findall(r"\$\((\w+)\)", " ".join(args)):
+        assert variable in config["data"], f"$({variable}) is not in the ConfigMap"
+    assert [r["configMapRef"]["name"] for r in container["envFrom"] if "configMapRef" in r] == [config["metadata"]["name"]]
+    mounts = container["volumeMounts"]
+    shared = next(m for m in mounts if mountpoint == m["mountPath"] or mountpoint.startswith(m["mountPath"] + "/"))
+    assert shared["mountPropagation"] == "Bidirectional"
+    cache_dir = args[args.index("--cache-dir") + 1]
+    assert not cache_dir.startswith(mountpoint + "/"), "the cache dir must not be inside the mount"
+    assert any(cache_dir.startswith(m["mountPath"]) for m in mounts), "the cache dir is on a volume"
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["exec"]["command"][:3] == ["shufflefs", "stats", mountpoint]
+    assert "livenessProbe" not in container, "a liveness kill would cut a drain short"
+    assert one(volumes, name=shared["name"])
+    return mountpoint, shared
+
+
+def test_daemonset_mounts_on_the_host_and_drains_on_stop():
+    (config, secret) = manifests("shufflefs-config.yaml")
+    (daemonset,) = manifests("daemonset.yaml")
+    pod = daemonset["spec"]["template"]["spec"]
+    container = one(pod["containers"], name="shufflefs")
+    mountpoint, shared = check_mounter(container, pod["volumes"], config)
+    assert [r["secretRef"]["name"] for r in container["envFrom"] if "secretRef" in r] == [secret["metadata"]["name"]]
+    assert {"name": "fuse", "mountPath": "/dev/fuse"} in container["volumeMounts"]
+    assert one(pod["volumes"], name="fuse")["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["shufflefs", "umount", mountpoint]
+    assert pod["terminationGracePeriodSeconds"] >= 600
+    # the executors' template points at this mountpoint on the host
+    host_dir = one(pod["volumes"], name=shared["name"])["hostPath"]["path"]
+    host_mountpoint = host_dir + mountpoint[len(shared["mountPath"]):]
+    (template,) = manifests("executor-pod-template.yaml")
+    volume = one(template["spec"]["volumes"], name="spark-local-dir-1")
+    assert volume["hostPath"] == {"path": host_mountpoint}, "no type: kubelet must not stat a dead mount"
+    executor = one(template["spec"]["containers"], name="spark-kubernetes-executor")
+    wait = one(template["spec"]["initContainers"], name="wait-for-shufflefs")
+    for consumer in (executor, wait):
+        local = one(consumer["volumeMounts"], name="spark-local-dir-1")
+        assert local["mountPropagation"] == "HostToContainer"
+    assert f" {one(wait['volumeMounts'], name='spark-local-dir-1')['mountPath']} fuse.shufflefs " in wait["command"][2]
+
+
+def test_sidecar_template_needs_no_host_path():
+    (config, _secret) = manifests("shufflefs-config.yaml")
+    (template,) = manifests("executor-sidecar-pod-template.yaml")
+    pod = template["spec"]
+    sidecar = one(pod["initContainers"], name="shufflefs")
+    assert sidecar["restartPolicy"] == "Always", "a native sidecar"
+    mountpoint, shared = check_mounter(sidecar, pod["volumes"], config)
+    assert shared["name"] == "spark-local-dir-1" and "emptyDir" in one(pod["volumes"], name="spark-local-dir-1")
+    executor = one(pod["containers"], name="spark-kubernetes-executor")
+    assert one(executor["volumeMounts"], name="spark-local-dir-1")["mountPropagation"] == "HostToContainer"
+    assert not [v for v in pod["volumes"] if "hostPath" in v]
+    assert pod["terminationGracePeriodSeconds"] >= 300
+
+
+def test_dockerfile():
+    with open(os.path.join(K8S, "Dockerfile")) as f:
+        text = f.read()
+    bases = re.findall(r"^FROM (\S+)", text, re.M)
+    assert bases and all(re.fullmatch(r"debian:\d+-slim", b) for b in bases)
+    final = text[text.rindex("\nFROM "):]
+    assert re.search(r"apt-get install[^\n]*\bfuse3\b", final), "the final image has fuse3 (fusermount3)"
+    assert "pip install --no-cache-dir /src" in text
+    assert re.search(r'^ENTRYPOINT \["shufflefs", "mount", "--foreground"\]$', text, re.M)
