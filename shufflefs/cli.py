@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--owner", type=parse_owner, metavar="UID[:GID]",
                        help="owner of the mount's root and of what is learned from the store, e.g. 185:185 "
                             "for the user of Spark's container images (default: the daemon's user)")
+    mount.add_argument("--leave-mount", action="store_true",
+                       help="on SIGTERM/SIGINT, drain and exit but leave the mount, dead, for the next "
+                            "`shufflefs mount` here to mount over: containers that bound the mountpoint "
+                            "keep working across a restart (the Kubernetes DaemonSet uses it); "
+                            "`shufflefs umount` still removes it")
     mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
     mount.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -104,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
     umount.add_argument("--timeout", type=float, default=0,
                         help="give up waiting after this many seconds (default: wait until drained)")
+    umount.add_argument("--lazy", action="store_true",
+                        help="do not wait: the daemon drains and unmounts in the background")
     umount.set_defaults(run=cmd_umount)
 
     stats = commands.add_parser(
@@ -158,7 +165,7 @@ def _mount_config(args):
         cache_size = int(shutil.disk_usage(probe).free * 0.8)
     return MountConfig(store_url=args.store_url, mountpoint=os.path.abspath(args.mountpoint), cache_dir=cache_dir,
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
-                       upload_workers=args.upload_workers, owner=args.owner)
+                       upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount)
 
 
 def _setup_logging(level: str, stream) -> None:
@@ -175,7 +182,14 @@ def cmd_mount(args) -> int:
     return _spawn_daemon(args, config)
 
 
+def _stop_during_setup(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
 def _run_foreground(args, config) -> int:
+    # as PID 1 of a container a signal without a handler is dropped: until the daemon listens
+    # for SIGTERM itself (once mounted), it ends the setup
+    signal.signal(signal.SIGTERM, _stop_during_setup)
     from shufflefs.daemon import SetupError, run
 
     _setup_logging(args.log_level, sys.stderr)
@@ -222,6 +236,8 @@ def _spawn_daemon(args, config) -> int:
         command += ["--s3-endpoint-url", config.s3_endpoint_url]
     if config.owner is not None:
         command += ["--owner", "%d:%d" % config.owner]
+    if config.leave_mount:
+        command.append("--leave-mount")
     with log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    pass_fds=(write_end,), start_new_session=True)
@@ -271,18 +287,26 @@ def cmd_install_mount_helper(args) -> int:
 
 # ---------------------------------------------------------------------------- umount
 def cmd_umount(args) -> int:
-    from shufflefs.daemon import SetupError, clear_stale_mount, daemon_pid, mounted_filesystems, process_alive, run_file
+    from shufflefs.daemon import (SetupError, clear_stale_mount, daemon_pid, is_stale_mount, mounted_filesystems,
+                                  process_alive, run_file)
 
     mountpoint = os.path.realpath(args.mountpoint)
     pid = daemon_pid(mountpoint)
     if pid is None:
         if mounted_filesystems().get(mountpoint) != "fuse.shufflefs":
             raise CliError(f"{mountpoint} is not a shufflefs mount")
+        if not is_stale_mount(mountpoint):
+            raise CliError(f"{mountpoint} is served by a shufflefs daemon not visible from here (another "
+                           "container or PID namespace): stop that one (e.g. kubectl delete pod, systemctl "
+                           "stop); `umount -i -l` would detach it without draining")
     else:
         try:
             os.kill(pid, signal.SIGTERM)
         except OSError as exc:
             raise CliError(f"cannot signal the daemon (pid {pid}) of {mountpoint}: {exc.strerror}") from None
+        if args.lazy:
+            print(f"shufflefs: {mountpoint}: the daemon drains and unmounts in the background", file=sys.stderr)
+            return 0
         deadline = time.monotonic() + args.timeout if args.timeout else None
         while process_alive(pid):
             if deadline is not None and time.monotonic() > deadline:

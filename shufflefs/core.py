@@ -296,7 +296,12 @@ class Filesystem:
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
         node.ctime_ns = time.time_ns()
+        if node.is_dir and node is not self.root and (mode, uid, gid) != (None, None, None):
+            self._record_dir(node)
         return node
+
+    def _record_dir(self, node: Node) -> None:
+        self.journal.dir_set(self.key_of(node), stat.S_IMODE(node.mode), node.uid, node.gid)
 
     def _truncate(self, node: Node, size: int) -> None:
         if node.committed:
@@ -327,6 +332,7 @@ class Filesystem:
         node = self._new_node(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
         node.owned = True
         node.lookups += 1
+        self._record_dir(node)
         return node
 
     async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int,
@@ -373,6 +379,7 @@ class Filesystem:
             raise FsError(errno.ENOTEMPTY)
         if parent.children.get(name) is not node:
             raise FsError(errno.ENOENT)  # removed by someone else while we listed
+        self.journal.dir_remove(self.key_of(node))
         self._bury(node, self.key_of(node))
         self._detach(node)
         self._maybe_free(node)
@@ -432,6 +439,7 @@ class Filesystem:
         self._detach(node)
         self._attach(new_parent, new_name, node)
         if node.is_dir:
+            self.journal.dir_move(old_key, self.key_of(node))
             return
         new_key = self.key_of(node)
         if node.committed and will_be_durable:
@@ -689,6 +697,11 @@ class Filesystem:
     def resume_journal(self) -> int:
         """Re-issue the remote operations an earlier run left pending, and put the files they
         concern back into the namespace. Returns how many were resumed."""
+        for key, record in self.journal.dirs():
+            # not owned: whatever the store holds below it is merged in, as for any directory
+            # learned from the store
+            node = self._materialize_dir(key)
+            node.mode, node.uid, node.gid = stat.S_IFDIR | record["mode"], record["uid"], record["gid"]
         keep = set()
         ops = self.journal.pending_ops()
         for seq, record in ops:

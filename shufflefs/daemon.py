@@ -50,6 +50,8 @@ class MountConfig:
     listing_ttl: float = 1.0
     max_attempts: int = 6
     owner: tuple[int, int] | None = None
+    #: on SIGTERM/SIGINT, drain and exit but leave the (then dead) mount for the next daemon
+    leave_mount: bool = False
 
 
 # ---------------------------------------------------------------------------- places
@@ -117,7 +119,8 @@ def daemon_pid(mountpoint: str) -> int | None:
             command = f.read()
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pid if b"shufflefs" in command and process_alive(pid) else None
+    # this very process can be named in a stale file: PID 1 of a restarted container
+    return pid if pid != os.getpid() and b"shufflefs" in command and process_alive(pid) else None
 
 
 #: what a FUSE mount answers once its daemon is gone (ECONNABORTED first, on recent kernels)
@@ -125,8 +128,16 @@ DEAD_MOUNT_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def is_stale_mount(mountpoint: str) -> bool:
-    """Whether the topmost mount on `mountpoint` is a shufflefs mount whose daemon is gone."""
-    return mounted_filesystems().get(mountpoint) == "fuse.shufflefs" and daemon_pid(mountpoint) is None
+    """Whether the topmost mount on `mountpoint` is a shufflefs mount whose daemon is gone: it
+    answers ENOTCONN. (A live mount served by a daemon this process cannot see, in another
+    container, is not stale.)"""
+    if mounted_filesystems().get(mountpoint) != "fuse.shufflefs" or daemon_pid(mountpoint) is not None:
+        return False
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno in DEAD_MOUNT_ERRNOS
+    return False
 
 
 def clear_stale_mount(mountpoint: str) -> bool:
@@ -185,7 +196,9 @@ def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
         raise SetupError(f"mountpoint {path} is not a directory")
     path = os.path.realpath(path)
     fstype = mounted_filesystems().get(path)
-    if fstype is not None and os.path.ismount(path):
+    # an empty bind mount or volume (a container's emptyDir) is a fine mountpoint; a FUSE
+    # filesystem there is somebody's live mount
+    if fstype is not None and fstype.startswith("fuse") and os.path.ismount(path):
         raise SetupError(f"{path} is already a mount point ({fstype})")
     try:
         if os.listdir(path):
@@ -261,22 +274,25 @@ MOUNTS_ITSELF = os.geteuid() == 0
 KERNEL_OPTIONS = ("allow_other", "default_permissions")
 
 
-def mount(operations: Operations, mountpoint: str, options: set[str]) -> int | None:
-    """Mount and hand the session to pyfuse3; return the id of the mount made with mount(2),
-    None when libfuse mounted it."""
+def mount(operations: Operations, mountpoint: str, options: set[str]) -> tuple[int, str] | None:
+    """Mount and hand the session to pyfuse3; return the mount made with mount(2) (see
+    kernel_mount.top_mount), None when libfuse mounted it."""
     if not MOUNTS_ITSELF:
         pyfuse3.init(operations, mountpoint, options)
         return None
     source = next(o.partition("=")[2] for o in options if o.startswith("fsname="))
     fd = kernel_mount.mount_fuse(mountpoint, source, "fuse.shufflefs", [o for o in options if o in KERNEL_OPTIONS])
-    mount_id = kernel_mount.top_mount_id(mountpoint)
+    made = kernel_mount.top_mount(mountpoint)
+    if made is None:  # cannot happen after a successful mount(2); without it we could not unmount
+        os.close(fd)
+        raise OSError(errno.EIO, "mounted, but the mount is not in /proc/self/mountinfo")
     try:
         pyfuse3.init(operations, f"/dev/fd/{fd}", options)
     except BaseException:
-        kernel_mount.unmount_if_ours(mountpoint, mount_id)
+        kernel_mount.unmount_if_ours(mountpoint, made)
         os.close(fd)
         raise
-    return mount_id
+    return made
 
 
 def mount_options(store_url: str) -> set[str]:
@@ -319,23 +335,31 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                 "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
                 "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
                 **process_memory()}
+    if os.path.exists(status_file):
+        os.unlink(status_file)
+    # before mounting: from now on nobody takes the mount for a dead daemon's
+    write_run_file(pid_file, {"pid": os.getpid(), "mountpoint": mountpoint,
+                              "store": store.url, "cache_dir": config.cache_dir})
     try:
-        mount_id = mount(operations, mountpoint, mount_options(store.url))
+        made_mount = mount(operations, mountpoint, mount_options(store.url))
     except (RuntimeError, OSError) as exc:
+        os.unlink(pid_file)
         cache.close()
         raise SetupError(f"mounting {mountpoint} failed: {getattr(exc, 'strerror', None) or exc}") from None
     if over_stale:
         log.warning("mounted over the stale mount a dead daemon left on %s: whoever still saw that one "
                     "(other mount namespaces, bind mounts of it) now sees this one", mountpoint)
 
+    left_mount = False  # set when a signal ends the daemon with config.leave_mount
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(watch_signals)  # before the journal is resumed, which can take a while
             remote.start(nursery)
             nursery.start_soon(cache.staging.housekeep)
             resumed = fs.resume_journal()
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)
-            nursery.start_soon(watch_signals)
             await nursery.start(control.serve, control_socket, stats, remote.settle)
             log.info("mounted %s on %s (commit=%s, cache %s, %d bytes)", store.url, mountpoint,
                      config.commit, config.cache_dir, config.cache_size)
@@ -351,28 +375,30 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         fs.draining = True
         await remote.drain()
 
-    async def watch_signals() -> None:
+    async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal left_mount
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             async for signum in signals:
-                log.info("%s: draining %d pending remote operations, then unmounting",
-                         signal.Signals(signum).name, len(remote.pending))
+                log.info("%s: draining %d pending remote operations, then %s", signal.Signals(signum).name,
+                         len(remote.pending), "leaving the mount for the next daemon" if config.leave_mount
+                         else "unmounting")
                 await drain()
+                left_mount = config.leave_mount
                 pyfuse3.terminate()
                 return
 
     try:
-        if os.path.exists(status_file):
-            os.unlink(status_file)
-        write_run_file(pid_file, {"pid": os.getpid(), "mountpoint": mountpoint,
-                                  "store": store.url, "cache_dir": config.cache_dir})
         trio.run(main)
     finally:
-        if mount_id is not None:
+        if made_mount is not None and not left_mount:
             try:
-                kernel_mount.unmount_if_ours(mountpoint, mount_id)
+                kernel_mount.unmount_if_ours(mountpoint, made_mount)
             except OSError as exc:
                 log.error("cannot unmount %s: %s", mountpoint, exc.strerror)
-        pyfuse3.close(unmount=mount_id is None)
+        pyfuse3.close(unmount=made_mount is None and not left_mount)
+        if not left_mount:
+            cache.journal.dirs_clear()  # their users went with the mount
         cache.close()
         store.close()
         final = stats()
@@ -383,11 +409,12 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         except FileNotFoundError:
             pass
         try:  # the dead mounts this one covered; their last consumers just lost this mount anyway
-            while clear_stale_mount(mountpoint):
+            while not left_mount and clear_stale_mount(mountpoint):
                 pass
         except SetupError as exc:
             log.warning("%s", exc)
-    log.info("unmounted %s; store requests: %s", mountpoint, final["store"])
+    log.info("%s %s; store requests: %s", "left the mount (dead until the next daemon mounts over it) on"
+             if left_mount else "unmounted", mountpoint, final["store"])
     if remote.given_up:
         log.error("%d remote operations could not be completed; they stay in the journal of %s "
                   "and resume on the next mount with that cache dir", len(remote.given_up), config.cache_dir)

@@ -18,10 +18,11 @@ MAP_SIZE = 8 * 1024**3  # address space only; the file grows as needed
 
 class Journal:
     def __init__(self, path: str):
-        self.env = lmdb.open(path, max_dbs=4, map_size=MAP_SIZE, sync=False, metasync=False)
+        self.env = lmdb.open(path, max_dbs=5, map_size=MAP_SIZE, sync=False, metasync=False)
         self._ops = self.env.open_db(b"ops")
         self._index = self.env.open_db(b"index")
         self._meta = self.env.open_db(b"meta")
+        self._dirs = self.env.open_db(b"dirs")
         with self.env.begin(db=self._ops) as txn:
             cursor = txn.cursor()
             self._next_seq = (struct.unpack(">Q", cursor.key())[0] + 1) if cursor.last() else 1
@@ -68,6 +69,33 @@ class Journal:
             for k in stale:
                 txn.delete(k)
         return len(stale)
+
+    # -- directories the mount created: key -> {"mode", "uid", "gid"}; a restarted daemon puts
+    # them back, so a process that cached a directory's existence can still create files in it
+    def dir_set(self, key: str, mode: int, uid: int, gid: int) -> None:
+        with self.env.begin(write=True, db=self._dirs) as txn:
+            txn.put(key.encode(), json.dumps({"mode": mode, "uid": uid, "gid": gid}).encode())
+
+    def dir_remove(self, key: str) -> None:
+        with self.env.begin(write=True, db=self._dirs) as txn:
+            txn.delete(key.encode())
+
+    def dir_move(self, src: str, dst: str) -> None:
+        """The directory `src` and everything below it now live under `dst`."""
+        with self.env.begin(write=True, db=self._dirs) as txn:
+            moved = [(k, v) for k, v in txn.cursor() if k == src.encode() or k.startswith(src.encode() + b"/")]
+            for k, v in moved:
+                txn.delete(k)
+                txn.put(dst.encode() + k[len(src.encode()):], v)
+
+    def dirs(self) -> list[tuple[str, dict]]:
+        """Every recorded directory, parents before children."""
+        with self.env.begin(db=self._dirs) as txn:
+            return [(k.decode(), json.loads(v)) for k, v in txn.cursor()]
+
+    def dirs_clear(self) -> None:
+        with self.env.begin(write=True, db=self._dirs) as txn:
+            txn.drop(self._dirs, delete=False)
 
     # -- metadata
     def meta_get(self, name: str) -> str | None:

@@ -44,21 +44,22 @@ def _unescape(field: str) -> str:
             .replace("\\134", "\\"))
 
 
-def top_mount_id(mountpoint: str) -> int | None:
-    """The id of the topmost mount on `mountpoint` in this mount namespace, if any."""
+def top_mount(mountpoint: str) -> tuple[int, str] | None:
+    """(mount id, device) of the topmost mount on `mountpoint` in this mount namespace; the pair
+    identifies a mount even if its id is reused later."""
     top = None
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
             fields = line.split()
             if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                top = int(fields[0])  # later lines are mounted later: on top
+                top = (int(fields[0]), fields[2])  # later lines were mounted later: on top
     return top
 
 
-def unmount_if_ours(mountpoint: str, mount_id: int) -> bool:
-    """Lazily unmount `mountpoint` if its topmost mount is still `mount_id` (not when it was
+def unmount_if_ours(mountpoint: str, mount: tuple[int, str]) -> bool:
+    """Lazily unmount `mountpoint` if its topmost mount is still `mount` (not when it was
     already unmounted from outside, which would detach whatever lies below)."""
-    if top_mount_id(mountpoint) != mount_id:
+    if top_mount(mountpoint) != mount:
         return False
     if _libc.umount2(mountpoint.encode(), MNT_DETACH) != 0:
         error = ctypes.get_errno()

@@ -15,33 +15,58 @@ operation itself failed, each with one line on stderr.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 EXIT_USAGE = 1
 EXIT_MOUNT_FAILURE = 32
 
-#: -o option -> `shufflefs mount` flag (options that take a value)
+def _choice(*allowed: str):
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"use one of {', '.join(allowed)}")
+        return value
+    return check
+
+
+def _id(value: str) -> str:
+    if not value.isdigit():
+        raise ValueError("use a number")
+    return value
+
+
+def _converters():
+    from shufflefs.cli import _positive_int, parse_size
+
+    return {"cache_size": parse_size, "upload_workers": _positive_int}
+
+
+#: -o option -> (`shufflefs mount` flag, check of its value); uid/gid make --owner together
 OPTION_FLAGS = {
-    "cache_dir": "--cache-dir",
-    "cache_size": "--cache-size",
-    "commit": "--commit",
-    "s3_endpoint_url": "--s3-endpoint-url",
-    "upload_workers": "--upload-workers",
-    "log_file": "--log-file",
-    "log_level": "--log-level",
-    "owner": "--owner",
+    "cache_dir": ("--cache-dir", str),
+    "cache_size": ("--cache-size", "cache_size"),
+    "commit": ("--commit", _choice("sync", "async")),
+    "s3_endpoint_url": ("--s3-endpoint-url", str),
+    "upload_workers": ("--upload-workers", "upload_workers"),
+    "log_file": ("--log-file", str),
+    "log_level": ("--log-level", _choice("debug", "info", "warning", "error")),
 }
+OWNER_OPTIONS = ("uid", "gid")
+#: -o options without a value
+SWITCH_OPTIONS = {"leave_mount": "--leave-mount"}
 #: -o options that set the daemon's environment instead of a flag
 ENV_OPTIONS = {"aws_profile": "AWS_PROFILE"}
 #: mount(8)'s and the kernel's generic options: meaningless to shufflefs, accepted and ignored
 GENERIC_OPTIONS = frozenset({
-    "defaults", "rw", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail",
-    "async", "sync", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime", "strictatime",
-    "nostrictatime", "lazytime", "nolazytime", "dev", "nodev", "exec", "noexec", "suid", "nosuid",
-    "loud", "silent", "mand", "nomand", "iversion", "noiversion", "allow_other", "default_permissions",
+    "defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nousers", "owner", "noowner", "group",
+    "nogroup", "_netdev", "nofail", "async", "sync", "atime", "noatime", "diratime", "nodiratime", "relatime",
+    "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "dev", "nodev", "exec", "noexec",
+    "suid", "nosuid", "loud", "silent", "mand", "nomand", "iversion", "noiversion", "allow_other",
+    "default_permissions",
 })
-GENERIC_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "helper=")
+GENERIC_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "helper=", "uhelper=", "user=", "context=",
+                    "fscontext=", "defcontext=", "rootcontext=")
 
 
 class HelperError(Exception):
@@ -60,10 +85,14 @@ class Invocation:
         self.fake = False
         self.sloppy = False
         self.verbose = False
+        self.lazy = False
 
 
 def parse_invocation(argv: list[str], positionals: int = 2) -> Invocation:
+    """mount.<type> SOURCE DIR [-sfnv] [-N NS] [-o OPTS] [-t TYPE], or with positionals=1
+    umount.<type> DIR [-flnrv] [-N NS] [-t TYPE] (there -f is force, -l lazy)."""
     call = Invocation()
+    umount = positionals == 1
     positional = []
     args = iter(argv)
     for arg in args:
@@ -79,13 +108,17 @@ def parse_invocation(argv: list[str], positionals: int = 2) -> Invocation:
             call.options.extend(o for o in arg[2:].split(",") if o)
         elif arg.startswith("-") and len(arg) > 1:
             for flag in arg[1:]:
-                if flag == "f":
-                    call.fake = True
-                elif flag == "s":
-                    call.sloppy = True
-                elif flag == "v":
+                if flag == "v":
                     call.verbose = True
-                elif flag not in "nlr":  # no mtab to write; lazy and read-only-remount do not apply
+                elif umount and flag == "l":
+                    call.lazy = True
+                elif umount and flag in "frd":  # force: it drains anyway; no read-only remount; no loop
+                    continue
+                elif not umount and flag == "f":
+                    call.fake = True
+                elif not umount and flag == "s":
+                    call.sloppy = True
+                elif flag != "n":  # no mtab to write
                     raise HelperError(f"unknown flag -{flag}")
         else:
             positional.append(arg)
@@ -102,26 +135,45 @@ def translate_options(options: list[str], sloppy: bool = False) -> tuple[list[st
     """-o options -> (`shufflefs mount` flags, environment for the daemon)."""
     flags: list[str] = []
     env: dict[str, str] = {}
+    owner: dict[str, str] = {}
     for option in options:
         name, has_value, value = option.partition("=")
         if option in GENERIC_OPTIONS or option.startswith(GENERIC_PREFIXES):
             continue
         if option == "ro":
             raise HelperError("read-only mounts are not supported (shufflefs is Spark's scratch space); drop 'ro'")
-        if name in OPTION_FLAGS or name in ENV_OPTIONS:
+        if name in SWITCH_OPTIONS and not has_value:
+            flags.append(SWITCH_OPTIONS[name])
+            continue
+        if name in OPTION_FLAGS or name in ENV_OPTIONS or name in OWNER_OPTIONS:
             if not has_value or not value:
                 raise HelperError(f"mount option {name} needs a value: {name}=...")
             if name in OPTION_FLAGS:
-                flags += [OPTION_FLAGS[name], value]
+                flag, check = OPTION_FLAGS[name]
+                if isinstance(check, str):
+                    check = _converters()[check]
+                try:
+                    check(value)
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    raise HelperError(f"invalid value in mount option {option!r}: {exc}") from None
+                flags += [flag, value]
+            elif name in OWNER_OPTIONS:
+                try:
+                    owner[name] = _id(value)
+                except ValueError as exc:
+                    raise HelperError(f"invalid value in mount option {option!r}: {exc}") from None
             else:
                 env[ENV_OPTIONS[name]] = value
             continue
         if name == "foreground" or name == "ready_fd":
             raise HelperError(f"mount option {name} is not allowed: a mount helper must return once mounted")
         if not sloppy:
-            known = ", ".join(sorted([*OPTION_FLAGS, *ENV_OPTIONS]))
+            known = ", ".join(sorted([*OPTION_FLAGS, *ENV_OPTIONS, *OWNER_OPTIONS, *SWITCH_OPTIONS]))
             raise HelperError(f"unknown mount option {option!r} (shufflefs options: {known}; "
                               "mount(8)'s generic ones are ignored)")
+    if owner:
+        uid = owner.get("uid", owner.get("gid"))
+        flags += ["--owner", f"{uid}:{owner.get('gid', uid)}"]
     return flags, env
 
 
@@ -130,7 +182,7 @@ def helper_command(program: str, argv: list[str]) -> tuple[Invocation, list[str]
     shufflefs = [sys.executable, "-m", "shufflefs"]
     if os.path.basename(program).startswith("umount."):
         call = parse_invocation(argv, positionals=1)
-        return call, [*shufflefs, "umount", call.mountpoint], {}
+        return call, [*shufflefs, "umount", call.mountpoint, *(["--lazy"] if call.lazy else [])], {}
     call = parse_invocation(argv)
     flags, env = translate_options(call.options, call.sloppy)
     return call, [*shufflefs, "mount", call.source, call.mountpoint, *flags], env
@@ -141,7 +193,7 @@ HELPER_SCRIPT = """#!/bin/sh
 # mount(8)/umount(8) helper for shufflefs: mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o OPTIONS
 # (`shufflefs install-mount-helper` installs it as /sbin/mount.fuse.shufflefs, with links
 # mount.shufflefs, umount.fuse.shufflefs and umount.shufflefs; it acts on the name it is run by)
-exec {python} -m shufflefs.mount_helper "$0" "$@"
+cd / && exec {python} -m shufflefs.mount_helper "$0" "$@"
 """
 #: names mount(8) and umount(8) look for, for -t fuse.shufflefs and -t shufflefs
 HELPER_NAMES = ("mount.fuse.shufflefs", "mount.shufflefs", "umount.fuse.shufflefs", "umount.shufflefs")

@@ -30,10 +30,10 @@ def test_options_become_flags_and_generic_ones_are_ignored():
     flags, env = translate_options(["rw", "defaults", "_netdev", "nofail", "auto", "noauto", "x-systemd.automount",
                                     "cache_size=20G", "commit=async", "cache_dir=/var/cache/sfs", "noatime",
                                     "s3_endpoint_url=http://h:8333", "upload_workers=4", "aws_profile=spark",
-                                    "log_level=debug", "comment=hello", "owner=185:185"])
+                                    "log_level=debug", "comment=hello", "uid=185", "user=spark", "leave_mount"])
     assert flags == ["--cache-size", "20G", "--commit", "async", "--cache-dir", "/var/cache/sfs",
                      "--s3-endpoint-url", "http://h:8333", "--upload-workers", "4", "--log-level", "debug",
-                     "--owner", "185:185"]
+                     "--leave-mount", "--owner", "185:185"]
     assert env == {"AWS_PROFILE": "spark"}
 
 
@@ -43,6 +43,10 @@ def test_options_become_flags_and_generic_ones_are_ignored():
     ("cache_size=", "cache_size needs a value"),
     ("ro", "read-only mounts are not supported"),
     ("foreground", "not allowed"),
+    ("cache_size=lots", "invalid value in mount option 'cache_size=lots': invalid size 'lots'"),
+    ("commit=maybe", "invalid value in mount option 'commit=maybe': use one of sync, async"),
+    ("uid=spark", "invalid value in mount option 'uid=spark': use a number"),
+    ("upload_workers=0", "must be at least 1"),
 ])
 def test_bad_options_are_refused(option, needle):
     with pytest.raises(HelperError) as info:
@@ -61,8 +65,11 @@ def test_invocation_as_mount_and_as_umount():
     assert not call.fake
     call, command, _ = helper_command("mount.shufflefs", ["s3://b", "/mnt/x", "-fv", "-ocommit=sync"])
     assert call.fake and call.verbose and command[-2:] == ["--commit", "sync"]
-    _, command, _ = helper_command("umount.fuse.shufflefs", ["/mnt/x", "-n", "-l", "-t", "fuse.shufflefs"])
-    assert command[1:] == ["-m", "shufflefs", "umount", "/mnt/x"]
+    _, command, _ = helper_command("umount.fuse.shufflefs", ["/mnt/x", "-n", "-f", "-t", "fuse.shufflefs"])
+    assert command[1:] == ["-m", "shufflefs", "umount", "/mnt/x"]  # -f (force) still drains
+    _, command, _ = helper_command("umount.fuse.shufflefs", ["/mnt/x", "-l"])
+    assert command[1:] == ["-m", "shufflefs", "umount", "/mnt/x", "--lazy"]
+    assert translate_options(["gid=7"]) == (["--owner", "7:7"], {})
     for argv in ([], ["only-one"], ["a", "b", "c"], ["a", "b", "-o"], ["a", "b", "-N", "ns"], ["a", "b", "-q"]):
         with pytest.raises(HelperError):
             helper_command("mount.fuse.shufflefs", argv)
@@ -156,8 +163,8 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
-        "cache_size, commit, log_file, log_level, owner, s3_endpoint_url, upload_workers; mount(8)'s generic "
-        "ones are ignored)"]
+        "cache_size, commit, gid, leave_mount, log_file, log_level, s3_endpoint_url, uid, upload_workers; "
+        "mount(8)'s generic ones are ignored)"]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 32
     assert len(result.stderr.strip().splitlines()) == 1 and "unsupported store URL scheme" in result.stderr
@@ -205,14 +212,16 @@ def read_log(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.parametrize("view", ["slave-namespace", "bind-of-mountpoint"])
-def test_consumer_survives_daemon_sigkill_and_restart(view, shared_dir, tmp_path, file_store):
+@pytest.mark.parametrize("view, ending", [("slave-namespace", "sigkill"), ("bind-of-mountpoint", "sigkill"),
+                                        ("bind-of-mountpoint", "sigterm-leave-mount")])
+def test_consumer_survives_daemon_restart(view, ending, shared_dir, tmp_path, file_store):
     """slave-namespace: a process in its own mount namespace that copied the tree as slave
     (`unshare --propagation slave`). bind-of-mountpoint: in such a namespace, a bind mount of
     the mountpoint itself made read-slave, which is how kubelet gives a container a
-    HostToContainer volume. Both must read again once the daemon is started again."""
+    HostToContainer volume. Both must read again once the daemon is started again, after a
+    crash (SIGKILL) or after a graceful stop with --leave-mount (a DaemonSet update)."""
     mnt, cache = shared_dir / "mnt", tmp_path / "cache"
-    mount = Mount(f"file://{file_store}", mnt, cache)
+    mount = Mount(f"file://{file_store}", mnt, cache, *(["--leave-mount"] if ending != "sigkill" else []))
     consumer = None
     stop, log_path = tmp_path / "stop", tmp_path / "consumer.log"
     names = ["blockmgr-1/00/shuffle_0_0_0.data", "blockmgr-1/00/shuffle_0_0_0.index"]
@@ -234,7 +243,13 @@ def test_consumer_survives_daemon_sigkill_and_restart(view, shared_dir, tmp_path
             while not any("ok" in r for r in (read_log(log_path) if log_path.exists() else [])):
                 assert time.monotonic() < deadline and consumer.poll() is None, "the consumer cannot read"
                 time.sleep(0.1)
-            mount.kill_only()
+            if ending == "sigkill":
+                mount.kill_only()
+            else:
+                os.kill(mount.pid, signal.SIGTERM)  # drains, then exits leaving the mount
+                mount.wait_exit()
+                assert "leaving the mount for the next daemon" in mount.log()
+            assert is_mounted(str(mnt))
             killed = time.time()
             time.sleep(0.5)
             assert consumer.poll() is None
@@ -505,3 +520,61 @@ def test_dockerfile():
     assert re.search(r"apt-get install[^\n]*\bfuse3\b", final), "the final image has fuse3 (fusermount3)"
     assert "pip install --no-cache-dir /src" in text
     assert re.search(r'^ENTRYPOINT \["shufflefs", "mount", "--foreground"\]$', text, re.M)
+
+
+def test_mountpoint_may_be_a_volume(tmp_path, file_store):
+    """A container's emptyDir volume is a bind mount: shufflefs mounts on its root."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    subprocess.run(["mount", "--bind", str(volume), str(volume)], check=True)
+    try:
+        with Mount(f"file://{file_store}", volume, tmp_path / "cache") as mount:
+            (volume / "shuffle_0_0_0.index").write_bytes(bytes(16))
+            assert mount.umount().returncode == 0
+        assert store_objects(str(file_store)) == {"shuffle_0_0_0.index": bytes(16)}
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], capture_output=True)
+
+
+def test_directories_survive_a_restart(tmp_path, file_store):
+    """Spark caches the directories it created (DiskBlockManager's subdirectories) and never
+    creates them again: after a restart they must still be there, empty or not."""
+    mount = Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache")
+    with mount:
+        mnt = mount.path
+        os.makedirs(f"{mnt}/blockmgr-1/0c")
+        os.makedirs(f"{mnt}/blockmgr-1/3f")
+        os.makedirs(f"{mnt}/spark-2/userFiles-3")
+        os.chmod(f"{mnt}/blockmgr-1/3f", 0o700)
+        os.rename(f"{mnt}/spark-2", f"{mnt}/spark-9")
+        os.makedirs(f"{mnt}/gone")
+        os.rmdir(f"{mnt}/gone")
+        (tmp_path / "mnt" / "blockmgr-1" / "0c" / "temp_shuffle_1").write_bytes(b"scratch")  # local only
+        mount.kill_only()
+        mount.start()
+        assert sorted(os.listdir(mnt)) == ["blockmgr-1", "spark-9"]
+        assert sorted(os.listdir(f"{mnt}/blockmgr-1")) == ["0c", "3f"]
+        assert os.listdir(f"{mnt}/blockmgr-1/0c") == []  # scratch files do not survive a crash
+        assert os.stat(f"{mnt}/blockmgr-1/3f").st_mode & 0o777 == 0o700
+        assert os.listdir(f"{mnt}/spark-9") == ["userFiles-3"]
+        with open(f"{mnt}/blockmgr-1/3f/shuffle_0_0_0.index", "wb") as f:
+            f.write(bytes(16))
+        assert mount.umount().returncode == 0
+    # a clean unmount forgets them: their users went with the mount
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache") as again:
+        assert sorted(os.listdir(again.path)) == ["blockmgr-1"]
+        assert os.listdir(f"{again.path}/blockmgr-1") == ["3f"]
+
+
+def test_umount_refuses_a_live_mount_whose_daemon_it_cannot_see(tmp_path, file_store):
+    from shufflefs.daemon import run_file
+
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache") as mount:
+        pid_file = run_file(mount.path, "json")
+        os.rename(pid_file, pid_file + ".hidden")  # as from the host, for a daemon in a container
+        try:
+            result = run_cli("umount", mount.path)
+            assert result.returncode == 1 and "not visible from here" in result.stderr
+            assert is_mounted(mount.path) and os.statvfs(mount.path)  # still live, nothing detached
+        finally:
+            os.rename(pid_file + ".hidden", pid_file)
