@@ -3,9 +3,10 @@
 libfuse stats the mountpoint before mounting, which fails on a mount left by a dead daemon
 (ENOTCONN). Calling mount(2) directly needs no stat, so a restarted daemon can mount *over*
 the dead mount. That is what keeps consumers working: a mount made on top of a mount reaches
-every copy of it in other mount namespaces (its peers and slaves), including bind mounts of
-the mountpoint itself, such as a Kubernetes volume with HostToContainer propagation. Lazily
-unmounting the dead mount first would not: such a bind keeps the dead mount for good.
+its peers and slaves in other mount namespaces, including bind mounts of the mountpoint made
+from a shared or slave copy, such as a Kubernetes volume with HostToContainer propagation
+(private copies are not reached). Lazily unmounting the dead mount first would not: such a
+bind keeps the dead mount for good.
 
 libfuse is then handed the open /dev/fuse descriptor as `/dev/fd/N`.
 """

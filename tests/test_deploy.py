@@ -467,6 +467,7 @@ def check_mounter(container: dict, volumes: list[dict], config: dict) -> tuple[s
     assert any(cache_dir.startswith(m["mountPath"]) for m in mounts), "the cache dir is on a volume"
     for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["exec"]["command"][:3] == ["shufflefs", "stats", mountpoint]
+        assert container[probe]["timeoutSeconds"] >= 5, "the default 1 s is shorter than Python's start-up"
     assert "livenessProbe" not in container, "a liveness kill would cut a drain short"
     assert one(volumes, name=shared["name"])
     return mountpoint, shared
@@ -481,7 +482,10 @@ def test_daemonset_mounts_on_the_host_and_drains_on_stop():
     assert [r["secretRef"]["name"] for r in container["envFrom"] if "secretRef" in r] == [secret["metadata"]["name"]]
     assert {"name": "fuse", "mountPath": "/dev/fuse"} in container["volumeMounts"]
     assert one(pod["volumes"], name="fuse")["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
-    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["shufflefs", "umount", mountpoint]
+    # preStop drains while still serving; SIGTERM then ends the daemon, leaving the mount for
+    # the next one (so executors that bound it keep working across an update)
+    assert container["lifecycle"]["preStop"]["exec"]["command"][:4] == ["shufflefs", "stats", mountpoint, "--sync"]
+    assert "--leave-mount" in container["args"]
     assert pod["terminationGracePeriodSeconds"] >= 600
     # the executors' template points at this mountpoint on the host
     host_dir = one(pod["volumes"], name=shared["name"])["hostPath"]["path"]
@@ -505,8 +509,12 @@ def test_sidecar_template_needs_no_host_path():
     assert sidecar["restartPolicy"] == "Always", "a native sidecar"
     mountpoint, shared = check_mounter(sidecar, pod["volumes"], config)
     assert shared["name"] == "spark-local-dir-1" and "emptyDir" in one(pod["volumes"], name="spark-local-dir-1")
+    assert mountpoint != shared["mountPath"], "a directory of the volume: the volume itself stays stat-able"
+    assert sidecar["command"][:2] == ["sh", "-c"] and "exec shufflefs mount --foreground" in sidecar["command"][2]
     executor = one(pod["containers"], name="spark-kubernetes-executor")
-    assert one(executor["volumeMounts"], name="spark-local-dir-1")["mountPropagation"] == "HostToContainer"
+    local = one(executor["volumeMounts"], name="spark-local-dir-1")
+    assert local["mountPropagation"] == "HostToContainer"
+    assert local["subPath"] == mountpoint[len(shared["mountPath"]) + 1:]
     assert not [v for v in pod["volumes"] if "hostPath" in v]
     assert pod["terminationGracePeriodSeconds"] >= 300
 
