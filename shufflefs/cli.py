@@ -46,6 +46,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+COMMIT_MODES = ("sync", "async")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def parse_owner(text: str) -> tuple[int, int]:
     """'185' or '185:185' -> (uid, gid); the gid defaults to the uid."""
     uid, _, gid = text.partition(":")
@@ -80,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--cache-size", type=parse_size,
                        help="bound on local bytes (staging + cache), e.g. 20G "
                             "(default: 80%% of the free space where --cache-dir is)")
-    mount.add_argument("--commit", choices=("sync", "async"), default="sync",
+    mount.add_argument("--commit", choices=COMMIT_MODES, default="sync",
                        help="sync: the rename/close that commits a shuffle file returns once it is "
                             "stored; async: returns at once, uploads continue and are drained at "
                             "unmount (default: %(default)s)")
@@ -98,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "`shufflefs umount` still removes it")
     mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
-    mount.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    mount.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(run=cmd_mount)
 

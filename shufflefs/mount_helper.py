@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import subprocess
 import sys
+
+from shufflefs.cli import COMMIT_MODES, LOG_LEVELS, _positive_int, parse_size
 
 EXIT_USAGE = 1
 EXIT_MOUNT_FAILURE = 32
+
 
 def _choice(*allowed: str):
     def check(value: str) -> str:
@@ -36,21 +41,15 @@ def _id(value: str) -> str:
     return value
 
 
-def _converters():
-    from shufflefs.cli import _positive_int, parse_size
-
-    return {"cache_size": parse_size, "upload_workers": _positive_int}
-
-
 #: -o option -> (`shufflefs mount` flag, check of its value); uid/gid make --owner together
 OPTION_FLAGS = {
     "cache_dir": ("--cache-dir", str),
-    "cache_size": ("--cache-size", "cache_size"),
-    "commit": ("--commit", _choice("sync", "async")),
+    "cache_size": ("--cache-size", parse_size),
+    "commit": ("--commit", _choice(*COMMIT_MODES)),
     "s3_endpoint_url": ("--s3-endpoint-url", str),
-    "upload_workers": ("--upload-workers", "upload_workers"),
+    "upload_workers": ("--upload-workers", _positive_int),
     "log_file": ("--log-file", str),
-    "log_level": ("--log-level", _choice("debug", "info", "warning", "error")),
+    "log_level": ("--log-level", _choice(*LOG_LEVELS)),
 }
 OWNER_OPTIONS = ("uid", "gid")
 #: -o options without a value
@@ -150,8 +149,6 @@ def translate_options(options: list[str], sloppy: bool = False) -> tuple[list[st
                 raise HelperError(f"mount option {name} needs a value: {name}=...")
             if name in OPTION_FLAGS:
                 flag, check = OPTION_FLAGS[name]
-                if isinstance(check, str):
-                    check = _converters()[check]
                 try:
                     check(value)
                 except (ValueError, argparse.ArgumentTypeError) as exc:
@@ -200,9 +197,7 @@ HELPER_NAMES = ("mount.fuse.shufflefs", "mount.shufflefs", "umount.fuse.shufflef
 
 
 def install(directory: str, python: str) -> list[str]:
-    """Write the helper into `directory` under both names; return the paths written."""
-    import shlex
-
+    """Write the helper into `directory` under all its names; return the paths written."""
     first = os.path.join(directory, HELPER_NAMES[0])
     temporary = first + ".tmp"
     with open(temporary, "w") as f:
@@ -232,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{program}: " + " ".join(command[2:]), file=sys.stderr)
     if call.fake:
         return 0
-    import subprocess
-
     # `shufflefs mount` returns once the mount is live, `shufflefs umount` once it is drained
     # and gone; each prints its own one-line error
     result = subprocess.run(command, env={**os.environ, **env}, stdin=subprocess.DEVNULL)

@@ -18,7 +18,7 @@ import pytest
 from mounting import Mount, daos_objects, is_mounted, run_cli
 from shufflefs.stores import StoreError, open_store
 from shufflefs.stores.daos import CHUNKS_DICT, DER_ERRORS, DAOSStore, daos_error, der_name
-from test_mount import spark_commit
+from test_mount import commit_and_read_from_second_mount, spark_commit
 
 pytestmark = pytest.mark.daos
 MiB = 1024 * 1024
@@ -350,21 +350,10 @@ def test_two_mounts_share_committed_files(daos, tmp_path):
     url = daos.url("jobs")
     with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=daos.env) as first, \
          Mount(url, tmp_path / "b", tmp_path / "cache-b", env=daos.env) as second:
-        directory = f"{first.path}/blockmgr-2/0c"
-        os.makedirs(directory)
-        written = spark_commit(directory, 0, 7, [os.urandom(3 * MiB), os.urandom(300)])
-        with open(f"{directory}/temp_shuffle_local", "wb") as f:
-            f.write(b"scratch")
-        other = f"{second.path}/blockmgr-2/0c"
-        assert sorted(os.listdir(other)) == sorted(written)
-        for name, content in written.items():
-            with open(f"{other}/{name}", "rb") as f:
-                assert f.read() == content
-        with open(f"{other}/shuffle_0_7_0.index", "rb") as f:
-            f.seek(8)
-            assert int.from_bytes(f.read(8), "big") == 3 * MiB
-        assert daos_objects(url) == {f"blockmgr-2/0c/{n}": c for n, c in written.items()}
-        os.remove(f"{directory}/shuffle_0_7_0.data")
+        written = commit_and_read_from_second_mount(first, second, "blockmgr-2/0c",
+                                                    [os.urandom(3 * MiB), os.urandom(300)])
+        assert daos_objects(url) == written
+        os.remove(f"{first.path}/blockmgr-2/0c/shuffle_0_7_0.data")
         assert first.umount().returncode == 0
         assert sorted(daos_objects(url)) == ["blockmgr-2/0c/shuffle_0_7_0.checksum.ADLER32",
                                              "blockmgr-2/0c/shuffle_0_7_0.index"]

@@ -218,27 +218,34 @@ def test_unsupported_operations(file_mount):
     assert raised.value.errno == errno.EOPNOTSUPP
 
 
+def commit_and_read_from_second_mount(first: Mount, second: Mount, directory: str,
+                                      partitions: list[bytes]) -> dict[str, bytes]:
+    """Commit one map output (and a scratch file) in `directory` of the first mount; the second
+    mount, of the same store, lists and reads exactly the committed files, also the way a
+    reducer reads an index (seek, two 8-byte reads). Returns key -> bytes."""
+    os.makedirs(f"{first.path}/{directory}")
+    written = spark_commit(f"{first.path}/{directory}", 0, 7, partitions)
+    with open(f"{first.path}/{directory}/temp_shuffle_local", "wb") as f:
+        f.write(b"scratch")
+    other = f"{second.path}/{directory}"
+    assert sorted(os.listdir(other)) == sorted(written)
+    for name, content in written.items():
+        with open(f"{other}/{name}", "rb") as f:
+            assert f.read() == content
+    with open(f"{other}/shuffle_0_7_0.index", "rb") as f:
+        f.seek(8)
+        assert int.from_bytes(f.read(8), "big") == len(partitions[0])
+    return {f"{directory}/{name}": content for name, content in written.items()}
+
+
 def test_second_mount_sees_committed_files(tmp_path, s3_env, bucket, seaweed):
     url = f"s3://{bucket}/jobs"
     with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=s3_env) as first, \
          Mount(url, tmp_path / "b", tmp_path / "cache-b", env=s3_env) as second:
-        directory = f"{first.path}/spark-1/executor-0/blockmgr-2/0c"
-        os.makedirs(directory)
-        written = spark_commit(directory, 0, 7, [os.urandom(5000), os.urandom(300)])
-        with open(f"{directory}/temp_shuffle_local", "wb") as f:
-            f.write(b"scratch")
-        other = f"{second.path}/spark-1/executor-0/blockmgr-2/0c"
-        assert sorted(os.listdir(other)) == sorted(written)
-        for name, content in written.items():
-            with open(f"{other}/{name}", "rb") as f:
-                assert f.read() == content
-        # a reducer's index access: seek, two 8-byte reads
-        with open(f"{other}/shuffle_0_7_0.index", "rb") as f:
-            f.seek(8)
-            assert int.from_bytes(f.read(8), "big") == 5000
+        written = commit_and_read_from_second_mount(first, second, "spark-1/executor-0/blockmgr-2/0c",
+                                                    [os.urandom(5000), os.urandom(300)])
         assert sorted(os.listdir(second.path)) == ["spark-1"]
-        objects = bucket_objects(seaweed.client(), bucket, "jobs")
-        assert objects == {f"spark-1/executor-0/blockmgr-2/0c/{n}": c for n, c in written.items()}
+        assert bucket_objects(seaweed.client(), bucket, "jobs") == written
 
 
 def test_sigkill_recovery_completes_pending_uploads(tmp_path, s3_env, bucket, seaweed):

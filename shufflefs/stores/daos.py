@@ -287,11 +287,12 @@ class DAOSStore(Store):
         """Manifests of files in one directory, None where there is none."""
         if not fulls:
             return {}
-        found = {full: None for full in fulls}
-        names = self._names(_parent(fulls[0]))
+        directory = _parent(fulls[0])
+        names = self._names(directory)
+        found: dict[str, bytes | None] = {}
         for batch in _batches(fulls, BATCH * 16):
-            values = {full: None for full in batch}
-            self._call(f"reading {self._where(_parent(fulls[0]))}", names.bget, values, MANIFEST_BUFFER)
+            values = dict.fromkeys(batch)
+            self._call(f"reading {self._where(directory)}", names.bget, values, MANIFEST_BUFFER)
             found.update(values)
         return {full: (_Manifest.decode(raw, self._where(full)) if raw is not None else None)
                 for full, raw in found.items()}
@@ -406,17 +407,12 @@ class DAOSStore(Store):
                                  self.chunk_size)
             chunk_keys = manifest.chunk_keys()
             chunks = self._dict(CHUNKS_DICT) if chunk_keys else None
-            for first in range(0, len(chunk_keys), BATCH):
+            for batch_keys in _batches(chunk_keys, BATCH):
                 if abort is not None and abort.is_set():
                     raise UploadAborted(key)
-                batch = {}
-                for index in range(first, min(first + BATCH, len(chunk_keys))):
-                    offset = index * self.chunk_size
-                    data = os.pread(fd, min(self.chunk_size, st.st_size - offset), offset)
-                    if len(data) != min(self.chunk_size, st.st_size - offset):
-                        raise StoreError(f"{what}: the local file shrank during the upload")
-                    batch[chunk_keys[index]] = data
-                written.extend(batch)  # before the call: a failed bput may have stored some
+                first = len(written)
+                batch = {chunk: self._read_chunk(fd, first + i, st.st_size, what) for i, chunk in enumerate(batch_keys)}
+                written.extend(batch_keys)  # before the call: a failed bput may have stored some
                 self._call(what, chunks.bput, batch)
             if abort is not None and abort.is_set():
                 raise UploadAborted(key)
@@ -439,6 +435,13 @@ class DAOSStore(Store):
             self._mark_parents(_parent(full))
         finally:
             self._remove_replaced(replaced, manifest)
+
+    def _read_chunk(self, fd: int, index: int, size: int, what: str) -> bytes:
+        length = min(self.chunk_size, size - index * self.chunk_size)
+        data = os.pread(fd, length, index * self.chunk_size)
+        if len(data) != length:
+            raise StoreError(f"{what}: the local file shrank during the upload")
+        return data
 
     def get_range(self, key, offset, length):
         full = self._full(key)
