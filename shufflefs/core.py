@@ -468,9 +468,11 @@ class Filesystem:
                    for child in directory.children.values())
 
     # ------------------------------------------------------------------ commit
-    async def _commit(self, node: Node) -> None:
-        """Make `node` durable at the key of its path."""
-        if self.draining:
+    async def _commit(self, node: Node, close_returned: bool = False) -> None:
+        """Make `node` durable at the key of its path. While draining, commits are refused,
+        except when the writer's close() already returned success (async mode commits at
+        RELEASE, after it): refusing that one would lose the file."""
+        if self.draining and not close_returned:
             raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
         key = self.key_of(node)
         cached_index = is_index(node.name) and node.size <= INDEX_CACHE_MAX
@@ -649,6 +651,11 @@ class Filesystem:
     def _commit_due(self, node: Node) -> bool:
         return node.linked and not node.committed and is_durable(node.name)
 
+    def uncommitted_writers(self) -> int:
+        """Open writable handles of shuffle files not committed yet: each commits at its RELEASE,
+        which the kernel sends after close() has returned (async mode)."""
+        return sum(1 for handle in self.handles.values() if handle.writable and self._commit_due(handle.node))
+
     async def fsync(self, fh: int) -> None:
         node = self._handle(fh).node
         if node.staging is not None:
@@ -664,7 +671,7 @@ class Filesystem:
             node.writers -= 1
         try:
             if handle.writable and node.writers == 0 and self._commit_due(node):
-                await self._commit(node)
+                await self._commit(node, close_returned=not self.commits_at_flush)
         finally:
             if node.opens == 0:
                 if node.staging is not None:

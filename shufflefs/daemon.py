@@ -268,6 +268,8 @@ class CacheDir:
 
 
 # ---------------------------------------------------------------------------- running
+#: seconds a drain waits for open shuffle files to be closed (and committed) first
+RELEASE_WAIT = 5.0
 #: root mounts with mount(2) itself (shufflefs.kernel_mount); other users through libfuse
 MOUNTS_ITSELF = os.geteuid() == 0
 #: the libfuse options that are also the kernel's
@@ -373,6 +375,11 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     async def drain() -> None:
         notify_service_manager(f"STOPPING=1\nSTATUS=draining {len(remote.pending)} remote operations")
         fs.draining = True
+        # a file closed just before the signal commits at its RELEASE, which may still be on its
+        # way; give writers of shuffle files a moment to close
+        with trio.move_on_after(RELEASE_WAIT):
+            while fs.uncommitted_writers():
+                await trio.sleep(0.05)
         await remote.drain()
 
     async def watch_signals(task_status=trio.TASK_STATUS_IGNORED) -> None:

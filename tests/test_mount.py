@@ -388,3 +388,18 @@ def test_shell_redirection_into_a_durable_name(file_mount):
         content = f.read()
     assert len(content) == 24
     assert store_objects(file_mount.store_root) == {"blockmgr-1/00/shuffle_0_0_0.index": content}
+
+
+def test_sigterm_waits_for_open_shuffle_files(tmp_path, file_store):
+    """A shuffle file still open for writing when SIGTERM comes (async mode commits it at the
+    RELEASE after its close) gets a few seconds to be closed, and is then stored, not lost."""
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--commit", "async") as mount:
+        path = f"{mount.path}/shuffle_0_0_0.index"
+        with open(path, "wb") as f:
+            f.write(b"\1" * 8)
+            os.kill(mount.pid, signal.SIGTERM)
+            time.sleep(1)
+            f.write(b"\2" * 8)
+        mount.wait_exit(60)
+        assert mount.status()["given_up"] == 0
+    assert store_objects(str(file_store)) == {"shuffle_0_0_0.index": b"\1" * 8 + b"\2" * 8}
