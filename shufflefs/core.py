@@ -123,6 +123,7 @@ class Filesystem:
         self._tombstones: OrderedDict[str, float] = OrderedDict()
         self._put_owner: dict[Op, Node] = {}
         remote.on_put_done = self._put_done
+        remote.on_failed = self._put_refused
 
     # ------------------------------------------------------------------ helpers
     def key_of(self, node: Node) -> str:
@@ -239,6 +240,7 @@ class Filesystem:
                 continue  # what this mount did, or is doing, to that key wins
             child = self._new_node(directory, obj.name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)
             child.from_remote = child.committed = True
+            self.remote.observe(key, obj.version)
             child.size = obj.size
             child.atime_ns = child.mtime_ns = child.ctime_ns = obj.mtime_ns
         for name, child in list(directory.children.items()):
@@ -249,6 +251,7 @@ class Filesystem:
             if gone and not (child.is_dir and child.children):
                 if is_index(name):
                     self.journal.index_delete(key)
+                self.remote.forget_version(key)
                 self._detach(child)
                 self._maybe_free(child)
 
@@ -520,6 +523,15 @@ class Filesystem:
         if node is not None and node.staging is op.staging and node.opens == 0 and node.linked:
             self.evictable[node.ino] = node
             self._evict(0)
+
+    def _put_refused(self, op: Op) -> None:
+        """The store refused the upload for good: the file is local again (kept, never
+        evicted, readable here; a later rename or close may commit it again)."""
+        node = self._put_owner.pop(op, None)
+        if node is not None and node.staging is op.staging and node.committed:
+            node.committed = False
+            self.journal.index_delete(op.key)
+            self.evictable.pop(node.ino, None)
 
     def _make_room(self, needed: int) -> None:
         if not self._evict(needed):

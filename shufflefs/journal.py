@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
+import time
+import uuid
 
 import lmdb
 
@@ -18,16 +20,25 @@ MAP_SIZE = 8 * 1024**3  # address space only; the file grows as needed
 
 class Journal:
     def __init__(self, path: str):
-        self.env = lmdb.open(path, max_dbs=5, map_size=MAP_SIZE, sync=False, metasync=False)
+        self.env = lmdb.open(path, max_dbs=6, map_size=MAP_SIZE, sync=False, metasync=False)
         self._ops = self.env.open_db(b"ops")
+        self._failed = self.env.open_db(b"failed")
         self._index = self.env.open_db(b"index")
         self._meta = self.env.open_db(b"meta")
         self._dirs = self.env.open_db(b"dirs")
-        with self.env.begin(db=self._ops) as txn:
-            cursor = txn.cursor()
-            self._next_seq = (struct.unpack(">Q", cursor.key())[0] + 1) if cursor.last() else 1
+        # failed operations keep their numbers: never hand one out again
+        self._next_seq = 1
+        for db in (self._ops, self._failed):
+            with self.env.begin(db=db) as txn:
+                cursor = txn.cursor()
+                if cursor.last():
+                    self._next_seq = max(self._next_seq, struct.unpack(">Q", cursor.key())[0] + 1)
 
     # -- pending remote operations, in the order they were issued
+    def peek_seq(self) -> int:
+        """The number the next add_op gives its operation."""
+        return self._next_seq
+
     def add_op(self, record: dict) -> int:
         seq = self._next_seq
         self._next_seq += 1
@@ -42,6 +53,35 @@ class Journal:
     def pending_ops(self) -> list[tuple[int, dict]]:
         with self.env.begin(db=self._ops) as txn:
             return [(struct.unpack(">Q", k)[0], json.loads(v)) for k, v in txn.cursor()]
+
+    # -- operations the store refused for good: kept for operators (`shufflefs journal`), never
+    # retried, so one bad key cannot hold back a mount or every later one
+    def fail_op(self, seq: int, record: dict, error: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(struct.pack(">Q", seq), db=self._ops)
+            failed = {**record, "error": error, "failed_at": time.time()}
+            txn.put(struct.pack(">Q", seq), json.dumps(failed).encode(), db=self._failed)
+
+    def failed_ops(self) -> list[tuple[int, dict]]:
+        with self.env.begin(db=self._failed) as txn:
+            return [(struct.unpack(">Q", k)[0], json.loads(v)) for k, v in txn.cursor()]
+
+    def drop_op(self, seq: int) -> bool:
+        """Remove a pending or failed operation; whether there was one."""
+        with self.env.begin(write=True) as txn:
+            key = struct.pack(">Q", seq)
+            return bool(txn.delete(key, db=self._ops) | txn.delete(key, db=self._failed))
+
+    def writer_id(self) -> str:
+        """A name for this run's writes, unique across cache dirs and runs: the cache dir's
+        instance id (made once) and a counter of runs. Tokens of writes are `<this>.<seq>`."""
+        instance = self.meta_get("instance")
+        if instance is None:
+            instance = uuid.uuid4().hex[:16]
+            self.meta_set("instance", instance)
+        run = int(self.meta_get("runs") or 0) + 1
+        self.meta_set("runs", str(run))
+        return f"{instance}.{run}"
 
     # -- index cache: key -> whole .index file
     def index_get(self, key: str) -> bytes | None:

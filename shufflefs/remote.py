@@ -6,6 +6,16 @@ earlier operation on any of its keys has finished, so "put K, delete K, put K" e
 last put's bytes whatever the timing. Deletes that are ready together go out as one batch.
 Reads (list, head, ranged get) are plain calls with the same retries.
 
+On a conditional store every write also carries what it expects the key to hold (the version
+the previous operation on the key left, or ABSENT) and a token naming it, so that a request the
+store applies late (after its sender timed out, or died) cannot undo a later one; a put the
+store may still apply after the key was deleted is looked for again after `late_window`
+seconds and removed (a *sweep*). See DESIGN.md "Late requests".
+
+A store error that retrying cannot cure (`transient=False`) fails the operation at once: it is
+recorded in the journal's failed list for operators (`shufflefs journal`), and never holds back
+other keys or later mounts.
+
 Only the trio thread touches this object; the store runs in `trio.to_thread` workers.
 """
 
@@ -14,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
@@ -21,31 +32,47 @@ import trio
 
 from shufflefs.journal import Journal
 from shufflefs.staging import StagingFile
-from shufflefs.stores import ObjectMissing, Store, StoreError, UploadAborted
+from shufflefs.stores import ABSENT, ObjectMissing, PreconditionFailed, Store, StoreError, UploadAborted
 
 log = logging.getLogger(__name__)
 
 DELETE_BATCH = 1000
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
+#: a request is assumed applied or dropped by the store this long after its sender gave up on
+#: it (twice boto3's read timeout); until then a put that may land late is watched for
+LATE_WINDOW = 120.0
+#: conditional writes that find the key changed under them are re-aimed at most this often
+#: before the attempt counts as failed
+MAX_CONFLICTS = 4
 
 
 class Op:
-    """One remote write. `settled` wakes waiters when the op finished, was cancelled, or has
-    failed `max_attempts` times (then `error` is set and retries go on in the background)."""
+    """One remote write. `settled` wakes waiters when the op finished, was cancelled, failed
+    for good, or has failed `max_attempts` times (then `error` is set and retries go on in the
+    background)."""
 
     def __init__(self, kind: str, key: str, *, dst: str | None = None,
-                 staging: StagingFile | None = None):
+                 staging: StagingFile | None = None, tokens: list[str] | None = None):
         self.kind = kind
         self.key = key
         self.dst = dst
         self.staging = staging
         self.size = staging.size if staging is not None else 0
         self.seq = 0
+        self.token = ""
+        #: sweeps: the tokens of the puts that may still land at `key`
+        self.tokens = tokens or []
+        self.not_before = 0.0  # sweeps: wall-clock time
         self.deps: list[Op] = []
         self.started = False
         self.cancelled = False
         self.given_up = False
+        self.failed = False
+        #: an attempt failed in a way that may still reach the store later (or a dead
+        #: daemon's attempt may): its token may show up at the key after this op finished
+        self.uncertain = False
+        self.version: str | None = None  # what the store holds at the op's key afterwards
         self.abort = threading.Event()
         self.finished = trio.Event()
         self.settled = trio.Event()
@@ -55,6 +82,11 @@ class Op:
     def keys(self) -> tuple[str, ...]:
         return (self.key, self.dst) if self.dst is not None else (self.key,)
 
+    @property
+    def landing_key(self) -> str:
+        """Where this write puts an object."""
+        return self.dst if self.dst is not None else self.key
+
     def record(self) -> dict:
         record = {"kind": self.kind, "key": self.key}
         if self.dst is not None:
@@ -62,6 +94,11 @@ class Op:
         if self.staging is not None:
             record["path"] = os.path.basename(self.staging.path)
             record["size"] = self.size
+        if self.token:
+            record["token"] = self.token
+        if self.kind == "sweep":
+            record["tokens"] = self.tokens
+            record["not_before"] = self.not_before
         return record
 
     def __repr__(self) -> str:
@@ -70,17 +107,30 @@ class Op:
 
 class Remote:
     def __init__(self, store: Store, journal: Journal, *, workers: int = 8, max_attempts: int = 6,
-                 on_put_done: Callable[[Op], None] | None = None):
+                 late_window: float = LATE_WINDOW, on_put_done: Callable[[Op], None] | None = None,
+                 on_failed: Callable[[Op], None] | None = None):
         self.store = store
         self.journal = journal
         self.max_attempts = max_attempts
+        self.late_window = late_window
         self.on_put_done = on_put_done
+        self.on_failed = on_failed
         self.pending: set[Op] = set()
         self.pending_put_bytes = 0
         self.given_up: list[Op] = []
+        #: operations the store refused for good during this run
+        self.failed: list[Op] = []
+        self.sweeps: set[Op] = set()
         self.stats: Counter[str] = Counter()
         self.draining = False
+        self._writer = journal.writer_id()
+        self._instance = self._writer.split(".")[0]
         self._tail: dict[str, Op] = {}
+        #: the version each key holds in the store, as far as this mount's writes and listings
+        #: tell (keys known to be absent are left out)
+        self._versions: dict[str, str] = {}
+        #: tokens of this mount's writes that may still land at a key (see Op.uncertain)
+        self._late: dict[str, list[str]] = {}
         self._limiter = trio.CapacityLimiter(workers)
         # reads (listings, ranged GETs) must not queue behind large uploads
         self._read_limiter = trio.CapacityLimiter(workers)
@@ -104,21 +154,44 @@ class Remote:
         return self._submit(Op("delete", key))
 
     def resume(self, seq: int, record: dict, staging: StagingFile | None) -> Op:
-        """Re-issue an operation found in the journal at start-up (keeps its journal entry)."""
-        op = Op(record["kind"], record["key"], dst=record.get("dst"), staging=staging)
+        """Re-issue an operation found in the journal at start-up (keeps its journal entry).
+        The dead daemon's attempts at it may still be on their way to the store."""
+        op = Op(record["kind"], record["key"], dst=record.get("dst"), staging=staging,
+                tokens=record.get("tokens"))
+        op.token = record.get("token", "")
+        op.not_before = record.get("not_before", 0.0)
+        op.uncertain = True
         return self._submit(op, seq=seq)
 
+    def observe(self, key: str, version: str | None) -> None:
+        """A listing showed `version` at `key`: what a later write on it may expect."""
+        if version is not None and key not in self._tail:
+            self._versions.setdefault(key, version)
+
+    def forget_version(self, key: str) -> None:
+        """A listing no longer shows `key`."""
+        if key not in self._tail:
+            self._versions.pop(key, None)
+
     def _submit(self, op: Op, seq: int | None = None) -> Op:
-        op.seq = seq if seq is not None else self.journal.add_op(op.record())
+        if seq is None:
+            if op.kind != "sweep":
+                op.token = f"{self._writer}.{self.journal.peek_seq()}"
+            seq = self.journal.add_op(op.record())
+        op.seq = seq
         if op.staging is not None:
             op.staging.ref()  # only once journaled: a failed add_op leaves nothing to undo
+        assert self._nursery is not None, "Remote.start() was not called"
+        if op.kind == "sweep":  # ordered with nothing: it only removes its own tokens' objects
+            self.sweeps.add(op)
+            self._nursery.start_soon(self._sweep, op)
+            return op
         op.deps = [self._tail[k] for k in op.keys if k in self._tail]
         for k in op.keys:
             self._tail[k] = op
         self.pending.add(op)
         if op.kind == "put":
             self.pending_put_bytes += op.size
-        assert self._nursery is not None, "Remote.start() was not called"
         self._nursery.start_soon(self._run, op)
         return op
 
@@ -153,7 +226,8 @@ class Remote:
 
     async def drain(self) -> list[Op]:
         """Wait until every operation finished or gave up; return those that gave up (their
-        journal entries stay, for the next mount with this cache dir)."""
+        journal entries stay, for the next mount with this cache dir). Sweeps not due yet stay
+        in the journal too: the next mount with this cache dir does them."""
         self.draining = True
         self._notify()  # wake ops sleeping in backoff after their last attempt
         reported = float("-inf")
@@ -188,10 +262,17 @@ class Remote:
             delay = min(delay * 2, BACKOFF_MAX)
 
     # -- execution
+    def _expected(self, key: str) -> str | None:
+        """What a write on `key` expects (an unknown key is optimistically taken as absent:
+        a wrong guess costs one HEAD)."""
+        if not self.store.conditional:
+            return None
+        return self._versions.get(key, ABSENT)
+
     async def _run(self, op: Op) -> None:
         for dep in op.deps:
             await dep.settled.wait()
-            if dep.error is not None and not op.settled.is_set():
+            if dep.error is not None and not dep.failed and not op.settled.is_set():
                 # whoever waits for this op learns now that it cannot happen soon
                 op.error = dep.error
                 op.settled.set()
@@ -206,20 +287,104 @@ class Remote:
         if op.kind == "delete":
             self._delete_queue.append(op)
             self._delete_ready.set()
-            return  # the batcher finishes it
+            return  # a delete batch finishes it
         op.started = True
         if op.kind == "put":
             op.staging.shared |= self.store.keeps_put_files
-            done = await self._attempt([op], self.store.put_file, op.key, op.staging.path, op.abort)
-            if done:
-                self.stats["put_requests"] += 1
-                self.stats["put_bytes"] += op.size
+            version = await self._attempt([op], self._blocking_put, op, self._expected(op.key))
         else:
-            done = await self._attempt([op], self.store.move, op.key, op.dst)
-            if done:
-                self.stats["move_requests"] += 1
-        if done:
-            self._finish(op)
+            version = await self._attempt([op], self._blocking_move, op, self._expected(op.key),
+                                          self._expected(op.dst))
+        if version is _NOT_DONE:
+            return
+        op.version = version
+        self.stats[f"{op.kind}_requests"] += 1
+        if op.kind == "put":
+            self.stats["put_bytes"] += op.size
+        self._finish(op)
+
+    def _blocking_put(self, op: Op, expect: str | None) -> str | None:
+        """One attempt at a put (in a worker thread): the write, re-aimed when the key is not
+        what was expected. Whatever holds the key then is older than this put (operations on
+        a key run in order; a late request of an earlier one, or another mount's write), so it
+        is replaced; but if it is this put's own earlier attempt, the put is done."""
+        for _ in range(MAX_CONFLICTS):
+            try:
+                return self.store.put_file(op.key, op.staging.path, op.abort, expect=expect, token=op.token)
+            except PreconditionFailed:
+                info = self.store.head(op.key)
+                if info is not None and info.token == op.token:
+                    return info.version
+                expect = info.version if info is not None else ABSENT
+        raise StoreError(f"{op.key!r} kept changing while it was being written")
+
+    def _blocking_move(self, op: Op, expect_src: str | None, expect_dst: str | None) -> str | None:
+        """One attempt at a move (in a worker thread); like a put, an unexpected object at the
+        destination is replaced, and the move's own earlier attempt counts as done. A source
+        that is not the version this mount wrote there is not moved: another writer replaced
+        it, and its bytes are not the ones this mount's file holds."""
+        for _ in range(MAX_CONFLICTS):
+            try:
+                return self.store.move(op.key, op.dst, expect_src=expect_src, expect_dst=expect_dst,
+                                       token=op.token)
+            except (PreconditionFailed, ObjectMissing) as exc:
+                landed = self.store.head(op.dst)
+                if landed is not None and op.token and landed.token == op.token:
+                    # the copy happened; its answer, or the source's removal, was lost
+                    self._blocking_delete_stale(op.key, expect_src)
+                    return landed.version
+                if isinstance(exc, ObjectMissing):
+                    raise
+                source = self.store.head(op.key)
+                if source is None:
+                    raise ObjectMissing(op.key) from None
+                if expect_src not in (None, ABSENT, source.version):
+                    raise StoreError(f"not moving {op.key!r} to {op.dst!r}: another writer replaced it",
+                                     transient=False) from None
+                expect_src = source.version if self.store.conditional else None
+                expect_dst = landed.version if landed is not None else ABSENT
+        raise StoreError(f"{op.dst!r} kept changing while {op.key!r} was being moved there")
+
+    def _blocking_delete_stale(self, key: str, expect: str | None) -> None:
+        """Remove `key` if it still holds `expect` (a source left behind by a move)."""
+        failed = self.store.delete_many([key], expect={key: expect} if expect else None)
+        if key in failed and not isinstance(failed[key], PreconditionFailed):
+            raise failed[key]
+
+    def _blocking_delete(self, keys: list[str], expect: dict[str, str | None]) -> dict[str, StoreError]:
+        """One attempt at a batch of deletes (in a worker thread). A key is deleted only in the
+        version this mount last saw; one that holds something else is deleted only if that is
+        a late write of this mount's own (its token is ours), and otherwise left to whoever
+        wrote it. Returns the keys that failed, with why."""
+        conditions = {}
+        if self.store.conditional:
+            for key in keys:
+                version = expect.get(key)
+                if version is None:  # never seen: delete what is there now, in that version
+                    info = self.store.head(key)
+                    if info is None:
+                        continue
+                    version = info.version
+                conditions[key] = version
+        failed = self.store.delete_many(keys, expect=conditions or None)
+        for _ in range(MAX_CONFLICTS):
+            conflicts = [k for k, e in failed.items() if isinstance(e, PreconditionFailed)]
+            if not conflicts:
+                break
+            again = {}
+            for key in conflicts:
+                del failed[key]
+                info = self.store.head(key)
+                if info is None:
+                    continue
+                if info.token is not None and info.token.startswith(self._instance + "."):
+                    again[key] = info.version
+                else:
+                    log.warning("not deleting %s: another writer replaced it since this mount saw it", key)
+            if not again:
+                break
+            failed.update(self.store.delete_many(list(again), expect=again))
+        return failed
 
     async def _delete_batcher(self) -> None:
         while True:
@@ -229,15 +394,60 @@ class Remote:
                 batch, self._delete_queue = self._delete_queue[:DELETE_BATCH], self._delete_queue[DELETE_BATCH:]
                 for op in batch:
                     op.started = True
-                if await self._attempt(batch, self.store.delete_many, [op.key for op in batch]):
-                    self.stats["delete_requests"] += 1
-                    self.stats["deleted_keys"] += len(batch)
-                    for op in batch:
-                        self._finish(op)
+                # each batch on its own: one whose keys keep failing holds back no other
+                self._nursery.start_soon(self._delete_batch, batch)
 
-    async def _attempt(self, ops: list[Op], fn: Callable, *args) -> bool:
-        """Run fn until it succeeds (True) or the op was aborted / given up while draining
-        (False, the op is finished either way)."""
+    async def _delete_batch(self, batch: list[Op]) -> None:
+        remaining = batch
+        while remaining:
+            expect = {op.key: self._versions.get(op.key) for op in remaining}
+            failed = await self._attempt(remaining, self._blocking_delete, [op.key for op in remaining], expect)
+            if failed is _NOT_DONE:
+                return
+            self.stats["delete_requests"] += 1
+            for op in remaining:
+                if op.key not in failed:
+                    self.stats["deleted_keys"] += 1
+                    self._finish(op)
+                elif not failed[op.key].transient:
+                    self._fail([op], failed[op.key])
+            remaining = [op for op in remaining if op.key in failed and failed[op.key].transient]
+            if remaining:
+                error = failed[remaining[0].key]
+                self.stats["failed_requests"] += 1
+                log.warning("%d deletes failed, retrying them: %s", len(remaining), error)
+                await self._backoff(remaining, BACKOFF_FIRST)
+
+    async def _sweep(self, op: Op) -> None:
+        """Remove an object that a put of this mount's, given up as uncertain, left at a key
+        deleted since: wait until no such request can still arrive, then delete the key if (and
+        only if) it holds one of those puts' objects."""
+        await trio.sleep(max(0.0, op.not_before - time.time()))
+
+        def sweep() -> None:
+            info = self.store.head(op.key)
+            if info is not None and info.token in op.tokens:
+                log.warning("removing %s: a write that reached the store after the file was deleted", op.key)
+                self._blocking_delete_stale(op.key, info.version)
+                self.stats["swept_keys"] += 1
+
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await trio.to_thread.run_sync(sweep, limiter=self._limiter)
+                break
+            except StoreError as exc:
+                if not exc.transient:
+                    log.error("could not check %s for a late write: %s", op.key, exc)
+                    break
+            await trio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+        self.journal.remove_op(op.seq)
+        self.sweeps.discard(op)
+
+    async def _attempt(self, ops: list[Op], fn: Callable, *args):
+        """Run fn until it succeeds (its result) or the ops were aborted, failed for good or
+        given up while draining (_NOT_DONE; the ops are finished either way)."""
         delay = BACKOFF_FIRST
         attempt = 0
         while True:
@@ -245,23 +455,27 @@ class Remote:
             if all(op.cancelled for op in ops):  # no longer wanted: stop retrying it
                 for op in ops:
                     self._finish(op)
-                return False
+                return _NOT_DONE
             try:
-                await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-                return True
+                return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
             except UploadAborted:
                 for op in ops:
                     self._finish(op)
-                return False
+                return _NOT_DONE
             except ObjectMissing as exc:
                 # a move whose source is gone: nothing left to move; report, don't retry forever
                 log.error("%r: %s", ops[0], exc)
-                return True
+                return None
             except Exception as exc:  # a store bug must not kill the loop: treat as a failure
                 error = exc if isinstance(exc, StoreError) else StoreError(f"{type(exc).__name__}: {exc}")
                 if not isinstance(exc, StoreError):
                     log.exception("unexpected error from the store in %r", ops[0])
             self.stats["failed_requests"] += 1
+            if not error.transient:
+                self._fail(ops, error)
+                return _NOT_DONE
+            for op in ops:
+                op.uncertain = True  # the request may have reached the store, and may yet
             log.warning("%r failed (attempt %d): %s", ops[0], attempt, error)
             if attempt >= self.max_attempts:
                 for op in ops:
@@ -272,11 +486,31 @@ class Remote:
                     log.error("giving up on %d operation(s) while draining, kept in the journal "
                               "for the next mount: %r: %s", len(ops), ops[0], error)
                     self._give_up(ops)
-                    return False
-            with trio.move_on_after(delay):
-                while not (self.draining and attempt >= self.max_attempts) and not all(op.cancelled for op in ops):
-                    await self._changed.wait()
+                    return _NOT_DONE
+            await self._backoff(ops, delay, attempt)
             delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _backoff(self, ops: list[Op], delay: float, attempt: int = 0) -> None:
+        """Sleep before the next attempt; cut short by a cancel, or by draining once the ops
+        have used their attempts."""
+        with trio.move_on_after(delay):
+            while not (self.draining and attempt >= self.max_attempts) and not all(op.cancelled for op in ops):
+                await self._changed.wait()
+
+    def _fail(self, ops: list[Op], error: StoreError) -> None:
+        """The store refused the ops for good: report, record for operators, go on."""
+        for op in ops:
+            log.error("the store refused %r for good: %s; not retried (`shufflefs journal` lists it)", op, error)
+            op.failed = True
+            op.error = error
+            self.failed.append(op)
+            self.journal.fail_op(op.seq, op.record(), str(error))
+            if self.on_failed is not None:
+                try:
+                    self.on_failed(op)
+                except Exception:  # must not take the scheduler (and the daemon) down
+                    log.exception("after the failure of %r", op)
+            self._finish(op, keep_journal=True)
 
     def _give_up(self, ops: list[Op]) -> None:
         for op in ops:
@@ -284,11 +518,33 @@ class Remote:
             self.given_up.append(op)
             self._finish(op, keep_journal=True)
 
+    def _track(self, op: Op) -> None:
+        """Update what the store holds at the op's keys after it finished."""
+        done = not (op.cancelled or op.given_up or op.failed)
+        if op.kind in ("put", "move") and op.uncertain and op.token:
+            # an attempt of it may still land, even when another one succeeded
+            self._late.setdefault(op.landing_key, []).append(op.token)
+        if not done:
+            return
+        if op.kind in ("move", "delete"):
+            self._versions.pop(op.key, None)
+            late = self._late.pop(op.key, None)
+            if late and self.store.conditional:
+                sweep = Op("sweep", op.key, tokens=late)
+                sweep.not_before = time.time() + self.late_window
+                self._submit(sweep)
+        if op.kind in ("put", "move"):
+            if op.version is not None:
+                self._versions[op.landing_key] = op.version
+            else:
+                self._versions.pop(op.landing_key, None)
+
     def _finish(self, op: Op, keep_journal: bool = False) -> None:
         if op.finished.is_set():
             return
         if not keep_journal:
             self.journal.remove_op(op.seq)
+        self._track(op)
         for k in op.keys:
             if self._tail.get(k) is op:
                 del self._tail[k]
@@ -300,7 +556,7 @@ class Remote:
                     self.on_put_done(op)
                 except Exception:  # must not take the scheduler (and the daemon) down
                     log.exception("after storing %r", op)
-            if not keep_journal:
+            if not keep_journal or op.failed:
                 op.staging.unref()
         op.finished.set()
         op.settled.set()
@@ -309,3 +565,7 @@ class Remote:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+
+
+#: _attempt's answer when the operation did not happen (and was finished accordingly)
+_NOT_DONE = object()

@@ -59,11 +59,11 @@ class Recorder:
     def calls_of(self, method: str, key: str | None = None) -> list[tuple]:
         return [entry for entry in self.log if entry[0] == method and (key is None or entry[1] == key)]
 
-    def put_file(self, key, path, abort=None):
+    def put_file(self, key, path, abort=None, **conditions):
         self.log.append(("put_file", key))
         if not self.gate.wait(30):
             raise StoreError("test gate stayed closed", transient=False)
-        return super().put_file(key, path, abort if self.honor_abort else None)
+        return super().put_file(key, path, abort if self.honor_abort else None, **conditions)
 
     def get_range(self, key, offset, length):
         self.log.append(("get_range", key, offset, length))
@@ -77,17 +77,17 @@ class Recorder:
         self.log.append(("list_dir", prefix))
         return super().list_dir(prefix)
 
-    def move(self, src, dst):
+    def move(self, src, dst, **conditions):
         self.log.append(("move", src, dst))
         if not self.move_gate.wait(30):
             raise StoreError("test gate stayed closed", transient=False)
-        return super().move(src, dst)
+        return super().move(src, dst, **conditions)
 
-    def delete_many(self, keys):
+    def delete_many(self, keys, **conditions):
         self.log.append(("delete_many", tuple(keys)))
         if not self.delete_gate.wait(30):
             raise StoreError("test gate stayed closed", transient=False)
-        return super().delete_many(keys)
+        return super().delete_many(keys, **conditions)
 
 
 class RecordingMemoryStore(Recorder, MemoryStore):
@@ -1218,7 +1218,8 @@ async def test_journal_resume_after_crash(env):
     assert m2.staging_paths() == owed_paths
     assert await m2.remote.drain() == []
     assert contents(store) == expected
-    assert m2.journal.pending_ops() == []
+    # what is left is the look, later, for late arrivals of the dead daemon's puts at keys deleted since
+    assert {r["kind"] for _, r in m2.journal.pending_ops()} <= {"sweep"}
     for k, data in expected.items():
         node = await resolve(fs, k)
         assert node is not None and node.committed, k

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from shufflefs.stores import ObjectMissing, StoreError, UploadAborted, open_store
+from shufflefs.stores import ABSENT, ObjectMissing, PreconditionFailed, StoreError, UploadAborted, open_store
 from shufflefs.stores.file import FileStore
 from shufflefs.stores.memory import MemoryStore
 from shufflefs.stores.s3 import S3Store
@@ -397,6 +397,37 @@ def test_check_passes(store):
     store.check()
 
 
+def test_conditional_writes(store, local):
+    """A conditional store changes a key only in the state the writer expects (so a request it
+    applies late cannot undo a newer one), and keeps the token naming the write."""
+    if not store.conditional:
+        pytest.skip("an unconditional store (see DESIGN.md 'Late requests')")
+    v1 = store.put_file("c/k", local.file(b"one"), expect=ABSENT, token="w.1.1")
+    assert v1 and store.head("c/k").version == v1 and store.head("c/k").token == "w.1.1"
+    with pytest.raises(PreconditionFailed):  # a late create
+        store.put_file("c/k", local.file(b"late"), expect=ABSENT, token="w.1.0")
+    v2 = store.put_file("c/k", local.file(b"two"), expect=v1, token="w.1.2")
+    with pytest.raises(PreconditionFailed):  # a late replace of the first version
+        store.put_file("c/k", local.file(b"late"), expect=v1, token="w.1.0")
+    assert store.get_range("c/k", 0, 10) == b"two"
+    # deletes and moves of a version that is gone change nothing
+    assert isinstance(store.delete_many(["c/k"], expect={"c/k": v1})["c/k"], PreconditionFailed)
+    with pytest.raises(PreconditionFailed):
+        store.move("c/k", "c/m", expect_src=v1, expect_dst=ABSENT, token="w.1.3")
+    assert store.get_range("c/k", 0, 10) == b"two" and store.head("c/m") is None
+    # in the expected versions they happen; the moved object carries the move's token
+    store.put_file("c/m", local.file(b"in the way"), expect=ABSENT)
+    with pytest.raises(PreconditionFailed):
+        store.move("c/k", "c/m", expect_src=v2, expect_dst=ABSENT, token="w.1.3")
+    in_the_way = store.head("c/m").version
+    v3 = store.move("c/k", "c/m", expect_src=v2, expect_dst=in_the_way, token="w.1.4")
+    assert store.head("c/k") is None and store.head("c/m").token == "w.1.4" and store.head("c/m").version == v3
+    assert store.get_range("c/m", 0, 10) == b"two"
+    assert store.delete_many(["c/m", "c/never"], expect={"c/m": v3, "c/never": v3}) == {}
+    assert store.head("c/m") is None
+    assert {o.name: o.version for o in store.list_dir("c").files} == {}
+
+
 # -- S3 specifics ---------------------------------------------------------------------------------
 
 
@@ -408,10 +439,12 @@ def test_s3_multipart_copy(store, local):
     data = os.urandom(11 * MiB)
     put(store, local, "c/src", data)
     store.copy_part_size = 5 * MiB
-    store._copy_in_parts(f"{S3_PREFIX}/c/src", f"{S3_PREFIX}/c/dst", len(data), "test copy")
+    version = store._copy_in_parts(f"{S3_PREFIX}/c/src", f"{S3_PREFIX}/c/dst", len(data), "test copy",
+                                   expect=ABSENT, token="t-1")
     assert store.get_range("c/dst", 0, len(data)) == data
-    etag = s3_client(store).head_object(Bucket=store.bucket, Key=f"{S3_PREFIX}/c/dst")["ETag"]
-    assert etag.strip('"').endswith("-3")
+    head = s3_client(store).head_object(Bucket=store.bucket, Key=f"{S3_PREFIX}/c/dst")
+    assert head["ETag"] == version and version.strip('"').endswith("-3")
+    assert store.head("c/dst").token == "t-1"
     assert pending_uploads(store) == []
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import urllib.parse
 
-from shufflefs.stores.base import Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted
+from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
+                                   StoreError, UploadAborted)
 
-__all__ = ["Listing", "ObjectInfo", "ObjectMissing", "Store", "StoreError", "UploadAborted",
-           "open_store", "SCHEMES"]
+__all__ = ["ABSENT", "Listing", "ObjectInfo", "ObjectMissing", "PreconditionFailed", "Store", "StoreError",
+           "UploadAborted", "open_store", "SCHEMES"]
 
 # scheme -> (module, class, what to install when the import fails)
 SCHEMES = {

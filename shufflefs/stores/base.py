@@ -6,6 +6,14 @@ failure as transient (worth retrying) or not.
 
 Keys are '/'-separated paths relative to the store URL's prefix, never starting or ending with
 '/', e.g. 'spark-1/executor-2/blockmgr-3/0c/shuffle_0_5_0.data'.
+
+Conditional stores (`conditional = True`, S3) make every write conditional on the state the
+caller expects the key to be in: `ABSENT`, or a version (S3: the ETag) that an earlier call
+returned. A write whose expectation no longer holds raises `PreconditionFailed` and changes
+nothing, so a request that reaches the store late (after its sender gave up, or died) cannot
+undo a later one. Every write also carries a `token` naming it, kept with the object (`head`
+returns it), so a sender can tell whether an attempt it saw fail had in fact landed. Other
+stores ignore `expect` and `token`, and return no version; see DESIGN.md "Late requests".
 """
 
 from __future__ import annotations
@@ -23,6 +31,18 @@ class StoreError(Exception):
         super().__init__(message)
         self.transient = transient
         self.errno = errno
+
+
+#: `expect` value: the key holds no object
+ABSENT = "<absent>"
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write found the key in another state than expected; nothing changed."""
+
+    def __init__(self, key: str):
+        super().__init__(f"{key!r} is not in the expected state", transient=False)
+        self.key = key
 
 
 class ObjectMissing(StoreError):
@@ -45,6 +65,10 @@ class ObjectInfo:
     name: str  # last path component
     size: int
     mtime_ns: int
+    #: what a conditional write may expect (S3: the ETag); None where the store has none
+    version: str | None = None
+    #: the token of the write that stored the object (head only; None when unknown)
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,18 +87,22 @@ class Store:
     #: whether put_file may keep the local file itself (a hard link) instead of a copy; then
     #: that file must never be reused
     keeps_put_files = False
+    #: whether writes honour `expect` (see the module docstring)
+    conditional = False
 
     def check(self) -> None:
         """Verify the store is usable (reachable, exists, credentials work) or raise StoreError
         with a one-line message for the user."""
         raise NotImplementedError
 
-    def put_file(self, key: str, path: str, abort: threading.Event | None = None) -> None:
-        """Store the bytes of local file `path` at `key`, replacing any object there.
-        Atomic: readers see the old object or the whole new one. If `abort` is set while the
-        upload runs, the store stops as early as it can, leaves no object, and raises
-        UploadAborted. Callers never modify `path` in place afterwards (they replace or remove
-        it), so a store may keep the file itself instead of a copy (see keeps_put_files)."""
+    def put_file(self, key: str, path: str, abort: threading.Event | None = None, *,
+                 expect: str | None = None, token: str | None = None) -> str | None:
+        """Store the bytes of local file `path` at `key`, replacing any object there, and
+        return the new object's version. Atomic: readers see the old object or the whole new
+        one. If `abort` is set while the upload runs, the store stops as early as it can,
+        leaves no object, and raises UploadAborted. Callers never modify `path` in place
+        afterwards (they replace or remove it), so a store may keep the file itself instead of
+        a copy (see keeps_put_files). `expect`: ABSENT, a version, or None (unconditional)."""
         raise NotImplementedError
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -89,13 +117,17 @@ class Store:
         trailing '/')."""
         raise NotImplementedError
 
-    def move(self, src: str, dst: str) -> None:
+    def move(self, src: str, dst: str, *, expect_src: str | None = None,
+             expect_dst: str | None = None, token: str | None = None) -> str | None:
         """Make the object at `src` appear at `dst` (replacing it) and remove `src`, without
-        the bytes passing through this process when the store can do that."""
+        the bytes passing through this process when the store can do that; return the version
+        at `dst`. With `expect_src`, only that version of `src` is copied and removed."""
         raise NotImplementedError
 
-    def delete_many(self, keys: list[str]) -> None:
-        """Delete the objects; keys that do not exist are not an error."""
+    def delete_many(self, keys: list[str], *, expect: dict[str, str] | None = None) -> dict[str, StoreError]:
+        """Delete the objects; keys that do not exist are not an error. `expect` maps a key to
+        the only version that may be deleted. Returns the keys that were not deleted, with why
+        (PreconditionFailed, or a per-key StoreError); a failure of the whole call raises."""
         raise NotImplementedError
 
     def local_paths(self) -> list[str]:

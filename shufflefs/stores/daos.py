@@ -388,7 +388,7 @@ class DAOSStore(Store):
                              f"version {LAYOUT_VERSION}", transient=False)
         self.shards, self.chunk_size = shards, chunk_size
 
-    def put_file(self, key, path, abort=None):
+    def put_file(self, key, path, abort=None, *, expect=None, token=None):
         full = self._full(key)
         what = f"uploading {self._where(full)}"
         if abort is not None and abort.is_set():
@@ -435,6 +435,7 @@ class DAOSStore(Store):
             self._mark_parents(_parent(full))
         finally:
             self._remove_replaced(replaced, manifest)
+        return None
 
     def _read_chunk(self, fd: int, index: int, size: int, what: str) -> bytes:
         length = min(self.chunk_size, size - index * self.chunk_size)
@@ -495,13 +496,13 @@ class DAOSStore(Store):
                  for full, manifest in self._manifests(files).items() if manifest is not None]
         return Listing(sorted(dirs), sorted(infos, key=lambda o: o.name))
 
-    def move(self, src, dst):
+    def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         src_full, dst_full = self._full(src), self._full(dst)
         manifest = self._manifest(src_full)
         if manifest is None:
             raise ObjectMissing(src)
         if src_full == dst_full:
-            return
+            return None
         replaced = self._manifest(dst_full)
         self._write_entry(dst_full, manifest)
         try:
@@ -513,8 +514,9 @@ class DAOSStore(Store):
             self._prune(_parent(src_full))
         except StoreError as exc:
             log.warning("%s may stay listed while empty: %s", self._where(_parent(src_full)), exc)
+        return None
 
-    def delete_many(self, keys):
+    def delete_many(self, keys, *, expect=None):
         by_directory: dict[str, list[str]] = {}
         for key in keys:
             full = self._full(key)
@@ -530,6 +532,7 @@ class DAOSStore(Store):
                 raise
             self._remove_data(manifests.values())
             self._prune(directory)
+        return {}
 
     def _remove_data_of_deleted(self, manifests: dict[str, _Manifest | None]) -> None:
         """After a delete failed part-way: remove the data of the files that are gone."""

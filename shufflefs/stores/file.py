@@ -55,7 +55,7 @@ class FileStore(Store):
         transient = exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS)
         return StoreError(f"{what}: {exc.strerror}", transient=transient)
 
-    def put_file(self, key, path, abort=None):
+    def put_file(self, key, path, abort=None, *, expect=None, token=None):
         if abort is not None and abort.is_set():
             raise UploadAborted(key)
         target = self._path(key)
@@ -72,6 +72,7 @@ class FileStore(Store):
             if isinstance(exc, OSError):
                 raise self._os_error(exc, f"storing {key}") from exc
             raise
+        return None
 
     @staticmethod
     def _copy(key: str, path: str, temp: str, abort) -> None:
@@ -121,7 +122,7 @@ class FileStore(Store):
             raise self._os_error(exc, f"listing {prefix or '/'}") from exc
         return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
 
-    def move(self, src, dst):
+    def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         target = self._path(dst)
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -133,16 +134,23 @@ class FileStore(Store):
         except OSError as exc:
             raise self._os_error(exc, f"moving {src} to {dst}") from exc
         self._prune_empty_dirs(src)
+        return None
 
-    def delete_many(self, keys):
+    def delete_many(self, keys, *, expect=None):
+        failed = {}
         for key in keys:
             try:
                 os.unlink(self._path(key))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
-                raise self._os_error(exc, f"deleting {key}") from exc
+                error = self._os_error(exc, f"deleting {key}")
+                if error.transient:
+                    raise error from exc
+                failed[key] = error
+                continue
             self._prune_empty_dirs(key)
+        return failed
 
     def _prune_empty_dirs(self, key: str) -> None:
         parent = os.path.dirname(self._path(key))

@@ -1,23 +1,36 @@
 """An in-process store for tests. `memory://NAME` returns the same store for the same NAME
 within one process, so two filesystems in one test can share it. Not for production: nothing
-survives the process."""
+survives the process. It is conditional the way S3 is: versions are content hashes (S3's
+ETag of a single-part upload), and a write whose expectation fails changes nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import urllib.parse
+from typing import NamedTuple
 
-from shufflefs.stores.base import Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted
+from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
+                                   StoreError, UploadAborted)
+
+
+class _Object(NamedTuple):
+    data: bytes
+    mtime_ns: int
+    version: str
+    token: str | None
 
 _named_stores: dict[str, "MemoryStore"] = {}
 _named_lock = threading.Lock()
 
 
 class MemoryStore(Store):
+    conditional = True
+
     def __init__(self, name: str = ""):
         self.url = f"memory://{name}"
-        self.objects: dict[str, tuple[bytes, int]] = {}
+        self.objects: dict[str, _Object] = {}
         self._lock = threading.Lock()
         #: tests: the next `fail_next` calls (of any kind) raise a transient StoreError
         self.fail_next = 0
@@ -42,54 +55,76 @@ class MemoryStore(Store):
     def check(self) -> None:
         self._enter("check")
 
-    def put_file(self, key, path, abort=None):
+    def _check(self, key: str, expect: str | None) -> None:
+        """Called with the lock held: raise PreconditionFailed unless `key` is as expected."""
+        current = self.objects.get(key)
+        if expect is not None and expect != (current.version if current else ABSENT):
+            raise PreconditionFailed(key)
+
+    def put_file(self, key, path, abort=None, *, expect=None, token=None):
         self._enter("put_file")
         with open(path, "rb") as f:
             data = f.read()
         if abort is not None and abort.is_set():
             raise UploadAborted(key)
+        version = f'"{hashlib.md5(data).hexdigest()}"'
         with self._lock:
-            self.objects[key] = (data, time.time_ns())
+            self._check(key, expect)
+            self.objects[key] = _Object(data, time.time_ns(), version, token)
+        return version
 
     def get_range(self, key, offset, length):
         self._enter("get_range")
         with self._lock:
             if key not in self.objects:
                 raise ObjectMissing(key)
-            return self.objects[key][0][offset:offset + length]
+            return self.objects[key].data[offset:offset + length]
 
     def head(self, key):
         self._enter("head")
         with self._lock:
-            if key not in self.objects:
+            obj = self.objects.get(key)
+            if obj is None:
                 return None
-            data, mtime_ns = self.objects[key]
-            return ObjectInfo(key.rsplit("/", 1)[-1], len(data), mtime_ns)
+            return ObjectInfo(key.rsplit("/", 1)[-1], len(obj.data), obj.mtime_ns, obj.version, obj.token)
 
     def list_dir(self, prefix):
         self._enter("list_dir")
         start = prefix + "/" if prefix else ""
         dirs, files = set(), []
         with self._lock:
-            for key, (data, mtime_ns) in self.objects.items():
+            for key, obj in self.objects.items():
                 if not key.startswith(start):
                     continue
                 rest = key[len(start):]
                 if "/" in rest:
                     dirs.add(rest.split("/", 1)[0])
                 else:
-                    files.append(ObjectInfo(rest, len(data), mtime_ns))
+                    files.append(ObjectInfo(rest, len(obj.data), obj.mtime_ns, obj.version))
         return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
 
-    def move(self, src, dst):
+    def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         self._enter("move")
         with self._lock:
             if src not in self.objects:
                 raise ObjectMissing(src)
-            self.objects[dst] = self.objects.pop(src)
+            self._check(src, expect_src)
+            self._check(dst, expect_dst)
+            moved = self.objects.pop(src)._replace(token=token)
+            self.objects[dst] = moved
+            return moved.version
 
-    def delete_many(self, keys):
+    def delete_many(self, keys, *, expect=None):
         self._enter("delete_many")
+        failed = {}
         with self._lock:
             for key in keys:
-                self.objects.pop(key, None)
+                if key not in self.objects:
+                    continue
+                try:
+                    self._check(key, (expect or {}).get(key))
+                except PreconditionFailed as exc:
+                    failed[key] = exc
+                    continue
+                del self.objects[key]
+        return failed

@@ -28,8 +28,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted,
-                                   join_key)
+from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
+                                   StoreError, UploadAborted, join_key)
 
 # botocore logs request details (and, at DEBUG, signed headers) through these loggers
 for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
@@ -43,6 +43,8 @@ MAX_PARTS = 10000
 #: S3's limit for a single CopyObject; larger objects are copied with UploadPartCopy
 COPY_OBJECT_LIMIT = 5 * GiB
 DELETE_BATCH = 1000
+#: user metadata (x-amz-meta-shufflefs-token) naming the write that stored an object
+TOKEN_METADATA = "shufflefs-token"
 
 # error codes worth retrying even though their HTTP status is a 4xx (or absent)
 _TRANSIENT_CODES = frozenset({
@@ -51,7 +53,9 @@ _TRANSIENT_CODES = frozenset({
     "BandwidthLimitExceeded", "ProvisionedThroughputExceededException", "RequestTimeout",
     "RequestTimeoutException", "InternalError", "ServiceUnavailable", "OperationAborted",
     "PriorRequestNotComplete", "EC2ThrottledException", "IDPCommunicationError",
+    "ConditionalRequestConflict",  # AWS: a concurrent conditional write on the key; try again
 })
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _DENIED_CODES = frozenset({"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                            "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled",
@@ -76,7 +80,19 @@ class _LocalReadError(Exception):
         self.error = error
 
 
+def _write_conditions(expect: str | None) -> dict:
+    """The request arguments that make a write happen only if the key is as expected."""
+    if expect is None:
+        return {}
+    return {"IfNoneMatch": "*"} if expect == ABSENT else {"IfMatch": expect}
+
+
+def _token_metadata(token: str | None) -> dict:
+    return {"Metadata": {TOKEN_METADATA: token}} if token else {}
+
+
 class S3Store(Store):
+    conditional = True
     #: size of upload parts (grows for files that would need more than 10000 parts)
     part_size = 8 * MiB
     #: size of the ranges copied by UploadPartCopy for objects too big for one CopyObject
@@ -147,10 +163,14 @@ class S3Store(Store):
     def _where(self, full_key: str) -> str:
         return f"s3://{self.bucket}/{full_key}"
 
-    def _error(self, exc: BaseException, what: str) -> StoreError:
-        """Map a botocore (or local file) exception to a one-line StoreError."""
+    def _error(self, exc: BaseException, what: str, key: str | None = None) -> StoreError:
+        """Map a botocore (or local file) exception to a one-line StoreError; a failed
+        condition of a write to `key` becomes PreconditionFailed."""
         if isinstance(exc, StoreError):
             return exc
+        if (key is not None and isinstance(exc, botocore.exceptions.ClientError)
+                and _client_error_parts(exc)[0] in _PRECONDITION_CODES):
+            return PreconditionFailed(key)
         local = next((e for e in _exception_chain(exc) if isinstance(e, _LocalReadError)), None)
         if local is not None:
             exc = local.error if local.error is not None else local
@@ -207,7 +227,7 @@ class S3Store(Store):
             raise StoreError(f"S3 bucket {bucket!r} at {self.endpoint} is not usable: {_one_line(str(exc))}",
                              transient=False) from None
 
-    def put_file(self, key, path, abort=None):
+    def put_file(self, key, path, abort=None, *, expect=None, token=None):
         full = self._key(key)
         what = f"uploading {self._where(full)}"
         if abort is not None and abort.is_set():
@@ -221,34 +241,39 @@ class S3Store(Store):
             if not stat.S_ISREG(st.st_mode):
                 raise StoreError(f"{what}: local path {path} is not a regular file", transient=False)
             size = st.st_size
-            if size < self.multipart_threshold:
-                body = _FileSlice(fd, 0, size, abort)
-                try:
-                    self._client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentLength=size)
-                except Exception as exc:
-                    if _is_abort(exc):
-                        raise UploadAborted(key) from None
-                    raise self._error(exc, what) from None
-            else:
-                self._put_multipart(key, full, fd, size, abort, what)
+            if size >= self.multipart_threshold:
+                return self._put_multipart(key, full, fd, size, abort, what, expect, token)
+            body = _FileSlice(fd, 0, size, abort)
+            try:
+                response = self._client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentLength=size,
+                                                   **_write_conditions(expect), **_token_metadata(token))
+            except Exception as exc:
+                if _is_abort(exc):
+                    raise UploadAborted(key) from None
+                raise self._error(exc, what, key) from None
+            return response.get("ETag")
         finally:
             os.close(fd)
 
-    def _multipart(self, full: str, send_parts, **create_args) -> None:
+    def _multipart(self, full: str, send_parts, expect: str | None, **create_args) -> str | None:
         """Create a multipart upload at `full`, let send_parts(upload_id) send the parts and
-        return their list, complete it; on any failure abort it, so no upload is left behind."""
+        return their list, complete it (if the key is as expected) and return the ETag; on any
+        failure abort it, so no upload is left behind."""
         upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=full, **create_args)["UploadId"]
         completed = False
         try:
             parts = send_parts(upload_id)
-            self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
-                                                   MultipartUpload={"Parts": parts})
+            response = self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts},
+                **_write_conditions(expect))
             completed = True
         finally:
             if not completed:
                 self._abort_multipart(full, upload_id)
+        return response.get("ETag")
 
-    def _put_multipart(self, key: str, full: str, fd: int, size: int, abort, what: str) -> None:
+    def _put_multipart(self, key: str, full: str, fd: int, size: int, abort, what: str, expect: str | None,
+                       token: str | None) -> str | None:
         part_size = _part_size(size, self.part_size)
         extra = {"ChecksumAlgorithm": "CRC32"} if self._part_checksums else {}
 
@@ -275,11 +300,11 @@ class S3Store(Store):
             return parts
 
         try:
-            self._multipart(full, send_parts, **extra)
+            return self._multipart(full, send_parts, expect, **extra, **_token_metadata(token))
         except UploadAborted:
             raise
         except Exception as exc:
-            raise self._error(exc, what) from None
+            raise self._error(exc, what, key) from None
 
     def _abort_multipart(self, full: str, upload_id: str) -> None:
         try:
@@ -323,7 +348,8 @@ class S3Store(Store):
             raise self._error(exc, f"stat {self._where(full)}") from None
         except Exception as exc:
             raise self._error(exc, f"stat {self._where(full)}") from None
-        return ObjectInfo(key.rsplit("/", 1)[-1], response["ContentLength"], _mtime_ns(response["LastModified"]))
+        return ObjectInfo(key.rsplit("/", 1)[-1], response["ContentLength"], _mtime_ns(response["LastModified"]),
+                          response.get("ETag"), (response.get("Metadata") or {}).get(TOKEN_METADATA))
 
     def list_dir(self, prefix):
         full = self._key(prefix)
@@ -339,41 +365,50 @@ class S3Store(Store):
                 for obj in page.get("Contents", ()):
                     name = obj["Key"][len(start):]
                     if name and "/" not in name:  # skip a 'dir/' marker object
-                        files.append(ObjectInfo(name, obj["Size"], _mtime_ns(obj["LastModified"])))
+                        files.append(ObjectInfo(name, obj["Size"], _mtime_ns(obj["LastModified"]), obj.get("ETag")))
         except Exception as exc:
             raise self._error(exc, f"listing {self._where(start)}") from None
         return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
 
-    def move(self, src, dst):
+    def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         src_full, dst_full = self._key(src), self._key(dst)
         what = f"moving {self._where(src_full)} to {self._where(dst_full)}"
         if src_full == dst_full:
-            if self.head(src) is None:
+            info = self.head(src)
+            if info is None:
                 raise ObjectMissing(src)
-            return
+            return info.version
+        source = {"CopySourceIfMatch": expect_src} if expect_src not in (None, ABSENT) else {}
+        metadata = {"MetadataDirective": "REPLACE", **_token_metadata(token)} if token else {}
         try:
-            self._client.copy_object(Bucket=self.bucket, Key=dst_full,
-                                     CopySource={"Bucket": self.bucket, "Key": src_full})
+            response = self._client.copy_object(Bucket=self.bucket, Key=dst_full,
+                                                CopySource={"Bucket": self.bucket, "Key": src_full},
+                                                **source, **_write_conditions(expect_dst), **metadata)
+            version = response.get("CopyObjectResult", {}).get("ETag")
         except botocore.exceptions.ClientError as exc:
             code = _client_error_parts(exc)[0]
             if code in _MISSING_KEY_CODES:
                 raise ObjectMissing(src) from None
             if code not in ("InvalidRequest", "EntityTooLarge", "InvalidArgument"):
-                raise self._error(exc, what) from None
+                raise self._error(exc, what, dst) from None
             info = self.head(src)  # too big for one CopyObject?
             if info is None:
                 raise ObjectMissing(src) from None
             if info.size < COPY_OBJECT_LIMIT:
                 raise self._error(exc, what) from None
-            self._copy_in_parts(src_full, dst_full, info.size, what)
+            version = self._copy_in_parts(src_full, dst_full, info.size, what, expect_dst, token)
         except Exception as exc:
-            raise self._error(exc, what) from None
+            raise self._error(exc, what, dst) from None
+        if version and not version.startswith('"'):
+            version = f'"{version}"'  # CopyObjectResult's ETag comes unquoted from some servers
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=src_full)
+            self._client.delete_object(Bucket=self.bucket, Key=src_full, **_write_conditions(expect_src))
         except Exception as exc:
-            raise self._error(exc, f"{what}: deleting the source") from None
+            raise self._error(exc, f"{what}: deleting the source", src) from None
+        return version
 
-    def _copy_in_parts(self, src_full: str, dst_full: str, size: int, what: str) -> None:
+    def _copy_in_parts(self, src_full: str, dst_full: str, size: int, what: str, expect: str | None,
+                       token: str | None) -> str | None:
         """Copy an object server-side with UploadPartCopy (for objects above CopyObject's limit)."""
         part_size = _part_size(size, self.copy_part_size)
 
@@ -388,31 +423,43 @@ class S3Store(Store):
             return parts
 
         try:
-            self._multipart(dst_full, send_parts)
+            return self._multipart(dst_full, send_parts, expect, **_token_metadata(token))
         except botocore.exceptions.ClientError as exc:
             if _client_error_parts(exc)[0] in _MISSING_KEY_CODES:
                 raise ObjectMissing(src_full[len(self.prefix):].lstrip("/")) from None
-            raise self._error(exc, what) from None
+            raise self._error(exc, what, dst_full[len(self.prefix):].lstrip("/")) from None
         except Exception as exc:
             raise self._error(exc, what) from None
 
-    def delete_many(self, keys):
+    def delete_many(self, keys, *, expect=None):
         keys = list(keys)
+        expect = expect or {}
+        by_full = {self._key(k): k for k in keys}
+        failed = {}
         for start in range(0, len(keys), DELETE_BATCH):
-            batch = [{"Key": self._key(k)} for k in keys[start:start + DELETE_BATCH]]
+            batch = []
+            for key in keys[start:start + DELETE_BATCH]:
+                version = expect.get(key)
+                batch.append({"Key": self._key(key), **({"ETag": version} if version not in (None, ABSENT) else {})})
             what = f"deleting {len(batch)} objects in s3://{self.bucket}"
             try:
                 response = self._client.delete_objects(Bucket=self.bucket,
                                                        Delete={"Objects": batch, "Quiet": True})
             except Exception as exc:
                 raise self._error(exc, what) from None
-            errors = [e for e in response.get("Errors", ()) if e.get("Code") not in ("NoSuchKey",)]
-            if errors:
-                first = errors[0]
-                raise StoreError(
-                    f"{what}: {len(errors)} failed, e.g. {first.get('Key')}: {first.get('Code')}"
-                    + (f" ({_one_line(first['Message'])})" if first.get("Message") else ""),
-                    transient=any(_is_transient(e.get("Code", ""), None) for e in errors))
+            for error in response.get("Errors", ()):
+                code = error.get("Code", "")
+                key = by_full.get(error.get("Key", ""), error.get("Key", ""))
+                if code in _MISSING_KEY_CODES:
+                    continue
+                if code in _PRECONDITION_CODES:
+                    failed[key] = PreconditionFailed(key)
+                else:
+                    failed[key] = StoreError(
+                        f"deleting {self._where(self._key(key))}: {code}"
+                        + (f" ({_one_line(error['Message'])})" if error.get("Message") else ""),
+                        transient=_is_transient(code, None))
+        return failed
 
 
 class _FileSlice:
