@@ -136,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     helper.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default: %(default)s)")
     helper.set_defaults(run=cmd_install_mount_helper)
 
+    journal = commands.add_parser(
+        "journal", help="list (or drop) the store operations a cache dir owes or the store refused",
+        description="List the remote operations recorded in CACHE_DIR: pending ones (retried by the "
+                    "daemon, and by the next mount with this cache dir) and failed ones (refused by "
+                    "the store for good, kept here for inspection, never retried). Works while a "
+                    "daemon uses the cache dir; --drop needs it stopped.")
+    journal.add_argument("cache_dir", metavar="CACHE_DIR")
+    journal.add_argument("--drop", type=_positive_int, nargs="+", metavar="SEQ",
+                         help="forget these operations (a dropped upload's file is then not stored)")
+    journal.set_defaults(run=cmd_journal)
+
     from shufflefs.bench import add_bench_parser
     add_bench_parser(commands)
     return parser
@@ -277,6 +288,28 @@ def mount_stats(path: str, *, sync: bool = False, timeout: float | None = 600) -
 
 
 # ---------------------------------------------------------------------------- install-mount-helper
+def cmd_journal(args) -> int:
+    from shufflefs.daemon import CacheDirBusy, open_journal
+
+    try:
+        with open_journal(args.cache_dir, exclusive=bool(args.drop)) as journal:
+            if args.drop:
+                missing = [seq for seq in args.drop if not journal.drop_op(seq)]
+                if missing:
+                    raise CliError(f"no operation {', '.join(map(str, missing))} in {args.cache_dir} "
+                                   "(the others were dropped)")
+                return 0
+            for state, ops in (("pending", journal.pending_ops()), ("failed", journal.failed_ops())):
+                for seq, record in ops:
+                    target = f"{record['key']} -> {record['dst']}" if "dst" in record else record["key"]
+                    size = f" ({record['size']} bytes)" if "size" in record else ""
+                    error = f": {record['error']}" if "error" in record else ""
+                    print(f"{seq}\t{state}\t{record['kind']}\t{target}{size}{error}")
+    except CacheDirBusy as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def cmd_install_mount_helper(args) -> int:
     from shufflefs.mount_helper import install
 
@@ -333,5 +366,8 @@ def cmd_umount(args) -> int:
     if status.get("given_up"):
         raise CliError(f"unmounted {mountpoint}, but {status['given_up']} uploads could not be completed; "
                        "they resume on the next mount with the same --cache-dir")
+    if status.get("refused"):
+        raise CliError(f"unmounted {mountpoint}, but the store refused {status['refused']} operations for good; "
+                       "`shufflefs journal CACHE_DIR` lists them")
     return 0
 

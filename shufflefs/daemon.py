@@ -6,6 +6,7 @@ SetupError with one line of explanation.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -224,6 +225,34 @@ def check_outside(mountpoint: str, what: str, path: str) -> None:
         raise SetupError(f"{what} {path} is inside the mountpoint {mountpoint}; put it elsewhere")
 
 
+class CacheDirBusy(SetupError):
+    pass
+
+
+@contextlib.contextmanager
+def open_journal(path: str, *, exclusive: bool):
+    """The journal of an existing cache dir, for `shufflefs journal`; with `exclusive`, only
+    while no daemon uses the cache dir (its journal would not see the change)."""
+    if not os.path.isdir(os.path.join(path, "lmdb")):
+        raise CacheDirBusy(f"{path} is not a shufflefs cache dir (no lmdb/ in it)")
+    with open(os.path.join(path, "lock"), "a+") as lock:
+        if exclusive:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                raise CacheDirBusy(f"cache dir {path} is in use by a shufflefs daemon (pid "
+                                   f"{lock.read().strip() or '?'}): unmount it first") from None
+        try:
+            journal = Journal(os.path.join(path, "lmdb"))
+        except lmdb.Error as exc:
+            raise CacheDirBusy(f"cannot read the journal in {path}: {exc}") from None
+        try:
+            yield journal
+        finally:
+            journal.close()
+
+
 class CacheDir:
     """The cache directory: LMDB, staging files, a lock that keeps a second daemon out."""
 
@@ -334,6 +363,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
 
     def stats() -> dict:
         return {"store": dict(remote.stats), "fs": dict(fs.stats), "pending_ops": len(remote.pending),
+                "refused_ops": len(remote.failed), "pending_sweeps": len(remote.sweeps),
                 "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
                 "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
                 **process_memory()}
@@ -409,7 +439,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         cache.close()
         store.close()
         final = stats()
-        write_run_file(status_file, {"given_up": len(remote.given_up), "stats": final["store"],
+        write_run_file(status_file, {"given_up": len(remote.given_up), "refused": len(remote.failed),
+                                     "stats": final["store"],
                                      "fs": final["fs"], "peak_rss_bytes": final["peak_rss_bytes"]})
         try:
             os.unlink(pid_file)
@@ -425,5 +456,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     if remote.given_up:
         log.error("%d remote operations could not be completed; they stay in the journal of %s "
                   "and resume on the next mount with that cache dir", len(remote.given_up), config.cache_dir)
-        return 1
-    return 0
+    if remote.failed:
+        log.error("the store refused %d operations for good; `shufflefs journal %s` lists them",
+                  len(remote.failed), config.cache_dir)
+    return 1 if remote.given_up or remote.failed else 0

@@ -178,3 +178,31 @@ def test_no_credentials_anywhere(tmp_path, mnt, s3_env, bucket):
                AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
     assert_refused(mount_cli(f"s3://{bucket}", mnt, tmp_path / "cache", env=env), mnt, "credentials")
 
+
+
+def test_journal_lists_and_drops_operations(tmp_path, file_store):
+    """`shufflefs journal` shows what a cache dir owes the store and what the store refused for
+    good, also while a daemon runs; dropping needs the daemon gone."""
+    from shufflefs.journal import Journal
+
+    cache = tmp_path / "cache"
+    with Mount(f"file://{file_store}", tmp_path / "mnt", cache) as mount:
+        journal = Journal(str(cache / "lmdb"))  # what the daemon's remote would record
+        pending = journal.add_op({"kind": "put", "key": "a/shuffle_0_1_0.data", "path": "s1", "size": 7})
+        refused = journal.add_op({"kind": "put", "key": "b\\c/shuffle_0_2_0.data", "path": "s2", "size": 3})
+        journal.fail_op(refused, {"kind": "put", "key": "b\\c/shuffle_0_2_0.data"}, "InvalidArgument")
+        journal.close()
+        listed = run_cli("journal", str(cache))
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.splitlines() == [
+            f"{pending}\tpending\tput\ta/shuffle_0_1_0.data (7 bytes)",
+            f"{refused}\tfailed\tput\tb\\c/shuffle_0_2_0.data: InvalidArgument"]
+        busy = run_cli("journal", str(cache), "--drop", str(refused))
+        assert busy.returncode == 1 and f"pid {mount.pid}" in busy.stderr
+        assert len(busy.stderr.strip().splitlines()) == 1
+    assert run_cli("journal", str(cache), "--drop", str(refused)).returncode == 0
+    assert str(refused) not in run_cli("journal", str(cache)).stdout
+    missing = run_cli("journal", str(cache), "--drop", "999")
+    assert missing.returncode == 1 and "no operation 999" in missing.stderr
+    nothing = run_cli("journal", str(tmp_path / "nowhere"))
+    assert nothing.returncode == 1 and "not a shufflefs cache dir" in nothing.stderr
