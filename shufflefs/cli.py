@@ -50,6 +50,16 @@ COMMIT_MODES = ("sync", "async")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
 def parse_owner(text: str) -> tuple[int, int]:
     """'185' or '185:185' -> (uid, gid); the gid defaults to the uid."""
     uid, _, gid = text.partition(":")
@@ -100,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "`shufflefs mount` here to mount over: containers that bound the mountpoint "
                             "keep working across a restart (the Kubernetes DaemonSet uses it); "
                             "`shufflefs umount` still removes it")
+    mount.add_argument("--late-window", type=_positive_float, default=120.0, metavar="SECONDS",
+                       help="how long after a store request failed (timed out, or its daemon died) the "
+                            "store may still apply it; a put that may land after its file was deleted is "
+                            "looked for and removed this long after the delete (default: %(default)g)")
     mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
     mount.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -180,7 +194,8 @@ def _mount_config(args):
         cache_size = int(shutil.disk_usage(probe).free * 0.8)
     return MountConfig(store_url=args.store_url, mountpoint=os.path.abspath(args.mountpoint), cache_dir=cache_dir,
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
-                       upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount)
+                       upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount,
+                       late_window=args.late_window)
 
 
 def _setup_logging(level: str, stream) -> None:
@@ -246,6 +261,7 @@ def _spawn_daemon(args, config) -> int:
     command = [sys.executable, "-m", "shufflefs", "mount", config.store_url, config.mountpoint,
                "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
                "--commit", config.commit, "--upload-workers", str(config.upload_workers),
+               "--late-window", repr(config.late_window),
                "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if config.s3_endpoint_url:
         command += ["--s3-endpoint-url", config.s3_endpoint_url]

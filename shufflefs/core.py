@@ -23,7 +23,7 @@ from shufflefs.journal import Journal
 from shufflefs.naming import INDEX_CACHE_MAX, is_durable, is_index
 from shufflefs.remote import Op, Remote
 from shufflefs.staging import StagingArea, StagingFile
-from shufflefs.stores import Store, StoreError
+from shufflefs.stores import PreconditionFailed, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Node:
 
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
                  "linked", "lookups", "children", "owned", "listed_at", "size", "staging", "opens",
-                 "writers", "committed", "from_remote")
+                 "writers", "committed", "from_remote", "version")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -75,6 +75,7 @@ class Node:
         self.writers = 0
         self.committed = False
         self.from_remote = False  # learned from a store listing, not created here
+        self.version: str | None = None  # of the object a committed file's bytes are in the store
 
     @property
     def is_dir(self) -> bool:
@@ -85,7 +86,7 @@ class Handle:
     """An open file. A writable handle counts in its node's `writers` until it is flushed
     (close(2)); the kernel may send RELEASE only after the next syscall, e.g. Spark's rename."""
 
-    __slots__ = ("node", "writable", "flushed", "buf_off", "buf")
+    __slots__ = ("node", "writable", "flushed", "buf_off", "buf", "version")
 
     def __init__(self, node: Node, writable: bool):
         self.node = node
@@ -93,6 +94,8 @@ class Handle:
         self.flushed = False
         self.buf_off = 0
         self.buf = b""
+        #: the store version this handle reads: all its bytes come from that one object
+        self.version = node.version
 
 
 class Filesystem:
@@ -236,13 +239,27 @@ class Filesystem:
         for obj in listing.files:
             seen.add(obj.name)
             key = f"{prefix}/{obj.name}" if prefix else obj.name
-            if obj.name in directory.children or self.remote.last_op(key) is not None or self._buried(key):
+            if self.remote.last_op(key) is not None or self._buried(key):
                 continue  # what this mount did, or is doing, to that key wins
+            child = directory.children.get(obj.name)
+            if child is not None:
+                if not (child.from_remote and not child.is_dir and (obj.version, obj.size) != (child.version, child.size)):
+                    continue
+                # another mount replaced the object: the new one is another inode, so that
+                # nothing the kernel cached of the old one (pages, size) is taken for it
+                log.info("%s changed in the store (another mount replaced it)", key)
+                self.stats["remote_replacements"] += 1
+                if is_index(obj.name):
+                    self.journal.index_delete(key)
+                self.remote.forget_version(key)
+                self._detach(child)
+                self._maybe_free(child)
             child = self._new_node(directory, obj.name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)
             child.from_remote = child.committed = True
-            self.remote.observe(key, obj.version)
             child.size = obj.size
+            child.version = obj.version
             child.atime_ns = child.mtime_ns = child.ctime_ns = obj.mtime_ns
+            self.remote.observe(key, obj.version)
         for name, child in list(directory.children.items()):
             key = f"{prefix}/{name}" if prefix else name
             # a name this mount is still moving an object to is not listed yet, but it exists
@@ -265,7 +282,9 @@ class Filesystem:
             child = parent.parent or parent
         else:
             child = parent.children.get(name)
-            if child is None and not parent.owned:
+            if not parent.owned and (child is None or (child.from_remote and not child.is_dir)):
+                # a miss, or a file another mount may have replaced: look at the store again
+                # (at most once per remote_ttl)
                 await self._refresh(parent)
                 child = parent.children.get(name)
         if child is None:
@@ -520,9 +539,11 @@ class Filesystem:
 
     def _put_done(self, op: Op) -> None:
         node = self._put_owner.pop(op, None)
-        if node is not None and node.staging is op.staging and node.opens == 0 and node.linked:
-            self.evictable[node.ino] = node
-            self._evict(0)
+        if node is not None and node.staging is op.staging:
+            node.version = op.version
+            if node.opens == 0 and node.linked:
+                self.evictable[node.ino] = node
+                self._evict(0)
 
     def _put_refused(self, op: Op) -> None:
         """The store refused the upload for good: the file is local again (kept, never
@@ -594,10 +615,12 @@ class Filesystem:
         if offset >= node.size:
             return b""
         key = await self._settled_key(node)
+        if handle.version != node.version:
+            raise FsError(errno.ESTALE, f"{key} was replaced in the store since it was opened")
         if is_index(node.name) and node.size <= INDEX_CACHE_MAX:
             data = self.journal.index_get(key)
             if data is None:
-                data = await self.remote.call(self.store.get_range, key, 0, node.size, what=f"reading {key}")
+                data = await self._get(handle, key, 0, node.size)
                 self.stats["index_fetches"] += 1
                 self.journal.index_put(key, data)
             else:
@@ -606,12 +629,21 @@ class Filesystem:
         end = min(offset + size, node.size)  # reads past EOF (the kernel's last page) need no more
         if not (handle.buf_off <= offset and end <= handle.buf_off + len(handle.buf)):
             length = min(max(size, READAHEAD), node.size - offset)
-            handle.buf = await self.remote.call(self.store.get_range, key, offset, length,
-                                                what=f"reading {key}")
+            handle.buf = await self._get(handle, key, offset, length)
             handle.buf_off = offset
             self.stats["range_gets"] += 1
         start = offset - handle.buf_off
         return handle.buf[start:start + size]
+
+    async def _get(self, handle: Handle, key: str, offset: int, length: int) -> bytes:
+        """Bytes of the one object version the handle reads (ESTALE once it was replaced)."""
+        try:
+            return await self.remote.call(self.store.get_range, key, offset, length, what=f"reading {key}",
+                                          expect=handle.version)
+        except PreconditionFailed:
+            if handle.node.parent is not None:
+                handle.node.parent.listed_at = float("-inf")  # the next lookup learns the new one
+            raise FsError(errno.ESTALE, f"{key} was replaced in the store since it was opened") from None
 
     async def _settled_key(self, node: Node) -> str:
         """The key of an evicted or remote file once no operation on it is pending."""

@@ -53,6 +53,8 @@ class MountConfig:
     owner: tuple[int, int] | None = None
     #: on SIGTERM/SIGINT, drain and exit but leave the (then dead) mount for the next daemon
     leave_mount: bool = False
+    #: seconds a store request may still be applied after its sender gave up on it
+    late_window: float = 120.0
 
 
 # ---------------------------------------------------------------------------- places
@@ -352,7 +354,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     for path in store.local_paths():
         check_outside(mountpoint, "the store directory", path)
     cache = CacheDir(config.cache_dir, store.url)
-    remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts)
+    remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts,
+                    late_window=config.late_window)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
                     cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner)
     operations = Operations(fs)

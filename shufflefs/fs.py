@@ -150,7 +150,8 @@ class Operations(pyfuse3.Operations):
     def _file_info(fh: int) -> pyfuse3.FileInfo:
         # The kernel may keep a file's pages across opens: every byte of a local file is
         # written through this mount's page cache (writeback cache; truncation included), and
-        # committed files never change. Otherwise each open would read the file again.
+        # committed files never change (an object another mount replaces is another inode
+        # here). Otherwise each open would read the file again.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_translated

@@ -21,6 +21,7 @@ Only the trio thread touches this object; the store runs in `trio.to_thread` wor
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -240,12 +241,13 @@ class Remote:
         return self.given_up
 
     # -- reads
-    async def call(self, fn: Callable, *args, what: str = "", attempts: int = 4):
+    async def call(self, fn: Callable, *args, what: str = "", attempts: int = 4, **kwargs):
         """Run one blocking store read with retries; StoreError after the last attempt."""
         delay = BACKOFF_FIRST
         for attempt in range(1, attempts + 1):
             try:
-                result = await trio.to_thread.run_sync(fn, *args, limiter=self._read_limiter)
+                result = await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs),
+                                                       limiter=self._read_limiter)
             except ObjectMissing:
                 self.stats[f"{fn.__name__}_requests"] += 1
                 raise

@@ -65,9 +65,9 @@ class Recorder:
             raise StoreError("test gate stayed closed", transient=False)
         return super().put_file(key, path, abort if self.honor_abort else None, **conditions)
 
-    def get_range(self, key, offset, length):
+    def get_range(self, key, offset, length, **conditions):
         self.log.append(("get_range", key, offset, length))
-        return super().get_range(key, offset, length)
+        return super().get_range(key, offset, length, **conditions)
 
     def head(self, key):
         self.log.append(("head", key))

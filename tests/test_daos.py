@@ -151,7 +151,7 @@ def test_error_mapping():
     assert str(timeout) == "uploading x: failed to store KV value: DER_TIMEDOUT"
     assert (timeout.transient, timeout.errno) == (True, errno.ETIMEDOUT)
     full = daos_error(pydaos.PyDError("failed to store KV value", -1007), "uploading x")
-    assert (full.transient, full.errno) == (False, errno.ENOSPC)
+    assert (full.transient, full.errno) == (True, errno.ENOSPC)  # a write waits for space
     assert der_name(RuntimeError("something else")) == "DER_UNKNOWN"
     unknown = daos_error(RuntimeError("failed: DER_SOMETHING_NEW"), "x")
     assert (unknown.transient, unknown.errno) == (True, errno.EIO)
@@ -170,7 +170,7 @@ def test_failed_put_is_classified_and_leaves_no_chunks(daos, local):
     fake.inject("kv_put", "DER_NOSPACE")
     with pytest.raises(StoreError) as info:
         store.put_file("blockmgr/00/f.data", local(b"x" * 100))
-    assert (info.value.transient, info.value.errno) == (False, errno.ENOSPC)
+    assert (info.value.transient, info.value.errno) == (True, errno.ENOSPC)
     store.put_file("blockmgr/00/f.data", local(b"y" * 100))
     assert store.get_range("blockmgr/00/f.data", 0, 200) == b"y" * 100
 

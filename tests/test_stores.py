@@ -397,6 +397,21 @@ def test_check_passes(store):
     store.check()
 
 
+def test_reads_name_the_version_they_read(store, local):
+    """Every store tells objects apart (head, listings), and a read that names a version never
+    returns bytes of another one: a reader on another node never mixes two versions."""
+    put(store, local, "v/k", b"first version")
+    first = store.head("v/k").version
+    assert first and [o.version for o in store.list_dir("v").files] == [first]
+    assert store.get_range("v/k", 6, 7, expect=first) == b"version"
+    put(store, local, "v/k", b"second, longer version")
+    second = store.head("v/k").version
+    assert second != first and [o.version for o in store.list_dir("v").files] == [second]
+    with pytest.raises(PreconditionFailed):
+        store.get_range("v/k", 6, 7, expect=first)
+    assert store.get_range("v/k", 0, 6, expect=second) == b"second"
+
+
 def test_conditional_writes(store, local):
     """A conditional store changes a key only in the state the writer expects (so a request it
     applies late cannot undo a newer one), and keeps the token naming the write."""
@@ -423,6 +438,9 @@ def test_conditional_writes(store, local):
     v3 = store.move("c/k", "c/m", expect_src=v2, expect_dst=in_the_way, token="w.1.4")
     assert store.head("c/k") is None and store.head("c/m").token == "w.1.4" and store.head("c/m").version == v3
     assert store.get_range("c/m", 0, 10) == b"two"
+    assert store.get_range("c/m", 1, 2, expect=v3) == b"wo"
+    with pytest.raises(PreconditionFailed):  # a reader never gets bytes of another version
+        store.get_range("c/m", 1, 2, expect=v1)
     assert store.delete_many(["c/m", "c/never"], expect={"c/m": v3, "c/never": v3}) == {}
     assert store.head("c/m") is None
     assert {o.name: o.version for o in store.list_dir("c").files} == {}

@@ -105,8 +105,9 @@ class Store:
         a copy (see keeps_put_files). `expect`: ABSENT, a version, or None (unconditional)."""
         raise NotImplementedError
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """Return up to `length` bytes from `offset` (fewer at the end of the object)."""
+    def get_range(self, key: str, offset: int, length: int, *, expect: str | None = None) -> bytes:
+        """Return up to `length` bytes from `offset` (fewer at the end of the object). With
+        `expect` (a version), raise PreconditionFailed if the object is another version now."""
         raise NotImplementedError
 
     def head(self, key: str) -> ObjectInfo | None:

@@ -37,8 +37,8 @@ import zlib
 
 import pydaos
 
-from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted,
-                                   join_key)
+from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
+                                   UploadAborted, join_key)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ DER_ERRORS: dict[str, tuple[bool, int]] = {
     "DER_NO_HDL": (True, errno.EIO),  # the handles are dropped and reopened: see REOPEN_ON
     "DER_NOMEM": (True, errno.ENOMEM),
     # nothing changes by retrying soon; the journal still retries writes, slowly
-    "DER_NOSPACE": (False, errno.ENOSPC),
+    "DER_NOSPACE": (True, errno.ENOSPC),  # space may come back: a write waits for it
     "DER_NO_PERM": (False, errno.EACCES),
     "DER_NONEXIST": (False, errno.ENOENT),
     "DER_INVAL": (False, errno.EINVAL),
@@ -444,13 +444,15 @@ class DAOSStore(Store):
             raise StoreError(f"{what}: the local file shrank during the upload")
         return data
 
-    def get_range(self, key, offset, length):
+    def get_range(self, key, offset, length, *, expect=None):
         full = self._full(key)
         what = f"reading {self._where(full)}"
         for attempt in (1, 2):
             manifest = self._manifest(full)
             if manifest is None:
                 raise ObjectMissing(key)
+            if expect is not None and manifest.data != expect:
+                raise PreconditionFailed(key)
             end = min(offset + length, manifest.size)
             if length <= 0 or offset >= end:
                 return b""
@@ -475,7 +477,7 @@ class DAOSStore(Store):
         manifest = self._manifest(full)
         if manifest is None:
             return None
-        return ObjectInfo(full.rsplit("/", 1)[-1], manifest.size, manifest.mtime_ns)
+        return ObjectInfo(full.rsplit("/", 1)[-1], manifest.size, manifest.mtime_ns, manifest.data)
 
     def list_dir(self, prefix):
         directory = self._full(prefix)
@@ -492,7 +494,7 @@ class DAOSStore(Store):
                     files.append(name)
         except pydaos.PyDError as exc:
             raise self._error(exc, f"listing {self._where(directory)}") from None
-        infos = [ObjectInfo(full[len(start):], manifest.size, manifest.mtime_ns)
+        infos = [ObjectInfo(full[len(start):], manifest.size, manifest.mtime_ns, manifest.data)
                  for full, manifest in self._manifests(files).items() if manifest is not None]
         return Listing(sorted(dirs), sorted(infos, key=lambda o: o.name))
 

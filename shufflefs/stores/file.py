@@ -16,7 +16,8 @@ import os
 import urllib.parse
 import uuid
 
-from shufflefs.stores.base import Listing, ObjectInfo, ObjectMissing, Store, StoreError, UploadAborted
+from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
+                                   UploadAborted)
 
 TEMP_PREFIX = ".shufflefs-tmp-"
 COPY_CHUNK = 8 * 1024 * 1024
@@ -84,9 +85,11 @@ class FileStore(Store):
                 if abort is not None and abort.is_set():
                     raise UploadAborted(key)
 
-    def get_range(self, key, offset, length):
+    def get_range(self, key, offset, length, *, expect=None):
         try:
             with open(self._path(key), "rb") as f:
+                if expect is not None and _version(os.fstat(f.fileno())) != expect:
+                    raise PreconditionFailed(key)
                 return os.pread(f.fileno(), length, offset)
         except FileNotFoundError:
             raise ObjectMissing(key) from None
@@ -102,7 +105,7 @@ class FileStore(Store):
             raise self._os_error(exc, f"stat {key}") from exc
         if not os.path.isfile(self._path(key)):
             return None
-        return ObjectInfo(key.rsplit("/", 1)[-1], st.st_size, st.st_mtime_ns)
+        return ObjectInfo(key.rsplit("/", 1)[-1], st.st_size, st.st_mtime_ns, _version(st))
 
     def list_dir(self, prefix):
         dirs, files = [], []
@@ -115,7 +118,7 @@ class FileStore(Store):
                         dirs.append(entry.name)
                     elif entry.is_file(follow_symlinks=False):
                         st = entry.stat(follow_symlinks=False)
-                        files.append(ObjectInfo(entry.name, st.st_size, st.st_mtime_ns))
+                        files.append(ObjectInfo(entry.name, st.st_size, st.st_mtime_ns, _version(st)))
         except (FileNotFoundError, NotADirectoryError):
             pass
         except OSError as exc:
@@ -160,6 +163,11 @@ class FileStore(Store):
             except OSError:  # not empty, or already gone: either way stop climbing
                 return
             parent = os.path.dirname(parent)
+
+
+def _version(st: os.stat_result) -> str:
+    """Which object a file is: every put stores a new inode (a link or a copy), a move keeps it."""
+    return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
 
 
 def _remove_quietly(path: str) -> None:

@@ -73,11 +73,12 @@ class MemoryStore(Store):
             self.objects[key] = _Object(data, time.time_ns(), version, token)
         return version
 
-    def get_range(self, key, offset, length):
+    def get_range(self, key, offset, length, *, expect=None):
         self._enter("get_range")
         with self._lock:
             if key not in self.objects:
                 raise ObjectMissing(key)
+            self._check(key, expect)
             return self.objects[key].data[offset:offset + length]
 
     def head(self, key):

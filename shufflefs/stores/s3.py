@@ -313,16 +313,20 @@ class S3Store(Store):
             log.warning("could not abort the multipart upload of %s: %s", self._where(full),
                         self._error(exc, "abort").args[0])
 
-    def get_range(self, key, offset, length):
+    def get_range(self, key, offset, length, *, expect=None):
         full = self._key(key)
         what = f"reading {self._where(full)}"
         if length <= 0:
-            if self.head(key) is None:
+            info = self.head(key)
+            if info is None:
                 raise ObjectMissing(key)
+            if expect is not None and info.version != expect:
+                raise PreconditionFailed(key)
             return b""
+        condition = {"IfMatch": expect} if expect is not None else {}
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=full,
-                                               Range=f"bytes={offset}-{offset + length - 1}")
+                                               Range=f"bytes={offset}-{offset + length - 1}", **condition)
             with response["Body"] as body:
                 data = body.read()
         except botocore.exceptions.ClientError as exc:
@@ -331,7 +335,7 @@ class S3Store(Store):
                 return b""
             if code in _MISSING_KEY_CODES:
                 raise ObjectMissing(key) from None
-            raise self._error(exc, what) from None
+            raise self._error(exc, what, key) from None
         except Exception as exc:
             raise self._error(exc, what) from None
         if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 and "ContentRange" not in response:
