@@ -36,6 +36,8 @@ TOMBSTONE_TTL = 180.0
 # renameat2(2) flags, as the kernel passes them
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+#: `listed_at` of a directory never listed (one shared float, not one per inode)
+NEVER = float("-inf")
 
 
 class FsError(Exception):
@@ -50,8 +52,8 @@ class Node:
     way) at the store key of their path."""
 
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
-                 "linked", "lookups", "children", "owned", "listed_at", "size", "staging", "opens",
-                 "writers", "committed", "from_remote", "version")
+                 "linked", "lookups", "children", "subdirs", "owned", "listed_at", "size", "staging",
+                 "opens", "writers", "committed", "from_remote", "version")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -66,8 +68,9 @@ class Node:
         self.lookups = 0
         # directories
         self.children: dict[str, Node] | None = {} if stat.S_ISDIR(mode) else None
+        self.subdirs = 0  # how many of the children are directories (st_nlink)
         self.owned = False  # created by this mount: its entries are all known here
-        self.listed_at = float("-inf")
+        self.listed_at = NEVER
         # files
         self.size = 0
         self.staging: StagingFile | None = None
@@ -121,10 +124,15 @@ class Filesystem:
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, tuple[Node, list[tuple[str, Node]]]] = {}
         self._next_fh = 1
-        self.evictable: OrderedDict[int, Node] = OrderedDict()
+        # least recently used first: an entry is removed while its file is open and added again
+        # at the end (a dict keeps insertion order, at half the memory of an OrderedDict)
+        self.evictable: dict[int, Node] = {}
         self._listings: dict[int, trio.Event] = {}
         self._tombstones: OrderedDict[str, float] = OrderedDict()
         self._put_owner: dict[Op, Node] = {}
+        #: the longest path (bytes) a directory or durable file may have: its key must fit in
+        #: LMDB (directories and the index cache are keyed by path) and in the store
+        self.max_key_bytes = min(journal.max_key_size, store.max_key_bytes or journal.max_key_size)
         remote.on_put_done = self._put_done
         remote.on_failed = self._put_refused
 
@@ -153,20 +161,51 @@ class Filesystem:
         self._next_ino += 1
         self.inodes[node.ino] = node
         parent.children[name] = node
+        parent.subdirs += node.is_dir
         parent.mtime_ns = parent.ctime_ns = node.ctime_ns
         return node
 
     @staticmethod
-    def _check_name(name: str) -> None:
-        if name in ("", ".", "..") or "/" in name:
-            raise FsError(errno.EINVAL)
+    def _check_length(name: str) -> None:
         if len(os.fsencode(name)) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
+
+    @classmethod
+    def _check_name(cls, name: str) -> None:
+        """A name a new entry may get on any filesystem."""
+        if name in ("", ".", "..") or "/" in name:
+            raise FsError(errno.EINVAL)
+        cls._check_length(name)
+
+    def _check_stored(self, parent: Node, name: str, below: int = 0) -> None:
+        """Refuse, before anything changes, a directory or durable file called `name` in
+        `parent` whose path the store or LMDB cannot hold: a name the store would reject, alias
+        or hide (its `name_error`, EINVAL), or a path longer than max_key_bytes with `below`
+        more bytes of the longest such path under it (ENAMETOOLONG)."""
+        error = self.store.name_error(name)
+        if error is not None:
+            raise FsError(error, f"{self.store.url} cannot hold the name {name!r}")
+        parent_key = self.key_of(parent)
+        length = (len(os.fsencode(parent_key)) + 1 if parent_key else 0) + len(os.fsencode(name)) + below
+        if length > self.max_key_bytes:
+            raise FsError(errno.ENAMETOOLONG, f"paths are limited to {self.max_key_bytes} bytes")
+
+    def _stored_depth(self, directory: Node) -> int:
+        """How many bytes ('/' and names) the longest path of a directory or durable file below
+        `directory` adds to its path."""
+        longest = 0
+        for name, child in directory.children.items():
+            if child.is_dir:
+                longest = max(longest, 1 + len(os.fsencode(name)) + self._stored_depth(child))
+            elif is_durable(name):
+                longest = max(longest, 1 + len(os.fsencode(name)))
+        return longest
 
     def _detach(self, node: Node) -> None:
         parent = node.parent
         if parent is not None and parent.children.get(node.name) is node:
             del parent.children[node.name]
+            parent.subdirs -= node.is_dir
             parent.mtime_ns = parent.ctime_ns = time.time_ns()
         node.linked = False
 
@@ -175,6 +214,7 @@ class Filesystem:
         node.name = name
         node.linked = True
         parent.children[name] = node
+        parent.subdirs += node.is_dir
         node.ctime_ns = parent.mtime_ns = parent.ctime_ns = time.time_ns()
 
     def _bury(self, node: Node, key: str) -> None:
@@ -281,6 +321,7 @@ class Filesystem:
         elif name == "..":
             child = parent.parent or parent
         else:
+            self._check_length(name)
             child = parent.children.get(name)
             if not parent.owned and (child is None or (child.from_remote and not child.is_dir)):
                 # a miss, or a file another mount may have replaced: look at the store again
@@ -328,12 +369,12 @@ class Filesystem:
     def _truncate(self, node: Node, size: int) -> None:
         if node.committed:
             raise FsError(errno.EPERM, "committed shuffle files are immutable")
-        if size > node.size:
-            self._make_room(size - node.size)
         os.ftruncate(node.staging.fd, size)
         if node.opens == 0:
             node.staging.close_fd()  # truncate(2) by path: a closed file keeps no descriptor
-        node.staging.resize(size)
+        # the cache budget counts a file up to the end of the bytes written to it: extending
+        # makes a hole, which takes no disk space until a write there is charged for it
+        node.staging.resize(min(size, node.staging.size))
         node.size = size
         node.mtime_ns = node.ctime_ns = time.time_ns()
 
@@ -351,6 +392,7 @@ class Filesystem:
         self._check_name(name)
         if name in parent.children:
             raise FsError(errno.EEXIST)
+        self._check_stored(parent, name)
         node = self._new_node(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
         node.owned = True
         node.lookups += 1
@@ -368,6 +410,8 @@ class Filesystem:
             fh = await self.open(existing.ino, flags)
             existing.lookups += 1
             return fh, existing
+        if is_durable(name):
+            self._check_stored(parent, name)
         staging = self.staging.new()
         node = self._new_node(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
         node.staging = staging
@@ -376,6 +420,7 @@ class Filesystem:
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         parent = self._dir(parent_ino)
+        self._check_length(name)
         node = parent.children.get(name)
         if node is None:
             raise FsError(errno.ENOENT)
@@ -390,6 +435,7 @@ class Filesystem:
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         parent = self._dir(parent_ino)
+        self._check_length(name)
         node = parent.children.get(name)
         if node is None:
             raise FsError(errno.ENOENT)
@@ -412,6 +458,7 @@ class Filesystem:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         old_parent = self._dir(old_parent_ino)
         new_parent = self._dir(new_parent_ino)
+        self._check_length(old_name)
         self._check_name(new_name)
         node = old_parent.children.get(old_name)
         if node is None:
@@ -440,7 +487,10 @@ class Filesystem:
                 ancestor = ancestor.parent
             if self._holds_remote_data(node):
                 raise FsError(errno.EXDEV, "directories holding committed files are not renamed")
+            self._check_stored(new_parent, new_name, below=self._stored_depth(node))
         will_be_durable = not node.is_dir and is_durable(new_name)
+        if will_be_durable:
+            self._check_stored(new_parent, new_name)
         if node.committed and not will_be_durable and node.staging is None:
             raise FsError(errno.EXDEV, "an evicted committed file can only keep a durable name")
         commits = will_be_durable and not node.committed and node.writers == 0
@@ -672,12 +722,14 @@ class Filesystem:
             handle.flushed = False
             node.writers += 1
         end = offset + len(data)
-        if end > node.size:
-            self._make_room(end - node.size)
+        charged = node.staging.size  # bytes up to the end of what was written (see _truncate)
+        if end > charged:
+            self._make_room(end - charged)
         written = os.pwrite(node.staging.fd, data, offset)
+        if end > charged:
+            node.staging.resize(end)
         if end > node.size:
             node.size = end
-            node.staging.resize(end)
         node.mtime_ns = node.ctime_ns = time.time_ns()
         return written
 

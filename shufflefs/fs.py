@@ -62,7 +62,7 @@ class Operations(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.ino
         attrs.st_mode = node.mode
-        attrs.st_nlink = (2 if node.is_dir else 1) if node.linked else 0
+        attrs.st_nlink = (2 + node.subdirs if node.is_dir else 1) if node.linked else 0
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
         attrs.st_size = 4096 if node.is_dir else node.size

@@ -4,11 +4,16 @@ and a little metadata. Used from the trio thread only; every method is one short
 The environment is opened with sync=False: a daemon killed by SIGKILL loses nothing (the pages
 are in the kernel), a power loss may lose the last transactions, as it may lose the local
 staging files those transactions point to.
+
+Keys of the index cache and of the directories are paths under the mount, stored as their
+bytes (os.fsencode: a name that is not UTF-8 keeps its bytes). LMDB holds keys of at most
+`max_key_size` bytes (511); the filesystem refuses longer paths where it records them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 import uuid
@@ -33,6 +38,7 @@ class Journal:
                 cursor = txn.cursor()
                 if cursor.last():
                     self._next_seq = max(self._next_seq, struct.unpack(">Q", cursor.key())[0] + 1)
+        self.max_key_size = self.env.max_key_size()
 
     # -- pending remote operations, in the order they were issued
     def peek_seq(self) -> int:
@@ -86,26 +92,28 @@ class Journal:
     # -- index cache: key -> whole .index file
     def index_get(self, key: str) -> bytes | None:
         with self.env.begin(db=self._index) as txn:
-            return txn.get(key.encode())
+            return txn.get(os.fsencode(key))
 
     def index_put(self, key: str, data: bytes) -> None:
+        if len(os.fsencode(key)) > self.max_key_size:
+            return  # a file another node stored at a path too long for LMDB: read, not cached
         with self.env.begin(write=True, db=self._index) as txn:
-            txn.put(key.encode(), data)
+            txn.put(os.fsencode(key), data)
 
     def index_delete(self, key: str) -> None:
         with self.env.begin(write=True, db=self._index) as txn:
-            txn.delete(key.encode())
+            txn.delete(os.fsencode(key))
 
     def index_move(self, src: str, dst: str) -> None:
         with self.env.begin(write=True, db=self._index) as txn:
-            data = txn.pop(src.encode())
+            data = txn.pop(os.fsencode(src))
             if data is not None:
-                txn.put(dst.encode(), data)
+                txn.put(os.fsencode(dst), data)
 
     def index_retain(self, keys: set[str]) -> int:
         """Drop every index cache entry but those of `keys`; return how many went."""
         with self.env.begin(write=True, db=self._index) as txn:
-            stale = [k for k in txn.cursor().iternext(values=False) if k.decode() not in keys]
+            stale = [k for k in txn.cursor().iternext(values=False) if os.fsdecode(k) not in keys]
             for k in stale:
                 txn.delete(k)
         return len(stale)
@@ -114,24 +122,25 @@ class Journal:
     # them back, so a process that cached a directory's existence can still create files in it
     def dir_set(self, key: str, mode: int, uid: int, gid: int) -> None:
         with self.env.begin(write=True, db=self._dirs) as txn:
-            txn.put(key.encode(), json.dumps({"mode": mode, "uid": uid, "gid": gid}).encode())
+            txn.put(os.fsencode(key), json.dumps({"mode": mode, "uid": uid, "gid": gid}).encode())
 
     def dir_remove(self, key: str) -> None:
         with self.env.begin(write=True, db=self._dirs) as txn:
-            txn.delete(key.encode())
+            txn.delete(os.fsencode(key))
 
     def dir_move(self, src: str, dst: str) -> None:
         """The directory `src` and everything below it now live under `dst`."""
         with self.env.begin(write=True, db=self._dirs) as txn:
-            moved = [(k, v) for k, v in txn.cursor() if k == src.encode() or k.startswith(src.encode() + b"/")]
+            src_b, dst_b = os.fsencode(src), os.fsencode(dst)
+            moved = [(k, v) for k, v in txn.cursor() if k == src_b or k.startswith(src_b + b"/")]
             for k, v in moved:
                 txn.delete(k)
-                txn.put(dst.encode() + k[len(src.encode()):], v)
+                txn.put(dst_b + k[len(src_b):], v)
 
     def dirs(self) -> list[tuple[str, dict]]:
         """Every recorded directory, parents before children."""
         with self.env.begin(db=self._dirs) as txn:
-            return [(k.decode(), json.loads(v)) for k, v in txn.cursor()]
+            return [(os.fsdecode(k), json.loads(v)) for k, v in txn.cursor()]
 
     def dirs_clear(self) -> None:
         with self.env.begin(write=True, db=self._dirs) as txn:

@@ -414,10 +414,10 @@ async def test_truncate_local_file(env):
     await close(fs, fh)
     assert await read_all(fs, node.ino) == b"a" * 600 + b"b" * 100
 
-    # growing fills with zeros and counts against the cache
+    # growing fills with zeros; the hole is not charged to the cache (test_sparse_truncate)
     await fs.setattr(node.ino, size=1000)
     assert await read_all(fs, node.ino) == b"a" * 600 + b"b" * 100 + bytes(300)
-    assert m.staging.bytes == 1000
+    assert m.staging.bytes == 700
     await fs.setattr(node.ino, size=700)
     assert m.store.log == []
     assert open_staging_fds(m) == set()  # truncate(2) of a closed file leaves no descriptor
@@ -829,6 +829,112 @@ async def test_rename_directory(env):
     assert set(contents(m.store)) == {"spark-1/blockmgr-2/0c/" + DATA, "spark-9/blockmgr-9/0c/shuffle_1_1_0.data"}
 
 
+# -- names and paths ----------------------------------------------------------------------------
+
+
+async def test_names_over_255_bytes_are_enametoolong(env):
+    m = env.mount()
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    await write_file(fs, d, "f", b"x")
+    long = "é" * 128  # 256 bytes
+    assert await fs.lookup(d, "é" * 127) is None  # 254 bytes: just a missing name
+    calls = [fs.lookup(d, long), fs.lookup(ROOT_INODE, long), fs.unlink(d, long), fs.rmdir(d, long),
+             fs.mkdir(d, long, 0o755, UID, GID), create(fs, d, long), fs.rename(d, long, d, "g"),
+             fs.rename(d, "f", d, long)]
+    for call in calls:
+        with pytest.raises(FsError) as exc:
+            await call
+        assert errno_of(exc) == errno.ENAMETOOLONG, call
+    assert sorted(fs.node(d).children) == ["f"]
+
+
+async def test_paths_longer_than_a_key_are_refused_before_anything_changes(env):
+    """Directories are recorded in LMDB and durable files are store objects, both by path: a
+    path neither can hold is refused with ENAMETOOLONG and leaves nothing half done."""
+    class ShortKeys(RecordingMemoryStore):
+        max_key_bytes = 300
+
+    # LMDB's limit: 511 bytes
+    plain = env.mount(name="node2")
+    deep = await mkdirs(plain.fs, "/".join(["d" * 255, "e" * 255]))  # 511 bytes
+    with pytest.raises(FsError) as exc:
+        await plain.fs.mkdir(deep, "x", 0o755, UID, GID)
+    assert errno_of(exc) == errno.ENAMETOOLONG
+    assert plain.fs.node(deep).children == {} and len(plain.journal.dirs()) == 2
+
+    # a store's own limit, when lower
+    m = env.mount(ShortKeys())
+    fs = m.fs
+    top = await mkdirs(fs, "/".join(["d" * 99] * 2))  # 199 bytes
+    name = "e" * (300 - 200)
+    sub = (await fs.mkdir(top, name, 0o755, UID, GID)).ino  # exactly 300 bytes
+    recorded = dict(m.journal.dirs())
+    with pytest.raises(FsError) as exc:
+        await fs.mkdir(sub, "x", 0o755, UID, GID)
+    assert errno_of(exc) == errno.ENAMETOOLONG
+    # durable files too, at create and at rename; local files are never keys
+    longer = "f" * (300 - 200 - len(DATA) + 1)
+    spot = (await fs.mkdir(top, longer, 0o755, UID, GID)).ino  # its files' paths: 301 + len(DATA)
+    with pytest.raises(FsError) as exc:
+        await create(fs, spot, DATA)
+    assert errno_of(exc) == errno.ENAMETOOLONG
+    await write_file(fs, spot, "temp_shuffle_1", b"local")
+    with pytest.raises(FsError) as exc:
+        await fs.rename(spot, "temp_shuffle_1", spot, DATA)
+    assert errno_of(exc) == errno.ENAMETOOLONG
+    # renaming a directory makes the paths below it longer
+    short = (await fs.mkdir(ROOT_INODE, "s", 0o755, UID, GID)).ino
+    await fs.mkdir(short, name, 0o755, UID, GID)
+    with pytest.raises(FsError) as exc:
+        await fs.rename(ROOT_INODE, "s", top, "s")  # "s/<name>" under 199 bytes: 302
+    assert errno_of(exc) == errno.ENAMETOOLONG
+    # nothing changed: not in the namespace, not in LMDB, no store request
+    assert sorted(fs.node(top).children) == sorted([name, longer])
+    assert fs.node(sub).children == {}
+    assert sorted(fs.node(spot).children) == ["temp_shuffle_1"]
+    assert set(fs.node(short).children) == {name}
+    assert {k for k, _ in m.journal.dirs()} == set(recorded) | {f"{'d' * 99}/{'d' * 99}/{longer}", "s", f"s/{name}"}
+    assert [call for call in m.store.log if call[0] != "list_dir"] == []
+
+
+async def test_index_file_another_writer_stored_at_a_longer_path_is_read(env):
+    """The index cache cannot hold a key over LMDB's limit: such a file is read, not cached."""
+    m = env.mount()
+    deep = "/".join(["d" * 250, "e" * 250])
+    env.plant(m.store, f"{deep}/{INDEX}", index_bytes(4))
+    node = await resolve(m.fs, f"{deep}/{INDEX}")
+    assert await read_all(m.fs, node.ino) == index_bytes(4)
+    assert m.journal.index_get(f"{deep}/{INDEX}") is None
+
+
+async def test_names_the_store_cannot_hold_are_einval(env):
+    """The file store hides its temporary names from listings: a directory or durable file of
+    such a name would vanish. Local files may have any name; nothing of theirs is stored."""
+    m = env.mount(env.store("file"))
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    hidden = ".shufflefs-tmp-0123"
+    with pytest.raises(FsError) as exc:
+        await fs.mkdir(d, hidden, 0o755, UID, GID)
+    assert errno_of(exc) == errno.EINVAL
+    await mkdirs(fs, f"{BM}/sub")
+    with pytest.raises(FsError) as exc:
+        await fs.rename(d, "sub", d, hidden)
+    assert errno_of(exc) == errno.EINVAL
+    assert set(fs.node(d).children) == {"sub"}
+    await write_file(fs, d, hidden, b"scratch")  # a local file
+    assert await read_all(fs, (await fs.lookup(d, hidden)).ino) == b"scratch"
+
+    # names that are not UTF-8 are fine for a file store, also in LMDB (what a restart restores)
+    raw = os.fsdecode(b"dir-\xff")
+    odd = (await fs.mkdir(d, raw, 0o755, UID, GID)).ino
+    await commit(fs, odd, DATA, b"odd")
+    with open(os.path.join(os.fsencode(m.store.root), os.fsencode(BM), b"dir-\xff", DATA.encode()), "rb") as f:
+        assert f.read() == b"odd"
+    assert f"{BM}/{raw}" in dict(m.journal.dirs())
+
+
 # -- unlink -------------------------------------------------------------------------------------
 
 
@@ -968,9 +1074,6 @@ async def test_eviction_and_enospc(env):
     assert errno_of(exc) == errno.ENOSPC
     assert big.size == 0 and a.staging is None and b.staging is not None
     assert m.staging.bytes <= 1 * MiB
-    with pytest.raises(FsError) as exc:
-        await fs.setattr(big.ino, size=2 * MiB)
-    assert errno_of(exc) == errno.ENOSPC
     assert await fs.write(fh, 0, bytes(200 * KiB)) == 200 * KiB  # what fits is fine
     assert b.staging is not None and m.staging.bytes == 756 * KiB
     # closing the reader makes its file evictable
@@ -984,6 +1087,31 @@ async def test_eviction_and_enospc(env):
     for node in (a, b, c):
         assert await read_all(fs, node.ino) == blobs[node.name]
     assert contents(m.store) == {key(name): data for name, data in blobs.items()}
+
+
+async def test_sparse_truncate(env):
+    """Extending a file with ftruncate makes a hole, which takes no disk space: it is not
+    refused for the cache budget, and bytes count once they are written."""
+    m = env.mount(cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    await write_file(fs, d, "temp_shuffle_full", bytes(900 * KiB))
+    fh, node = await create(fs, d, "temp_shuffle_sparse", NEW)
+    await fs.setattr(node.ino, size=64 * MiB)  # 64 times --cache-size
+    assert node.size == 64 * MiB and m.staging.bytes == 900 * KiB
+    assert os.fstat(node.staging.fd).st_blocks == 0
+    # writes into the hole are charged up to their end, and refused when they do not fit
+    assert await fs.write(fh, 0, b"x" * (100 * KiB)) == 100 * KiB
+    assert m.staging.bytes == 1000 * KiB
+    with pytest.raises(FsError) as exc:
+        await fs.write(fh, 100 * KiB, bytes(100 * KiB))
+    assert errno_of(exc) == errno.ENOSPC
+    assert fs.statfs()["f_bfree"] == (1 * MiB - 1000 * KiB) // 4096
+    # truncating below what was written gives the bytes back
+    await fs.setattr(node.ino, size=10 * KiB)
+    assert m.staging.bytes == 910 * KiB
+    await close(fs, fh)
+    assert await read_all(fs, node.ino) == b"x" * (10 * KiB)
 
 
 async def test_file_evictable_again_after_its_move(env):

@@ -145,6 +145,39 @@ def test_directories(file_mount):
     os.rmdir(f"{m}/d/e")
     assert os.listdir(f"{m}/d") == []
     assert not os.path.exists(f"{m}/d/e")
+    # a directory's link count is 2 + its subdirectories (`find` relies on it to skip leaves)
+    os.mkdir(f"{m}/d/sub1")
+    os.mkdir(f"{m}/d/sub2")
+    open(f"{m}/d/file", "wb").close()
+    assert os.stat(f"{m}/d").st_nlink == 4 and os.stat(f"{m}/d/sub1").st_nlink == 2
+    os.rename(f"{m}/d/sub2", f"{m}/d/sub1/sub2")
+    assert os.stat(f"{m}/d").st_nlink == 3 and os.stat(f"{m}/d/sub1").st_nlink == 3
+    assert os.stat(m).st_nlink == 3
+
+
+def test_names_and_paths(file_mount):
+    m = file_mount.path
+    os.mkdir(f"{m}/d")
+    open(f"{m}/d/f", "wb").close()
+    long = f"{m}/d/" + "n" * 256
+    for call in (os.stat, os.mkdir, os.unlink, os.rmdir, lambda path: open(path, "wb"),
+                 lambda path: os.rename(f"{m}/d/f", path), lambda path: os.rename(path, f"{m}/d/g")):
+        with pytest.raises(OSError) as raised:
+            call(long)
+        assert raised.value.errno == errno.ENAMETOOLONG, call
+    # a directory is recorded (LMDB) by its path: 511 bytes at most, refused beyond, never half made
+    deep = f"{m}/" + "/".join(["p" * 255, "q" * 255])
+    os.makedirs(deep)
+    for call in (os.mkdir, lambda path: os.rename(f"{m}/d", path)):
+        with pytest.raises(OSError) as raised:
+            call(f"{deep}/x")
+        assert raised.value.errno == errno.ENAMETOOLONG
+    assert os.listdir(deep) == []
+    # the file store hides names starting with its temporary prefix
+    with pytest.raises(OSError) as raised:
+        os.mkdir(f"{m}/d/.shufflefs-tmp-1")
+    assert raised.value.errno == errno.EINVAL
+    assert sorted(os.listdir(f"{m}/d")) == ["f"]
 
 
 def test_concurrent_rm_rf(file_mount):
@@ -184,6 +217,11 @@ def test_statfs(tmp_path, file_store):
             f.write(b"x" * 8 * 1024 * 1024)
         after = os.statvfs(mount.path)
         assert (before.f_bavail - after.f_bavail) * after.f_frsize == 8 * 1024 * 1024
+        # a hole takes no space: extending a file beyond --cache-size is not refused
+        with open(f"{mount.path}/temp_sparse", "wb") as f:
+            f.truncate(1024 * 1024 * 1024)
+        assert os.stat(f"{mount.path}/temp_sparse").st_size == 1024 * 1024 * 1024
+        assert os.statvfs(mount.path).f_bavail == after.f_bavail
 
 
 def test_fsync_and_locks(file_mount):

@@ -4,8 +4,12 @@ S3-specific error handling and store-URL parsing. No mocks: each store runs its 
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -444,6 +448,122 @@ def test_conditional_writes(store, local):
     assert store.delete_many(["c/m", "c/never"], expect={"c/m": v3, "c/never": v3}) == {}
     assert store.head("c/m") is None
     assert {o.name: o.version for o in store.list_dir("c").files} == {}
+
+
+# -- names and key lengths -----------------------------------------------------------------------
+
+#: path components worth a doubt somewhere (every name here is one a Linux file may have)
+DOUBTFUL_NAMES = ["a\\b", "..\\x", "\\", "tab\tx", "nl\nx", "cr\rx", "ctl\x01x", "del\x7fx", "nc\ufffe",
+                  os.fsdecode(b"latin1-\xe9"), "é😀", " sp ", "a+b%2F?#*:;&<>\"'|", "...", "~", ".shufflefs-tmp-1",
+                  "n" * 255]
+#: the ones each store refuses, and why: see docs/SEMANTICS.md "Names"
+REFUSED = {
+    "memory": set(),
+    "file": {".shufflefs-tmp-1"},  # hidden from listings (the temporary files of puts)
+    # SeaweedFS turns '\' into '/' and refuses '..\'; XML 1.0 cannot carry control
+    # characters (DeleteObjects: MalformedXML) and turns CR into LF; S3 keys are UTF-8
+    "s3": {"a\\b", "..\\x", "\\", "tab\tx", "nl\nx", "cr\rx", "ctl\x01x", "nc\ufffe", os.fsdecode(b"latin1-\xe9")},
+    "daos": {os.fsdecode(b"latin1-\xe9")},  # keys are listed as str
+}
+
+
+def store_kind(store) -> str:
+    return {"MemoryStore": "memory", "FileStore": "file", "S3Store": "s3", "DAOSStore": "daos"}[type(store).__name__]
+
+
+def test_names_a_store_accepts_are_held_faithfully(store, local):
+    """name_error refuses exactly the names the store would reject, alias or hide; every other
+    name comes back unchanged as a directory and as a file, and is deleted."""
+    refused = {name for name in DOUBTFUL_NAMES if store.name_error(name) is not None}
+    assert refused == REFUSED[store_kind(store)]
+    assert all(store.name_error(name) == errno.EINVAL for name in refused)
+    for i, name in enumerate(n for n in DOUBTFUL_NAMES if n not in refused):
+        put(store, local, f"d{i}/{name}/obj", b"in a directory")
+        put(store, local, f"f{i}/{name}", b"a file")
+        assert store.list_dir(f"d{i}").dirs == [name], name
+        assert [f.name for f in store.list_dir(f"d{i}/{name}").files] == ["obj"], name
+        assert [f.name for f in store.list_dir(f"f{i}").files] == [name], name
+        assert read_all(store, f"d{i}/{name}/obj") == b"in a directory"
+        assert read_all(store, f"f{i}/{name}") == b"a file"
+        store.delete_many([f"d{i}/{name}/obj", f"f{i}/{name}"])
+        assert store.head(f"d{i}/{name}/obj") is None and store.head(f"f{i}/{name}") is None, name
+
+
+def test_s3_aliases_what_name_error_refuses(store, local):
+    """Why the S3 rules are what they are: on SeaweedFS `a\\b/obj` is the object `a/b/obj`, and
+    one control character fails a whole DeleteObjects batch."""
+    if not isinstance(store, S3Store):
+        pytest.skip("S3 only")
+    put(store, local, "a\\b/obj", b"x")
+    assert store.list_dir("").dirs == ["a"] and read_all(store, "a/b/obj") == b"x"
+    put(store, local, "ctl\x01x", b"x")
+    with pytest.raises(StoreError, match="MalformedXML"):
+        store.delete_many(["ok", "ctl\x01x"])
+
+
+def key_of_length(length: int) -> str:
+    parts = []
+    while length > 201:
+        parts.append("k" * 200)
+        length -= 201
+    return "/".join(parts + ["z" * length])
+
+
+def test_key_of_max_key_bytes_is_stored(store, local):
+    """max_key_bytes is a length the store really holds (S3: 1024 bytes with the prefix)."""
+    if store.max_key_bytes is None:
+        pytest.skip("no limit of its own")
+    assert store.max_key_bytes >= 511  # LMDB's limit is the lower one: never this store's
+    key = key_of_length(store.max_key_bytes)
+    put(store, local, key, b"longest")
+    assert read_all(store, key) == b"longest"
+    if isinstance(store, S3Store):
+        assert store.max_key_bytes == 1024 - len(S3_PREFIX) - 1
+        with pytest.raises(StoreError):
+            put(store, local, key_of_length(store.max_key_bytes + 1), b"too long")
+
+
+def test_file_put_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, local):
+    """A daemon killed mid-put leaves its temporary file in the store directory; the same put,
+    resumed by the next daemon (same staging file, same key), removes it. A put another node is
+    running in the same directory keeps its temporary file."""
+    root = tmp_path / "store"
+    root.mkdir()
+    store = FileStore(str(root))
+    source = local.file(b"mine " * 1000)
+    other_source = local.file(b"theirs")
+
+    def put_in_child(path: str, key: str, at_replace: str) -> subprocess.Popen:
+        code = (f"import os, signal, sys\n"
+                f"from shufflefs.stores.file import FileStore\n"
+                f"replace = os.replace\n"
+                f"def stop(src, dst):\n"
+                f"    print(src, flush=True)\n"
+                f"    {at_replace}\n"
+                f"    replace(src, dst)\n"
+                f"os.replace = stop\n"
+                f"FileStore({str(root)!r}).put_file({key!r}, {path!r})\n")
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                stdin=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+
+    killed = put_in_child(source, "d/shuffle_0_0_0.data", "os.kill(os.getpid(), signal.SIGKILL)")
+    orphan = killed.stdout.readline().strip()
+    assert killed.wait(30) == -signal.SIGKILL
+    running = put_in_child(other_source, "d/shuffle_0_1_0.data", "sys.stdin.readline()")
+    theirs = running.stdout.readline().strip()
+    try:
+        assert sorted(os.listdir(root / "d")) == sorted([os.path.basename(orphan), os.path.basename(theirs)])
+        assert store.list_dir("d").files == []  # temporary files are never listed
+
+        store.put_file("d/shuffle_0_0_0.data", source)
+        assert read_all(store, "d/shuffle_0_0_0.data") == b"mine " * 1000
+        assert not os.path.exists(orphan)
+        assert os.path.exists(theirs)
+    finally:
+        running.communicate("go on\n", timeout=30)
+    assert running.returncode == 0
+    assert read_all(store, "d/shuffle_0_1_0.data") == b"theirs"
+    assert sorted(os.listdir(root / "d")) == ["shuffle_0_0_0.data", "shuffle_0_1_0.data"]
 
 
 # -- S3 specifics ---------------------------------------------------------------------------------

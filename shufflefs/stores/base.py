@@ -89,6 +89,17 @@ class Store:
     keeps_put_files = False
     #: whether writes honour `expect` (see the module docstring)
     conditional = False
+    #: the longest key (UTF-8 bytes, relative to the store's prefix) the store holds; None when
+    #: it has no limit of its own
+    max_key_bytes: int | None = None
+
+    def name_error(self, name: str) -> int | None:
+        """Whether the store can hold `name` as a path component of a key faithfully: None if
+        it can, else the errno a filesystem refusing it answers (EINVAL for a name the store
+        would reject, alias to another key, or hide from listings). `name` is a str from
+        os.fsdecode, so bytes that are not UTF-8 appear as lone surrogates. Names are never
+        empty, '.', '..', contain '/', or exceed 255 bytes (the filesystem refuses those)."""
+        return None
 
     def check(self) -> None:
         """Verify the store is usable (reachable, exists, credentials work) or raise StoreError
@@ -137,6 +148,15 @@ class Store:
 
     def close(self) -> None:
         pass
+
+
+def is_utf8(name: str) -> bool:
+    """Whether `name` (from os.fsdecode) stands for bytes that are valid UTF-8."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def join_key(*parts: str) -> str:

@@ -38,7 +38,7 @@ import zlib
 import pydaos
 
 from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
-                                   UploadAborted, join_key)
+                                   UploadAborted, is_utf8, join_key)
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,10 @@ class DAOSStore(Store):
     def _names(self, directory: str):
         """The namespace shard holding the entries of `directory` (a full path)."""
         return self._dict(f"shufflefs.names.{zlib.crc32(directory.encode()) % self.shards:04d}")
+
+    def name_error(self, name):
+        # see _full: a key that is not UTF-8 would make its whole shard unlistable
+        return None if is_utf8(name) else errno.EINVAL
 
     def close(self) -> None:
         with self._lock:

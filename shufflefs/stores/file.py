@@ -2,25 +2,34 @@
 
 Objects are regular files at `<dir>/<key>`. Writes go to a hidden temporary name in the target
 directory and are renamed into place, so a reader never sees a partial object; moves are
-renames. When the source file is on the same filesystem, a put is a hard link instead of a
-copy: the callers' source files (committed staging files) and objects are never modified in
-place, only replaced or removed, so sharing the inode is safe and costs no I/O. Directories
-left empty by deletes and moves are removed again, so the tree only holds directories that
-lead to objects (like an object store's prefixes).
+renames. The temporary name is derived from the source file's name and the key, so a put that
+a killed daemon left half done is cleaned up by the same put when the next daemon resumes it
+(the journal names the same staging file), and never by anyone else's put: several nodes may
+share one store directory, each with its own uniquely named staging files.
+
+When the source file is on the same filesystem, a put is a hard link instead of a copy: the
+callers' source files (committed staging files) and objects are never modified in place, only
+replaced or removed, so sharing the inode is safe and costs no I/O. Directories left empty by
+deletes and moves are removed again, so the tree only holds directories that lead to objects
+(like an object store's prefixes).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import urllib.parse
-import uuid
 
 from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
                                    UploadAborted)
 
 TEMP_PREFIX = ".shufflefs-tmp-"
+#: the temporary name: TEMP_PREFIX and 32 hex digits
+TEMP_NAME_BYTES = len(TEMP_PREFIX) + 32
 COPY_CHUNK = 8 * 1024 * 1024
+#: Linux's limit on a path passed to a system call, its terminating NUL included
+PATH_MAX = 4096
 
 
 class FileStore(Store):
@@ -29,6 +38,9 @@ class FileStore(Store):
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.url = f"file://{self.root}"
+        # `<root>/<key>` must fit PATH_MAX, also with the key's last name replaced by the
+        # (possibly longer) temporary name of a put
+        self.max_key_bytes = PATH_MAX - 1 - len(os.fsencode(self.root)) - 1 - TEMP_NAME_BYTES
 
     @classmethod
     def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> "FileStore":
@@ -42,6 +54,10 @@ class FileStore(Store):
 
     def local_paths(self) -> list[str]:
         return [self.root]
+
+    def name_error(self, name):
+        # listings hide the temporary files of puts: an object of that name would be invisible
+        return errno.EINVAL if name.startswith(TEMP_PREFIX) else None
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key)
@@ -60,9 +76,12 @@ class FileStore(Store):
         if abort is not None and abort.is_set():
             raise UploadAborted(key)
         target = self._path(key)
-        temp = os.path.join(os.path.dirname(target), TEMP_PREFIX + uuid.uuid4().hex)
+        temp = _temp_path(target, key, path)
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
+            # left by this very put, interrupted in an earlier life of the daemon (no other put
+            # has this name; puts of one key never overlap)
+            _remove_quietly(temp)
             try:
                 os.link(path, temp)
             except OSError:  # another filesystem (EXDEV), or one without hard links
@@ -168,6 +187,14 @@ class FileStore(Store):
 def _version(st: os.stat_result) -> str:
     """Which object a file is: every put stores a new inode (a link or a copy), a move keeps it."""
     return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
+
+
+def _temp_path(target: str, key: str, path: str) -> str:
+    """The temporary name of the put of local file `path` at `key`: the same for the same
+    source file name and key (also after a restart, when the cache dir may be reached by
+    another path), unique otherwise."""
+    digest = hashlib.sha256(os.fsencode(os.path.basename(path)) + b"\0" + os.fsencode(key)).hexdigest()
+    return os.path.join(os.path.dirname(target), TEMP_PREFIX + digest[:32])
 
 
 def _remove_quietly(path: str) -> None:

@@ -20,6 +20,7 @@ import datetime
 import errno
 import logging
 import os
+import re
 import stat
 import threading
 import urllib.parse
@@ -29,7 +30,7 @@ import botocore.config
 import botocore.exceptions
 
 from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
-                                   StoreError, UploadAborted, join_key)
+                                   StoreError, UploadAborted, is_utf8, join_key)
 
 # botocore logs request details (and, at DEBUG, signed headers) through these loggers
 for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
@@ -45,6 +46,13 @@ COPY_OBJECT_LIMIT = 5 * GiB
 DELETE_BATCH = 1000
 #: user metadata (x-amz-meta-shufflefs-token) naming the write that stored an object
 TOKEN_METADATA = "shufflefs-token"
+#: S3's limit on a key, in UTF-8 bytes, the URL's prefix included
+MAX_KEY_BYTES = 1024
+#: characters a name must not hold: backslash, which SeaweedFS turns into '/' (so `a\b/x` would
+#: be the object of `a/b/x`) and refuses after '..'; and control characters, U+FFFE and U+FFFF:
+#: DeleteObjects sends keys in an XML body, XML 1.0 cannot carry them, and SeaweedFS answers
+#: MalformedXML for the whole batch (tab, LF and CR are XML, but XML parsers turn CR into LF)
+_REFUSED_IN_NAMES = re.compile(r"[\\\x00-\x1f\ufffe\uffff]")
 
 # error codes worth retrying even though their HTTP status is a 4xx (or absent)
 _TRANSIENT_CODES = frozenset({
@@ -102,6 +110,7 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.max_key_bytes = MAX_KEY_BYTES - (len(self.prefix.encode()) + 1 if self.prefix else 0)
         session = boto3.session.Session()
         region = session.region_name or "us-east-1"
         config = botocore.config.Config(
@@ -148,6 +157,12 @@ class S3Store(Store):
         endpoint = (s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ENDPOINT_URL") or None)
         return cls(bucket, prefix, endpoint)
+
+    def name_error(self, name):
+        # keys are UTF-8 (boto3 could not even send the others)
+        if not is_utf8(name) or _REFUSED_IN_NAMES.search(name):
+            return errno.EINVAL
+        return None
 
     def close(self) -> None:
         try:
