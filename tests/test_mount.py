@@ -484,7 +484,9 @@ def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
         final, moved = f"{directory}/shuffle_0_0_0.data", f"{directory}/shuffle_0_9_0.data"
         assert not os.path.exists(moved)  # the kernel caches the absence
         stored = f"{file_store}/blockmgr-1/00"
-        subprocess.run(["chattr", "+i", stored], check=True)  # the store fails, even for root
+        # the store fails, also for root (who ignores modes)
+        if subprocess.run(["chattr", "+i", stored], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not supported here")
         try:
             for source, target in ((temp, final), (final, moved)):
                 with pytest.raises(OSError) as raised:
