@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import stat
 import time
@@ -53,7 +54,7 @@ class Node:
 
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
                  "linked", "lookups", "children", "subdirs", "owned", "listed_at", "size", "staging",
-                 "opens", "writers", "committed", "from_remote", "version")
+                 "opens", "writers", "committed", "from_remote", "version", "write_error")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -79,6 +80,9 @@ class Node:
         self.committed = False
         self.from_remote = False  # learned from a store listing, not created here
         self.version: str | None = None  # of the object a committed file's bytes are in the store
+        # errno of a write that failed since the file was last empty: its bytes are not what
+        # the program wrote, so it is never committed (see Filesystem._write_failed)
+        self.write_error = 0
 
     @property
     def is_dir(self) -> bool:
@@ -135,6 +139,11 @@ class Filesystem:
         self.max_key_bytes = min(journal.max_key_size, store.max_key_bytes or journal.max_key_size)
         remote.on_put_done = self._put_done
         remote.on_failed = self._put_refused
+        # what the kernel must forget: ("inode", ino) its attributes and pages of an inode,
+        # ("entry", parent_ino, name) a directory entry. The FUSE adapter sends them once the
+        # current request has been answered (sending one from the handler of a related request
+        # can deadlock).
+        self._invalidate, self.invalidations = trio.open_memory_channel(math.inf)
 
     # ------------------------------------------------------------------ helpers
     def key_of(self, node: Node) -> str:
@@ -377,6 +386,8 @@ class Filesystem:
         node.staging.resize(min(size, node.staging.size))
         node.size = size
         node.mtime_ns = node.ctime_ns = time.time_ns()
+        if size == 0:
+            node.write_error = 0  # rewritten from empty: no lost write is left in it
 
     def statfs(self) -> dict:
         block = 4096
@@ -491,6 +502,8 @@ class Filesystem:
         will_be_durable = not node.is_dir and is_durable(new_name)
         if will_be_durable:
             self._check_stored(new_parent, new_name)
+        if will_be_durable and node.write_error:
+            raise FsError(errno.EIO, "a write to this file failed; it cannot be committed")
         if node.committed and not will_be_durable and node.staging is None:
             raise FsError(errno.EXDEV, "an evicted committed file can only keep a durable name")
         commits = will_be_durable and not node.committed and node.writers == 0
@@ -498,31 +511,79 @@ class Filesystem:
             raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
 
         old_key = self.key_of(node)
+        target_upload_cancelled = False
         if target is not None:
             target_key = self.key_of(target)
             if target.committed:
+                target_upload_cancelled = self._put_owner.get(self.remote.last_op(target_key)) is target
                 # a put or move of `node` to the same key replaces the object: no delete needed
                 self._forget_remote(target, target_key,
                                     delete=not (will_be_durable and (node.committed or node.writers == 0)))
             self._bury(target, target_key)
             self._detach(target)
-            self._maybe_free(target)
         self._bury(node, old_key)
         self._detach(node)
         self._attach(new_parent, new_name, node)
-        if node.is_dir:
-            self.journal.dir_move(old_key, self.key_of(node))
+        try:
+            if node.is_dir:
+                self.journal.dir_move(old_key, self.key_of(node))
+                return
+            new_key = self.key_of(node)
+            if node.committed and will_be_durable:
+                op = None
+                try:
+                    op = self.remote.move(old_key, new_key)
+                    self.journal.index_move(old_key, new_key)
+                    if self.commit_mode == "sync":
+                        await self._wait_stored(op)
+                except Exception:
+                    self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled,
+                                      was_committed=True, move=op)
+                    raise
+            elif node.committed:
+                self._uncommit(node, old_key, delete=True)
+            elif commits:
+                try:
+                    await self._commit(node)
+                except Exception:
+                    self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled,
+                                      was_committed=False)
+                    raise
+        finally:
+            if target is not None:
+                self._maybe_free(target)  # only now: a failed commit or move brings it back
+
+    def _undo_rename(self, node: Node, old_parent: Node, old_name: str, target: Node | None,
+                     target_upload_cancelled: bool, *, was_committed: bool, move: Op | None = None) -> None:
+        """A rename whose commit or move failed (a sync one the store kept failing, or a journal
+        write) changes nothing: the kernel did not rename either, and would otherwise keep
+        showing the old name while this mount has the new one. The file goes back to its old
+        name, a file it replaced comes back (with its upload, if the rename had cancelled it);
+        Spark's retry renames new files over the final name again. The failed put or move is
+        cancelled, so the store ends as it was: it has just settled after failing (or while it
+        waited for a failing operation before it), so no attempt of it is in flight.
+        `was_committed`: the rename moved a committed file, with `move` (None if journaling
+        it failed); otherwise it committed the file, which is committed if its put was
+        journaled."""
+        new_parent, new_name, new_key = node.parent, node.name, self.key_of(node)
+        if not (node.linked and new_parent.children.get(new_name) is node and old_name not in old_parent.children):
+            # the kernel keeps both directories locked during a rename, so only a caller of the
+            # core can get here; what it did to these names while the rename waited stands
             return
-        new_key = self.key_of(node)
-        if node.committed and will_be_durable:
-            op = self.remote.move(old_key, new_key)
-            self.journal.index_move(old_key, new_key)
-            if self.commit_mode == "sync":
-                await self._wait_stored(op)
+        self._detach(node)
+        self._attach(old_parent, old_name, node)
+        self._tombstones.pop(self.key_of(node), None)
+        if was_committed:
+            if move is not None:
+                self.remote.cancel(move)
+                self.journal.index_move(new_key, self.key_of(node))
         elif node.committed:
-            self._uncommit(node, old_key, delete=True)
-        elif commits:
-            await self._commit(node)
+            self._uncommit(node, new_key, delete=False)
+        if target is not None:  # after the cancel above: its re-issued upload must come last
+            self._attach(new_parent, new_name, target)
+            self._tombstones.pop(new_key, None)
+            if target_upload_cancelled:
+                self._put_owner[self.remote.put(new_key, target.staging)] = target
 
     def _uncommit(self, node: Node, key: str, delete: bool) -> None:
         """Make a committed file writable again (its pending upload is cancelled; with `delete`
@@ -641,7 +702,7 @@ class Filesystem:
         if writable:
             if node.committed:
                 raise FsError(errno.EPERM, "committed shuffle files are immutable")
-            if flags & os.O_TRUNC and node.size:
+            if flags & os.O_TRUNC and (node.size or node.write_error):
                 self._truncate(node, 0)
             node.writers += 1
         node.opens += 1
@@ -723,15 +784,41 @@ class Filesystem:
             node.writers += 1
         end = offset + len(data)
         charged = node.staging.size  # bytes up to the end of what was written (see _truncate)
-        if end > charged:
-            self._make_room(end - charged)
-        written = os.pwrite(node.staging.fd, data, offset)
+        try:
+            if end > charged:
+                self._make_room(end - charged)
+            written = os.pwrite(node.staging.fd, data, offset)
+        except (FsError, OSError) as exc:
+            raise self._write_failed(node, exc.errno or errno.EIO) from None
         if end > charged:
             node.staging.resize(end)
         if end > node.size:
             node.size = end
         node.mtime_ns = node.ctime_ns = time.time_ns()
         return written
+
+    def _write_failed(self, node: Node, error: int) -> FsError:
+        """A WRITE failed. With the kernel's writeback cache the program's write() succeeded
+        long ago; the kernel reports the failure to one close() or fsync() at most, and keeps
+        showing the bytes it could not write. So the file is marked: it is never committed, and
+        every later close (FLUSH) of a writer and every fsync fails with `error`, until it is
+        rewritten from empty. So that the mount shows what is held here, the kernel is told to
+        drop its attributes and pages of the file, and its entry: with the writeback cache the
+        kernel keeps its own size of a file for as long as it has the inode, and it lets go of
+        an inode only once it has no entry and nobody has it open; the next lookup then gets
+        the size from here."""
+        if not node.write_error:
+            node.write_error = error
+            log.error("a write to %s failed (%s): the file stays local and is never committed; "
+                      "close and fsync report the error until it is truncated to 0",
+                      self.key_of(node), os.strerror(error))
+            if node.linked and is_durable(node.name):
+                # an early commit (see `write`) may have stored a beginning of it
+                self.remote.delete(self.key_of(node))
+        self._invalidate.send_nowait(("inode", node.ino))
+        if node.linked:
+            self._invalidate.send_nowait(("entry", node.parent.ino, node.name))
+        return FsError(error)
 
     async def flush(self, fh: int) -> None:
         """close(2) of a descriptor: commit a durable-named file now if this is its last writer,
@@ -743,9 +830,11 @@ class Filesystem:
             node.writers -= 1
             if node.writers == 0 and self._commit_due(node):
                 await self._commit(node)
+        if handle.writable and node.write_error:
+            raise FsError(node.write_error)
 
     def _commit_due(self, node: Node) -> bool:
-        return node.linked and not node.committed and is_durable(node.name)
+        return node.linked and not node.committed and not node.write_error and is_durable(node.name)
 
     def uncommitted_writers(self) -> int:
         """Open writable handles of shuffle files not committed yet: each commits at its RELEASE,
@@ -754,6 +843,8 @@ class Filesystem:
 
     async def fsync(self, fh: int) -> None:
         node = self._handle(fh).node
+        if node.write_error:
+            raise FsError(node.write_error)
         if node.staging is not None:
             await trio.to_thread.run_sync(os.fsync, node.staging.fd)
 

@@ -392,6 +392,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             await nursery.start(watch_signals)  # before the journal is resumed, which can take a while
             remote.start(nursery)
             nursery.start_soon(cache.staging.housekeep)
+            nursery.start_soon(operations.send_invalidations)
             resumed = fs.resume_journal()
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)

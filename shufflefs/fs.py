@@ -14,6 +14,7 @@ import logging
 import os
 
 import pyfuse3
+import trio
 
 from shufflefs.core import Filesystem, FsError, Node
 from shufflefs.stores import StoreError
@@ -57,6 +58,23 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem):
         super().__init__()
         self.fs = fs
+
+    async def send_invalidations(self) -> None:
+        """For the life of the mount: tell the kernel to forget what the core names
+        (`Filesystem.invalidations`). Each notification goes from a worker thread: the kernel
+        first waits for the inode's writeback, i.e. for WRITE requests that this loop must
+        still be free to answer, or for the reply of the request that queued it."""
+        async for kind, *what in self.fs.invalidations:
+            if kind == "inode":
+                call, args = pyfuse3.invalidate_inode, (what[0],)
+            else:
+                call, args = pyfuse3.invalidate_entry, (what[0], os.fsencode(what[1]))
+            try:
+                # abandoned on cancel: one the kernel holds up must not hold up the daemon's exit
+                await trio.to_thread.run_sync(call, *args, abandon_on_cancel=True)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: the kernel has forgotten it already
+                    log.warning("cannot invalidate %s %r in the kernel: %s", kind, what, exc.strerror)
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()

@@ -1080,7 +1080,9 @@ async def test_eviction_and_enospc(env):
     await fs.release(reader)
     assert await fs.write(fh, 200 * KiB, bytes(400 * KiB)) == 400 * KiB
     assert b.staging is None
-    await close(fs, fh)
+    with pytest.raises(FsError) as exc:  # its first write failed: see test_failed_write_is_never_committed
+        await close(fs, fh)
+    assert errno_of(exc) == errno.ENOSPC
     assert m.staging.bytes == 900 * KiB and fs.stats["evictions"] == 3
 
     # every evicted file reads back from the store
@@ -1110,9 +1112,94 @@ async def test_sparse_truncate(env):
     # truncating below what was written gives the bytes back
     await fs.setattr(node.ino, size=10 * KiB)
     assert m.staging.bytes == 910 * KiB
-    await close(fs, fh)
+    with pytest.raises(FsError) as exc:  # a write of it failed: close reports it (see "Write errors")
+        await close(fs, fh)
+    assert errno_of(exc) == errno.ENOSPC
     assert await read_all(fs, node.ino) == b"x" * (10 * KiB)
 
+
+
+
+def invalidated(fs: Filesystem) -> set[tuple]:
+    """What the core asked the kernel to forget since the last call."""
+    items = set()
+    while True:
+        try:
+            items.add(fs.invalidations.receive_nowait())
+        except trio.WouldBlock:
+            return items
+
+
+@MODES
+async def test_failed_write_is_never_committed(env, mode, caplog):
+    """With the writeback cache, write() succeeded in the program long before the kernel sent
+    the WRITE that failed. Such a file is never committed (not at close, release or rename),
+    every later close of a writer and every fsync reports the error, it is logged once, and the
+    kernel is told to drop what it cached of the file. Truncating it to 0 clears the error."""
+    m = env.mount(commit_mode=mode, cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    await write_file(fs, d, "temp_shuffle_local", bytes(768 * KiB))  # local data is never evicted
+    fh, node = await create(fs, d, DATA, APPEND)
+    assert await fs.write(fh, 0, bytes(128 * KiB)) == 128 * KiB
+    for offset in (128 * KiB, 384 * KiB):  # the kernel writes back in large pieces
+        with pytest.raises(FsError) as exc:
+            await fs.write(fh, offset, bytes(256 * KiB))
+        assert errno_of(exc) == errno.ENOSPC
+    assert node.size == 128 * KiB  # what is held
+    assert [r.levelname for r in caplog.records if "failed" in r.message] == ["ERROR"]
+    assert invalidated(fs) == {("inode", node.ino), ("entry", d, DATA)}
+    for _ in range(2):
+        with pytest.raises(FsError) as exc:
+            await fs.fsync(fh)
+        assert errno_of(exc) == errno.ENOSPC
+    if mode == "sync":  # async mode: the adapter answers FLUSH itself, RELEASE would commit
+        with pytest.raises(FsError) as exc:
+            await fs.flush(fh)
+        assert errno_of(exc) == errno.ENOSPC
+    await fs.release(fh)
+    assert not node.committed
+    fh = await fs.open(node.ino, os.O_WRONLY)  # a later writer's close reports it again
+    if mode == "sync":
+        with pytest.raises(FsError) as exc:
+            await fs.flush(fh)
+        assert errno_of(exc) == errno.ENOSPC
+    await fs.release(fh)
+    # renamed into a durable name: refused, nothing changes; a local name is fine
+    await fs.rename(d, DATA, d, DATA + ".tmp")
+    with pytest.raises(FsError) as exc:
+        await fs.rename(d, DATA + ".tmp", d, DATA)
+    assert errno_of(exc) == errno.EIO
+    assert (await fs.lookup(d, DATA + ".tmp")) is node and await fs.lookup(d, DATA) is None
+    await m.remote.drain()
+    assert not node.committed and contents(m.store) == {} and m.journal.pending_ops() == []
+    assert len([r for r in caplog.records if "failed" in r.message]) == 1
+
+    # rewritten from empty (O_TRUNC): a file like any other again
+    fh = await fs.open(node.ino, os.O_WRONLY | os.O_TRUNC)
+    assert await fs.write(fh, 0, b"whole") == 5
+    await close(fs, fh)
+    await fs.rename(d, DATA + ".tmp", d, DATA)
+    await m.remote.drain()
+    assert contents(m.store) == {key(DATA): b"whole"}
+
+
+async def test_failed_write_after_an_early_commit_removes_its_object(env):
+    """The close of a duplicate descriptor committed the file early (a shell's `> file`); a
+    later write through the other one fails: the early object goes, nothing is committed."""
+    m = env.mount(cache_size=1 * MiB)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    fh, node = await create(fs, d, INDEX, NEW)
+    await fs.flush(fh)  # the shell closes its copy of the descriptor
+    assert contents(m.store) == {key(INDEX): b""}
+    with pytest.raises(FsError) as exc:
+        await fs.write(fh, 0, bytes(2 * MiB))
+    assert errno_of(exc) == errno.ENOSPC
+    with pytest.raises(FsError):
+        await close(fs, fh)
+    await m.remote.drain()
+    assert not node.committed and contents(m.store) == {}
 
 async def test_file_evictable_again_after_its_move(env):
     """A cached file whose move is pending cannot be evicted yet, but must be once it is done."""
@@ -1235,10 +1322,11 @@ async def test_sync_commit_failure_is_eio(env):
         await fs.rename(d, temp, d, DATA)
     assert errno_of(exc) == errno.EIO
     assert len(m.store.calls_of("put_file", key(DATA))) >= 3  # retried before giving up
-    # the file stays, under its new name
-    assert (await fs.lookup(d, DATA)) is node and await fs.lookup(d, temp) is None
-    assert node.committed and node.size == len(data)
-    # the close that commits a file written under its final name fails the same way
+    # the rename changed nothing (test_failed_sync_rename_changes_nothing)
+    assert (await fs.lookup(d, temp)) is node and await fs.lookup(d, DATA) is None
+    assert not node.committed and node.size == len(data)
+    # the close that commits a file written under its final name fails the same way; that
+    # file keeps its name (nothing to undo) and stays committed
     fh, index_node = await create(fs, d, INDEX, NEW)
     await fs.write(fh, 0, index)
     with pytest.raises(FsError) as exc:
@@ -1246,11 +1334,13 @@ async def test_sync_commit_failure_is_eio(env):
     assert errno_of(exc) == errno.EIO
     assert index_node.committed and fh not in fs.handles
     assert contents(m.store) == {}
-    assert len(m.journal.pending_ops()) == 2
+    assert [r["key"] for _, r in m.journal.pending_ops()] == [key(INDEX)]
 
-    # the store heals: the uploads complete in the background, nobody has to ask again
+    # the store heals: the upload completes in the background, nobody has to ask again
     m.store.fail_next = 0
-    await until(lambda: len(contents(m.store)) == 2)
+    await until(lambda: len(contents(m.store)) == 1)
+    assert contents(m.store) == {key(INDEX): index}
+    await fs.rename(d, temp, d, DATA)  # Spark's retry
     assert contents(m.store) == {key(DATA): data, key(INDEX): index}
     await settle(m)
     assert m.journal.pending_ops() == [] and m.remote.given_up == []
@@ -1585,9 +1675,62 @@ async def test_sync_rename_of_committed_file_does_not_hang_on_a_failing_upload(e
         with pytest.raises(FsError) as exc:
             await fs.rename(d, DATA, d, "shuffle_0_6_0.data")
     assert errno_of(exc) == errno.EIO
+    assert (await fs.lookup(d, DATA)) is not None and await fs.lookup(d, "shuffle_0_6_0.data") is None
     m.store.fail_next = 0
     await settle(m)
-    assert contents(m.store) == {key("shuffle_0_6_0.data"): b"x"}
+    assert contents(m.store) == {key(DATA): b"x"}
+
+
+async def test_failed_sync_rename_changes_nothing(env):
+    """A sync rename that fails with EIO (the store keeps failing) was not done: the kernel keeps
+    the old names, so the mount must too. A commit over a committed file and a move of a
+    committed file are undone, the replaced file comes back (its cancelled upload too), the
+    store is left as it was, and Spark's retry works once the store is back."""
+    m = env.mount(commit_mode="sync", max_attempts=3)
+    fs = m.fs
+    d = await mkdirs(fs, BM)
+    old = await commit(fs, d, DATA, b"old")
+    other = await commit(fs, d, "shuffle_0_7_0.data", b"other")
+    temp = f"{DATA}.{uuid.uuid4()}"
+    new = await write_file(fs, d, temp, b"new", flags=APPEND)
+    m.store.fail_next = 10**9
+
+    with pytest.raises(FsError) as exc:  # a commit replacing a committed file
+        await fs.rename(d, temp, d, DATA)
+    assert errno_of(exc) == errno.EIO
+    assert (await fs.lookup(d, temp)) is new and (await fs.lookup(d, DATA)) is old
+    assert old.committed and old.linked and not new.committed and new.linked
+    for target in ("shuffle_0_6_0.data", "shuffle_0_7_0.data"):  # server-side moves
+        with pytest.raises(FsError) as exc:
+            await fs.rename(d, DATA, d, target)
+        assert errno_of(exc) == errno.EIO
+        assert (await fs.lookup(d, DATA)) is old
+    assert await fs.lookup(d, "shuffle_0_6_0.data") is None
+    assert (await fs.lookup(d, "shuffle_0_7_0.data")) is other and other.committed
+    await settle(m)  # nothing is left to do remotely
+    assert m.journal.pending_ops() == []
+    assert contents(m.store) == {key(DATA): b"old", key("shuffle_0_7_0.data"): b"other"}
+
+    m.store.fail_next = 0
+    await fs.rename(d, temp, d, DATA)  # Spark's retry
+    assert contents(m.store) == {key(DATA): b"new", key("shuffle_0_7_0.data"): b"other"}
+    assert await read_all(fs, (await fs.lookup(d, DATA)).ino) == b"new"
+
+
+async def test_failed_sync_rename_brings_back_the_upload_of_the_file_it_replaced(env):
+    m, d = await committed_while_the_store_fails(env, max_attempts=3)  # DATA = b"x", upload failing
+    fs = m.fs
+    fs.commit_mode = "sync"
+    temp = f"{DATA}.{uuid.uuid4()}"
+    new = await write_file(fs, d, temp, b"new", flags=APPEND)
+    with pytest.raises(FsError) as exc:
+        await fs.rename(d, temp, d, DATA)  # cancels DATA's upload, then fails
+    assert errno_of(exc) == errno.EIO
+    assert (await fs.lookup(d, temp)) is new and not new.committed
+    assert (await fs.lookup(d, DATA)).committed
+    m.store.fail_next = 0
+    await settle(m)
+    assert contents(m.store) == {key(DATA): b"x"} and m.journal.pending_ops() == []
 
 
 async def test_failed_journal_write_leaves_the_file_uncommitted(env, monkeypatch):
@@ -1604,6 +1747,7 @@ async def test_failed_journal_write_leaves_the_file_uncommitted(env, monkeypatch
         await fs.rename(d, INDEX + ".tmp", d, INDEX)
     assert not node.committed and node.staging.refs == 1
     assert m.journal.index_get(key(INDEX)) is None
+    assert (await fs.lookup(d, INDEX + ".tmp")) is node and await fs.lookup(d, INDEX) is None
     monkeypatch.undo()
     fh = await fs.open(node.ino, os.O_WRONLY)  # still a local, writable file
     await close(fs, fh)

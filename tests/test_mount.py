@@ -355,7 +355,9 @@ def test_large_file_uses_multipart_upload(tmp_path, s3_env, bucket, seaweed):
 
 def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env):
     """Sync commit against a store that went away: the committing rename fails with EIO after
-    the retries; umount cannot drain, says so, exits 1, and the upload stays in the journal."""
+    the retries (and changes nothing); the close that commits a file written under its final
+    name fails the same way, and that upload stays: umount cannot drain it, says so, exits 1,
+    and it stays in the journal."""
     from servers import SeaweedS3
 
     server = SeaweedS3().start()
@@ -373,6 +375,12 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
                 os.rename(temp, f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")
             assert raised.value.errno == errno.EIO
             assert time.monotonic() - started < 60
+            assert os.listdir(f"{mount.path}/blockmgr-1/00") == ["shuffle_0_0_0.index.tmp"]
+            fd = os.open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"\0" * 16)
+            with pytest.raises(OSError) as raised:
+                os.close(fd)
+            assert raised.value.errno == errno.EIO
             result = mount.umount()
             assert result.returncode == 1
             assert "could not be completed" in result.stderr and "same --cache-dir" in result.stderr
@@ -441,3 +449,98 @@ def test_sigterm_waits_for_open_shuffle_files(tmp_path, file_store):
         mount.wait_exit(60)
         assert mount.status()["given_up"] == 0
     assert store_objects(str(file_store)) == {"shuffle_0_0_0.index": b"\1" * 8 + b"\2" * 8}
+
+
+@pytest.mark.parametrize("commit", ["sync", "async"])
+def test_failed_write_is_never_committed(tmp_path, file_store, commit):
+    """With the writeback cache write() always succeeds; the WRITE that fails (a full
+    --cache-size) comes at close. Such a file is never committed, under its durable name nor
+    by a rename into one; fsync reports the error every time (and in sync mode every close of
+    a writer), the mount shows what is held, and a rewrite from empty makes it whole again."""
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M",
+               "--commit", commit) as mount:
+        directory = f"{mount.path}/blockmgr-1/00"
+        os.makedirs(directory)
+        with open(f"{directory}/temp_local_blocker", "wb") as f:
+            f.write(b"b" * 4 * 1024 * 1024)  # local data is never evicted: 4 MiB are left
+        data = os.urandom(16 * 1024 * 1024)
+        path = f"{directory}/shuffle_0_0_0.data"
+        temp = f"{directory}/shuffle_0_1_0.data.{uuid.uuid4()}"
+        for name in (path, temp):  # written under its final name; written for a rename
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            for start in range(0, len(data), 32 * 1024):
+                assert os.write(fd, data[start:start + 32 * 1024]) == 32 * 1024
+            with pytest.raises(OSError) as raised:
+                os.close(fd)
+            assert raised.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as raised:
+            os.rename(temp, f"{directory}/shuffle_0_1_0.data")
+        assert raised.value.errno == errno.EIO
+        assert sorted(os.listdir(directory)) == sorted(["temp_local_blocker", "shuffle_0_0_0.data",
+                                                         os.path.basename(temp)])
+        for name in (path, temp):
+            # what the mount shows is what is held (once the kernel has let go of its own size)
+            deadline = time.monotonic() + 10
+            while os.stat(name).st_size == len(data) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with open(name, "rb") as f:
+                held = f.read()
+            assert len(held) == os.stat(name).st_size < len(data) and held == data[:len(held)]
+            fd = os.open(name, os.O_WRONLY | os.O_APPEND)
+            for _ in range(2):
+                with pytest.raises(OSError) as raised:
+                    os.fsync(fd)
+                assert raised.value.errno == errno.ENOSPC
+            if commit == "sync":  # async mode commits at RELEASE and never hears of close
+                with pytest.raises(OSError) as raised:
+                    os.close(fd)
+                assert raised.value.errno == errno.ENOSPC
+            else:
+                os.close(fd)
+        assert mount.log().count("failed (No space left on device)") == 2  # once per file
+        assert store_objects(str(file_store)) == {}
+
+        os.unlink(f"{directory}/temp_local_blocker")
+        with open(path, "wb") as f:  # O_TRUNC: rewritten from empty
+            f.write(b"whole")
+        assert mount.umount().returncode == 0
+    assert store_objects(str(file_store)) == {"blockmgr-1/00/shuffle_0_0_0.data": b"whole"}
+
+
+def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
+    """A sync rename the store keeps failing returns EIO after the retries and changes nothing,
+    in the kernel's view and the daemon's alike: the old name still opens, the new name does
+    not exist and is not listed, and Spark's retry renames once the store is back. Both kinds:
+    a commit (over a committed file) and a server-side move of a committed file."""
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache") as mount:
+        directory = f"{mount.path}/blockmgr-1/00"
+        os.makedirs(directory)
+        written = spark_commit(directory, 0, 0, [b"old"])
+        temp = f"{directory}/shuffle_0_0_0.data.{uuid.uuid4()}"
+        with open(temp, "wb") as f:
+            f.write(b"new")
+        final, moved = f"{directory}/shuffle_0_0_0.data", f"{directory}/shuffle_0_9_0.data"
+        assert not os.path.exists(moved)  # the kernel caches the absence
+        stored = f"{file_store}/blockmgr-1/00"
+        # the store fails, also for root (who ignores modes)
+        if subprocess.run(["chattr", "+i", stored], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not supported here")
+        try:
+            for source, target in ((temp, final), (final, moved)):
+                with pytest.raises(OSError) as raised:
+                    os.rename(source, target)
+                assert raised.value.errno == errno.EIO
+            assert sorted(os.listdir(directory)) == sorted([*written, os.path.basename(temp)])
+            assert open(temp, "rb").read() == b"new" and open(final, "rb").read() == b"old"
+            assert not os.path.exists(moved)
+        finally:
+            subprocess.run(["chattr", "-i", stored], check=True)
+        os.rename(temp, final)  # Spark's retry
+        os.rename(final, moved)
+        assert open(moved, "rb").read() == b"new" and not os.path.exists(final)
+        assert sorted(os.listdir(directory)) == sorted(
+            ["shuffle_0_0_0.index", "shuffle_0_0_0.checksum.ADLER32", "shuffle_0_9_0.data"])
+        assert mount.umount().returncode == 0
+    objects = store_objects(str(file_store))
+    assert objects["blockmgr-1/00/shuffle_0_9_0.data"] == b"new"
+    assert "blockmgr-1/00/shuffle_0_0_0.data" not in objects
