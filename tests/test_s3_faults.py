@@ -13,6 +13,7 @@ import botocore.config
 import pytest
 
 from faultproxy import FaultProxy, delay, drop_after, drop_before, fail, hold
+from mounting import Mount
 from shufflefs.stores import StoreError, UploadAborted
 from shufflefs.stores.s3 import S3Store
 from test_stores import use_s3_env
@@ -156,3 +157,25 @@ def test_abort_while_waiting_to_resend_a_part(seaweed, proxy, store, tmp_path):
     assert proxy.count("UploadPart") == 1
     assert proxy.count("AbortMultipartUpload") == 1
     assert pending_uploads(seaweed, store) == []
+
+
+def test_daemon_sends_failed_parts_again(seaweed, proxy, s3_env, tmp_path):
+    """A mount (a daemon subprocess) whose store endpoint is the proxy: a 40 MiB file goes up
+    in 8 MiB parts, two of which fail, in one multipart upload, before the committing rename
+    returns (sync commit)."""
+    bucket = seaweed.create_bucket(f"f{uuid.uuid4().hex[:16]}")
+    data = os.urandom(40 * MiB)
+    proxy.add_rule(fail(503, "SlowDown"), op="UploadPart", query=r"partNumber=2(&|$)", times=2)
+    proxy.add_rule(drop_before(), op="UploadPart", query=r"partNumber=4(&|$)", times=1)
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url,
+               env=s3_env) as mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        with open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.data.tmp", "wb") as f:
+            f.write(data)
+        os.rename(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.data.tmp", f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.data")
+        assert seaweed.client().get_object(Bucket=bucket, Key="blockmgr-1/00/shuffle_0_0_0.data")["Body"].read() == data
+        assert [r.params["partNumber"] for r in proxy.select("UploadPart")] == ["1", "2", "2", "2", "3", "4", "4", "5"]
+        assert proxy.count("CreateMultipartUpload") == proxy.count("CompleteMultipartUpload") == 1
+        assert mount.umount().returncode == 0
+    stats = mount.status()["stats"]
+    assert stats["put_requests"] == 1 and stats.get("failed_requests", 0) == 0  # the put succeeded at once
