@@ -1,8 +1,9 @@
 """The store interface: a small set of blocking calls on keys relative to the store's prefix.
 
 Stores never import pyfuse3 or trio. They are called from worker threads; the caller
-(`shufflefs.remote`) owns retries, so a store makes one attempt per call and classifies its
-failure as transient (worth retrying) or not.
+(`shufflefs.remote`) owns retries, so a store makes one attempt per call (the S3 store's
+multipart upload excepted: it sends a failed part again) and classifies its failure as
+transient (worth retrying) or not.
 
 Keys are '/'-separated paths relative to the store URL's prefix, never starting or ending with
 '/', e.g. 'spark-1/executor-2/blockmgr-3/0c/shuffle_0_5_0.data'.
