@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long after a store request failed (timed out, or its daemon died) the "
                             "store may still apply it; a put that may land after its file was deleted is "
                             "looked for and removed this long after the delete (default: %(default)g)")
+    mount.add_argument("--store-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                       help="longest a file operation waits for the store: a read or listing of what only "
+                            "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
+                            "on in the background) (default: %(default)g)")
     mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
     mount.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -195,7 +199,7 @@ def _mount_config(args):
     return MountConfig(store_url=args.store_url, mountpoint=os.path.abspath(args.mountpoint), cache_dir=cache_dir,
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
                        upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount,
-                       late_window=args.late_window)
+                       late_window=args.late_window, store_timeout=args.store_timeout)
 
 
 def _setup_logging(level: str, stream) -> None:
@@ -261,7 +265,7 @@ def _spawn_daemon(args, config) -> int:
     command = [sys.executable, "-m", "shufflefs", "mount", config.store_url, config.mountpoint,
                "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
                "--commit", config.commit, "--upload-workers", str(config.upload_workers),
-               "--late-window", repr(config.late_window),
+               "--late-window", repr(config.late_window), "--store-timeout", repr(config.store_timeout),
                "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if config.s3_endpoint_url:
         command += ["--s3-endpoint-url", config.s3_endpoint_url]

@@ -335,7 +335,12 @@ class Filesystem:
             if not parent.owned and (child is None or (child.from_remote and not child.is_dir)):
                 # a miss, or a file another mount may have replaced: look at the store again
                 # (at most once per remote_ttl)
-                await self._refresh(parent)
+                try:
+                    await self._refresh(parent)
+                except StoreError as exc:
+                    if child is None:
+                        raise  # whether it exists is unknown
+                    log.warning("%s: answering from what was listed before: %s", name, exc)
                 child = parent.children.get(name)
         if child is None:
             return None
@@ -626,13 +631,14 @@ class Filesystem:
         self._put_owner[op] = node
         self.stats["commits"] += 1
         if self.commit_mode == "sync":
-            await self._wait_stored(op)
+            # bounded: a hung store must not hang the program; a move is not, see DESIGN.md
+            await self._wait_stored(op, self.remote.request_timeout)
         else:
             await self.remote.wait_for_backlog(self.cache_size // 2)
 
-    async def _wait_stored(self, op: Op) -> None:
+    async def _wait_stored(self, op: Op, timeout: float = math.inf) -> None:
         try:
-            await self.remote.wait(op)
+            await self.remote.wait(op, timeout)
         except StoreError as exc:
             log.error("%r could not be stored: %s", op, exc)
             raise FsError(exc.errno, str(exc)) from None
@@ -753,7 +759,7 @@ class Filesystem:
                                           expect=handle.version)
         except PreconditionFailed:
             if handle.node.parent is not None:
-                handle.node.parent.listed_at = float("-inf")  # the next lookup learns the new one
+                handle.node.parent.listed_at -= self.remote_ttl  # the next lookup learns the new one
             raise FsError(errno.ESTALE, f"{key} was replaced in the store since it was opened") from None
 
     async def _settled_key(self, node: Node) -> str:
@@ -871,7 +877,12 @@ class Filesystem:
     async def opendir(self, ino: int) -> int:
         directory = self._dir(ino)
         if not directory.owned:
-            await self._refresh(directory)
+            try:
+                await self._refresh(directory)
+            except StoreError as exc:
+                if directory.listed_at == NEVER:
+                    raise  # never listed: nothing to answer with
+                log.warning("listing %s from what was listed before: %s", self.key_of(directory) or "/", exc)
         fh = self._next_fh
         self._next_fh += 1
         self.dir_handles[fh] = (directory, list(directory.children.items()))

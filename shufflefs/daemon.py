@@ -55,6 +55,8 @@ class MountConfig:
     leave_mount: bool = False
     #: seconds a store request may still be applied after its sender gave up on it
     late_window: float = 120.0
+    #: seconds a FUSE request waits for the store (a read, a listing, a sync commit's upload)
+    store_timeout: float = 10.0
 
 
 # ---------------------------------------------------------------------------- places
@@ -355,7 +357,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         check_outside(mountpoint, "the store directory", path)
     cache = CacheDir(config.cache_dir, store.url)
     remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts,
-                    late_window=config.late_window)
+                    late_window=config.late_window, request_timeout=config.store_timeout)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
                     cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner)
     operations = Operations(fs)

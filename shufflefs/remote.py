@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -43,6 +44,8 @@ BACKOFF_MAX = 30.0
 #: a request is assumed applied or dropped by the store this long after its sender gave up on
 #: it (twice boto3's read timeout); until then a put that may land late is watched for
 LATE_WINDOW = 120.0
+#: seconds a FUSE request waits for the store (a read, a sync commit's upload) before it fails
+REQUEST_TIMEOUT = 10.0
 #: conditional writes that find the key changed under them are re-aimed at most this often
 #: before the attempt counts as failed
 MAX_CONFLICTS = 4
@@ -108,12 +111,14 @@ class Op:
 
 class Remote:
     def __init__(self, store: Store, journal: Journal, *, workers: int = 8, max_attempts: int = 6,
-                 late_window: float = LATE_WINDOW, on_put_done: Callable[[Op], None] | None = None,
-                 on_failed: Callable[[Op], None] | None = None):
+                 late_window: float = LATE_WINDOW, request_timeout: float = REQUEST_TIMEOUT,
+                 on_put_done: Callable[[Op], None] | None = None, on_failed: Callable[[Op], None] | None = None):
         self.store = store
         self.journal = journal
         self.max_attempts = max_attempts
         self.late_window = late_window
+        #: the longest a caller waits for a read of the store, or a sync commit for its upload
+        self.request_timeout = request_timeout
         self.on_put_done = on_put_done
         self.on_failed = on_failed
         self.pending: set[Op] = set()
@@ -209,9 +214,13 @@ class Remote:
         self.journal.remove_op(op.seq)
         self._notify()  # end its backoff sleep now
 
-    async def wait(self, op: Op) -> None:
-        """Wait until `op` settles; raise its StoreError if it could not be done."""
-        await op.settled.wait()
+    async def wait(self, op: Op, timeout: float = math.inf) -> None:
+        """Wait until `op` settles; raise its StoreError if it could not be done, or if it
+        did not settle within `timeout` seconds (it goes on in the background)."""
+        with trio.move_on_after(timeout):
+            await op.settled.wait()
+        if not op.settled.is_set():
+            raise StoreError(f"{op!r}: no answer from the store within {timeout:g} s")
         if op.error is not None:
             raise op.error
 
@@ -242,12 +251,19 @@ class Remote:
 
     # -- reads
     async def call(self, fn: Callable, *args, what: str = "", attempts: int = 4, **kwargs):
-        """Run one blocking store read with retries; StoreError after the last attempt."""
+        """Run one blocking store read with retries; StoreError after the last attempt, or
+        when the store gave no answer within `request_timeout` (the call is abandoned: a read
+        changes nothing)."""
+        with trio.move_on_after(self.request_timeout):
+            return await self._call(fn, args, kwargs, what, attempts)
+        raise StoreError(f"{what or fn.__name__}: no answer from the store within {self.request_timeout:g} s")
+
+    async def _call(self, fn: Callable, args: tuple, kwargs: dict, what: str, attempts: int):
         delay = BACKOFF_FIRST
         for attempt in range(1, attempts + 1):
             try:
                 result = await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs),
-                                                       limiter=self._read_limiter)
+                                                       limiter=self._read_limiter, abandon_on_cancel=True)
             except ObjectMissing:
                 self.stats[f"{fn.__name__}_requests"] += 1
                 raise
@@ -523,23 +539,38 @@ class Remote:
     def _track(self, op: Op) -> None:
         """Update what the store holds at the op's keys after it finished."""
         done = not (op.cancelled or op.given_up or op.failed)
-        if op.kind in ("put", "move") and op.uncertain and op.token:
+        landed_unwanted = op.cancelled and op.version is not None  # an attempt in flight landed
+        if op.kind in ("put", "move") and op.token and op.uncertain:
             # an attempt of it may still land, even when another one succeeded
             self._late.setdefault(op.landing_key, []).append(op.token)
+        if landed_unwanted:
+            self._versions[op.landing_key] = op.version
+        if op.kind == "put" and op.cancelled and self._tail.get(op.key) is op:
+            # no later operation on the key will remove what the put left (if it landed) or
+            # may still leave (its late attempts): look for it
+            if landed_unwanted:
+                self._sweep_later(op.key, [op.token], 0.0)
+            late = self._late.pop(op.key, None)
+            if late:
+                self._sweep_later(op.key, late, self.late_window)
         if not done:
             return
         if op.kind in ("move", "delete"):
             self._versions.pop(op.key, None)
             late = self._late.pop(op.key, None)
-            if late and self.store.conditional:
-                sweep = Op("sweep", op.key, tokens=late)
-                sweep.not_before = time.time() + self.late_window
-                self._submit(sweep)
+            if late:
+                self._sweep_later(op.key, late, self.late_window)
         if op.kind in ("put", "move"):
             if op.version is not None:
                 self._versions[op.landing_key] = op.version
             else:
                 self._versions.pop(op.landing_key, None)
+
+    def _sweep_later(self, key: str, tokens: list[str], delay: float) -> None:
+        if self.store.conditional:
+            sweep = Op("sweep", key, tokens=tokens)
+            sweep.not_before = time.time() + delay
+            self._submit(sweep)
 
     def _finish(self, op: Op, keep_journal: bool = False) -> None:
         if op.finished.is_set():

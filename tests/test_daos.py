@@ -380,8 +380,8 @@ def test_sigkill_recovery_completes_pending_uploads(daos, tmp_path):
 
 
 def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
-    """DER_NOSPACE reaches the committing rename as ENOSPC (not EIO) after the retries; once
-    space is back the journal finishes the upload."""
+    """DER_NOSPACE reaches the committing rename as ENOSPC (not EIO) after the retries, and the
+    rename changes nothing; once space is back the retried rename stores the file."""
     fake = daos.require_fake()
     url = daos.url()
     with Mount(url, tmp_path / "mnt", tmp_path / "cache", env=daos.env) as mount:
@@ -396,6 +396,8 @@ def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
             assert raised.value.errno == errno.ENOSPC
         finally:
             fake.clear_faults()
+        assert os.listdir(f"{mount.path}/blockmgr-1/00") == ["shuffle_0_0_0.index.tmp"]
+        os.rename(temp, f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")
         assert mount.umount().returncode == 0
     assert daos_objects(url) == {"blockmgr-1/00/shuffle_0_0_0.index": b"\0" * 16}
 

@@ -245,3 +245,38 @@ async def test_a_sync_commit_of_a_refused_key_fails_without_retrying(env):
     # final name commits when FLUSH did not: no retries
     assert len(store.calls_of("put_file")) <= 2
 
+
+
+# -- a store that does not answer ---------------------------------------------------------------
+
+
+async def test_a_hung_store_bounds_sync_commits_and_lookups(env):
+    """Every wait for the store on a file operation is bounded by the request timeout; what
+    was listed before is still answered."""
+    store = env.store()
+    env.plant(store, "shared/shuffle_0_0_0.data", b"from another node")
+    m = env.mount(store, remote_ttl=0.05)
+    m.remote.request_timeout = 0.5
+    known = await resolve(m.fs, "shared/shuffle_0_0_0.data")
+    shared = known.parent
+    d = await mkdirs(m.fs, BM)
+    await write_file(m.fs, d, DATA + ".tmp", b"x" * 100)
+    store.gate.clear()  # uploads hang
+    started = trio.current_time()
+    with pytest.raises(FsError) as exc:
+        await m.fs.rename(d, DATA + ".tmp", d, DATA)
+    assert errno_of(exc) == errno.EIO and trio.current_time() - started < 2
+    assert await m.fs.lookup(d, DATA + ".tmp") is not None  # the rename changed nothing
+
+    store.hang_listings.set()
+    await trio.sleep(0.1)
+    started = trio.current_time()
+    assert await m.fs.lookup(shared.ino, known.name) is known  # answered from the last listing
+    fh = await m.fs.opendir(shared.ino)
+    assert [name for name, _ in m.fs.readdir_entries(fh)[1]] == [known.name]
+    m.fs.releasedir(fh)
+    with pytest.raises(StoreError):  # whether it exists is unknown
+        await m.fs.lookup(shared.ino, "shuffle_0_1_0.data")
+    assert trio.current_time() - started < 4
+    store.hang_listings.clear()
+    store.gate.set()

@@ -544,3 +544,31 @@ def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
     objects = store_objects(str(file_store))
     assert objects["blockmgr-1/00/shuffle_0_9_0.data"] == b"new"
     assert "blockmgr-1/00/shuffle_0_0_0.data" not in objects
+
+
+def test_a_stopped_store_bounds_file_operations(tmp_path, s3_env, bucket, seaweed):
+    """--store-timeout bounds what waits for the store: `ls` answers from the last listing and
+    a sync commit fails with EIO, both within the bound, while the store does not answer."""
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--store-timeout", "2",
+               env=s3_env) as mount:
+        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        spark_commit(f"{mount.path}/blockmgr-1/00", 0, 1, [b"before"])
+        assert os.listdir(mount.path) == ["blockmgr-1"]
+        temp = f"{mount.path}/blockmgr-1/00/shuffle_0_2_0.data.tmp"
+        with open(temp, "wb") as f:
+            f.write(b"during the outage")
+        os.kill(seaweed.process.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)  # the root's listing is older than remote_ttl
+            started = time.monotonic()
+            listed = subprocess.run(["ls", mount.path], capture_output=True, text=True, timeout=30)
+            assert listed.stdout.split() == ["blockmgr-1"] and time.monotonic() - started < 5
+            started = time.monotonic()
+            with pytest.raises(OSError) as raised:
+                os.rename(temp, temp[:-len(".tmp")])
+            assert raised.value.errno == errno.EIO and time.monotonic() - started < 5
+        finally:
+            os.kill(seaweed.process.pid, signal.SIGCONT)
+        assert os.path.exists(temp)  # the rename changed nothing
+        os.rename(temp, temp[:-len(".tmp")])
+        assert mount.umount().returncode == 0
