@@ -445,7 +445,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         cache.close()
         store.close()
         final = stats()
-        write_run_file(status_file, {"given_up": len(remote.given_up), "refused": len(remote.failed),
+        write_run_file(status_file, {"given_up": len(remote.given_up),
+                                     "refused": sum(not op.reported for op in remote.failed),
                                      "stats": final["store"],
                                      "fs": final["fs"], "peak_rss_bytes": final["peak_rss_bytes"]})
         try:
@@ -462,7 +463,9 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     if remote.given_up:
         log.error("%d remote operations could not be completed; they stay in the journal of %s "
                   "and resume on the next mount with that cache dir", len(remote.given_up), config.cache_dir)
-    if remote.failed:
+    # a refusal a sync commit reported to its caller was dealt with there
+    unreported = [op for op in remote.failed if not op.reported]
+    if unreported:
         log.error("the store refused %d operations for good; `shufflefs journal %s` lists them",
-                  len(remote.failed), config.cache_dir)
-    return 1 if remote.given_up or remote.failed else 0
+                  len(unreported), config.cache_dir)
+    return 1 if remote.given_up or unreported else 0

@@ -73,6 +73,7 @@ class Op:
         self.cancelled = False
         self.given_up = False
         self.failed = False
+        self.reported = False  # its error reached a caller waiting for it (a sync commit)
         #: an attempt failed in a way that may still reach the store later (or a dead
         #: daemon's attempt may): its token may show up at the key after this op finished
         self.uncertain = False
@@ -210,8 +211,11 @@ class Remote:
         the upload is aborted as soon as the store allows."""
         op.cancelled = True
         op.abort.set()
-        # a cancelled put is never needed again, even after a crash
-        self.journal.remove_op(op.seq)
+        # a cancelled put is never needed again, even after a crash; one the store refused is
+        # no longer a loss to report (a failed sync rename, undone, cancels it)
+        self.journal.drop_op(op.seq)
+        if op.failed:
+            self.failed.remove(op)
         self._notify()  # end its backoff sleep now
 
     async def wait(self, op: Op, timeout: float = math.inf) -> None:
@@ -222,6 +226,7 @@ class Remote:
         if not op.settled.is_set():
             raise StoreError(f"{op!r}: no answer from the store within {timeout:g} s")
         if op.error is not None:
+            op.reported = True
             raise op.error
 
     async def wait_for_backlog(self, limit: int) -> None:
