@@ -115,25 +115,26 @@ async def test_a_late_delete_cannot_remove_a_file_committed_again(env, late):
     assert contents(late) == {key(DATA): b"second" * 100}
 
 
+async def unlink_after_a_timed_out_put(m, late: LateStore, d: int, name: str, data: bytes) -> None:
+    """Commit `name` (its first upload attempt times out, held by the store) and unlink it."""
+    late.hold("put_file", key(name))
+    node = await commit(m.fs, d, name, data)
+    await m.fs.unlink(d, name)
+    forget(m.fs, node)
+    await settle(m)
+
+
 async def test_a_put_that_lands_after_the_delete_is_swept(env, late):
     m = env.mount(late)
     m.remote.late_window = 0.3
     d = await mkdirs(m.fs, BM)
-    late.hold("put_file", key(DATA))
-    node = await commit(m.fs, d, DATA, b"gone" * 100)
-    await m.fs.unlink(d, DATA)
-    forget(m.fs, node)
-    await settle(m)
+    await unlink_after_a_timed_out_put(m, late, d, DATA, b"gone" * 100)
     assert contents(late) == {}
     late.release()  # the put's first attempt lands after the delete: the file is back...
     assert contents(late) == {key(DATA): b"gone" * 100}
     await until(lambda: not contents(late) and m.journal.pending_ops() == [], timeout=5)  # ...until swept
     # a file committed again under that name afterwards is not the sweep's business
-    late.hold("put_file", key(INDEX))
-    node = await commit(m.fs, d, INDEX, b"i" * 64)
-    await m.fs.unlink(d, INDEX)
-    forget(m.fs, node)
-    await settle(m)
+    await unlink_after_a_timed_out_put(m, late, d, INDEX, b"i" * 64)
     await commit(m.fs, d, INDEX, b"j" * 64)
     late.release()
     await trio.sleep(0.6)
@@ -145,11 +146,7 @@ async def test_a_pending_sweep_survives_a_restart(env, late):
         m1 = env.mount(late, nursery=crashed)
         m1.remote.late_window = 1.0
         d = await mkdirs(m1.fs, BM)
-        late.hold("put_file", key(DATA))
-        node = await commit(m1.fs, d, DATA, b"x" * 10)
-        await m1.fs.unlink(d, DATA)
-        forget(m1.fs, node)
-        await settle(m1)
+        await unlink_after_a_timed_out_put(m1, late, d, DATA, b"x" * 10)
         assert [r["kind"] for _, r in m1.journal.pending_ops()] == ["sweep"]
         crashed.cancel_scope.cancel()
     m1.close_journal()
