@@ -300,7 +300,6 @@ class Filesystem:
                 self.stats["remote_replacements"] += 1
                 if is_index(obj.name):
                     self.journal.index_delete(key)
-                self.remote.forget_version(key)
                 self._detach(child)
                 self._maybe_free(child)
             child = self._new_node(directory, obj.name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)
@@ -308,7 +307,6 @@ class Filesystem:
             child.size = obj.size
             child.version = obj.version
             child.atime_ns = child.mtime_ns = child.ctime_ns = obj.mtime_ns
-            self.remote.observe(key, obj.version)
         for name, child in list(directory.children.items()):
             key = f"{prefix}/{name}" if prefix else name
             # a name this mount is still moving an object to is not listed yet, but it exists
@@ -317,7 +315,6 @@ class Filesystem:
             if gone and not (child.is_dir and child.children):
                 if is_index(name):
                     self.journal.index_delete(key)
-                self.remote.forget_version(key)
                 self._detach(child)
                 self._maybe_free(child)
 
@@ -517,6 +514,7 @@ class Filesystem:
 
         old_key = self.key_of(node)
         target_upload_cancelled = False
+        replaced = target.version if target is not None and target.committed else None
         if target is not None:
             target_key = self.key_of(target)
             if target.committed:
@@ -537,7 +535,7 @@ class Filesystem:
             if node.committed and will_be_durable:
                 op = None
                 try:
-                    op = self.remote.move(old_key, new_key)
+                    op = self.remote.move(old_key, new_key, version=node.version, replaces=replaced)
                     self.journal.index_move(old_key, new_key)
                     if self.commit_mode == "sync":
                         await self._wait_stored(op)
@@ -549,7 +547,7 @@ class Filesystem:
                 self._uncommit(node, old_key, delete=True)
             elif commits:
                 try:
-                    await self._commit(node)
+                    await self._commit(node, replaces=replaced)
                 except Exception:
                     self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled,
                                       was_committed=False)
@@ -606,10 +604,12 @@ class Filesystem:
                    for child in directory.children.values())
 
     # ------------------------------------------------------------------ commit
-    async def _commit(self, node: Node, close_returned: bool = False) -> None:
-        """Make `node` durable at the key of its path. While draining, commits are refused,
-        except when the writer's close() already returned success (async mode commits at
-        RELEASE, after it): refusing that one would lose the file."""
+    async def _commit(self, node: Node, close_returned: bool = False, replaces: str | None = None) -> None:
+        """Make `node` durable at the key of its path, replacing the object there (`replaces`:
+        its version; by default the one an early commit of this file stored, see `write`).
+        While draining, commits are refused, except when the writer's close() already
+        returned success (async mode commits at RELEASE, after it): refusing that one would
+        lose the file."""
         if self.draining and not close_returned:
             raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
         key = self.key_of(node)
@@ -617,7 +617,7 @@ class Filesystem:
         try:
             if cached_index:
                 self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
-            op = self.remote.put(key, node.staging)
+            op = self.remote.put(key, node.staging, replaces=replaces or node.version)
         except BaseException:
             if cached_index:
                 self.journal.index_delete(key)
@@ -652,7 +652,8 @@ class Filesystem:
             del self._put_owner[op]  # a cancelled put never reports back through _put_done
         self.journal.index_delete(key)
         if delete:
-            self.remote.delete(key)
+            self.remote.delete(key, version=node.version)
+            node.version = None
 
     def _put_done(self, op: Op) -> None:
         node = self._put_owner.pop(op, None)
@@ -820,7 +821,8 @@ class Filesystem:
                       self.key_of(node), os.strerror(error))
             if node.linked and is_durable(node.name):
                 # an early commit (see `write`) may have stored a beginning of it
-                self.remote.delete(self.key_of(node))
+                self.remote.delete(self.key_of(node), version=node.version)
+                node.version = None
         self._invalidate.send_nowait(("inode", node.ino))
         if node.linked:
             self._invalidate.send_nowait(("entry", node.parent.ino, node.name))

@@ -57,10 +57,16 @@ class Op:
     background)."""
 
     def __init__(self, kind: str, key: str, *, dst: str | None = None,
-                 staging: StagingFile | None = None, tokens: list[str] | None = None):
+                 staging: StagingFile | None = None, tokens: list[str] | None = None,
+                 hints: dict[str, str | None] | None = None):
         self.kind = kind
         self.key = key
         self.dst = dst
+        #: the version each key holds, as the caller knows it (None: unknown); used where no
+        #: earlier operation on the key is pending, whose outcome is known better
+        self.hints = hints or {}
+        #: what it expects each key to hold when it runs (see Remote._expectations)
+        self.expects: dict[str, str | None] = {}
         self.staging = staging
         self.size = staging.size if staging is not None else 0
         self.seq = 0
@@ -133,9 +139,11 @@ class Remote:
         self._writer = journal.writer_id()
         self._instance = self._writer.split(".")[0]
         self._tail: dict[str, Op] = {}
-        #: the version each key holds in the store, as far as this mount's writes and listings
-        #: tell (keys known to be absent are left out)
-        self._versions: dict[str, str] = {}
+        #: what a key holds after the last finished operation on it (a version, ABSENT, or
+        #: None: unknown), kept only while a later operation on the key waits: the callers
+        #: know the versions of idle keys (each file's node keeps its own), so this costs no
+        #: memory per file
+        self._versions: dict[str, str | None] = {}
         #: tokens of this mount's writes that may still land at a key (see Op.uncertain)
         self._late: dict[str, list[str]] = {}
         self._limiter = trio.CapacityLimiter(workers)
@@ -151,14 +159,17 @@ class Remote:
         nursery.start_soon(self._delete_batcher)
 
     # -- issuing operations (synchronous: safe to call between two awaits of a handler)
-    def put(self, key: str, staging: StagingFile) -> Op:
-        return self._submit(Op("put", key, staging=staging))
+    def put(self, key: str, staging: StagingFile, *, replaces: str | None = None) -> Op:
+        """Store `staging` at `key`; `replaces`: the version there now, if known."""
+        return self._submit(Op("put", key, staging=staging, hints={key: replaces}))
 
-    def move(self, src: str, dst: str) -> Op:
-        return self._submit(Op("move", src, dst=dst))
+    def move(self, src: str, dst: str, *, version: str | None = None, replaces: str | None = None) -> Op:
+        """Move the object at `src` (in `version`, if known) to `dst` (holding `replaces`)."""
+        return self._submit(Op("move", src, dst=dst, hints={src: version, dst: replaces}))
 
-    def delete(self, key: str) -> Op:
-        return self._submit(Op("delete", key))
+    def delete(self, key: str, *, version: str | None = None) -> Op:
+        """Delete `key` (the object in `version`, if known; else whatever is there)."""
+        return self._submit(Op("delete", key, hints={key: version}))
 
     def resume(self, seq: int, record: dict, staging: StagingFile | None) -> Op:
         """Re-issue an operation found in the journal at start-up (keeps its journal entry).
@@ -169,16 +180,6 @@ class Remote:
         op.not_before = record.get("not_before", 0.0)
         op.uncertain = True
         return self._submit(op, seq=seq)
-
-    def observe(self, key: str, version: str | None) -> None:
-        """A listing showed `version` at `key`: what a later write on it may expect."""
-        if version is not None and key not in self._tail:
-            self._versions.setdefault(key, version)
-
-    def forget_version(self, key: str) -> None:
-        """A listing no longer shows `key`."""
-        if key not in self._tail:
-            self._versions.pop(key, None)
 
     def _submit(self, op: Op, seq: int | None = None) -> Op:
         if seq is None:
@@ -285,12 +286,20 @@ class Remote:
             delay = min(delay * 2, BACKOFF_MAX)
 
     # -- execution
-    def _expected(self, key: str) -> str | None:
-        """What a write on `key` expects (an unknown key is optimistically taken as absent:
-        a wrong guess costs one HEAD)."""
+    def _expectations(self, op: Op) -> None:
+        """What `op` expects each of its keys to hold: what the operation before it on the
+        key left, else what its caller knew."""
+        for key in op.keys:
+            follows = any(key in dep.keys for dep in op.deps)
+            op.expects[key] = self._versions.get(key) if follows else op.hints.get(key)
+
+    def _write_expectation(self, op: Op, key: str) -> str | None:
+        """The condition of a write to `key`: an unknown key is optimistically taken as absent
+        (a wrong guess costs one HEAD); none on a store without conditions."""
         if not self.store.conditional:
             return None
-        return self._versions.get(key, ABSENT)
+        expect = op.expects.get(key)
+        return ABSENT if expect is None else expect
 
     async def _run(self, op: Op) -> None:
         for dep in op.deps:
@@ -300,6 +309,7 @@ class Remote:
                 op.error = dep.error
                 op.settled.set()
             await dep.finished.wait()
+        self._expectations(op)
         if any(dep.given_up for dep in op.deps):
             # after an earlier op on its key was given up, running this one would reorder them
             self._give_up([op])
@@ -314,10 +324,11 @@ class Remote:
         op.started = True
         if op.kind == "put":
             op.staging.shared |= self.store.keeps_put_files
-            version = await self._attempt([op], self._blocking_put, op, self._expected(op.key))
+            version = await self._attempt([op], self._blocking_put, op, self._write_expectation(op, op.key))
         else:
-            version = await self._attempt([op], self._blocking_move, op, self._expected(op.key),
-                                          self._expected(op.dst))
+            source = op.expects.get(op.key) if self.store.conditional else None
+            version = await self._attempt([op], self._blocking_move, op, source,
+                                          self._write_expectation(op, op.dst))
         if version is _NOT_DONE:
             return
         op.version = version
@@ -346,6 +357,9 @@ class Remote:
         destination is replaced, and the move's own earlier attempt counts as done. A source
         that is not the version this mount wrote there is not moved: another writer replaced
         it, and its bytes are not the ones this mount's file holds."""
+        if expect_src is None and self.store.conditional:  # unknown: move the one there now
+            source = self.store.head(op.key)
+            expect_src = source.version if source is not None else None
         for _ in range(MAX_CONFLICTS):
             try:
                 return self.store.move(op.key, op.dst, expect_src=expect_src, expect_dst=expect_dst,
@@ -423,7 +437,7 @@ class Remote:
     async def _delete_batch(self, batch: list[Op]) -> None:
         remaining = batch
         while remaining:
-            expect = {op.key: self._versions.get(op.key) for op in remaining}
+            expect = {op.key: op.expects.get(op.key) for op in remaining}
             failed = await self._attempt(remaining, self._blocking_delete, [op.key for op in remaining], expect)
             if failed is _NOT_DONE:
                 return
@@ -542,14 +556,25 @@ class Remote:
             self._finish(op, keep_journal=True)
 
     def _track(self, op: Op) -> None:
-        """Update what the store holds at the op's keys after it finished."""
+        """Record what the store holds at the op's keys after it finished, for the next
+        operation on each key; look, later, for what its late attempts may leave."""
         done = not (op.cancelled or op.given_up or op.failed)
         landed_unwanted = op.cancelled and op.version is not None  # an attempt in flight landed
+        after = dict(op.expects)  # not done: as it found them
+        if done and op.kind != "sweep":
+            after.update({op.key: ABSENT} if op.kind != "put" else {})
+            if op.kind in ("put", "move"):
+                after[op.landing_key] = op.version
+        elif landed_unwanted:
+            after[op.key] = op.version
+        for key, state in after.items():
+            if self._tail.get(key) is op:
+                self._versions.pop(key, None)
+            else:
+                self._versions[key] = state
         if op.kind in ("put", "move") and op.token and op.uncertain:
             # an attempt of it may still land, even when another one succeeded
             self._late.setdefault(op.landing_key, []).append(op.token)
-        if landed_unwanted:
-            self._versions[op.landing_key] = op.version
         if op.kind == "put" and op.cancelled and self._tail.get(op.key) is op:
             # no later operation on the key will remove what the put left (if it landed) or
             # may still leave (its late attempts): look for it
@@ -558,18 +583,10 @@ class Remote:
             late = self._late.pop(op.key, None)
             if late:
                 self._sweep_later(op.key, late, self.late_window)
-        if not done:
-            return
-        if op.kind in ("move", "delete"):
-            self._versions.pop(op.key, None)
+        if done and op.kind in ("move", "delete"):
             late = self._late.pop(op.key, None)
             if late:
                 self._sweep_later(op.key, late, self.late_window)
-        if op.kind in ("put", "move"):
-            if op.version is not None:
-                self._versions[op.landing_key] = op.version
-            else:
-                self._versions.pop(op.landing_key, None)
 
     def _sweep_later(self, key: str, tokens: list[str], delay: float) -> None:
         if self.store.conditional:
