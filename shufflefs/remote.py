@@ -436,7 +436,10 @@ class Remote:
 
     async def _delete_batch(self, batch: list[Op]) -> None:
         remaining = batch
+        delay = BACKOFF_FIRST
+        attempt = 0
         while remaining:
+            attempt += 1
             expect = {op.key: op.expects.get(op.key) for op in remaining}
             failed = await self._attempt(remaining, self._blocking_delete, [op.key for op in remaining], expect)
             if failed is _NOT_DONE:
@@ -452,19 +455,27 @@ class Remote:
             if remaining:
                 error = failed[remaining[0].key]
                 self.stats["failed_requests"] += 1
+                if self.draining and attempt >= self.max_attempts:
+                    log.error("giving up on %d deletes while draining, kept in the journal for the next "
+                              "mount: %s", len(remaining), error)
+                    self._give_up(remaining)
+                    return
                 log.warning("%d deletes failed, retrying them: %s", len(remaining), error)
-                await self._backoff(remaining, BACKOFF_FIRST)
+                await self._backoff(remaining, delay, attempt)
+                delay = min(delay * 2, BACKOFF_MAX)
 
     async def _sweep(self, op: Op) -> None:
-        """Remove an object that a put of this mount's, given up as uncertain, left at a key
-        deleted since: wait until no such request can still arrive, then delete the key if (and
-        only if) it holds one of those puts' objects."""
+        """Remove what a put of this mount's that is no longer wanted (its key was deleted
+        since, or it was cancelled) left at its key, or may still leave there (an attempt that
+        failed may be applied late): wait until no such request can still arrive, then delete
+        the key if (and only if) it holds one of those puts' objects."""
         await trio.sleep(max(0.0, op.not_before - time.time()))
 
         def sweep() -> None:
             info = self.store.head(op.key)
             if info is not None and info.token in op.tokens:
-                log.warning("removing %s: a write that reached the store after the file was deleted", op.key)
+                log.warning("removing %s: a write of this mount's that is no longer wanted reached the store "
+                            "late", op.key)
                 self._blocking_delete_stale(op.key, info.version)
                 self.stats["swept_keys"] += 1
 
