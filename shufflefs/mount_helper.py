@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 
-from shufflefs.cli import COMMIT_MODES, LOG_LEVELS, _positive_int, parse_size
+from shufflefs.cli import COMMIT_MODES, LOG_LEVELS, _positive_float, _positive_int, parse_size
 
 EXIT_USAGE = 1
 EXIT_MOUNT_FAILURE = 32
@@ -48,6 +48,8 @@ OPTION_FLAGS = {
     "commit": ("--commit", _choice(*COMMIT_MODES)),
     "s3_endpoint_url": ("--s3-endpoint-url", str),
     "upload_workers": ("--upload-workers", _positive_int),
+    "store_timeout": ("--store-timeout", _positive_float),
+    "late_window": ("--late-window", _positive_float),
     "log_file": ("--log-file", str),
     "log_level": ("--log-level", _choice(*LOG_LEVELS)),
 }
