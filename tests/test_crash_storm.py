@@ -267,7 +267,7 @@ def test_crash_storm_s3_with_late_requests(seaweed, proxy, s3_env, tmp_path):
 
 def test_crash_storm_file_store(file_store, tmp_path):
     seed = SEED + 1
-    rounds = max(4, ROUNDS // 2)
+    rounds = ROUNDS
     print(f"crash storm (file://) seed {seed}, {rounds} rounds (replay: SHUFFLEFS_STORM_SEED={seed - 1})")
     rng = random.Random(seed)
     storm = Storm(rng)
