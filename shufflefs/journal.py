@@ -31,6 +31,7 @@ class Journal:
         self._index = self.env.open_db(b"index")
         self._meta = self.env.open_db(b"meta")
         self._dirs = self.env.open_db(b"dirs")
+        self._late = self.env.open_db(b"late")
         # failed operations keep their numbers: never hand one out again
         self._next_seq = 1
         for db in (self._ops, self._failed):
@@ -51,6 +52,11 @@ class Journal:
         with self.env.begin(write=True, db=self._ops) as txn:
             txn.put(struct.pack(">Q", seq), json.dumps(record).encode())
         return seq
+
+    def rewrite_op(self, seq: int, record: dict) -> None:
+        """Replace the record of a pending operation (it keeps its place in the order)."""
+        with self.env.begin(write=True, db=self._ops) as txn:
+            txn.put(struct.pack(">Q", seq), json.dumps(record).encode())
 
     def remove_op(self, seq: int) -> None:
         with self.env.begin(write=True, db=self._ops) as txn:
@@ -145,6 +151,33 @@ class Journal:
     def dirs_clear(self) -> None:
         with self.env.begin(write=True, db=self._dirs) as txn:
             txn.drop(self._dirs, delete=False)
+
+    # -- writes of this cache dir's daemons that may still land at a key (their requests were
+    # given up, or their daemon died): key -> [[token, until], ...], until a move or delete of
+    # the key journals a sweep for them, or their window is over (`until`, wall clock)
+    def late_add(self, key: str, token: str, until: float) -> None:
+        with self.env.begin(write=True, db=self._late) as txn:
+            entries = json.loads(txn.get(os.fsencode(key)) or b"[]")
+            entries.append([token, until])
+            txn.put(os.fsencode(key), json.dumps(entries).encode())
+
+    def late_take(self, key: str) -> None:
+        with self.env.begin(write=True, db=self._late) as txn:
+            txn.delete(os.fsencode(key))
+
+    def late_entries(self) -> dict[str, list[tuple[str, float]]]:
+        with self.env.begin(db=self._late) as txn:
+            return {os.fsdecode(k): [tuple(e) for e in json.loads(v)] for k, v in txn.cursor()}
+
+    def late_expire(self, now: float) -> None:
+        """Forget the writes whose window is over: they can no longer land."""
+        with self.env.begin(write=True, db=self._late) as txn:
+            for k, v in list(txn.cursor()):
+                entries = [e for e in json.loads(v) if e[1] > now]
+                if entries:
+                    txn.put(k, json.dumps(entries).encode())
+                else:
+                    txn.delete(k)
 
     # -- metadata
     def meta_get(self, name: str) -> str | None:

@@ -146,6 +146,11 @@ class Remote:
         self._versions: dict[str, str | None] = {}
         #: tokens of this mount's writes that may still land at a key (see Op.uncertain)
         self._late: dict[str, list[str]] = {}
+        # and those an earlier daemon with this cache dir left (journaled: it may have died
+        # before a move or delete of the key journaled a sweep for them)
+        journal.late_expire(time.time())
+        for key, entries in journal.late_entries().items():
+            self._late[key] = [token for token, _until in entries]
         self._limiter = trio.CapacityLimiter(workers)
         # reads (listings, ranged GETs) must not queue behind large uploads
         self._read_limiter = trio.CapacityLimiter(workers)
@@ -178,6 +183,10 @@ class Remote:
                 tokens=record.get("tokens"))
         op.token = record.get("token", "")
         op.not_before = record.get("not_before", 0.0)
+        if record.get("in_flight"):
+            # a cancelled put whose request was on its way when the daemon died: it may land
+            # until a late window after that death, which was before now
+            op.not_before = time.time() + self.late_window
         op.uncertain = True
         return self._submit(op, seq=seq)
 
@@ -212,11 +221,21 @@ class Remote:
         the upload is aborted as soon as the store allows."""
         op.cancelled = True
         op.abort.set()
-        # a cancelled put is never needed again, even after a crash; one the store refused is
-        # no longer a loss to report (a failed sync rename, undone, cancels it)
-        self.journal.drop_op(op.seq)
         if op.failed:
+            # refused for good, and now no longer wanted (a failed sync rename, undone, cancels
+            # its put): not a loss to report
             self.failed.remove(op)
+            self.journal.drop_op(op.seq)
+        elif (op.kind == "put" and (op.started or op.uncertain) and op.token and self.store.conditional
+                and not op.finished.is_set()):
+            # never needed again, even after a crash; but a request of it may be on its way
+            # (and a dead daemon's may: op.uncertain) and land after a crash, when this daemon
+            # no longer knows to look for it: until it finished here, the journal keeps its
+            # token for the next daemon, which sweeps the key a late window after it started
+            self.journal.rewrite_op(op.seq, {"kind": "sweep", "key": op.key, "tokens": [op.token],
+                                             "in_flight": True})
+        else:
+            self.journal.remove_op(op.seq)
         self._notify()  # end its backoff sleep now
 
     async def wait(self, op: Op, timeout: float = math.inf) -> None:
@@ -253,6 +272,7 @@ class Remote:
                 log.info("draining: %d remote operations pending", len(self.pending))
             with trio.move_on_after(5):
                 await self._changed.wait()
+        self.journal.late_expire(time.time())
         return self.given_up
 
     # -- reads
@@ -357,7 +377,9 @@ class Remote:
         destination is replaced, and the move's own earlier attempt counts as done. A source
         that is not the version this mount wrote there is not moved: another writer replaced
         it, and its bytes are not the ones this mount's file holds."""
-        if expect_src is None and self.store.conditional:  # unknown: move the one there now
+        if expect_src in (None, ABSENT) and self.store.conditional:
+            # a source this mount never saw a version of (a move resumed after a restart):
+            # move the version there now, and remove only that one
             source = self.store.head(op.key)
             expect_src = source.version if source is not None else None
         for _ in range(MAX_CONFLICTS):
@@ -585,19 +607,29 @@ class Remote:
                 self._versions[key] = state
         if op.kind in ("put", "move") and op.token and op.uncertain:
             # an attempt of it may still land, even when another one succeeded
-            self._late.setdefault(op.landing_key, []).append(op.token)
+            self._remember_late(op.landing_key, op.token)
         if op.kind == "put" and op.cancelled and self._tail.get(op.key) is op:
             # no later operation on the key will remove what the put left (if it landed) or
             # may still leave (its late attempts): look for it
             if landed_unwanted:
                 self._sweep_later(op.key, [op.token], 0.0)
-            late = self._late.pop(op.key, None)
-            if late:
-                self._sweep_later(op.key, late, self.late_window)
+            self._sweep_late(op.key)
         if done and op.kind in ("move", "delete"):
-            late = self._late.pop(op.key, None)
-            if late:
-                self._sweep_later(op.key, late, self.late_window)
+            self._sweep_late(op.key)
+
+    def _remember_late(self, key: str, token: str) -> None:
+        self._late.setdefault(key, []).append(token)
+        if self.store.conditional:
+            # the request was given up (or answered) by now: it lands within a late window
+            self.journal.late_add(key, token, time.time() + self.late_window)
+
+    def _sweep_late(self, key: str) -> None:
+        """`key` was moved away or deleted (or is left as it is): look, a late window from
+        now, for this cache dir's writes that may still land there."""
+        late = self._late.pop(key, None)
+        if late:
+            self._sweep_later(key, late, self.late_window)
+            self.journal.late_take(key)  # the sweep's record took over
 
     def _sweep_later(self, key: str, tokens: list[str], delay: float) -> None:
         if self.store.conditional:

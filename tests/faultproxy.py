@@ -269,6 +269,11 @@ class FaultProxy:
                     raise TimeoutError("no request was held")
                 self._held_changed.wait(remaining)
 
+    def held(self) -> list[Held]:
+        """The held requests not released yet, oldest first (without waiting)."""
+        with self._lock:
+            return [h for h in self._held if not h.done.is_set()]
+
     def release(self, held: Held) -> int:
         """Forward a held request to the server now, over a connection of its own; return the
         server's status. If its client is still waiting, it gets the answer."""

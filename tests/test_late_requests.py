@@ -20,7 +20,7 @@ import trio
 from shufflefs.core import FsError
 from shufflefs.stores import StoreError
 from test_core import (BM, DATA, INDEX, RecordingMemoryStore, close, commit, contents, create, env,  # noqa: F401
-                       errno_of, forget, key, mkdirs, resolve, settle, until, write_file)
+                       errno_of, forget, key, mkdirs, read_all, resolve, settle, until, write_file)
 
 NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
@@ -277,3 +277,125 @@ async def test_a_hung_store_bounds_sync_commits_and_lookups(env):
     assert trio.current_time() - started < 4
     store.hang_listings.clear()
     store.gate.set()
+
+
+# -- late requests across a crash (tests/test_crash_storm.py found these against SeaweedFS) -------
+
+
+async def test_a_put_cancelled_with_its_request_on_the_way_is_swept_after_a_crash(env, late):
+    """An unlink cancels an upload whose request is on its way; the daemon dies before that
+    request settles, and the store applies it after the next daemon deleted the key."""
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(late, nursery=crashed, commit_mode="async")
+        d = await mkdirs(m1.fs, BM)
+        late.hold("put_file", key(DATA))  # the first attempt "times out" and lands later
+        late.gate.clear()  # the second one hangs
+        node = await commit(m1.fs, d, DATA, b"unlinked" * 10)
+        await until(lambda: late.calls_of("put_file"))
+        await m1.fs.unlink(d, DATA)
+        forget(m1.fs, node)
+        crashed.cancel_scope.cancel()  # SIGKILL, before the cancelled put finished
+        late.gate.set()
+    m1.close_journal()
+
+    m2 = env.mount(late, commit_mode="async")  # same cache dir
+    m2.remote.late_window = 1.0
+    m2.fs.resume_journal()
+    await settle(m2)  # the delete, resumed
+    assert contents(late) == {}
+    late.release()  # the dead daemon's first PUT lands now: the file is back...
+    assert contents(late) == {key(DATA): b"unlinked" * 10}
+    await until(lambda: not contents(late) and m2.journal.pending_ops() == [], timeout=5)  # ...until swept
+
+
+async def test_a_put_replaced_with_its_request_on_the_way_then_unlinked_is_swept_after_a_crash(env, late):
+    """The same, when the file was replaced (its upload cancelled, another one issued) before
+    the crash, and unlinked by the next daemon."""
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(late, nursery=crashed, commit_mode="async")
+        d = await mkdirs(m1.fs, BM)
+        late.hold("put_file", key(DATA))
+        late.gate.clear()
+        await commit(m1.fs, d, DATA, b"first" * 10)
+        await until(lambda: late.calls_of("put_file"))
+        await write_file(m1.fs, d, DATA + ".tmp", b"second" * 10)
+        await m1.fs.rename(d, DATA + ".tmp", d, DATA)
+        crashed.cancel_scope.cancel()
+        late.gate.set()
+    m1.close_journal()
+
+    m2 = env.mount(late, commit_mode="async")
+    m2.remote.late_window = 1.0
+    m2.fs.resume_journal()
+    await settle(m2)
+    assert contents(late) == {key(DATA): b"second" * 10}
+    d = await resolve(m2.fs, BM)
+    node = await m2.fs.lookup(d.ino, DATA)
+    await m2.fs.unlink(d.ino, DATA)
+    forget(m2.fs, node)
+    await settle(m2)
+    assert contents(late) == {}
+    late.release()  # the first upload's first PUT lands after the delete
+    assert contents(late) == {key(DATA): b"first" * 10}
+    await until(lambda: not contents(late) and m2.journal.pending_ops() == [], timeout=5)
+
+
+async def test_a_delete_pending_at_a_crash_remembers_the_late_puts_of_its_key(env, late):
+    """A put whose first attempt may still land succeeded on a retry; the file is unlinked and
+    the daemon dies before its delete finished: the next daemon sweeps after the delete."""
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(late, nursery=crashed, commit_mode="async")
+        d = await mkdirs(m1.fs, BM)
+        late.hold("put_file", key(DATA))
+        node = await commit(m1.fs, d, DATA, b"retried" * 10)
+        await settle(m1)  # stored by the second attempt; the first one is still on its way
+        assert late.held and contents(late) == {key(DATA): b"retried" * 10}
+        late.fail_next = 10**9  # the delete does not get through before the crash
+        await m1.fs.unlink(d, DATA)
+        forget(m1.fs, node)
+        await until(lambda: late.calls.get("delete_many"))
+        crashed.cancel_scope.cancel()
+    m1.close_journal()
+    late.fail_next = 0
+
+    m2 = env.mount(late, commit_mode="async")
+    m2.remote.late_window = 1.0
+    m2.fs.resume_journal()
+    await settle(m2)
+    assert contents(late) == {}
+    late.release()
+    assert contents(late) == {key(DATA): b"retried" * 10}
+    await until(lambda: not contents(late) and m2.journal.pending_ops() == [], timeout=5)
+
+
+async def test_a_resumed_sweep_leaves_the_file_committed_again_at_its_key(env, late):
+    """The journal holds, in this order, the upload of a file committed again under a name
+    and the sweep of a late write of the file it had before: resuming the sweep must not take
+    the new file out of the namespace."""
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(late, nursery=crashed, commit_mode="async")
+        m1.remote.late_window = 60
+        d = await mkdirs(m1.fs, BM)
+        late.hold("put_file", key(DATA))
+        node = await commit(m1.fs, d, DATA, b"old" * 10)
+        await settle(m1)  # a retry stored it; the first attempt may still land
+        late.delete_gate.clear()
+        await m1.fs.unlink(d, DATA)
+        forget(m1.fs, node)
+        late.hold("put_file", key(DATA), times=10**6)  # the new upload never gets through
+        await commit(m1.fs, d, DATA, b"new" * 10)
+        late.delete_gate.set()
+        await until(lambda: [r["kind"] for _, r in m1.journal.pending_ops()] == ["put", "sweep"])
+        crashed.cancel_scope.cancel()
+    m1.close_journal()
+
+    m2 = env.mount(late, commit_mode="async")
+    m2.fs.resume_journal()
+    d = await resolve(m2.fs, BM)
+    node = await m2.fs.lookup(d.ino, DATA)
+    assert node is not None and node.committed
+    assert await read_all(m2.fs, node.ino) == b"new" * 10
+    late.hold("put_file", key(DATA), times=0)
+    late.held.clear()  # those requests never reach the store
+    await settle(m2)
+    assert contents(late) == {key(DATA): b"new" * 10}

@@ -79,3 +79,35 @@ def test_a_late_put_cannot_replace_newer_bytes_on_s3(seaweed, proxy, s3_env, tmp
         assert proxy.release(held) == 412  # conditional: the key is not what it expected
         assert bucket_objects(seaweed.client(), bucket) == {KEY: b"new bytes"}
         assert second.umount().returncode == 0
+
+
+def test_a_move_resumed_after_a_crash_moves_the_file(seaweed, proxy, s3_env, tmp_path):
+    """A committed file renamed to another durable name; the daemon dies with the CopyObject on
+    its way. The next daemon never saw the source's version: it moves the version there, and
+    deletes only that one (found by tests/test_crash_storm.py: the resumed move sent a
+    DeleteObject with If-None-Match, which boto3 refuses, and the move was failed for good)."""
+    bucket = seaweed.create_bucket(f"l{uuid.uuid4().hex[:16]}")
+    moved = KEY.replace("shuffle_0_1_0", "shuffle_0_2_0")
+    args = ("--s3-endpoint-url", proxy.url, "--commit", "async")
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", *args, env=s3_env) as first:
+        directory = f"{first.path}/blockmgr-1/00"
+        os.makedirs(directory)
+        with open(f"{directory}/shuffle_0_1_0.data.tmp", "wb") as f:
+            f.write(b"moved once")
+        os.rename(f"{directory}/shuffle_0_1_0.data.tmp", f"{first.path}/{KEY}")
+        settle(first)
+        proxy.add_rule(hold(), op="CopyObject", times=1)
+        os.rename(f"{first.path}/{KEY}", f"{first.path}/{moved}")
+        held = proxy.wait_held()
+        first.kill()
+    proxy.clear_rules()
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", *args, env=s3_env) as second:
+        settle(second)
+        assert bucket_objects(seaweed.client(), bucket) == {moved: b"moved once"}
+        with open(f"{second.path}/{moved}", "rb") as f:
+            assert f.read() == b"moved once"
+        assert not os.path.exists(f"{second.path}/{KEY}")
+        assert proxy.release(held) in (404, 412)  # the dead daemon's copy: its source is gone
+        assert bucket_objects(seaweed.client(), bucket) == {moved: b"moved once"}
+        result = second.umount()
+        assert result.returncode == 0, result.stderr

@@ -453,7 +453,8 @@ class S3Store(Store):
         if version and not version.startswith('"'):
             version = f'"{version}"'  # CopyObjectResult's ETag comes unquoted from some servers
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=src_full, **_write_conditions(expect_src))
+            source_condition = {"IfMatch": expect_src} if expect_src not in (None, ABSENT) else {}
+            self._client.delete_object(Bucket=self.bucket, Key=src_full, **source_condition)
         except Exception as exc:
             raise self._error(exc, f"{what}: deleting the source", src) from None
         return version
