@@ -425,7 +425,22 @@ class Remote:
                         continue
                     version = info.version
                 conditions[key] = version
-        failed = self.store.delete_many(keys, expect=conditions or None)
+        try:
+            failed = self.store.delete_many(keys, expect=conditions or None)
+        except StoreError as exc:
+            if exc.transient or len(keys) == 1:
+                raise
+            # the store refused the whole batch (SeaweedFS answers MalformedXML for a batch with
+            # one key XML cannot carry): find the key, rather than fail the others with it
+            failed = {}
+            for key in keys:
+                try:
+                    failed.update(self.store.delete_many([key], expect={key: conditions[key]} if key in conditions
+                                                         else None))
+                except StoreError as single:
+                    if single.transient:
+                        raise
+                    failed[key] = single
         for _ in range(MAX_CONFLICTS):
             conflicts = [k for k, e in failed.items() if isinstance(e, PreconditionFailed)]
             if not conflicts:
@@ -453,10 +468,14 @@ class Remote:
                 batch, self._delete_queue = self._delete_queue[:DELETE_BATCH], self._delete_queue[DELETE_BATCH:]
                 for op in batch:
                     op.started = True
-                # each batch on its own: one whose keys keep failing holds back no other
-                self._nursery.start_soon(self._delete_batch, batch)
+                # deletes queue up while a batch's first attempt runs (that makes the batches);
+                # the keys of it that keep failing are retried on their own, holding back no
+                # other delete
+                await self._nursery.start(self._delete_batch, batch)
 
-    async def _delete_batch(self, batch: list[Op]) -> None:
+    async def _delete_batch(self, batch: list[Op], task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Delete a batch; reports started once its first attempt is done, and retries the
+        keys that failed on their own."""
         remaining = batch
         delay = BACKOFF_FIRST
         attempt = 0
@@ -465,7 +484,7 @@ class Remote:
             expect = {op.key: op.expects.get(op.key) for op in remaining}
             failed = await self._attempt(remaining, self._blocking_delete, [op.key for op in remaining], expect)
             if failed is _NOT_DONE:
-                return
+                break
             self.stats["delete_requests"] += 1
             for op in remaining:
                 if op.key not in failed:
@@ -474,6 +493,8 @@ class Remote:
                 elif not failed[op.key].transient:
                     self._fail([op], failed[op.key])
             remaining = [op for op in remaining if op.key in failed and failed[op.key].transient]
+            if attempt == 1:
+                task_status.started()
             if remaining:
                 error = failed[remaining[0].key]
                 self.stats["failed_requests"] += 1
@@ -485,6 +506,8 @@ class Remote:
                 log.warning("%d deletes failed, retrying them: %s", len(remaining), error)
                 await self._backoff(remaining, delay, attempt)
                 delay = min(delay * 2, BACKOFF_MAX)
+        if attempt == 1 and failed is _NOT_DONE:
+            task_status.started()
 
     async def _sweep(self, op: Op) -> None:
         """Remove what a put of this mount's that is no longer wanted (its key was deleted

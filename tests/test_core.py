@@ -1575,6 +1575,20 @@ async def test_delete_batching(env, monkeypatch):
     assert contents(m.store) == {} and m.remote.stats["deleted_keys"] == 120
     assert m.journal.pending_ops() == []
 
+    # through the kernel, unlinks come one request at a time: they queue up behind the batch
+    # whose request is in flight
+    for i, name in enumerate(names[:40]):
+        await commit(fs, d, name, str(i).encode())
+    await settle(m)
+    m.store.log.clear()
+    m.store.delete_gate.clear()
+    for name in names[:40]:
+        await fs.unlink(d, name)
+        await trio.sleep(0.001)
+    m.store.delete_gate.set()
+    await settle(m)
+    assert [len(e[1]) for e in m.store.calls_of("delete_many")] == [1, 39]
+
 
 async def test_rename_in_shared_directory_survives_listing(env):
     """A file of another node renamed in a directory this mount does not own: while the
