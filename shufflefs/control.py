@@ -8,6 +8,7 @@ in the run directory, never inside the mountpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,10 @@ import trio
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
+#: connections served at once, and seconds a connection may take to send its request
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 5.0
+ACCEPT_CAPACITY_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 
 
 class ControlError(Exception):
@@ -46,39 +51,78 @@ async def serve(path: str, stats: Callable[[], dict], settle: Callable, *,
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         await sock.bind(path)
+        os.chmod(path, 0o600)  # connecting needs write access: this user's only
         sock.listen()
     except OSError as exc:  # the mount works without it; only stats and bench need it
         log.warning("no control socket at %s: %s", path, exc)
         sock.close()
         task_status.started()
         return
-    listener = trio.SocketListener(sock)
     task_status.started()
-
-    async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            try:
-                request = await _read_line(stream)
-                command = json.loads(request).get("command")
-                if command == "sync":
-                    await settle()
-                elif command != "stats":
-                    raise ValueError(f"unknown command {command!r}")
-                reply = {"ok": True, **stats()}
-            except (ValueError, AttributeError) as exc:
-                reply = {"ok": False, "error": str(exc)}
-            try:
-                await stream.send_all(json.dumps(reply).encode() + b"\n")
-            except trio.BrokenResourceError:
-                pass  # the client went away (e.g. timed out waiting for sync)
-
     try:
-        await trio.serve_listeners(handle, [listener])
+        await _serve(sock, stats, settle)
     finally:
+        sock.close()
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+async def _serve(sock, stats: Callable[[], dict], settle: Callable) -> None:
+    """Every descriptor a connection holds is one the mount cannot open files with: at most
+    MAX_CONNECTIONS at once, and one that has not sent its request within IDLE_TIMEOUT is
+    closed. At the cap, a new connection takes the place of the oldest one still waiting for
+    its request (a client that means it sends it at once), or is closed at once when all are
+    busy (waiting for `sync`)."""
+    waiting: dict[trio.SocketStream, trio.CancelScope] = {}  # oldest first
+    connections = 0
+
+    async def handle(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        nonlocal connections
+        try:
+            async with stream:
+                try:
+                    with scope:
+                        request = await _read_line(stream)
+                    waiting.pop(stream, None)  # being served: no longer one to close for a newer one
+                    if scope.cancelled_caught:
+                        return  # idle too long, or its place was taken
+                    command = json.loads(request).get("command")
+                    if command == "sync":
+                        await settle()
+                    elif command != "stats":
+                        raise ValueError(f"unknown command {command!r}")
+                    reply = {"ok": True, **stats()}
+                except (ValueError, AttributeError) as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                try:
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                except trio.BrokenResourceError:
+                    pass  # the client went away (e.g. timed out waiting for sync)
+        finally:
+            waiting.pop(stream, None)
+            connections -= 1
+
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                conn, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                await trio.sleep(0.1)  # out of descriptors (the mount is busy): try again soon
+                continue
+            stream = trio.SocketStream(conn)
+            if connections >= MAX_CONNECTIONS:
+                if not waiting:
+                    await stream.aclose()
+                    continue
+                oldest = next(iter(waiting))
+                waiting.pop(oldest).cancel()
+            connections += 1
+            scope = waiting[stream] = trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT)
+            nursery.start_soon(handle, stream, scope)
 
 
 async def _read_line(stream: trio.SocketStream) -> bytes:
