@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -74,6 +76,48 @@ def run_dir() -> str:
     if os.geteuid() == 0:
         return "/run/shufflefs"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/shufflefs-{os.getuid()}", "shufflefs")
+
+
+def private_dir(path: str, what: str, ours: Callable[[str], bool] = lambda path: True) -> str:
+    """Create `path` (mode 0700) if missing and make sure nobody else controls it: a directory,
+    not a symlink, owned by this user, writable by nobody else; one that others may read (an
+    earlier version made them 0755) is made 0700 when `ours(path)`. Otherwise SetupError: the
+    run directory's default place without XDG_RUNTIME_DIR is a predictable name in /tmp, where
+    another user may have put a directory or symlink of their own first, to have this daemon
+    write its files where they want."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SetupError(f"cannot create {what} {path}: {exc.strerror}") from None
+    try:
+        info = os.lstat(path)
+    except OSError as exc:
+        raise SetupError(f"cannot use {what} {path}: {exc.strerror}") from None
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode):
+        raise SetupError(f"{what} {path} is not a directory (a symlink?); remove it or use another")
+    if info.st_uid != os.geteuid():
+        raise SetupError(f"{what} {path} belongs to uid {info.st_uid}, not to this user "
+                         f"({os.geteuid()}); remove it or use another")
+    if mode & 0o022:
+        raise SetupError(f"{what} {path} is writable by other users (mode {mode:04o}); "
+                         f"remove it or use another")
+    if mode != 0o700:
+        if not ours(path):
+            raise SetupError(f"{what} {path} is readable by other users (mode {mode:04o}) and holds "
+                             f"more than shufflefs' files; use a directory of its own")
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_run_dir() -> str:
+    """The run directory, created and checked (and its parent in /tmp, without XDG_RUNTIME_DIR)."""
+    path = run_dir()
+    if os.geteuid() != 0 and not os.environ.get("XDG_RUNTIME_DIR"):
+        private_dir(os.path.dirname(path), "run directory")
+    return private_dir(path, "run directory")
 
 
 def run_file(mountpoint: str, suffix: str) -> str:
@@ -257,14 +301,44 @@ def open_journal(path: str, *, exclusive: bool):
             journal.close()
 
 
+#: what a cache dir holds (the log unless --log-file puts it elsewhere)
+CACHE_DIR_ENTRIES = {"lock", "lmdb", "staging", "shufflefs.log"}
+
+
+def is_cache_dir_only(path: str) -> bool:
+    """Whether `path` holds nothing but a cache dir's files: its modes are ours to change."""
+    return set(os.listdir(path)) <= CACHE_DIR_ENTRIES
+
+
+def make_private(path: str) -> None:
+    """Take group and other access off the files and directories an earlier version left in
+    the cache dir with the default modes (LMDB 0644 holds `.index` contents; the log names
+    every file). The staging files were always created 0600, so their directory is not walked."""
+    entries = [os.path.join(path, name) for name in CACHE_DIR_ENTRIES]
+    with contextlib.suppress(FileNotFoundError):
+        entries += [entry.path for entry in os.scandir(os.path.join(path, "lmdb"))]
+    for entry in entries:
+        try:
+            info = os.lstat(entry)
+        except FileNotFoundError:
+            continue
+        wanted = 0o700 if stat.S_ISDIR(info.st_mode) else 0o600
+        if not stat.S_ISLNK(info.st_mode) and stat.S_IMODE(info.st_mode) != wanted:
+            os.chmod(entry, wanted)
+
+
 class CacheDir:
-    """The cache directory: LMDB, staging files, a lock that keeps a second daemon out."""
+    """The cache directory: LMDB, staging files, a lock that keeps a second daemon out. All
+    private to the daemon's user: directories 0700, files 0600."""
 
     def __init__(self, path: str, store_url: str):
         self.path = path
         try:
-            os.makedirs(path, exist_ok=True)
-            self._lock = open(os.path.join(path, "lock"), "a+")
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            private_dir(path, "cache dir", is_cache_dir_only)
+            make_private(path)
+            self._lock = os.fdopen(os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_APPEND
+                                           | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "a+")
         except OSError as exc:
             raise SetupError(f"cannot use cache dir {path}: {exc.strerror}") from None
         try:
@@ -340,17 +414,26 @@ def mount_options(store_url: str) -> set[str]:
 
 
 def write_run_file(path: str, content: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = path + ".tmp"
-    with open(temp, "w") as f:
-        json.dump(content, f)
-    os.replace(temp, path)
+    """Write `path` in the (checked) run directory atomically: a fresh temporary file of our own
+    (mkstemp: O_EXCL, mode 0600, an unpredictable name) renamed into place, so no file planted
+    there by somebody else is ever followed or written to."""
+    private_run_dir()
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(content, f)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
 
 
 def run(config: MountConfig, ready: Callable[[], None]) -> int:
     """Mount, serve until unmounted or signalled, drain, unmount. Raises SetupError before
     anything is mounted; afterwards returns the exit status (1 if uploads were left over)."""
     mountpoint, over_stale = check_mountpoint(config.mountpoint)
+    private_run_dir()
     check_outside(mountpoint, "--cache-dir", config.cache_dir)
     store = open_checked_store(config)
     for path in store.local_paths():

@@ -25,7 +25,8 @@ MAP_SIZE = 8 * 1024**3  # address space only; the file grows as needed
 
 class Journal:
     def __init__(self, path: str):
-        self.env = lmdb.open(path, max_dbs=6, map_size=MAP_SIZE, sync=False, metasync=False)
+        # private (directory 0700, files 0600): the index cache holds `.index` contents
+        self.env = lmdb.open(path, max_dbs=6, map_size=MAP_SIZE, sync=False, metasync=False, mode=0o700)
         self._ops = self.env.open_db(b"ops")
         self._failed = self.env.open_db(b"failed")
         self._index = self.env.open_db(b"index")

@@ -71,7 +71,7 @@ class StagingFile:
 class StagingArea:
     def __init__(self, directory: str, keep_free: int = 1024, ready_files: int = READY_FILES):
         self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         self.bytes = 0
         self.adopted: dict[str, StagingFile] = {}
         self.keep_free = keep_free
