@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 ROOT_INODE = 1
 READAHEAD = 4 * 1024 * 1024
 NAME_MAX = 255
+#: modes of what is learned from the store (files, directories, and the parents of files
+#: resumed from the journal), which keeps no modes: the mount owner's, as private as Spark's
+#: own: the owner (the executors' uid) reads and writes; the group only reads, as Spark's 0770
+#: local dirs let an external shuffle service of the owner's group read; others nothing
+LEARNED_DIR_MODE = 0o750
+LEARNED_FILE_MODE = 0o640
 #: how long a name removed from a directory this mount does not own stays hidden from store
 #: listings (deletes are asynchronous, and SeaweedFS lists emptied prefixes for ~2 minutes)
 TOMBSTONE_TTL = 180.0
@@ -283,7 +289,7 @@ class Filesystem:
         seen = set(listing.dirs)
         for name in listing.dirs:
             if name not in directory.children and not self._buried(f"{prefix}/{name}" if prefix else name):
-                child = self._new_node(directory, name, stat.S_IFDIR | 0o755, self.root.uid, self.root.gid)
+                child = self._new_node(directory, name, stat.S_IFDIR | LEARNED_DIR_MODE, self.root.uid, self.root.gid)
                 child.from_remote = True
         for obj in listing.files:
             seen.add(obj.name)
@@ -302,7 +308,7 @@ class Filesystem:
                     self.journal.index_delete(key)
                 self._detach(child)
                 self._maybe_free(child)
-            child = self._new_node(directory, obj.name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)
+            child = self._new_node(directory, obj.name, stat.S_IFREG | LEARNED_FILE_MODE, self.root.uid, self.root.gid)
             child.from_remote = child.committed = True
             child.size = obj.size
             child.version = obj.version
@@ -960,7 +966,7 @@ class Filesystem:
         for part in filter(None, key.split("/")):
             child = node.children.get(part)
             if child is None:
-                child = self._new_node(node, part, stat.S_IFDIR | 0o755, self.root.uid, self.root.gid)
+                child = self._new_node(node, part, stat.S_IFDIR | LEARNED_DIR_MODE, self.root.uid, self.root.gid)
             node = child
         return node
 
@@ -971,4 +977,4 @@ class Filesystem:
         if existing is not None:
             self._detach(existing)
             self._maybe_free(existing)
-        return self._new_node(parent, name, stat.S_IFREG | 0o644, self.root.uid, self.root.gid)
+        return self._new_node(parent, name, stat.S_IFREG | LEARNED_FILE_MODE, self.root.uid, self.root.gid)
