@@ -156,12 +156,16 @@ def test_a_cache_dir_others_can_reach_is_refused(tmp_path, file_store, mode, oth
     if other:
         (cache / "somebody-elses").write_text("x")
     os.chmod(cache, mode)
-    (tmp_path / "mnt").mkdir()
-    result = run_cli("mount", f"file://{file_store}", str(tmp_path / "mnt"), "--cache-dir", str(cache))
-    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert needle in result.stderr and "Traceback" not in result.stderr
-    assert stat.S_IMODE(os.stat(cache).st_mode) == mode  # not ours to change
-    assert not os.path.ismount(tmp_path / "mnt")
+    mount = Mount(f"file://{file_store}", tmp_path / "mnt", cache)
+    try:
+        result = run_cli("mount", f"file://{file_store}", mount.path, "--cache-dir", str(cache))
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert needle in result.stderr and "Traceback" not in result.stderr
+        assert stat.S_IMODE(os.stat(cache).st_mode) == mode  # not ours to change
+    finally:
+        if os.path.ismount(mount.path):
+            run_cli("umount", mount.path)
+    assert not os.path.ismount(mount.path)
 
 
 def daemon_fds(pid: int) -> int:
