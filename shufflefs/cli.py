@@ -1,12 +1,13 @@
 """Command line: `shufflefs mount` and `shufflefs umount`.
 
-Errors a user can cause print one line `shufflefs: error: ...` and exit 1 (2 for usage errors);
-never a traceback.
+Errors a user can cause print one line `shufflefs: error: ...` and exit 1 (one line
+`shufflefs COMMAND: error: ...` and 2 for a malformed or out-of-range option); never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import fractions
 import json
 import logging
 import os
@@ -23,6 +24,16 @@ EXIT_FAILURE = 1
 
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$")
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+#: above this a byte count overflows the signed 64 bits of off_t, and what statfs reports of the
+#: cache (64-bit block counts) would be wrong in whatever multiplies them out (statfs answered
+#: EIO for a bigger one)
+MAX_SIZE = 2**63 - 1
+#: store requests in flight: each is a thread; more than this is a mistake, not a tuning
+MAX_WORKERS = 1024
+#: longest --store-timeout and --late-window: a day (a store request does not linger longer)
+MAX_SECONDS = 86400.0
+#: the kernel's "no id" ((uid_t) -1): no file can be owned by it
+NO_ID = 2**32 - 1
 
 
 def parse_size(text: str) -> int:
@@ -30,9 +41,12 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(text)
     if not match:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 10G, 1.5GiB)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    # exact: a float would round big numbers and turn very big ones into inf
+    size = int(fractions.Fraction(match.group(1)) * _UNITS[match.group(2).lower()])
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    if size > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too big (at most 2**63-1 bytes, 8 EiB)")
     return size
 
 
@@ -46,6 +60,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS}, got {value}")
+    return value
+
+
 COMMIT_MODES = ("sync", "async")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -55,8 +76,30 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    if not 0 < value <= MAX_SECONDS:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds above 0 and at most "
+                                         f"{MAX_SECONDS:g} (a day)")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    """umount's --timeout: 0 or more seconds (0: no limit)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, 0 or more")
+    return value
+
+
+def parse_id(text: str) -> int:
+    """A uid or gid: a number below 4294967295, the kernel's "no id"."""
+    if not text.isdigit():  # int() would take '+1', ' 1', '1_0' and '-1'
+        raise argparse.ArgumentTypeError("use a number")
+    value = int(text)
+    if value >= NO_ID:
+        raise argparse.ArgumentTypeError(f"ids are at most {NO_ID - 1} ({NO_ID} is the kernel's \"no id\")")
     return value
 
 
@@ -64,16 +107,21 @@ def parse_owner(text: str) -> tuple[int, int]:
     """'185' or '185:185' -> (uid, gid); the gid defaults to the uid."""
     uid, _, gid = text.partition(":")
     try:
-        owner = (int(uid), int(gid or uid))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid owner {text!r}: use UID or UID:GID (numbers)") from None
-    if min(owner) < 0:
-        raise argparse.ArgumentTypeError(f"invalid owner {text!r}: ids cannot be negative")
-    return owner
+        return parse_id(uid), parse_id(gid or uid)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid owner {text!r} (UID or UID:GID): {exc}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors (a malformed or out-of-range option) in one line, like every other error,
+    with argparse's status 2; not the usage text, which hides the line that matters."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shufflefs",
         description="Spark's local directory on FUSE: committed shuffle files are written through "
                     "to a store, scratch files stay on this node.")
@@ -99,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "stored; async: returns at once, uploads continue and are drained at "
                             "unmount (default: %(default)s)")
     mount.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                       help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    mount.add_argument("--upload-workers", type=_positive_int, default=8,
-                       help="store requests in flight at once (default: %(default)s)")
+                       help="S3 endpoint, without user:password@ (default: $AWS_ENDPOINT_URL, else AWS)")
+    mount.add_argument("--upload-workers", type=_workers, default=8,
+                       help=f"store requests in flight at once, at most {MAX_WORKERS} (default: %(default)s)")
     mount.add_argument("--owner", type=parse_owner, metavar="UID[:GID]",
                        help="owner of the mount's root and of what is learned from the store, e.g. 185:185 "
                             "for the user of Spark's container images (default: the daemon's user)")
@@ -129,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the daemon serving MOUNTPOINT to finish its pending uploads and unmount; "
                     "wait for it. Clears a stale mount left by a dead daemon.")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.add_argument("--timeout", type=float, default=0,
+    umount.add_argument("--timeout", type=_wait_seconds, default=0,
                         help="give up waiting after this many seconds (default: wait until drained)")
     umount.add_argument("--lazy", action="store_true",
                         help="do not wait: the daemon drains and unmounts in the background")
@@ -142,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("path", metavar="PATH")
     stats.add_argument("--sync", action="store_true",
                        help="first wait until every file committed so far is in the store")
-    stats.add_argument("--timeout", type=float, default=600,
+    stats.add_argument("--timeout", type=_positive_float, default=600,
                        help="give up waiting for an answer after this many seconds (default: %(default)s)")
     stats.set_defaults(run=cmd_stats)
 
@@ -188,7 +236,13 @@ class CliError(Exception):
 # ---------------------------------------------------------------------------- mount
 def _mount_config(args):
     from shufflefs.daemon import MountConfig, default_cache_dir
+    from shufflefs.stores import StoreError, check_endpoint_url
 
+    if args.s3_endpoint_url:  # before it reaches the daemon's command line
+        try:
+            check_endpoint_url(args.s3_endpoint_url)
+        except StoreError as exc:
+            raise CliError(str(exc)) from None
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(args.mountpoint))
     cache_size = args.cache_size
     if cache_size is None:
@@ -248,11 +302,11 @@ def _run_foreground(args, config) -> int:
 
 def _spawn_daemon(args, config) -> int:
     """Start `shufflefs mount --ready-fd` in a new session and wait for its verdict."""
-    from shufflefs.daemon import SetupError, check_outside
+    from shufflefs.daemon import SetupError, check_cache_dir, check_outside
 
     log_file = os.path.abspath(args.log_file or os.path.join(config.cache_dir, "shufflefs.log"))
     try:  # before the log file is created, which could make the mountpoint non-empty
-        check_outside(os.path.realpath(config.mountpoint), "--cache-dir", config.cache_dir)
+        check_cache_dir(os.path.realpath(config.mountpoint), config.cache_dir)
         check_outside(os.path.realpath(config.mountpoint), "--log-file", log_file)
     except SetupError as exc:
         raise CliError(str(exc)) from None

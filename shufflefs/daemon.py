@@ -132,7 +132,7 @@ def mounted_filesystems() -> dict[str, str]:
         for line in mounts:
             fields = line.split()
             if len(fields) >= 3:
-                result[fields[1].replace("\\040", " ")] = fields[2]
+                result[kernel_mount.unescape(fields[1])] = fields[2]
     return result
 
 
@@ -266,11 +266,38 @@ def open_checked_store(config: MountConfig) -> Store:
     return store
 
 
+def _within(path: str, directory: str) -> bool:
+    """Whether real path `path` is `directory` or under it."""
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
 def check_outside(mountpoint: str, what: str, path: str) -> None:
     """The daemon would deadlock writing through its own mount."""
-    real = os.path.realpath(path)
-    if real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/"):
+    if _within(os.path.realpath(path), mountpoint):
         raise SetupError(f"{what} {path} is inside the mountpoint {mountpoint}; put it elsewhere")
+
+
+def check_cache_dir(mountpoint: str, cache_dir: str) -> None:
+    """Neither may hold the other: the daemon would write through its own mount, or its
+    staging files would be mixed with the mount (and a mount on them kept busy)."""
+    check_outside(mountpoint, "--cache-dir", cache_dir)
+    if _within(mountpoint, os.path.realpath(cache_dir)):
+        raise SetupError(f"the mountpoint {mountpoint} is inside the cache dir {cache_dir}; put it elsewhere")
+
+
+def check_store_apart(mountpoint: str, cache_dir: str, store_dir: str) -> None:
+    """A store directory that holds the cache dir would show the daemon's LMDB, lock, log and
+    staging files as store files (readable, deletable through the mount); one inside the cache
+    dir would be mixed with them. A mountpoint inside the store directory would be listed as a
+    store directory, and listing it would go back through the mount. (The mountpoint
+    inside the cache dir: check_cache_dir.)"""
+    store, cache = os.path.realpath(store_dir), os.path.realpath(cache_dir)
+    if _within(cache, store) or _within(store, cache):
+        raise SetupError(f"the store directory {store_dir} and the cache dir {cache_dir} overlap "
+                         "(one is, or holds, the other); keep them apart")
+    if _within(mountpoint, store):
+        raise SetupError(f"the mountpoint {mountpoint} is inside the store directory {store_dir}; "
+                         "put it elsewhere")
 
 
 class CacheDirBusy(SetupError):
@@ -434,10 +461,11 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     anything is mounted; afterwards returns the exit status (1 if uploads were left over)."""
     mountpoint, over_stale = check_mountpoint(config.mountpoint)
     private_run_dir()
-    check_outside(mountpoint, "--cache-dir", config.cache_dir)
+    check_cache_dir(mountpoint, config.cache_dir)
     store = open_checked_store(config)
     for path in store.local_paths():
         check_outside(mountpoint, "the store directory", path)
+        check_store_apart(mountpoint, config.cache_dir, path)
     cache = CacheDir(config.cache_dir, store.url)
     remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts,
                     late_window=config.late_window, request_timeout=config.store_timeout)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -39,10 +40,14 @@ def mount_fuse(mountpoint: str, source: str, fstype: str, options: list[str]) ->
     return fd
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def unescape(field: str) -> str:
+    """A path field of /proc/self/mountinfo or /proc/self/mounts as it is: the kernel writes
+    some characters (space, tab, newline, backslash, ...) as a backslash and three octal
+    digits; a backslash is itself escaped (\\134), so one pass decodes them all."""
+    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
 
 
 def top_mount(mountpoint: str) -> tuple[int, str] | None:
@@ -52,7 +57,7 @@ def top_mount(mountpoint: str) -> tuple[int, str] | None:
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
             fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+            if len(fields) > 4 and unescape(fields[4]) == mountpoint:
                 top = (int(fields[0]), fields[2])  # later lines were mounted later: on top
     return top
 

@@ -21,7 +21,8 @@ import shlex
 import subprocess
 import sys
 
-from shufflefs.cli import COMMIT_MODES, LOG_LEVELS, _positive_float, _positive_int, parse_size
+from shufflefs.cli import COMMIT_MODES, LOG_LEVELS, _positive_float, _workers, parse_id, parse_size
+from shufflefs.stores import StoreError, check_endpoint_url
 
 EXIT_USAGE = 1
 EXIT_MOUNT_FAILURE = 32
@@ -35,10 +36,16 @@ def _choice(*allowed: str):
     return check
 
 
-def _id(value: str) -> str:
-    if not value.isdigit():
-        raise ValueError("use a number")
+def _endpoint(value: str) -> str:
+    try:
+        check_endpoint_url(value)
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
     return value
+
+
+#: options whose value an error message must not repeat (it may hold a secret)
+SECRET_OPTIONS = ("s3_endpoint_url",)
 
 
 #: -o option -> (`shufflefs mount` flag, check of its value); uid/gid make --owner together
@@ -46,8 +53,8 @@ OPTION_FLAGS = {
     "cache_dir": ("--cache-dir", str),
     "cache_size": ("--cache-size", parse_size),
     "commit": ("--commit", _choice(*COMMIT_MODES)),
-    "s3_endpoint_url": ("--s3-endpoint-url", str),
-    "upload_workers": ("--upload-workers", _positive_int),
+    "s3_endpoint_url": ("--s3-endpoint-url", _endpoint),
+    "upload_workers": ("--upload-workers", _workers),
     "store_timeout": ("--store-timeout", _positive_float),
     "late_window": ("--late-window", _positive_float),
     "log_file": ("--log-file", str),
@@ -149,18 +156,16 @@ def translate_options(options: list[str], sloppy: bool = False) -> tuple[list[st
         if name in OPTION_FLAGS or name in ENV_OPTIONS or name in OWNER_OPTIONS:
             if not has_value or not value:
                 raise HelperError(f"mount option {name} needs a value: {name}=...")
+            check = OPTION_FLAGS[name][1] if name in OPTION_FLAGS else parse_id if name in OWNER_OPTIONS else str
+            try:
+                check(value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                shown = name if name in SECRET_OPTIONS else repr(option)
+                raise HelperError(f"invalid value in mount option {shown}: {exc}") from None
             if name in OPTION_FLAGS:
-                flag, check = OPTION_FLAGS[name]
-                try:
-                    check(value)
-                except (ValueError, argparse.ArgumentTypeError) as exc:
-                    raise HelperError(f"invalid value in mount option {option!r}: {exc}") from None
-                flags += [flag, value]
+                flags += [OPTION_FLAGS[name][0], value]
             elif name in OWNER_OPTIONS:
-                try:
-                    owner[name] = _id(value)
-                except ValueError as exc:
-                    raise HelperError(f"invalid value in mount option {option!r}: {exc}") from None
+                owner[name] = value
             else:
                 env[ENV_OPTIONS[name]] = value
             continue

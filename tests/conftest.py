@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 
@@ -17,6 +18,7 @@ if not REAL_DAOS_POOL:
     sys.path.insert(0, FAKE_PYDAOS)
 
 from mounting import Mount  # noqa: E402
+from shufflefs.kernel_mount import unescape  # noqa: E402
 from servers import SeaweedS3  # noqa: E402
 
 
@@ -111,10 +113,11 @@ def pytest_sessionfinish(session, exitstatus):
     with open("/proc/self/mounts") as mounts:
         for line in mounts:
             fields = line.split()
-            if fields[2] == "fuse.shufflefs" and fields[1].startswith(base + "/"):
-                leftover.append(fields[1])
+            path = unescape(fields[1])
+            if fields[2] == "fuse.shufflefs" and path.startswith(base + "/"):
+                leftover.append(path)
     for path in leftover:
-        os.system(f"fusermount3 -u -z '{path}'")
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
     if leftover:
         print(f"\nERROR: tests left shufflefs mounts behind: {leftover}", file=sys.stderr)
         session.exitstatus = 1

@@ -14,6 +14,7 @@ import sys
 import time
 
 from shufflefs.daemon import process_alive as pid_alive, run_file
+from shufflefs.kernel_mount import unescape
 
 SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
 
@@ -21,7 +22,7 @@ SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
 def is_mounted(path: str) -> bool:
     path = os.path.realpath(path)
     with open("/proc/self/mounts") as mounts:
-        return any(line.split()[1] == path for line in mounts)
+        return any(unescape(line.split()[1]) == path for line in mounts)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

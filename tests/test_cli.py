@@ -139,6 +139,114 @@ def test_cache_dir_or_store_inside_the_mountpoint(tmp_path, mnt, file_store):
     assert not os.path.exists(mnt / "cache")
 
 
+@pytest.mark.parametrize("layout", ["same", "store-holds-cache", "cache-holds-store", "symlink"])
+def test_store_directory_and_cache_dir_apart(tmp_path, mnt, layout):
+    """A store directory holding the cache dir would serve the daemon's own LMDB, lock, log and
+    staging files through the mount."""
+    store = tmp_path / "cache" / "store" if layout == "cache-holds-store" else tmp_path / "store"
+    store.mkdir(parents=True)
+    cache = {"same": store, "store-holds-cache": store / "cache", "cache-holds-store": tmp_path / "cache",
+             "symlink": tmp_path / "link-to-store"}[layout]
+    if layout == "symlink":  # real paths are compared
+        cache.symlink_to(store)
+    assert_refused(mount_cli(f"file://{store}", mnt, cache), mnt, "overlap")
+    assert not os.path.exists(store / "lmdb") and not os.path.exists(store / "cache" / "lmdb")
+
+
+def test_mountpoint_inside_the_store_or_cache_dir(tmp_path, file_store):
+    inside_store = file_store / "mnt"
+    inside_store.mkdir()
+    assert_refused(mount_cli(f"file://{file_store}", inside_store, tmp_path / "cache"), inside_store,
+                   "inside the store directory")
+    cache = tmp_path / "cache"
+    inside_cache = cache / "mnt"
+    inside_cache.mkdir(parents=True)
+    assert_refused(mount_cli(f"file://{file_store}", inside_cache, cache), inside_cache, "inside the cache dir")
+
+
+@pytest.mark.parametrize("endpoint", ["http://user:s3cr3t-pw@127.0.0.1:9",
+                                      "http://s3cr3t-pw@127.0.0.1:9", "user:s3cr3t-pw@127.0.0.1:9",
+                                      "http://user:s3cr3t-pw@[bad"])
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_credentials_in_the_endpoint_url_are_refused(tmp_path, mnt, bucket, s3_env, endpoint, how):
+    """They would be on the daemon's command line, for every user's `ps`."""
+    env = {**os.environ, **s3_env}
+    if how == "flag":
+        result = mount_cli(f"s3://{bucket}", mnt, tmp_path / "cache", "--s3-endpoint-url", endpoint, env=env)
+    else:
+        env["AWS_ENDPOINT_URL"] = endpoint
+        result = mount_cli(f"s3://{bucket}", mnt, tmp_path / "cache", env=env)
+    assert_refused(result, mnt, "must not contain credentials")
+    assert "s3cr3t" not in result.stderr
+
+
+def test_daemon_command_line_has_no_endpoint_credentials(tmp_path, s3_env, bucket):
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
+        with open(f"/proc/{mount.pid}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+        endpoint = argv[argv.index("--s3-endpoint-url") + 1]
+        assert endpoint == s3_env["AWS_ENDPOINT_URL"] and "@" not in endpoint
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--cache-size", "99999999999999999T"], "too big"),
+    (["--cache-size", "9" * 400], "too big"),
+    (["--cache-size", "0"], "must be positive"),
+    (["--cache-size", "0.1"], "must be positive"),
+    (["--owner", "4294967296"], "at most 4294967294"),
+    (["--owner", "4294967295"], "at most 4294967294"),
+    (["--owner", "185:4294967295"], "at most 4294967294"),
+    (["--owner", "-1"], "use a number"),
+    (["--upload-workers", "100000000"], "at most 1024"),
+    (["--store-timeout", "1e300"], "at most 86400"),
+    (["--store-timeout", "nan"], "above 0"),
+    (["--late-window", "inf"], "above 0"),
+    (["--late-window", "0"], "above 0"),
+])
+def test_absurd_values_are_refused(tmp_path, mnt, file_store, args, needle):
+    result = mount_cli(f"file://{file_store}", mnt, tmp_path / "cache", *args)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr and needle in result.stderr, result.stderr
+    assert not is_mounted(str(mnt))
+
+
+@pytest.mark.parametrize("args", [["umount", "/nowhere", "--timeout", "nan"],
+                                  ["umount", "/nowhere", "--timeout", "-1"],
+                                  ["stats", "/nowhere", "--timeout", "0"]])
+def test_absurd_timeouts_are_refused(args):
+    result = run_cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "--timeout" in result.stderr
+
+
+def test_largest_values_mount(tmp_path, file_store):
+    """The bounds themselves are fine: statfs answers, the root belongs to the owner."""
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", str(2**63 - 1),
+               "--owner", "4294967294:4294967294", "--upload-workers", "1024") as mount:
+        vfs = os.statvfs(mount.path)
+        assert vfs.f_blocks * vfs.f_frsize == (2**63 - 1) // 4096 * 4096
+        assert os.stat(mount.path).st_uid == 4294967294
+
+
+@pytest.mark.parametrize("name", ["tab\there", "new\nline", "back\\slash", "all \t\n\\ 4"])
+def test_mountpoints_with_escaped_characters(tmp_path, file_store, name):
+    """/proc/self/mounts writes these as octal escapes (\\011, \\012, \\134): stats, umount and
+    mounting over a stale mount must still find the mount."""
+    mount = Mount(f"file://{file_store}", tmp_path / name, tmp_path / "cache")
+    with mount:
+        assert run_cli("stats", mount.path).returncode == 0
+        mount.kill_only()
+        mount.start()  # over the stale mount
+        assert "mounted over the stale mount a dead daemon left" in mount.log()
+        result = mount.umount()
+        assert result.returncode == 0, result.stderr
+        assert not is_mounted(mount.path)
+        mount.start()
+        mount.kill_only()
+        assert run_cli("umount", mount.path).returncode == 0  # clears the stale mount
+        assert not is_mounted(mount.path)
+
+
 def test_umount_of_something_else(tmp_path, mnt):
     result = run_cli("umount", str(mnt))
     assert result.returncode == 1 and "is not a shufflefs mount" in result.stderr

@@ -46,12 +46,20 @@ def test_options_become_flags_and_generic_ones_are_ignored():
     ("cache_size=lots", "invalid value in mount option 'cache_size=lots': invalid size 'lots'"),
     ("commit=maybe", "invalid value in mount option 'commit=maybe': use one of sync, async"),
     ("uid=spark", "invalid value in mount option 'uid=spark': use a number"),
+    ("uid=4294967295", "at most 4294967294"),
+    ("gid=99999999999", "at most 4294967294"),
+    ("cache_size=99999999999999999T", "too big"),
+    ("upload_workers=100000000", "at most 1024"),
+    ("store_timeout=inf", "above 0"),
+    ("s3_endpoint_url=http://user:s3cr3t@h:8333", "invalid value in mount option s3_endpoint_url: the S3 "
+                                                  "endpoint URL must not contain credentials"),
     ("upload_workers=0", "must be at least 1"),
 ])
 def test_bad_options_are_refused(option, needle):
     with pytest.raises(HelperError) as info:
         translate_options([option])
     assert needle in str(info.value)
+    assert "s3cr3t" not in str(info.value)
 
 
 def test_sloppy_ignores_unknown_options():

@@ -9,7 +9,7 @@ from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, P
                                    StoreError, UploadAborted)
 
 __all__ = ["ABSENT", "Listing", "ObjectInfo", "ObjectMissing", "PreconditionFailed", "Store", "StoreError",
-           "UploadAborted", "open_store", "SCHEMES"]
+           "UploadAborted", "check_endpoint_url", "open_store", "SCHEMES"]
 
 # scheme -> (module, class, what to install when the import fails)
 SCHEMES = {
@@ -21,6 +21,18 @@ SCHEMES = {
              "system Python) or run `pip install <daos-prefix>/lib/daos/python` in this environment; see "
              "README 'Deploying on DAOS'"),
 }
+
+
+def check_endpoint_url(url: str) -> None:
+    """Refuse an endpoint URL with credentials (user:password@host): it is passed on the daemon's
+    command line, which `ps` shows to every user. The message never repeats the URL."""
+    # the authority by hand: urlsplit raises on some malformed URLs, and a URL without `//`
+    # (user:secret@host:9000) would otherwise slip through as a scheme and a path
+    rest = url.partition("//")[2] if "//" in url else url
+    if "@" in rest.split("/", 1)[0]:
+        raise StoreError("the S3 endpoint URL must not contain credentials (user:password@); the AWS "
+                         "credential chain provides them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, "
+                         "an instance role)", transient=False)
 
 
 def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:

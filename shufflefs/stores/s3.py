@@ -35,6 +35,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from shufflefs.stores import check_endpoint_url
 from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
                                    StoreError, UploadAborted, is_utf8, join_key)
 
@@ -167,6 +168,8 @@ class S3Store(Store):
         prefix = urllib.parse.unquote(parsed.path).strip("/")
         endpoint = (s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ENDPOINT_URL") or None)
+        if endpoint:
+            check_endpoint_url(endpoint)
         return cls(bucket, prefix, endpoint)
 
     def name_error(self, name):
