@@ -312,7 +312,9 @@ def _spawn_daemon(args, config) -> int:
         raise CliError(str(exc)) from None
     try:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
-        log = open(log_file, "a")
+        # private (it names every file), and never through a symlink another user planted
+        log = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                0o600), "a")
     except OSError as exc:
         raise CliError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_end, write_end = os.pipe()

@@ -209,3 +209,17 @@ def test_idle_control_connections_cannot_starve_the_mount(file_mount):
             sock.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # connecting takes write access
 
+
+
+def test_log_file_is_private_and_never_followed(tmp_path, file_store):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    planted = tmp_path / "planted.log"
+    planted.symlink_to(victim)
+    result = run_cli("mount", f"file://{file_store}", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"),
+                     "--log-file", str(planted))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "cannot open log file" in result.stderr and victim.read_text() == "precious\n"
+    log = tmp_path / "own.log"
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--log-file", str(log)):
+        assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
