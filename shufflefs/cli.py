@@ -238,11 +238,12 @@ def _mount_config(args):
     from shufflefs.daemon import MountConfig, default_cache_dir
     from shufflefs.stores import StoreError, check_endpoint_url
 
-    if args.s3_endpoint_url:  # before it reaches the daemon's command line
-        try:
+    try:  # before they reach the daemon's command line
+        check_endpoint_url(args.store_url, "the store URL")
+        if args.s3_endpoint_url:
             check_endpoint_url(args.s3_endpoint_url)
-        except StoreError as exc:
-            raise CliError(str(exc)) from None
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(args.mountpoint))
     cache_size = args.cache_size
     if cache_size is None:
@@ -302,13 +303,18 @@ def _run_foreground(args, config) -> int:
 
 def _spawn_daemon(args, config) -> int:
     """Start `shufflefs mount --ready-fd` in a new session and wait for its verdict."""
-    from shufflefs.daemon import SetupError, check_cache_dir, check_outside
+    from shufflefs.daemon import SetupError, check_cache_dir, check_log_file, check_outside, check_store_apart
+    from shufflefs.stores import StoreError, local_store_dirs
 
     log_file = os.path.abspath(args.log_file or os.path.join(config.cache_dir, "shufflefs.log"))
-    try:  # before the log file is created, which could make the mountpoint non-empty
-        check_cache_dir(os.path.realpath(config.mountpoint), config.cache_dir)
-        check_outside(os.path.realpath(config.mountpoint), "--log-file", log_file)
-    except SetupError as exc:
+    mountpoint = os.path.realpath(config.mountpoint)
+    try:  # before the log file is created, which could make the mountpoint (or a store dir) non-empty
+        check_cache_dir(mountpoint, config.cache_dir)
+        check_outside(mountpoint, "--log-file", log_file)
+        for store_dir in local_store_dirs(config.store_url):
+            check_store_apart(mountpoint, config.cache_dir, store_dir)
+            check_log_file(log_file, store_dir)
+    except (SetupError, StoreError) as exc:
         raise CliError(str(exc)) from None
     try:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)

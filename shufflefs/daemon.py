@@ -300,6 +300,12 @@ def check_store_apart(mountpoint: str, cache_dir: str, store_dir: str) -> None:
                          "put it elsewhere")
 
 
+def check_log_file(log_file: str, store_dir: str) -> None:
+    """A log inside a file:// store would be shown, and deletable, through the mount."""
+    if _within(os.path.realpath(log_file), os.path.realpath(store_dir)):
+        raise SetupError(f"--log-file {log_file} is inside the store directory {store_dir}; put it elsewhere")
+
+
 class CacheDirBusy(SetupError):
     pass
 

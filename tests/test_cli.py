@@ -151,6 +151,23 @@ def test_store_directory_and_cache_dir_apart(tmp_path, mnt, layout):
         cache.symlink_to(store)
     assert_refused(mount_cli(f"file://{store}", mnt, cache), mnt, "overlap")
     assert not os.path.exists(store / "lmdb") and not os.path.exists(store / "cache" / "lmdb")
+    if layout == "store-holds-cache":  # refused before the log, and the cache dir with it, is made
+        assert os.listdir(store) == []
+
+
+def test_log_file_inside_the_store_is_refused(tmp_path, mnt, file_store):
+    """The mount would show the daemon's log, deletable through it."""
+    log = file_store / "shufflefs.log"
+    assert_refused(mount_cli(f"file://{file_store}", mnt, tmp_path / "cache", "--log-file", str(log)), mnt,
+                   "inside the store directory")
+    assert os.listdir(file_store) == []
+
+
+def test_credentials_in_the_store_url_never_reach_the_daemon(tmp_path, mnt):
+    result = mount_cli("s3://user:s3cr3t-pw@bucket/prefix", mnt, tmp_path / "cache")
+    assert result.returncode == 1 and "s3cr3t" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "must not contain credentials" in result.stderr
+    assert not os.path.exists(tmp_path / "cache")  # refused before the daemon (and its log) was started
 
 
 def test_mountpoint_inside_the_store_or_cache_dir(tmp_path, file_store):

@@ -23,16 +23,21 @@ SCHEMES = {
 }
 
 
-def check_endpoint_url(url: str) -> None:
-    """Refuse an endpoint URL with credentials (user:password@host): it is passed on the daemon's
+def check_endpoint_url(url: str, what: str = "the S3 endpoint URL") -> None:
+    """Refuse a URL with credentials (user:password@host): it is passed on the daemon's
     command line, which `ps` shows to every user. The message never repeats the URL."""
     # the authority by hand: urlsplit raises on some malformed URLs, and a URL without `//`
     # (user:secret@host:9000) would otherwise slip through as a scheme and a path
     rest = url.partition("//")[2] if "//" in url else url
     if "@" in rest.split("/", 1)[0]:
-        raise StoreError("the S3 endpoint URL must not contain credentials (user:password@); the AWS "
-                         "credential chain provides them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, "
-                         "an instance role)", transient=False)
+        raise StoreError(f"{what} must not contain credentials (user:password@); the AWS credential chain "
+                         "provides them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role), "
+                         "the DAOS agent for daos://", transient=False)
+
+
+def local_store_dirs(url: str) -> list[str]:
+    """The local directories a store URL names (file:// only), without opening any store."""
+    return open_store(url).local_paths() if url.startswith("file:") else []
 
 
 def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
