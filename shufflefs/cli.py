@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import Callable
 import time
 
 from shufflefs import __version__
@@ -71,26 +72,23 @@ COMMIT_MODES = ("sync", "async")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str, valid: Callable[[float], bool], rule: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not 0 < value <= MAX_SECONDS:  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds above 0 and at most "
-                                         f"{MAX_SECONDS:g} (a day)")
+    if not valid(value):  # comparisons with nan are false: refused too
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds {rule}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _seconds(text, lambda v: 0 < v <= MAX_SECONDS, f"above 0 and at most {MAX_SECONDS:g} (a day)")
 
 
 def _wait_seconds(text: str) -> float:
     """umount's --timeout: 0 or more seconds (0: no limit)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not 0 <= value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds, 0 or more")
-    return value
+    return _seconds(text, lambda v: 0 <= v < float("inf"), "0 or more, finite")
 
 
 def parse_id(text: str) -> int:

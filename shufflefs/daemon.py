@@ -30,7 +30,7 @@ from shufflefs.control import process_memory
 from shufflefs.core import Filesystem
 from shufflefs.fs import Operations
 from shufflefs.journal import Journal
-from shufflefs.remote import Remote
+from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
 from shufflefs.staging import StagingArea
 from shufflefs.stores import Store, StoreError, open_store
 
@@ -56,9 +56,9 @@ class MountConfig:
     #: on SIGTERM/SIGINT, drain and exit but leave the (then dead) mount for the next daemon
     leave_mount: bool = False
     #: seconds a store request may still be applied after its sender gave up on it
-    late_window: float = 120.0
+    late_window: float = LATE_WINDOW
     #: seconds a FUSE request waits for the store (a read, a listing, a sync commit's upload)
-    store_timeout: float = 10.0
+    store_timeout: float = REQUEST_TIMEOUT
 
 
 # ---------------------------------------------------------------------------- places

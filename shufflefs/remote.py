@@ -617,12 +617,10 @@ class Remote:
         done = not (op.cancelled or op.given_up or op.failed)
         landed_unwanted = op.cancelled and op.version is not None  # an attempt in flight landed
         after = dict(op.expects)  # not done: as it found them
-        if done and op.kind != "sweep":
-            after.update({op.key: ABSENT} if op.kind != "put" else {})
-            if op.kind in ("put", "move"):
-                after[op.landing_key] = op.version
-        elif landed_unwanted:
-            after[op.key] = op.version
+        if done and op.kind in ("move", "delete"):
+            after[op.key] = ABSENT
+        if (done and op.kind in ("put", "move")) or landed_unwanted:
+            after[op.landing_key] = op.version
         for key, state in after.items():
             if self._tail.get(key) is op:
                 self._versions.pop(key, None)
