@@ -302,7 +302,7 @@ class ShuffleRun:
     def _store_counters(self, sync: bool = False) -> dict:
         stats = mount_stats(self.base, sync=sync)
         return {**{k: stats["store"].get(k, 0) for k in STORE_COUNTERS}, "cpu_seconds": stats["cpu_seconds"],
-                "fuse_requests": sum(v for k, v in stats["fs"].items() if k.startswith("fuse_"))}
+                "fuse_requests": sum(stats["fuse"]["requests"].values())}
 
     def run(self) -> dict[str, Phase]:
         w = self.workload

@@ -1,8 +1,10 @@
 """The filesystem core: namespace, file states, commit, read path. No kernel needed.
 
-Methods are called by the FUSE adapter (`shufflefs.fs`) on the trio thread, and directly by
+Methods are called by a FUSE session (`shufflefs.fuse`) on the trio thread, and directly by
 tests. They raise FsError(errno) for every refusal; StoreError escapes only from reads that
-needed the store and failed, and the adapter answers with its errno (EIO by default).
+needed the store and failed (`errno_of` gives the errno a session answers with). The core also
+decides what the kernel may cache and for how long, and hands that to the sessions as neutral
+replies (`Entry`, `Negative`, `Opened`), which they only encode.
 
 A run of code between two `await`s is atomic (one trio thread), so each handler validates
 everything first, then mutates, and re-validates after any await.
@@ -17,6 +19,7 @@ import os
 import stat
 import time
 from collections import Counter, OrderedDict
+from typing import Iterator
 
 import trio
 
@@ -25,6 +28,7 @@ from shufflefs.naming import INDEX_CACHE_MAX, is_durable, is_index
 from shufflefs.remote import Op, Remote
 from shufflefs.staging import StagingArea, StagingFile
 from shufflefs.stores import PreconditionFailed, Store, StoreError
+from shufflefs.waits import about_to_wait
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 #: `listed_at` of a directory never listed (one shared float, not one per inode)
 NEVER = float("-inf")
+#: seconds the kernel may keep entries and attributes of directories this mount owns: nothing
+#: changes them behind its back
+OWNED_TTL = 300.0
+#: st_blksize: the I/O size programs are told to prefer
+BLOCK_SIZE = 128 * 1024
 
 
 class FsError(Exception):
@@ -93,6 +102,63 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return self.children is not None
+
+    @property
+    def nlink(self) -> int:
+        if not self.linked:
+            return 0
+        return 2 + self.subdirs if self.children is not None else 1
+
+    @property
+    def st_size(self) -> int:
+        return 4096 if self.children is not None else self.size
+
+
+class Entry:
+    """A name the kernel may cache for `entry_ttl` seconds, and its attributes for `attr_ttl`."""
+
+    __slots__ = ("node", "entry_ttl", "attr_ttl")
+
+    def __init__(self, node: Node, entry_ttl: float, attr_ttl: float):
+        self.node = node
+        self.entry_ttl = entry_ttl
+        self.attr_ttl = attr_ttl
+
+
+class Negative:
+    """A name that does not exist, and the kernel may remember so for `ttl` seconds."""
+
+    __slots__ = ("ttl",)
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+
+
+class Opened:
+    """An opened file: its handle and whether the kernel may keep its pages from earlier opens."""
+
+    __slots__ = ("fh", "keep_cache")
+
+    def __init__(self, fh: int, keep_cache: bool):
+        self.fh = fh
+        self.keep_cache = keep_cache
+
+
+def errno_of(exc: BaseException, request: str) -> int:
+    """The errno a FUSE request that raised `exc` is answered with. FsError carries its own,
+    a store failure its errno (EIO unless the store knows better), an OSError of the staging
+    disk keeps its errno; anything else is a bug: logged with its traceback and answered with
+    EIO, so that it fails one request instead of stopping the session (a dead mount)."""
+    if isinstance(exc, FsError):
+        return exc.errno
+    if isinstance(exc, StoreError):
+        log.error("%s: store error: %s", request, exc)
+        return exc.errno
+    if isinstance(exc, OSError):
+        log.error("%s: %s", request, exc)
+        return exc.errno or errno.EIO
+    log.error("internal error in %s", request, exc_info=exc)
+    return errno.EIO
 
 
 class Handle:
@@ -263,6 +329,13 @@ class Filesystem:
         parent = node.parent
         return parent is not None and parent.owned
 
+    def entry(self, node: Node) -> Entry:
+        ttl = OWNED_TTL if self.is_owned_entry(node) else self.remote_ttl
+        return Entry(node, ttl, ttl)
+
+    def attr_ttl(self, node: Node) -> float:
+        return OWNED_TTL if self.is_owned_entry(node) else self.remote_ttl
+
     # ------------------------------------------------------------------ remote view
     async def _refresh(self, directory: Node) -> None:
         """Merge the store's listing of a directory this mount does not own into its entries,
@@ -271,6 +344,7 @@ class Filesystem:
             return
         in_flight = self._listings.get(directory.ino)
         if in_flight is not None:
+            about_to_wait()
             await in_flight.wait()
             return
         in_flight = self._listings[directory.ino] = trio.Event()
@@ -349,6 +423,16 @@ class Filesystem:
             return None
         child.lookups += 1
         return child
+
+    async def lookup_entry(self, parent_ino: int, name: str) -> Entry | Negative:
+        """LOOKUP: the entry; a miss in a directory this mount owns is remembered by the kernel
+        (nothing else can add to it), a miss elsewhere is ENOENT (another mount may add it)."""
+        node = await self.lookup(parent_ino, name)
+        if node is not None:
+            return self.entry(node)
+        if self.node(parent_ino).owned:
+            return Negative(OWNED_TTL)
+        raise FsError(errno.ENOENT)
 
     def forget(self, ino: int, count: int) -> None:
         node = self.inodes.get(ino)
@@ -436,6 +520,18 @@ class Filesystem:
         node.staging = staging
         node.lookups += 1
         return self._open_handle(node, flags), node
+
+    @staticmethod
+    def link(*_) -> None:
+        raise FsError(errno.EPERM, "hard links are not supported")
+
+    @staticmethod
+    def symlink(*_) -> None:
+        raise FsError(errno.EPERM, "symbolic links are not supported")
+
+    @staticmethod
+    def mknod(*_) -> None:
+        raise FsError(errno.EPERM, "only regular files and directories are supported")
 
     async def unlink(self, parent_ino: int, name: str) -> None:
         parent = self._dir(parent_ino)
@@ -725,6 +821,13 @@ class Filesystem:
         self.handles[fh] = Handle(node, writable)
         return fh
 
+    def opened(self, fh: int) -> Opened:
+        # The kernel may keep a file's pages across opens: every byte of a local file is
+        # written through this mount's page cache (writeback cache; truncation included), and
+        # committed files never change (an object another mount replaces is another inode
+        # here). Otherwise each open would read the file again.
+        return Opened(fh, keep_cache=True)
+
     def _handle(self, fh: int) -> Handle:
         try:
             return self.handles[fh]
@@ -779,6 +882,7 @@ class Filesystem:
             op = self.remote.last_op(key)
             if op is None:
                 return key
+            about_to_wait()
             await op.finished.wait()
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -860,6 +964,7 @@ class Filesystem:
         if node.write_error:
             raise FsError(node.write_error)
         if node.staging is not None:
+            about_to_wait()
             await trio.to_thread.run_sync(os.fsync, node.staging.fd)
 
     async def release(self, fh: int) -> None:
@@ -902,6 +1007,19 @@ class Filesystem:
             return self.dir_handles[fh]
         except KeyError:
             raise FsError(errno.EBADF) from None
+
+    def readdir(self, fh: int, offset: int, plus: bool) -> Iterator[tuple[int, str, Entry]]:
+        """(offset of the next entry, name, entry) from `offset` on, of the entries still there.
+        With `plus` (READDIRPLUS) the kernel looks each entry up: its lookup count is raised
+        once the session asks for the next one, i.e. once this one went into the reply."""
+        directory, entries = self.readdir_entries(fh)
+        for index in range(offset, len(entries)):
+            name, node = entries[index]
+            if directory.children.get(name) is not node:
+                continue  # removed or renamed since opendir
+            yield index + 1, name, self.entry(node)
+            if plus:
+                node.lookups += 1
 
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)

@@ -28,7 +28,7 @@ import trio
 from shufflefs import control, kernel_mount
 from shufflefs.control import process_memory
 from shufflefs.core import Filesystem
-from shufflefs.fs import Operations
+from shufflefs.fuse.pyfuse3_adapter import Operations
 from shufflefs.journal import Journal
 from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
 from shufflefs.staging import StagingArea
@@ -484,7 +484,9 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     control_socket = run_file(mountpoint, "sock")
 
     def stats() -> dict:
-        return {"store": dict(remote.stats), "fs": dict(fs.stats), "pending_ops": len(remote.pending),
+        return {"store": dict(remote.stats), "fs": dict(fs.stats),
+                "fuse": {"session": "pyfuse3", "requests": dict(operations.requests)},
+                "pending_ops": len(remote.pending),
                 "refused_ops": len(remote.failed), "pending_sweeps": len(remote.sweeps),
                 "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
                 "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
@@ -565,7 +567,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         write_run_file(status_file, {"given_up": len(remote.given_up),
                                      "refused": sum(not op.reported for op in remote.failed),
                                      "stats": final["store"],
-                                     "fs": final["fs"], "peak_rss_bytes": final["peak_rss_bytes"]})
+                                     "fs": final["fs"], "fuse": final["fuse"], "peak_rss_bytes": final["peak_rss_bytes"]})
         try:
             os.unlink(pid_file)
         except FileNotFoundError:

@@ -35,6 +35,7 @@ import trio
 from shufflefs.journal import Journal
 from shufflefs.staging import StagingFile
 from shufflefs.stores import ABSENT, ObjectMissing, PreconditionFailed, Store, StoreError, UploadAborted
+from shufflefs.waits import about_to_wait
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,8 @@ class Remote:
     async def wait(self, op: Op, timeout: float = math.inf) -> None:
         """Wait until `op` settles; raise its StoreError if it could not be done, or if it
         did not settle within `timeout` seconds (it goes on in the background)."""
+        if not op.settled.is_set():
+            about_to_wait()
         with trio.move_on_after(timeout):
             await op.settled.wait()
         if not op.settled.is_set():
@@ -251,6 +254,7 @@ class Remote:
 
     async def wait_for_backlog(self, limit: int) -> None:
         while self.pending_put_bytes > limit:
+            about_to_wait()
             await self._changed.wait()
 
     async def settle(self) -> None:
@@ -280,6 +284,7 @@ class Remote:
         """Run one blocking store read with retries; StoreError after the last attempt, or
         when the store gave no answer within `request_timeout` (the call is abandoned: a read
         changes nothing)."""
+        about_to_wait()
         with trio.move_on_after(self.request_timeout):
             return await self._call(fn, args, kwargs, what, attempts)
         raise StoreError(f"{what or fn.__name__}: no answer from the store within {self.request_timeout:g} s")

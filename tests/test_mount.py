@@ -404,7 +404,7 @@ def test_page_cache_kept_across_opens_and_coherent(file_mount):
     def fuse_reads() -> int:
         result = run_cli("stats", file_mount.path)
         assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)["fs"].get("fuse_read", 0)
+        return json.loads(result.stdout)["fuse"]["requests"].get("read", 0)
 
     path = f"{file_mount.path}/temp_shuffle_cached"
     data = os.urandom(300_000)

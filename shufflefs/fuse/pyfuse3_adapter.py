@@ -1,10 +1,6 @@
-"""The FUSE adapter: decode requests, call the filesystem core, encode replies.
-
-Every handler goes through `_translated`, the one place where failures become errno: FsError
-carries its own, a store failure its errno (EIO unless the store knows better), an OSError of the staging disk keeps its errno, and
-anything unexpected is logged with its traceback and answered with EIO, so that a bug fails
-one request instead of stopping pyfuse3 (which would leave a dead mount behind).
-"""
+"""The portable FUSE adapter (`--fuse pyfuse3`): pyfuse3 and libfuse run the request loop;
+each handler decodes pyfuse3's arguments, calls the filesystem core, and encodes its reply.
+Policy (TTLs, caching, errno) is the core's; this module only translates."""
 
 from __future__ import annotations
 
@@ -12,41 +8,28 @@ import errno
 import functools
 import logging
 import os
+from collections import Counter
 
 import pyfuse3
 import trio
 
-from shufflefs.core import Filesystem, FsError, Node
-from shufflefs.stores import StoreError
+from shufflefs.core import BLOCK_SIZE, Entry, Filesystem, Negative, Node, Opened, errno_of
 
 log = logging.getLogger(__name__)
 
-#: entries and attributes of directories this mount owns cannot change behind the kernel's back
-OWNED_TIMEOUT = 300.0
-BLOCK_SIZE = 128 * 1024
-
 
 def _translated(method):
-    counter = "fuse_" + method.__name__  # requests by kind, for stats and bench
+    name = method.__name__
 
     @functools.wraps(method)
     async def handler(self, *args):
-        self.fs.stats[counter] += 1
+        self.requests[name] += 1
         try:
             return await method(self, *args)
-        except FsError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
         except pyfuse3.FUSEError:
             raise
-        except StoreError as exc:
-            log.error("%s: store error: %s", method.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            log.error("%s: %s", method.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("internal error in %s%r", method.__name__, args)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise pyfuse3.FUSEError(errno_of(exc, f"{name}{args!r}")) from None
 
     return handler
 
@@ -58,6 +41,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem):
         super().__init__()
         self.fs = fs
+        self.requests: Counter[str] = Counter()  # by kind, for stats and bench
 
     async def send_invalidations(self) -> None:
         """For the life of the mount: tell the kernel to forget what the core names
@@ -76,33 +60,41 @@ class Operations(pyfuse3.Operations):
                 if exc.errno != errno.ENOENT:  # ENOENT: the kernel has forgotten it already
                     log.warning("cannot invalidate %s %r in the kernel: %s", kind, what, exc.strerror)
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+    @staticmethod
+    def _attrs(node: Node, entry_ttl: float, attr_ttl: float) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.ino
         attrs.st_mode = node.mode
-        attrs.st_nlink = (2 + node.subdirs if node.is_dir else 1) if node.linked else 0
+        attrs.st_nlink = node.nlink
         attrs.st_uid = node.uid
         attrs.st_gid = node.gid
-        attrs.st_size = 4096 if node.is_dir else node.size
+        attrs.st_size = node.st_size
         attrs.st_blksize = BLOCK_SIZE
         attrs.st_blocks = (attrs.st_size + 511) // 512
         attrs.st_atime_ns = node.atime_ns
         attrs.st_mtime_ns = node.mtime_ns
         attrs.st_ctime_ns = node.ctime_ns
-        timeout = OWNED_TIMEOUT if self.fs.is_owned_entry(node) else self.fs.remote_ttl
-        attrs.entry_timeout = attrs.attr_timeout = timeout
+        attrs.entry_timeout = entry_ttl
+        attrs.attr_timeout = attr_ttl
         return attrs
+
+    def _entry(self, entry: Entry | Negative) -> pyfuse3.EntryAttributes:
+        if isinstance(entry, Negative):
+            negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
+            negative.entry_timeout = entry.ttl
+            return negative
+        return self._attrs(entry.node, entry.entry_ttl, entry.attr_ttl)
+
+    def _node_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.entry(node))
+
+    @staticmethod
+    def _file_info(opened: Opened) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=opened.fh, keep_cache=opened.keep_cache)
 
     @_translated
     async def lookup(self, parent_inode, name, ctx=None):
-        node = await self.fs.lookup(parent_inode, os.fsdecode(name))
-        if node is not None:
-            return self._attrs(node)
-        if self.fs.node(parent_inode).owned:
-            negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
-            negative.entry_timeout = OWNED_TIMEOUT
-            return negative
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(await self.fs.lookup_entry(parent_inode, os.fsdecode(name)))
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
@@ -113,7 +105,7 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def getattr(self, inode, ctx=None):
-        return self._attrs(self.fs.node(inode))
+        return self._node_attrs(self.fs.node(inode))
 
     @_translated
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -126,7 +118,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        return self._attrs(node)
+        return self._node_attrs(node)
 
     @_translated
     async def statfs(self, ctx):
@@ -137,7 +129,7 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._attrs(await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid))
+        return self._node_attrs(await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid))
 
     @_translated
     async def rmdir(self, parent_inode, name, ctx):
@@ -154,32 +146,24 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise FsError(errno.EPERM, "hard links are not supported")
+        self.fs.link()
 
     @_translated
     async def symlink(self, parent_inode, name, target, ctx):
-        raise FsError(errno.EPERM, "symbolic links are not supported")
+        self.fs.symlink()
 
     @_translated
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise FsError(errno.EPERM, "only regular files and directories are supported")
-
-    @staticmethod
-    def _file_info(fh: int) -> pyfuse3.FileInfo:
-        # The kernel may keep a file's pages across opens: every byte of a local file is
-        # written through this mount's page cache (writeback cache; truncation included), and
-        # committed files never change (an object another mount replaces is another inode
-        # here). Otherwise each open would read the file again.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        self.fs.mknod()
 
     @_translated
     async def create(self, parent_inode, name, mode, flags, ctx):
         fh, node = await self.fs.create(parent_inode, os.fsdecode(name), mode, flags, ctx.uid, ctx.gid)
-        return self._file_info(fh), self._attrs(node)
+        return self._file_info(self.fs.opened(fh)), self._node_attrs(node)
 
     @_translated
     async def open(self, inode, flags, ctx):
-        return self._file_info(await self.fs.open(inode, flags))
+        return self._file_info(self.fs.opened(await self.fs.open(inode, flags)))
 
     @_translated
     async def read(self, fh, off, size):
@@ -192,8 +176,8 @@ class Operations(pyfuse3.Operations):
     @_translated
     async def flush(self, fh):
         if not self.fs.commits_at_flush:
-            # async commit reports nothing to close(2): ENOSYS makes the kernel stop sending
-            # FLUSH at all (one request less per close); commits then happen at RELEASE
+            # nothing to report to close(2): ENOSYS makes the kernel stop sending FLUSH at all
+            # (one request less per close); commits then happen at RELEASE
             raise pyfuse3.FUSEError(errno.ENOSYS)
         await self.fs.flush(fh)
 
@@ -211,14 +195,10 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def readdir(self, fh, start_id, token):
-        directory, entries = self.fs.readdir_entries(fh)
-        for index in range(start_id, len(entries)):
-            name, node = entries[index]
-            if directory.children.get(name) is not node:
-                continue  # removed or renamed since opendir
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), index + 1):
+        # pyfuse3 always answers READDIRPLUS: each entry it takes is looked up by the kernel
+        for next_id, name, entry in self.fs.readdir(fh, start_id, plus=True):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(entry), next_id):
                 break
-            node.lookups += 1
 
     @_translated
     async def releasedir(self, fh):
