@@ -11,9 +11,9 @@ import os
 from collections import Counter
 
 import pyfuse3
-import trio
 
 from shufflefs.core import BLOCK_SIZE, Entry, Filesystem, Negative, Node, Opened, errno_of
+from shufflefs.fuse.notify import forward_invalidations
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +44,8 @@ class Operations(pyfuse3.Operations):
         self.requests: Counter[str] = Counter()  # by kind, for stats and bench
 
     async def send_invalidations(self) -> None:
-        """For the life of the mount: tell the kernel to forget what the core names
-        (`Filesystem.invalidations`). Each notification goes from a worker thread: the kernel
-        first waits for the inode's writeback, i.e. for WRITE requests that this loop must
-        still be free to answer, or for the reply of the request that queued it."""
-        async for kind, *what in self.fs.invalidations:
-            if kind == "inode":
-                call, args = pyfuse3.invalidate_inode, (what[0],)
-            else:
-                call, args = pyfuse3.invalidate_entry, (what[0], os.fsencode(what[1]))
-            try:
-                # abandoned on cancel: one the kernel holds up must not hold up the daemon's exit
-                await trio.to_thread.run_sync(call, *args, abandon_on_cancel=True)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:  # ENOENT: the kernel has forgotten it already
-                    log.warning("cannot invalidate %s %r in the kernel: %s", kind, what, exc.strerror)
+        await forward_invalidations(self.fs, pyfuse3.invalidate_inode,
+                                    lambda parent, name: pyfuse3.invalidate_entry(parent, os.fsencode(name)))
 
     @staticmethod
     def _attrs(node: Node, entry_ttl: float, attr_ttl: float) -> pyfuse3.EntryAttributes:
