@@ -1,0 +1,1 @@
+"""The FUSE kernel protocol, our own session, and the pyfuse3 adapter."""
