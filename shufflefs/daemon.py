@@ -25,10 +25,12 @@ import lmdb
 import pyfuse3
 import trio
 
-from shufflefs import control, kernel_mount
+from shufflefs import control
 from shufflefs.control import process_memory
 from shufflefs.core import Filesystem
+from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse.pyfuse3_adapter import Operations
+from shufflefs.fuse.session import Session
 from shufflefs.journal import Journal
 from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
 from shufflefs.staging import StagingArea
@@ -132,7 +134,7 @@ def mounted_filesystems() -> dict[str, str]:
         for line in mounts:
             fields = line.split()
             if len(fields) >= 3:
-                result[kernel_mount.unescape(fields[1])] = fields[2]
+                result[fuse_mount.unescape(fields[1])] = fields[2]
     return result
 
 
@@ -234,7 +236,7 @@ def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
     except OSError as exc:
         if exc.errno in DEAD_MOUNT_ERRNOS and is_stale_mount(path):
             if MOUNTS_ITSELF:
-                return path, True  # see kernel_mount: mounting over it reaches its consumers
+                return path, True  # see shufflefs.fuse.mount: mounting over it reaches its consumers
             clear_stale_mount(path)  # a user mount goes through fusermount3, which cannot
             return check_mountpoint(path)
         if exc.errno in DEAD_MOUNT_ERRNOS:
@@ -410,7 +412,7 @@ class CacheDir:
 # ---------------------------------------------------------------------------- running
 #: seconds a drain waits for open shuffle files to be closed (and committed) first
 RELEASE_WAIT = 5.0
-#: root mounts with mount(2) itself (shufflefs.kernel_mount); other users through libfuse
+#: root mounts with mount(2) itself (shufflefs.fuse.mount); other users through libfuse
 MOUNTS_ITSELF = os.geteuid() == 0
 #: the libfuse options that are also the kernel's
 KERNEL_OPTIONS = ("allow_other", "default_permissions")
@@ -418,20 +420,20 @@ KERNEL_OPTIONS = ("allow_other", "default_permissions")
 
 def mount(operations: Operations, mountpoint: str, options: set[str]) -> tuple[int, str] | None:
     """Mount and hand the session to pyfuse3; return the mount made with mount(2) (see
-    kernel_mount.top_mount), None when libfuse mounted it."""
+    fuse_mount.top_mount), None when libfuse mounted it."""
     if not MOUNTS_ITSELF:
         pyfuse3.init(operations, mountpoint, options)
         return None
     source = next(o.partition("=")[2] for o in options if o.startswith("fsname="))
-    fd = kernel_mount.mount_fuse(mountpoint, source, "fuse.shufflefs", [o for o in options if o in KERNEL_OPTIONS])
-    made = kernel_mount.top_mount(mountpoint)
+    fd = fuse_mount.mount_fuse(mountpoint, source, "fuse.shufflefs", [o for o in options if o in KERNEL_OPTIONS])
+    made = fuse_mount.top_mount(mountpoint)
     if made is None:  # cannot happen after a successful mount(2); without it we could not unmount
         os.close(fd)
         raise OSError(errno.EIO, "mounted, but the mount is not in /proc/self/mountinfo")
     try:
         pyfuse3.init(operations, f"/dev/fd/{fd}", options)
     except BaseException:
-        kernel_mount.unmount_if_ours(mountpoint, made)
+        fuse_mount.unmount_if_ours(mountpoint, made)
         os.close(fd)
         raise
     return made
@@ -555,7 +557,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     finally:
         if made_mount is not None and not left_mount:
             try:
-                kernel_mount.unmount_if_ours(mountpoint, made_mount)
+                fuse_mount.unmount_if_ours(mountpoint, made_mount)
             except OSError as exc:
                 log.error("cannot unmount %s: %s", mountpoint, exc.strerror)
         pyfuse3.close(unmount=made_mount is None and not left_mount)

@@ -18,7 +18,7 @@ if not REAL_DAOS_POOL:
     sys.path.insert(0, FAKE_PYDAOS)
 
 from mounting import Mount  # noqa: E402
-from shufflefs.kernel_mount import unescape  # noqa: E402
+from shufflefs.fuse.mount import unescape  # noqa: E402
 from servers import SeaweedS3  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 from shufflefs.daemon import process_alive as pid_alive, run_file
-from shufflefs.kernel_mount import unescape
+from shufflefs.fuse.mount import unescape
 
 SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
 
