@@ -1,0 +1,1 @@
+"""The FUSE kernel protocol and request loop, spoken on /dev/fuse without libfuse."""
