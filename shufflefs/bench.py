@@ -16,11 +16,9 @@ one new directory `DIR/shufflefs-bench-<id>/`, removed at the end even after a f
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
 import struct
 import sys
 import threading

@@ -69,6 +69,8 @@ def _workers(text: str) -> int:
 
 
 COMMIT_MODES = ("sync", "async")
+#: our own FUSE session (the default) and the portable pyfuse3 one
+FUSE_SESSIONS = ("own", "pyfuse3")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -164,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest a file operation waits for the store: a read or listing of what only "
                             "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
                             "on in the background) (default: %(default)g)")
+    mount.add_argument("--fuse", choices=FUSE_SESSIONS, default="own",
+                       help="the FUSE session: 'own' speaks the kernel protocol itself (fast); 'pyfuse3' is "
+                            "the portable one through libfuse (default: %(default)s)")
+    mount.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                       help="with --fuse own: serve every read and write in the daemon, even where the kernel "
+                            "could pass them through to local files (FUSE passthrough, Linux 6.9+, as root)")
     mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
     mount.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -252,7 +260,8 @@ def _mount_config(args):
     return MountConfig(store_url=args.store_url, mountpoint=os.path.abspath(args.mountpoint), cache_dir=cache_dir,
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
                        upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount,
-                       late_window=args.late_window, store_timeout=args.store_timeout)
+                       late_window=args.late_window, store_timeout=args.store_timeout, fuse=args.fuse,
+                       passthrough=args.passthrough)
 
 
 def _setup_logging(level: str, stream) -> None:
@@ -326,6 +335,7 @@ def _spawn_daemon(args, config) -> int:
                "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
                "--commit", config.commit, "--upload-workers", str(config.upload_workers),
                "--late-window", repr(config.late_window), "--store-timeout", repr(config.store_timeout),
+               "--fuse", config.fuse,
                "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if config.s3_endpoint_url:
         command += ["--s3-endpoint-url", config.s3_endpoint_url]
@@ -333,6 +343,8 @@ def _spawn_daemon(args, config) -> int:
         command += ["--owner", "%d:%d" % config.owner]
     if config.leave_mount:
         command.append("--leave-mount")
+    if not config.passthrough:
+        command.append("--no-passthrough")
     with log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                    pass_fds=(write_end,), start_new_session=True)

@@ -54,6 +54,8 @@ NEVER = float("-inf")
 OWNED_TTL = 300.0
 #: st_blksize: the I/O size programs are told to prefer
 BLOCK_SIZE = 128 * 1024
+#: a writable open passes through only while 1/PASSTHROUGH_HEADROOM of the cache budget is free
+PASSTHROUGH_HEADROOM = 10
 
 
 class FsError(Exception):
@@ -69,7 +71,7 @@ class Node:
 
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
                  "linked", "lookups", "children", "subdirs", "owned", "listed_at", "size", "staging",
-                 "opens", "writers", "committed", "from_remote", "version", "write_error")
+                 "opens", "writers", "committed", "from_remote", "version", "write_error", "passthrough")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -98,6 +100,10 @@ class Node:
         # errno of a write that failed since the file was last empty: its bytes are not what
         # the program wrote, so it is never committed (see Filesystem._write_failed)
         self.write_error = 0
+        # the staging file its opens are passed through to (FUSE passthrough: they bypass this
+        # daemon), decided at the first open and kept until the last close: the kernel allows
+        # one mode, and one backing file, per open inode
+        self.passthrough: StagingFile | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -135,13 +141,15 @@ class Negative:
 
 
 class Opened:
-    """An opened file: its handle and whether the kernel may keep its pages from earlier opens."""
+    """An opened file: its handle, whether the kernel may keep its pages from earlier opens,
+    and the local file its reads and writes may go to directly (FUSE passthrough), if any."""
 
-    __slots__ = ("fh", "keep_cache")
+    __slots__ = ("fh", "keep_cache", "backing")
 
-    def __init__(self, fh: int, keep_cache: bool):
+    def __init__(self, fh: int, keep_cache: bool, backing: StagingFile | None = None):
         self.fh = fh
         self.keep_cache = keep_cache
+        self.backing = backing
 
 
 def errno_of(exc: BaseException, request: str) -> int:
@@ -189,6 +197,8 @@ class Filesystem:
         self.cache_size = cache_size
         self.remote_ttl = remote_ttl
         self.draining = False
+        #: set by a session that can pass opens through to staging files (FUSE passthrough)
+        self.passthrough_possible = False
         self.stats: Counter[str] = Counter()
         # the owner of the root also owns what is learned from the store
         uid, gid = owner if owner is not None else (os.getuid(), os.getgid())
@@ -330,8 +340,9 @@ class Filesystem:
         return parent is not None and parent.owned
 
     def entry(self, node: Node) -> Entry:
+        # a stale size in a reply would shrink the kernel's own size of a passed-through file
         ttl = OWNED_TTL if self.is_owned_entry(node) else self.remote_ttl
-        return Entry(node, ttl, ttl)
+        return Entry(self._current(node), ttl, ttl)
 
     def attr_ttl(self, node: Node) -> float:
         return OWNED_TTL if self.is_owned_entry(node) else self.remote_ttl
@@ -811,6 +822,9 @@ class Filesystem:
         if writable:
             if node.committed:
                 raise FsError(errno.EPERM, "committed shuffle files are immutable")
+            if node.passthrough is not None and node.passthrough is not node.staging:
+                # open, passed through to the copy a store shares; see _uncommit
+                raise FsError(errno.EBUSY, "reopen for writing once its readers have closed it")
             if flags & os.O_TRUNC and (node.size or node.write_error):
                 self._truncate(node, 0)
             node.writers += 1
@@ -822,11 +836,56 @@ class Filesystem:
         return fh
 
     def opened(self, fh: int) -> Opened:
+        """How the kernel is to serve an open file. Every open of an inode is served the same
+        way until its last close: passed through to its staging file, or by this daemon."""
+        handle = self.handles[fh]
+        node = handle.node
+        if node.opens == 1 and self._may_pass_through(node, handle.writable):
+            node.passthrough = node.staging
+        if node.passthrough is not None:
+            return Opened(fh, keep_cache=False, backing=node.passthrough)
         # The kernel may keep a file's pages across opens: every byte of a local file is
-        # written through this mount's page cache (writeback cache; truncation included), and
-        # committed files never change (an object another mount replaces is another inode
-        # here). Otherwise each open would read the file again.
+        # written through this mount's page cache (truncation included), and committed files
+        # never change (an object another mount replaces is another inode here). Otherwise
+        # each open would read the file again.
         return Opened(fh, keep_cache=True)
+
+    def _may_pass_through(self, node: Node, writable: bool) -> bool:
+        """Whether the kernel may read and write the file's staging file directly: it has one,
+        and nothing this daemon must see in each write is at stake. A durable name written
+        directly (a shell's `>`, never Spark) stays daemon-served, so that a failed write is
+        seen and the file is not committed (SEMANTICS "Write errors"); Spark writes temporary
+        names and renames them after a successful close. The cache budget cannot refuse a
+        passed-through write, so a writer passes through only while a tenth of the budget
+        is free (after evicting uploaded copies); below that, writes are counted one by one
+        and refused with ENOSPC once the budget is full."""
+        if not self.passthrough_possible or node.staging is None or node.write_error:
+            return False
+        if writable:
+            return not is_durable(node.name) and self._evict(self.cache_size // PASSTHROUGH_HEADROOM)
+        return True
+
+    def passthrough_refused(self, fh: int) -> None:
+        """The kernel would not take the staging file of `fh` (the session could not register
+        it); the inode is served by this daemon until its last close."""
+        self.handles[fh].node.passthrough = None
+
+    def _sync_passed_through(self, node: Node) -> None:
+        """Learn size and mtime of a passed-through file from its staging file: its writes
+        never reach this daemon."""
+        st = os.fstat(node.passthrough.fd)
+        if st.st_size != node.size or st.st_mtime_ns > node.mtime_ns:
+            node.size = st.st_size
+            node.passthrough.resize(st.st_size)
+            node.mtime_ns = node.ctime_ns = max(node.mtime_ns, st.st_mtime_ns)
+
+    def _current(self, node: Node) -> Node:
+        if node.passthrough is not None and node.writers:
+            self._sync_passed_through(node)
+        return node
+
+    def getattr(self, ino: int) -> Node:
+        return self._current(self.node(ino))
 
     def _handle(self, fh: int) -> Handle:
         try:
@@ -944,6 +1003,8 @@ class Filesystem:
         handle = self._handle(fh)
         node = handle.node
         if handle.writable and not handle.flushed:
+            if node.passthrough is not None:
+                self._sync_passed_through(node)
             handle.flushed = True
             node.writers -= 1
             if node.writers == 0 and self._commit_due(node):
@@ -972,7 +1033,11 @@ class Filesystem:
         if handle is None:
             return
         node = handle.node
+        if handle.writable and node.passthrough is not None:
+            self._sync_passed_through(node)
         node.opens -= 1
+        if node.opens == 0:
+            node.passthrough = None
         if handle.writable and not handle.flushed:
             node.writers -= 1
         try:

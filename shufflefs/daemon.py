@@ -61,6 +61,10 @@ class MountConfig:
     late_window: float = LATE_WINDOW
     #: seconds a FUSE request waits for the store (a read, a listing, a sync commit's upload)
     store_timeout: float = REQUEST_TIMEOUT
+    #: which FUSE session serves the mount (cli.FUSE_SESSIONS)
+    fuse: str = "own"
+    #: whether our session may pass reads and writes of local files through to them
+    passthrough: bool = True
 
 
 # ---------------------------------------------------------------------------- places
@@ -235,7 +239,7 @@ def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
         raise SetupError(f"mountpoint {path} does not exist") from None
     except OSError as exc:
         if exc.errno in DEAD_MOUNT_ERRNOS and is_stale_mount(path):
-            if MOUNTS_ITSELF:
+            if os.geteuid() == 0:
                 return path, True  # see shufflefs.fuse.mount: mounting over it reaches its consumers
             clear_stale_mount(path)  # a user mount goes through fusermount3, which cannot
             return check_mountpoint(path)
@@ -412,40 +416,22 @@ class CacheDir:
 # ---------------------------------------------------------------------------- running
 #: seconds a drain waits for open shuffle files to be closed (and committed) first
 RELEASE_WAIT = 5.0
-#: root mounts with mount(2) itself (shufflefs.fuse.mount); other users through libfuse
-MOUNTS_ITSELF = os.geteuid() == 0
-#: the libfuse options that are also the kernel's
-KERNEL_OPTIONS = ("allow_other", "default_permissions")
+FSTYPE = "fuse.shufflefs"
 
 
-def mount(operations: Operations, mountpoint: str, options: set[str]) -> tuple[int, str] | None:
-    """Mount and hand the session to pyfuse3; return the mount made with mount(2) (see
-    fuse_mount.top_mount), None when libfuse mounted it."""
-    if not MOUNTS_ITSELF:
-        pyfuse3.init(operations, mountpoint, options)
-        return None
-    source = next(o.partition("=")[2] for o in options if o.startswith("fsname="))
-    fd = fuse_mount.mount_fuse(mountpoint, source, "fuse.shufflefs", [o for o in options if o in KERNEL_OPTIONS])
-    made = fuse_mount.top_mount(mountpoint)
-    if made is None:  # cannot happen after a successful mount(2); without it we could not unmount
-        os.close(fd)
-        raise OSError(errno.EIO, "mounted, but the mount is not in /proc/self/mountinfo")
-    try:
-        pyfuse3.init(operations, f"/dev/fd/{fd}", options)
-    except BaseException:
-        fuse_mount.unmount_if_ours(mountpoint, made)
-        os.close(fd)
-        raise
-    return made
-
-
-def mount_options(store_url: str) -> set[str]:
-    options = set(pyfuse3.default_options)
-    options.add("subtype=shufflefs")
-    options.add("fsname=" + (store_url if "," not in store_url else "shufflefs"))
-    if os.geteuid() == 0:
-        options.add("allow_other")  # Spark runs as another user in most deployments
-    return options
+def start_session(config: MountConfig, fs: Filesystem, mountpoint: str, store_url: str) -> Session | Operations:
+    """Mount `mountpoint` and return the session that will serve it. Root mounts with mount(2)
+    itself (which can mount over a dead mount, see shufflefs.fuse.mount), other users through
+    fusermount3; pyfuse3 is handed the descriptor (as root) or mounts through libfuse."""
+    source = store_url if "," not in store_url else "shufflefs"
+    # the kernel's options: Spark runs as another user than root in most deployments
+    options = ["default_permissions", *(["allow_other"] if os.geteuid() == 0 else [])]
+    if config.fuse == "pyfuse3":
+        operations = Operations(fs)
+        operations.mount(mountpoint, {*pyfuse3.default_options, *options, "subtype=shufflefs", f"fsname={source}"})
+        return operations
+    fd, made = fuse_mount.open_session_fd(mountpoint, source, FSTYPE, options)
+    return Session(fs, fd, mountpoint, made, passthrough=config.passthrough)
 
 
 def write_run_file(path: str, content: dict) -> None:
@@ -479,7 +465,6 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                     late_window=config.late_window, request_timeout=config.store_timeout)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
                     cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner)
-    operations = Operations(fs)
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
     status_file = run_file(mountpoint, "status")
@@ -487,7 +472,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
 
     def stats() -> dict:
         return {"store": dict(remote.stats), "fs": dict(fs.stats),
-                "fuse": {"session": "pyfuse3", "requests": dict(operations.requests)},
+                "fuse": {"session": config.fuse, "passthrough": session.passthrough if session else False,
+                         "requests": session.request_counts() if session else {}},
                 "pending_ops": len(remote.pending),
                 "refused_ops": len(remote.failed), "pending_sweeps": len(remote.sweeps),
                 "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
@@ -498,8 +484,9 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     # before mounting: from now on nobody takes the mount for a dead daemon's
     write_run_file(pid_file, {"pid": os.getpid(), "mountpoint": mountpoint,
                               "store": store.url, "cache_dir": config.cache_dir})
+    session = None
     try:
-        made_mount = mount(operations, mountpoint, mount_options(store.url))
+        session = start_session(config, fs, mountpoint, store.url)
     except (RuntimeError, OSError) as exc:
         os.unlink(pid_file)
         cache.close()
@@ -515,7 +502,6 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             await nursery.start(watch_signals)  # before the journal is resumed, which can take a while
             remote.start(nursery)
             nursery.start_soon(cache.staging.housekeep)
-            nursery.start_soon(operations.send_invalidations)
             resumed = fs.resume_journal()
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)
@@ -524,7 +510,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                      config.commit, config.cache_dir, config.cache_size)
             ready()
             notify_service_manager(f"READY=1\nSTATUS=serving {store.url} on {mountpoint}")
-            await pyfuse3.main()
+            await session.serve()
             # unmounted (by a signal below, or from outside): finish what was committed
             await drain()
             nursery.cancel_scope.cancel()
@@ -549,18 +535,16 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                          else "unmounting")
                 await drain()
                 left_mount = config.leave_mount
-                pyfuse3.terminate()
+                session.terminate()
                 return
 
     try:
         trio.run(main)
     finally:
-        if made_mount is not None and not left_mount:
-            try:
-                fuse_mount.unmount_if_ours(mountpoint, made_mount)
-            except OSError as exc:
-                log.error("cannot unmount %s: %s", mountpoint, exc.strerror)
-        pyfuse3.close(unmount=made_mount is None and not left_mount)
+        try:
+            session.close(unmount=not left_mount)
+        except OSError as exc:
+            log.error("cannot unmount %s: %s", mountpoint, exc.strerror)
         if not left_mount:
             cache.journal.dirs_clear()  # their users went with the mount
         cache.close()

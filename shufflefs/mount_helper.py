@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import sys
 
-from shufflefs.cli import COMMIT_MODES, LOG_LEVELS, _positive_float, _workers, parse_id, parse_size
+from shufflefs.cli import COMMIT_MODES, FUSE_SESSIONS, LOG_LEVELS, _positive_float, _workers, parse_id, parse_size
 from shufflefs.stores import StoreError, check_endpoint_url
 
 EXIT_USAGE = 1
@@ -57,12 +57,13 @@ OPTION_FLAGS = {
     "upload_workers": ("--upload-workers", _workers),
     "store_timeout": ("--store-timeout", _positive_float),
     "late_window": ("--late-window", _positive_float),
+    "fuse": ("--fuse", _choice(*FUSE_SESSIONS)),
     "log_file": ("--log-file", str),
     "log_level": ("--log-level", _choice(*LOG_LEVELS)),
 }
 OWNER_OPTIONS = ("uid", "gid")
 #: -o options without a value
-SWITCH_OPTIONS = {"leave_mount": "--leave-mount"}
+SWITCH_OPTIONS = {"leave_mount": "--leave-mount", "no_passthrough": "--no-passthrough"}
 #: -o options that set the daemon's environment instead of a flag
 ENV_OPTIONS = {"aws_profile": "AWS_PROFILE"}
 #: mount(8)'s and the kernel's generic options: meaningless to shufflefs, accepted and ignored

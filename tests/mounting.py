@@ -36,6 +36,8 @@ class Mount:
         self.path = str(mountpoint)
         self.cache_dir = str(cache_dir)
         self.args = list(args)
+        if "--fuse" not in self.args and os.environ.get("SHUFFLEFS_TEST_FUSE"):
+            self.args += ["--fuse", os.environ["SHUFFLEFS_TEST_FUSE"]]  # .ci/run runs the mount suite on each
         self.env = {**os.environ, **(env or {})}
         self.pid: int | None = None
         os.makedirs(self.path, exist_ok=True)

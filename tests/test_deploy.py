@@ -171,7 +171,7 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
-        "cache_size, commit, gid, late_window, leave_mount, log_file, log_level, s3_endpoint_url, store_timeout, "
+        "cache_size, commit, fuse, gid, late_window, leave_mount, log_file, log_level, no_passthrough, s3_endpoint_url, store_timeout, "
         "uid, upload_workers; mount(8)'s generic ones are ignored)"]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 32

@@ -117,6 +117,7 @@ NOTIFY_INVAL_INODE_OUT = _S("=Qqq")  # ino, off, len: 24
 NOTIFY_INVAL_ENTRY_OUT = _S("=QII")  # parent, namelen, flags: 16
 NOTIFY_DELETE_OUT = _S("=QQII")     # parent, child, namelen, padding: 24
 BACKING_MAP = _S("=iIQ")            # fd, flags, padding: 16
+BACKING_ID = _S("=I")               # the backing id FUSE_DEV_IOC_BACKING_CLOSE takes
 
 ATTR_ZERO = bytes(ATTR.size)
 DIRENTPLUS_HEADER_SIZE = ENTRY_OUT.size + ATTR.size + DIRENT_HEADER.size  # 152

@@ -11,11 +11,16 @@ import os
 from collections import Counter
 
 import pyfuse3
+import trio
 
 from shufflefs.core import BLOCK_SIZE, Entry, Filesystem, Negative, Node, Opened, errno_of
+from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse.notify import forward_invalidations
 
 log = logging.getLogger(__name__)
+
+#: the libfuse options that are also the kernel's
+KERNEL_OPTIONS = ("allow_other", "default_permissions")
 
 
 def _translated(method):
@@ -37,11 +42,51 @@ def _translated(method):
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = True
+    passthrough = False  # pyfuse3 cannot pass files through
 
     def __init__(self, fs: Filesystem):
         super().__init__()
         self.fs = fs
         self.requests: Counter[str] = Counter()  # by kind, for stats and bench
+        self._mountpoint = ""
+        self._made: tuple[int, str] | None = None
+
+    def mount(self, mountpoint: str, options: set[str]) -> None:
+        """As root: mount(2) ourselves (see shufflefs.fuse.mount) and hand libfuse the
+        descriptor; other users: libfuse mounts (through fusermount3)."""
+        self._mountpoint = mountpoint
+        if os.geteuid() != 0:
+            pyfuse3.init(self, mountpoint, options)
+            return
+        source = next(o.partition("=")[2] for o in options if o.startswith("fsname="))
+        fd, self._made = fuse_mount.open_session_fd(mountpoint, source, "fuse.shufflefs",
+                                                    [o for o in options if o in KERNEL_OPTIONS])
+        try:
+            pyfuse3.init(self, f"/dev/fd/{fd}", options)
+        except BaseException:
+            fuse_mount.unmount(mountpoint, self._made)
+            os.close(fd)
+            raise
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.send_invalidations)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    def terminate() -> None:
+        pyfuse3.terminate()
+
+    def close(self, unmount: bool) -> None:
+        try:
+            if unmount and self._made is not None:
+                fuse_mount.unmount(self._mountpoint, self._made)
+        finally:
+            pyfuse3.close(unmount=unmount and self._made is None)
+
+    def request_counts(self) -> dict[str, int]:
+        return dict(self.requests)
 
     async def send_invalidations(self) -> None:
         await forward_invalidations(self.fs, pyfuse3.invalidate_inode,

@@ -11,6 +11,7 @@ replies by `unique`). Policy is the core's; this module decodes, calls, encodes.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from collections import Counter
 import trio
 
 from shufflefs.core import BLOCK_SIZE, Entry, Filesystem, FsError, Negative, Node, errno_of
+from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse import protocol as p
 from shufflefs.fuse.notify import forward_invalidations
 from shufflefs.waits import on_wait
@@ -27,10 +29,12 @@ log = logging.getLogger(__name__)
 
 #: the largest WRITE (and READ) the kernel sends: 256 pages, as libfuse asks for
 MAX_WRITE = 1 << 20
-#: what the session asks for in INIT; the kernel grants what it supports
+#: what the session asks for in INIT; the kernel grants what it supports. Then either
+#: passthrough or, where the kernel or our privileges do not allow it, the writeback cache:
+#: the kernel refuses the two together
 WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.EXPORT_SUPPORT | p.AUTO_INVAL_DATA
           | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES
-          | p.WRITEBACK_CACHE | p.INIT_EXT)
+          | p.INIT_EXT)
 #: requests between two trio checkpoints while requests keep coming: the store's uploads and
 #: the control socket must get their turn
 FAIR_SHARE = 32
@@ -51,9 +55,17 @@ def _entry_out(entry: Entry | Negative) -> bytes:
 class Session:
     kind = "own"
 
-    def __init__(self, fs: Filesystem, fd: int):
+    def __init__(self, fs: Filesystem, fd: int, mountpoint: str, made: tuple[int, str] | None, *,
+                 passthrough: bool = True):
         self.fs = fs
         self.fd = fd
+        # registering a backing file needs CAP_SYS_ADMIN: root's, as the daemon runs
+        self._try_passthrough = passthrough and os.geteuid() == 0
+        self.passthrough = False  # in force (negotiated, and not given up)
+        self._backing: dict[int, list[int]] = {}  # inode -> [backing id, opens passed through]
+        self._backed: dict[int, int] = {}  # fh passed through -> inode
+        self._mountpoint = mountpoint
+        self._made = made  # see fuse_mount.open_session_fd
         self.requests: Counter[int] = Counter()  # by opcode
         self.negotiated: p.Negotiated | None = None
         self._reader: trio.lowlevel.Task | None = None
@@ -84,9 +96,16 @@ class Session:
             self._nursery = nursery
             nursery.start_soon(forward_invalidations, self.fs, self._invalidate_inode, self._invalidate_entry)
             on_wait(self._hand_off)  # this task's context, copied into the readers it starts
-            nursery.start_soon(self._read)
+            nursery.start_soon(self._read_requests)
             await self._stopped.wait()
             nursery.cancel_scope.cancel()
+
+    def close(self, unmount: bool) -> None:
+        try:
+            if unmount:
+                fuse_mount.unmount(self._mountpoint, self._made)
+        finally:
+            os.close(self.fd)
 
     def terminate(self) -> None:
         self._stopping = True
@@ -98,11 +117,11 @@ class Session:
         """The current request is about to wait: if its task is the reader, a new task reads."""
         if self._reader is trio.lowlevel.current_task() and not self._stopping:
             self._reader = None
-            self._nursery.start_soon(self._read)
+            self._nursery.start_soon(self._read_requests)
 
-    async def _read(self) -> None:
+    async def _read_requests(self) -> None:
         me = self._reader = trio.lowlevel.current_task()
-        buffer = bytearray(MAX_WRITE + 4096)  # per reader: a handed-off request keeps its bytes
+        buffer = bytearray(p.read_buffer_size(MAX_WRITE))  # per reader: a handed-off request keeps its bytes
         view = memoryview(buffer)
         fd = self.fd
         served = 0
@@ -193,15 +212,23 @@ class Session:
 
     # ------------------------------------------------------------------ requests
     async def _init(self, nodeid, body, uid, gid) -> bytes:
-        reply, self.negotiated = p.negotiate(body, want=WANTED, max_write=MAX_WRITE)
-        log.debug("FUSE protocol 7.%d, flags %#x", self.negotiated.minor, self.negotiated.flags)
+        reply, self.negotiated = p.negotiate(body, want=WANTED | p.PASSTHROUGH * self._try_passthrough,
+                                             max_write=MAX_WRITE)
+        self.passthrough = bool(self.negotiated.flags & p.PASSTHROUGH)
+        if not self.passthrough:
+            reply, self.negotiated = p.negotiate(body, want=WANTED | p.WRITEBACK_CACHE, max_write=MAX_WRITE)
+        self.fs.passthrough_possible = self.passthrough
+        log.info("FUSE protocol 7.%d; %s", self.negotiated.minor,
+                 "local files are passed through to their staging files" if self.passthrough else
+                 "all reads and writes go through the daemon, with the kernel's writeback cache"
+                 + ("" if self._try_passthrough else " (passthrough needs root)"))
         return reply
 
     async def _lookup(self, parent, body, uid, gid) -> bytes:
         return _entry_out(await self.fs.lookup_entry(parent, os.fsdecode(p.decode_name(body))))
 
     async def _getattr(self, nodeid, body, uid, gid) -> bytes:
-        node = self.fs.node(nodeid)
+        node = self.fs.getattr(nodeid)
         return p.attr_out(self.fs.attr_ttl(node), _attr(node))
 
     async def _setattr(self, nodeid, body, uid, gid) -> bytes:
@@ -256,15 +283,51 @@ class Session:
         flags, mode, _, _ = p.CREATE_IN.unpack_from(body)
         name = os.fsdecode(p.decode_name(body, p.CREATE_IN.size))
         fh, node = await self.fs.create(parent, name, mode, flags, uid, gid)
-        return _entry_out(self.fs.entry(node)) + self._open_out(fh)
+        return _entry_out(self.fs.entry(node)) + self._open_out(fh, node.ino)
 
     async def _open(self, nodeid, body, uid, gid) -> bytes:
         flags, _ = p.OPEN_IN.unpack_from(body)
-        return self._open_out(await self.fs.open(nodeid, flags))
+        return self._open_out(await self.fs.open(nodeid, flags), nodeid)
 
-    def _open_out(self, fh: int) -> bytes:
+    def _open_out(self, fh: int, ino: int) -> bytes:
         opened = self.fs.opened(fh)
-        return p.open_out(opened.fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+        if opened.backing is not None:
+            backing_id = self._backing_id(ino, opened.backing.fd)
+            if backing_id is not None:
+                self._backed[fh] = ino
+                return p.open_out(fh, p.FOPEN_PASSTHROUGH, backing_id)
+            self.fs.passthrough_refused(fh)
+        return p.open_out(fh, p.FOPEN_KEEP_CACHE if opened.keep_cache else 0)
+
+    def _backing_id(self, ino: int, backing_fd: int) -> int | None:
+        """The kernel's id of the inode's backing file: one per inode for all its opens."""
+        backing = self._backing.get(ino)
+        if backing is not None:
+            backing[1] += 1
+            return backing[0]
+        try:
+            backing_id = fcntl.ioctl(self.fd, p.FUSE_DEV_IOC_BACKING_OPEN, bytearray(p.BACKING_MAP.pack(backing_fd, 0, 0)))
+        except OSError as exc:
+            # e.g. ELOOP: the staging directory is itself on a stacked file system (overlayfs)
+            log.warning("passthrough given up: the kernel does not take staging files as backing files (%s); "
+                        "from now on the daemon serves all reads and writes", exc.strerror)
+            self.passthrough = self.fs.passthrough_possible = False
+            return None
+        self._backing[ino] = [backing_id, 1]
+        return backing_id
+
+    def _unback(self, fh: int) -> None:
+        ino = self._backed.pop(fh, None)
+        if ino is None:
+            return
+        backing = self._backing[ino]
+        backing[1] -= 1
+        if backing[1] == 0:
+            del self._backing[ino]
+            try:
+                fcntl.ioctl(self.fd, p.FUSE_DEV_IOC_BACKING_CLOSE, bytearray(p.BACKING_ID.pack(backing[0])))
+            except OSError as exc:
+                log.error("cannot release backing file %d of inode %d: %s", backing[0], ino, exc.strerror)
 
     async def _read(self, nodeid, body, uid, gid) -> tuple:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
@@ -287,7 +350,11 @@ class Session:
         return b""
 
     async def _release(self, nodeid, body, uid, gid) -> bytes:
-        await self.fs.release(p.RELEASE_IN.unpack_from(body)[0])
+        fh = p.RELEASE_IN.unpack_from(body)[0]
+        try:
+            await self.fs.release(fh)
+        finally:
+            self._unback(fh)
         return b""
 
     async def _statfs(self, nodeid, body, uid, gid) -> bytes:
