@@ -481,6 +481,10 @@ class Filesystem:
     def _truncate(self, node: Node, size: int) -> None:
         if node.committed:
             raise FsError(errno.EPERM, "committed shuffle files are immutable")
+        if node.passthrough is not None:
+            # its writes never reached this daemon: count what the staging file holds first,
+            # or the budget would forget the bytes kept below `size`
+            self._sync_passed_through(node)
         os.ftruncate(node.staging.fd, size)
         if node.opens == 0:
             node.staging.close_fd()  # truncate(2) by path: a closed file keeps no descriptor
