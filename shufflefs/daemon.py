@@ -471,14 +471,18 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     control_socket = run_file(mountpoint, "sock")
 
     def stats() -> dict:
+        process = process_memory()
+        requests = session.request_counts() if session else {}
+        # all of the daemon's CPU (uploads included) per request: what a request costs overall
+        per_request = process["cpu_seconds"] * 1e6 / max(1, sum(requests.values()))
         return {"store": dict(remote.stats), "fs": dict(fs.stats),
                 "fuse": {"session": config.fuse, "passthrough": session.passthrough if session else False,
-                         "requests": session.request_counts() if session else {}},
+                         "requests": requests, "cpu_us_per_request": round(per_request, 1)},
                 "pending_ops": len(remote.pending),
                 "refused_ops": len(remote.failed), "pending_sweeps": len(remote.sweeps),
                 "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
                 "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
-                **process_memory()}
+                **process}
     if os.path.exists(status_file):
         os.unlink(status_file)
     # before mounting: from now on nobody takes the mount for a dead daemon's

@@ -459,8 +459,10 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
     --cache-size) comes at close. Such a file is never committed, under its durable name nor
     by a rename into one; fsync reports the error every time (and in sync mode every close of
     a writer), the mount shows what is held, and a rewrite from empty makes it whole again."""
+    # with passthrough there is no writeback cache: test_failed_write_fails_at_write_with_passthrough
+    passthrough_off = [] if os.environ.get("SHUFFLEFS_TEST_FUSE") == "pyfuse3" else ["--no-passthrough"]
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M",
-               "--commit", commit) as mount:
+               "--commit", commit, *passthrough_off) as mount:
         directory = f"{mount.path}/blockmgr-1/00"
         os.makedirs(directory)
         with open(f"{directory}/temp_local_blocker", "wb") as f:
@@ -507,6 +509,45 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
             f.write(b"whole")
         assert mount.umount().returncode == 0
     assert store_objects(str(file_store)) == {"blockmgr-1/00/shuffle_0_0_0.data": b"whole"}
+
+
+@pytest.mark.parametrize("commit", ["sync", "async"])
+def test_failed_write_fails_at_write_with_passthrough(tmp_path, file_store, commit):
+    """Passthrough mounts have no writeback cache: a durable name written directly is served
+    by the daemon, so the WRITE that finds --cache-size full fails write(2) itself. The file is
+    never committed, fsync keeps reporting the error, and what the mount shows is what is held."""
+    if os.environ.get("SHUFFLEFS_TEST_FUSE") == "pyfuse3":
+        pytest.skip("pyfuse3 cannot pass files through")
+    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M",
+               "--commit", commit) as mount:
+        assert json.loads(run_cli("stats", mount.path).stdout)["fuse"]["passthrough"]
+        directory = f"{mount.path}/blockmgr-1/00"
+        os.makedirs(directory)
+        with open(f"{directory}/temp_local_blocker", "wb") as f:
+            f.write(b"b" * 4 * 1024 * 1024)  # local data is never evicted: 4 MiB are left
+        data = os.urandom(16 * 1024 * 1024)
+        path = f"{directory}/shuffle_0_0_0.data"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        written = 0
+        with pytest.raises(OSError) as raised:
+            while True:
+                written += os.write(fd, data[written:written + 32 * 1024])
+        assert raised.value.errno == errno.ENOSPC
+        assert written == 4 * 1024 * 1024
+        with pytest.raises(OSError) as raised:
+            os.fsync(fd)
+        assert raised.value.errno == errno.ENOSPC
+        if commit == "sync":
+            with pytest.raises(OSError) as raised:
+                os.close(fd)
+            assert raised.value.errno == errno.ENOSPC
+        else:
+            os.close(fd)
+        with open(path, "rb") as f:
+            assert f.read() == data[:written]
+        assert os.stat(path).st_size == written
+        run_cli("stats", mount.path, "--sync")
+    assert store_objects(str(file_store)) == {}
 
 
 def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
