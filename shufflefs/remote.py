@@ -340,6 +340,12 @@ class Remote:
             self._give_up([op])
             return
         if op.cancelled and op.kind == "put":
+            if op.uncertain:  # resumed after a crash: its interrupted attempt may have left debris
+                try:
+                    await trio.to_thread.run_sync(self.store.discard_put, op.key, op.staging.path,
+                                                  limiter=self._limiter)
+                except StoreError as exc:
+                    log.warning("%r: %s", op, exc)
             self._finish(op)
             return
         if op.kind == "delete":

@@ -525,7 +525,8 @@ def test_key_of_max_key_bytes_is_stored(store, local):
 
 def test_file_put_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, local):
     """A daemon killed mid-put leaves its temporary file in the store directory; the same put,
-    resumed by the next daemon (same staging file, same key), removes it. A put another node is
+    resumed by the next daemon (same staging file, same key), removes it, and so does
+    discarding it (resumed, then no longer wanted: its file was deleted). A put another node is
     running in the same directory keeps its temporary file."""
     root = tmp_path / "store"
     root.mkdir()
@@ -557,6 +558,13 @@ def test_file_put_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, loca
 
         store.put_file("d/shuffle_0_0_0.data", source)
         assert read_all(store, "d/shuffle_0_0_0.data") == b"mine " * 1000
+        assert not os.path.exists(orphan)
+        assert os.path.exists(theirs)
+
+        unwanted = put_in_child(source, "d/shuffle_0_2_0.data", "os.kill(os.getpid(), signal.SIGKILL)")
+        orphan = unwanted.stdout.readline().strip()
+        assert unwanted.wait(30) == -signal.SIGKILL and os.path.exists(orphan)
+        store.discard_put("d/shuffle_0_2_0.data", source)
         assert not os.path.exists(orphan)
         assert os.path.exists(theirs)
     finally:

@@ -117,6 +117,11 @@ class Store:
         a copy (see keeps_put_files). `expect`: ABSENT, a version, or None (unconditional)."""
         raise NotImplementedError
 
+    def discard_put(self, key: str, path: str) -> None:
+        """Remove what a put_file of `path` at `key` that was interrupted (its daemon was
+        killed) and is no longer wanted may have left behind, other than the object itself.
+        Nothing, unless the store stages puts under other names."""
+
     def get_range(self, key: str, offset: int, length: int, *, expect: str | None = None) -> bytes:
         """Return up to `length` bytes from `offset` (fewer at the end of the object). With
         `expect` (a version), raise PreconditionFailed if the object is another version now."""

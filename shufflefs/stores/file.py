@@ -94,6 +94,12 @@ class FileStore(Store):
             raise
         return None
 
+    def discard_put(self, key, path):
+        try:
+            _remove_quietly(_temp_path(self._path(key), key, path))
+        except OSError as exc:
+            raise self._os_error(exc, f"removing the temporary file of {key}") from exc
+
     @staticmethod
     def _copy(key: str, path: str, temp: str, abort) -> None:
         with open(path, "rb") as src, open(temp, "wb") as dst:
