@@ -1,4 +1,4 @@
-"""Spark end-to-end benchmark: two PySpark workloads with their local dir on several systems.
+"""Spark end-to-end benchmark: PySpark workloads with their local dir on several systems.
 
     .venv/bin/python bench/spark_bench.py --out bench-results/spark
     .venv/bin/python bench/spark_bench.py --rounds 1 --scale 0.05 --out /tmp/spark-quick   # quick check
@@ -8,11 +8,17 @@ with every Spark local dir on each system, interleaved (round 1: every workload 
 system, round 2: ...), and reports per workload and system the median job time and its ratio
 to the plain directory. Systems (--configs):
 
-  plain           a directory on the local disk
-  shufflefs-file  shufflefs on a file:// store (local disk), --commit async
-  shufflefs-s3    shufflefs on s3:// (SeaweedFS), --commit async
-  s3fs            s3fs-fuse on a SeaweedFS bucket (options: S3FS_OPTIONS below)
-  rclone          rclone mount --vfs-cache-mode writes on a SeaweedFS bucket (RCLONE_OPTIONS)
+  plain                   a directory on the local disk
+  shufflefs-file          shufflefs on a file:// store (local disk), --commit async, with its
+                          default FUSE session (--fuse own: passthrough of local files as root)
+  shufflefs-s3            shufflefs on s3:// (SeaweedFS), --commit async, --fuse own
+  s3fs                    s3fs-fuse on a SeaweedFS bucket (options: S3FS_OPTIONS below)
+  rclone                  rclone mount --vfs-cache-mode writes on a SeaweedFS bucket (RCLONE_OPTIONS)
+  shufflefs-file-pyfuse3  shufflefs-file with the old session (--fuse pyfuse3)   } only if named
+  shufflefs-s3-pyfuse3    shufflefs-s3 with the old session (--fuse pyfuse3)     } in --configs
+
+Default --configs: the first five. Name e.g. --configs plain,shufflefs-file,shufflefs-file-pyfuse3
+to measure the two FUSE sessions in one interleaved run.
 
 Every run that needs S3 gets a fresh SeaweedFS (started by this script, stopped after the
 run). A system whose binary is missing is skipped with a message (Debian packages `s3fs`,
@@ -25,7 +31,7 @@ excluded), the wall time (driver start to the exit of every Spark process, inclu
 Spark's cleanup of its dirs), the unmount time (shufflefs --commit async: drains uploads),
 the peak RSS (VmHWM) of the shufflefs / s3fs / rclone process, Spark's shuffle write and
 spill bytes, the committed shuffle files present at the end of the jobs, shufflefs's store
-requests, and for S3 systems the bucket's objects at the end of the jobs.
+requests and FUSE session (own / pyfuse3, passthrough or not, request counts), and for S3 systems the bucket's objects at the end of the jobs.
 
 Writes OUT/results.json (all runs, the summary, the reference results) after every run, and
 at the end OUT/spark_bench.png (matplotlib, from the `bench` extra). Not a test: run it on an
@@ -61,8 +67,17 @@ from sparkrun import LAST_RUN, run_spark_job, shuffle_files  # noqa: E402
 from shufflefs.daemon import run_file  # noqa: E402
 
 WORKLOAD_SCRIPT = os.path.join(HERE, "spark_workloads.py")
-WORKLOADS = ["shuffle-heavy", "mixed"]
-CONFIGS = ["plain", "shufflefs-file", "shufflefs-s3", "s3fs", "rclone"]
+WORKLOADS = ["shuffle-heavy", "mixed", "defaults"]
+CONFIGS = ["plain", "shufflefs-file", "shufflefs-s3", "s3fs", "rclone"]  # the default --configs
+# shufflefs configs by name: (store, FUSE session options on top of SHUFFLEFS_OPTIONS).
+# The plain names are shufflefs's default session (--fuse own).
+SHUFFLEFS_CONFIGS = {
+    "shufflefs-file": ("file", []),
+    "shufflefs-s3": ("s3", []),
+    "shufflefs-file-pyfuse3": ("file", ["--fuse", "pyfuse3"]),
+    "shufflefs-s3-pyfuse3": ("s3", ["--fuse", "pyfuse3"]),
+}
+ALL_CONFIGS = CONFIGS + [name for name in SHUFFLEFS_CONFIGS if name not in CONFIGS]
 
 SHUFFLEFS_OPTIONS = ["--commit", "async"]
 # s3fs 1.90 options (on top of url, use_path_request_style, passwd_file, endpoint):
@@ -211,9 +226,11 @@ class PlainDir(System):
 
 
 class Shufflefs(System):
-    def __init__(self, name: str, store: str):
+    def __init__(self, name: str, store: str, options: list[str] = ()):
+        """store: "file" or "s3"; options: mount options on top of SHUFFLEFS_OPTIONS."""
         self.name = name
         self.store = store
+        self.options = list(options)
         self.needs_s3 = store == "s3"
         self.mount: Mount | None = None
 
@@ -226,7 +243,7 @@ class Shufflefs(System):
             url = f"s3://{seaweed.create_bucket('spark-bench')}/shuffle"
             env = seaweed.env()
         self.mount = Mount(url, os.path.join(run_dir, "mnt"), os.path.join(run_dir, "cache"),
-                           *SHUFFLEFS_OPTIONS, env=env)
+                           *SHUFFLEFS_OPTIONS, *self.options, env=env)
         self.mount.start()
         return self.mount.path
 
@@ -239,8 +256,9 @@ class Shufflefs(System):
         umount_s = time.monotonic() - started
         if result.returncode != 0:
             raise RuntimeError(f"shufflefs umount failed ({result.returncode}): {result.stderr.strip()}")
-        stats = self.mount.status().get("stats", {})
-        return {"umount_s": round(umount_s, 3), "store": stats}
+        status = self.mount.status()
+        # fuse: the session that ran (own / pyfuse3), passthrough or not, its request counts
+        return {"umount_s": round(umount_s, 3), "store": status.get("stats", {}), "fuse": status.get("fuse")}
 
     def cleanup(self):
         if self.mount is None:
@@ -359,13 +377,9 @@ class Rclone(FusePeer):
 
 
 def make_system(name: str) -> System:
-    return {
-        "plain": PlainDir,
-        "shufflefs-file": lambda: Shufflefs("shufflefs-file", "file"),
-        "shufflefs-s3": lambda: Shufflefs("shufflefs-s3", "s3"),
-        "s3fs": S3fs,
-        "rclone": Rclone,
-    }[name]()
+    if name in SHUFFLEFS_CONFIGS:
+        return Shufflefs(name, *SHUFFLEFS_CONFIGS[name])
+    return {"plain": PlainDir, "s3fs": S3fs, "rclone": Rclone}[name]()
 
 
 # ============================================================================ one run
@@ -500,13 +514,13 @@ def fmt(value, spec: str, scale: float = 1.0) -> str:
 
 
 def print_summary(rows: list[dict]) -> None:
-    header = (f"{'workload':14} {'config':15} {'runs':>5} {'job s':>7} {'ratio':>6} {'wall s':>7} "
+    header = (f"{'workload':14} {'config':22} {'runs':>5} {'job s':>7} {'ratio':>6} {'wall s':>7} "
               f"{'umount s':>8} {'RSS MiB':>8} {'shuffle GB':>10} {'files GB':>8}  store / bucket")
     print("\n" + header)
     print("-" * len(header))
     for row in rows:
         if row["skipped"] or row["runs"] == 0:
-            print(f"{row['workload']:14} {row['config']:15} " + (f"skipped: {row['skipped']}" if row["skipped"] else "not run"))
+            print(f"{row['workload']:14} {row['config']:22} " + (f"skipped: {row['skipped']}" if row["skipped"] else "not run"))
             continue
         store = ""
         if row["store_put_requests_median"] is not None:
@@ -518,13 +532,13 @@ def print_summary(rows: list[dict]) -> None:
         if row["bucket_objects_at_end_median"] is not None:
             store += ("; " if store else "") + (f"bucket at end of jobs: {row['bucket_objects_at_end_median']:.0f} obj "
                                                 f"{fmt(row['bucket_bytes_at_end_median'], '.2f', 1e9)} GB")
-        print(f"{row['workload']:14} {row['config']:15} {row['ok']:>2}/{row['runs']:<2} "
+        print(f"{row['workload']:14} {row['config']:22} {row['ok']:>2}/{row['runs']:<2} "
               f"{fmt(row['job_s_median'], '7.1f')} {fmt(row['ratio_to_plain'], '6.2f')} "
               f"{fmt(row['wall_s_median'], '7.1f')} {fmt(row['umount_s_median'], '8.1f')} "
               f"{fmt(row['peak_rss_mib_max'], '8.0f')} {fmt(row['shuffle_write_bytes_median'], '10.2f', 1e9)} "
               f"{fmt(row['shuffle_file_bytes_median'], '8.2f', 1e9)}  {store}")
         for failure in sorted(set(row["failures"])):
-            print(f"{'':31} {row['failures'].count(failure)}x {failure}")
+            print(f"{'':38} {row['failures'].count(failure)}x {failure}")
     print("job s: median job time (first Spark action to last); ratio: to plain's median; wall s: driver start "
           "to exit of all Spark processes;\nRSS: peak of the filesystem process; shuffle GB: Spark's shuffle write "
           "bytes; files GB: committed shuffle files at the end of the jobs")
@@ -593,7 +607,9 @@ def environment_info(args) -> dict:
         "git_commit": commit + ("+dirty" if dirty else ""), "pyspark": pyspark.__version__,
         "java": command_version(["java", "-version"]), "s3fs": command_version(["s3fs", "--version"]),
         "rclone": command_version(["rclone", "version"]),
-        "shufflefs_options": SHUFFLEFS_OPTIONS, "s3fs_options": S3FS_OPTIONS + ["use_cache=<run dir>"],
+        "shufflefs_options": SHUFFLEFS_OPTIONS,
+        "shufflefs_config_options": {name: options for name, (_, options) in SHUFFLEFS_CONFIGS.items()},
+        "s3fs_options": S3FS_OPTIONS + ["use_cache=<run dir>"],
         "rclone_options": RCLONE_OPTIONS,
     }
 
@@ -622,7 +638,7 @@ def main(argv=None) -> int:
                         help="where each run's local dir, mounts, caches and stores live (default %(default)s)")
     args = parser.parse_args(argv)
     workloads = parse_list(args.workloads, WORKLOADS, "workloads", parser)
-    configs = parse_list(args.configs, CONFIGS, "configs", parser)
+    configs = parse_list(args.configs, ALL_CONFIGS, "configs", parser)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
 
@@ -662,7 +678,7 @@ def main(argv=None) -> int:
                 for name in order:
                     plain = median_of(ok_runs(runs, workload, "plain"), lambda r: r["wall_s"])
                     timeout = args.timeout or max(MIN_TIMEOUT, TIMEOUT_FACTOR * (plain or 0))
-                    print(f"round {round_number}/{args.rounds} {workload:14} {name:15} ...", end=" ", flush=True)
+                    print(f"round {round_number}/{args.rounds} {workload:14} {name:22} ...", end=" ", flush=True)
                     record = run_once(workload, systems[name], round_number, args, base, timeout)
                     if record["status"] == "ok":
                         record["result_sha256"] = canonical_sha(record["result"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The PySpark workloads of bench/spark_bench.py: a driver program run as a subprocess.
 
-    .venv/bin/python bench/spark_workloads.py --workload shuffle-heavy|mixed --local-dir DIR \\
+    .venv/bin/python bench/spark_workloads.py --workload shuffle-heavy|mixed|defaults --local-dir DIR \\
         --result FILE [--scale 1.0] [--master local-cluster[2,1,1024]] [--pause]
 
 Same session setup, command line and --pause protocol as tests/spark_job.py (whose
@@ -22,6 +22,15 @@ Workloads (calibrated at --scale 1 on the 2-core machine, plain dir, local-clust
                  reduceByKey and groupByKey, then DataFrames of the same records (a groupBy
                  joined to a users table; every record joined to it, grouped by item),
                  cross-checked against the RDD results. 0.23 GB of shuffle writes; jobs ~39 s.
+  defaults       Spark's default shuffle settings: spark.sql.shuffle.partitions is left at 200
+                 (unset explicitly), so every DataFrame shuffle takes the bypass-merge-sort
+                 writer: one temp file per reduce partition per map task. A groupBy of 2M rows
+                 (16 random 64-bit columns) by a key of 500k values, then a sort-merge join of
+                 the rows to a table of the keys; each summarized by a global aggregate.
+                 0.36 GB of shuffle writes, 474 tasks; jobs ~17 s.
+
+The other settings are CONF below for all three (AQE and broadcast joins off: results must
+not depend on plan choices).
 """
 
 from __future__ import annotations
@@ -54,6 +63,19 @@ HEAVY_COLUMNS = 32
 HEAVY_MAP_PARTITIONS = 32  # map tasks per table scan
 HEAVY_SHUFFLE_PARTITIONS = 64  # <= 200: the bypass-merge-sort writer, as with the default 200
 
+# --- defaults -------------------------------------------------------------------------------
+# Spark's default shuffle settings: spark.sql.shuffle.partitions is not set (200), so every
+# DataFrame shuffle uses the bypass-merge-sort writer (<= 200 partitions, no map-side
+# combine in the shuffle): each map task writes one temp file per reduce partition (200)
+# and concatenates them into its .data file. A fact table of DEFAULTS_ROWS rows (a key of
+# DEFAULTS_KEYS values, DEFAULTS_COLUMNS random 64-bit columns) grouped by key, and joined
+# (sort-merge) to a dimension table of those keys.
+DEFAULTS_ROWS = 2_000_000
+DEFAULTS_KEYS_DIVISOR = 4  # keys = rows / 4: little reduction by the partial aggregation
+DEFAULTS_COLUMNS = 16
+DEFAULTS_MAP_PARTITIONS = 32
+DEFAULT_SHUFFLE_PARTITIONS = "200"  # Spark's default, checked at run time
+
 # --- mixed ----------------------------------------------------------------------------------
 MIXED_RECORDS = 3_000_000
 MIXED_SLICES = 16  # partitions of the generated records
@@ -61,10 +83,12 @@ MIXED_PARTITIONS = 64  # reduce partitions of the RDD and DataFrame shuffles
 MIXED_SEGMENTS = 17
 
 
-# Spark settings common to both workloads (on top of spark_job.build_session's defaults).
+# Spark settings common to all workloads (on top of spark_job.build_session's defaults).
 CONF = {
-    # Spark's defaults rather than the functional test's forced spills.
+    # Spark's defaults rather than the functional test's forced spills and 8 shuffle
+    # partitions (shuffle-heavy and mixed set their own partition count).
     "spark.shuffle.spill.numElementsForceSpillThreshold": None,
+    "spark.sql.shuffle.partitions": None,
     "spark.default.parallelism": str(MIXED_PARTITIONS),
     # Results must not depend on plan choices: no AQE re-planning, no broadcast joins.
     "spark.sql.adaptive.enabled": "false",
@@ -204,7 +228,50 @@ def mixed(spark, scale: float) -> tuple[dict, dict]:
     return result, steps.total()
 
 
-WORKLOADS = {"shuffle-heavy": shuffle_heavy, "mixed": mixed}
+def defaults(spark, scale: float) -> tuple[dict, dict]:
+    from pyspark.sql import functions as F
+
+    # Spark's default partition count, even if an earlier workload set its own in this session.
+    spark.conf.unset("spark.sql.shuffle.partitions")
+    partitions = spark.conf.get("spark.sql.shuffle.partitions")
+    if partitions != DEFAULT_SHUFFLE_PARTITIONS:
+        raise RuntimeError(f"spark.sql.shuffle.partitions is {partitions}, not Spark's default {DEFAULT_SHUFFLE_PARTITIONS}")
+    rows = max(1000, int(DEFAULTS_ROWS * scale))
+    n_keys = max(100, rows // DEFAULTS_KEYS_DIVISOR)
+
+    facts = spark.range(0, rows, numPartitions=DEFAULTS_MAP_PARTITIONS).select(
+        F.col("id"), (F.xxhash64("id", F.lit(-1)).bitwiseAND(MASK31) % n_keys).alias("k"),
+        *[F.xxhash64("id", F.lit(3000 + i)).alias(f"v{i}") for i in range(DEFAULTS_COLUMNS)])
+    dims = spark.range(0, n_keys, numPartitions=DEFAULTS_MAP_PARTITIONS // 4).select(
+        F.col("id").alias("k"), F.sha2(F.col("id").cast("string"), 256).alias("name"))
+    steps = Steps()
+    result = {"shuffle_partitions": int(partitions)}
+
+    # Each step's rows are summarized by one global aggregate (a single reduce partition):
+    # the 200-partition shuffles are the step's own, not its summary's.
+    # 1. groupBy of the facts by key: partial aggregation in the map tasks, 200 reduce partitions.
+    per_key = facts.groupBy("k").agg(
+        F.count(F.lit(1)).alias("n"), F.sum(F.col("v0").bitwiseAND(MASK31)).alias("v0_sum"),
+        F.bit_xor(F.xxhash64(*[f"v{i}" for i in range(DEFAULTS_COLUMNS)])).alias("v_xor"))
+    h = F.xxhash64(*per_key.columns)
+    stats = keep(per_key.agg(F.count(F.lit(1)).alias("keys"), F.sum("n").alias("n"),
+                             F.sum(h.bitwiseAND(MASK31)).alias("sum_h"), F.bit_xor(h).alias("xor_h"))).collect()[0]
+    result["groupBy"] = stats.asDict()
+    steps.done("groupBy")
+
+    # 2. sort-merge join of every fact row (all its columns shuffled) to its key's dimension
+    #    row (both sides shuffled into 200 partitions and sorted).
+    joined = facts.join(dims, "k")
+    stats = keep(row_stats(joined, joined.columns)).collect()[0]
+    result["join"] = stats.asDict()
+    steps.done("join")
+
+    if result["groupBy"]["n"] != rows or result["join"]["n"] != rows:
+        raise RuntimeError(f"row counts differ from {rows}: {result}")
+    return result, steps.total()
+
+
+WORKLOADS = {"shuffle-heavy": shuffle_heavy, "mixed": mixed, "defaults": defaults}
 
 
 def keep(x):
