@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -287,3 +288,34 @@ def test_truncating_a_passed_through_writer_keeps_the_budget_exact(own_mount):
     assert stats(own_mount)["cached_bytes"] == MiB
     os.unlink(path)
     assert stats(own_mount)["cached_bytes"] == 0
+
+
+def test_passthrough_is_given_up_when_the_kernel_refuses_staging_files(tmp_path, file_store):
+    """A cache dir on a stacked file system (overlayfs, as a container's root file system)
+    cannot back passed-through files (the kernel answers ELOOP): the mount warns once and
+    serves every read and write itself from then on; nothing is lost."""
+    layers = {name: tmp_path / name for name in ("lower", "upper", "work", "merged")}
+    for layer in layers.values():
+        layer.mkdir()
+    options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
+    if subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount overlayfs here")
+    try:
+        with Mount(f"file://{file_store}", tmp_path / "mnt", layers["merged"] / "cache", "--fuse", "own") as mount:
+            data = os.urandom(MiB)
+            temp = f"{mount.path}/temp_shuffle_{uuid.uuid4()}"
+            before = requests(mount)
+            for _ in range(2):  # the second open finds passthrough given up
+                with open(temp, "wb") as f:
+                    f.write(data)
+                assert read(temp) == data
+            after = requests(mount)
+            assert delta(before, after, "write") > 0 and delta(before, after, "read") > 0
+            assert stats(mount)["fuse"]["passthrough"] is False
+            os.rename(temp, f"{mount.path}/shuffle_0_0_0.data")
+            assert read(f"{mount.path}/shuffle_0_0_0.data") == data
+            assert mount.log().count("passthrough given up") == 1
+        assert store_objects(str(file_store)) == {"shuffle_0_0_0.data": data}
+    finally:
+        subprocess.run(["umount", "-l", str(layers["merged"])], check=False)
