@@ -56,6 +56,8 @@ OWNED_TTL = 300.0
 BLOCK_SIZE = 128 * 1024
 #: a writable open passes through only while 1/PASSTHROUGH_HEADROOM of the cache budget is free
 PASSTHROUGH_HEADROOM = 10
+#: seconds between two counts of what passed-through writers wrote (see _may_pass_through)
+WRITERS_SYNC_INTERVAL = 0.1
 
 
 class FsError(Exception):
@@ -199,6 +201,7 @@ class Filesystem:
         self.draining = False
         #: set by a session that can pass opens through to staging files (FUSE passthrough)
         self.passthrough_possible = False
+        self._writers_synced_at = NEVER
         self.stats: Counter[str] = Counter()
         # the owner of the root also owns what is learned from the store
         uid, gid = owner if owner is not None else (os.getuid(), os.getgid())
@@ -862,12 +865,22 @@ class Filesystem:
         names and renames them after a successful close. The cache budget cannot refuse a
         passed-through write, so a writer passes through only while a tenth of the budget
         is free (after evicting uploaded copies); below that, writes are counted one by one
-        and refused with ENOSPC once the budget is full."""
+        and refused with ENOSPC once the budget is full. What the writers passed through so
+        far have written is counted first (at most every WRITERS_SYNC_INTERVAL: an fstat
+        each)."""
         if not self.passthrough_possible or node.staging is None or node.write_error:
             return False
-        if writable:
-            return not is_durable(node.name) and self._evict(self.cache_size // PASSTHROUGH_HEADROOM)
-        return True
+        if not writable:
+            return True
+        if is_durable(node.name):
+            return False
+        now = time.monotonic()
+        if now - self._writers_synced_at >= WRITERS_SYNC_INTERVAL:
+            self._writers_synced_at = now
+            for handle in self.handles.values():
+                if handle.writable and handle.node.passthrough is not None:
+                    self._sync_passed_through(handle.node)
+        return self._evict(self.cache_size // PASSTHROUGH_HEADROOM)
 
     def passthrough_refused(self, fh: int) -> None:
         """The kernel would not take the staging file of `fh` (the session could not register

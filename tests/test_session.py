@@ -130,7 +130,8 @@ def test_no_passthrough_serves_every_write(tmp_path, file_store):
 def test_budget_admission_refuses_passthrough_when_nearly_full(tmp_path, file_store):
     """Less than a tenth of --cache-size free: a writer is daemon-served and its writes are
     charged one by one (exact ENOSPC). Writers passed through before cannot be refused: the
-    budget is exceeded by at most what they wrote."""
+    budget is exceeded by at most what they wrote; what an open writer wrote counts before
+    the next writer is admitted."""
     budget = 8 * MiB
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own",
                "--cache-size", str(budget)) as mount:
@@ -174,6 +175,21 @@ def test_budget_admission_refuses_passthrough_when_nearly_full(tmp_path, file_st
         with pytest.raises(OSError):
             os.close(fd)
         assert stats(mount)["cached_bytes"] == 10 * MiB
+
+        # what a writer still open has written is counted before the next writer is admitted
+        for name in ("temp_a", "temp_b", "temp_c"):
+            os.unlink(f"{mount.path}/{name}")
+        with open(f"{mount.path}/temp_open", "wb", buffering=0) as writer:
+            writer.write(b"w" * fill)  # passed through: the daemon has not seen its size
+            time.sleep(0.3)  # WRITERS_SYNC_INTERVAL
+            fd = os.open(f"{mount.path}/temp_next", os.O_WRONLY | os.O_CREAT, 0o644)
+            written = 0
+            with pytest.raises(OSError) as raised:
+                while written <= budget:
+                    written += os.write(fd, b"n" * CHUNK)
+            assert raised.value.errno == errno.ENOSPC and written == budget - fill
+            with pytest.raises(OSError):
+                os.close(fd)
 
 
 @pytest.fixture
