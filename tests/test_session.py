@@ -335,3 +335,72 @@ def test_passthrough_is_given_up_when_the_kernel_refuses_staging_files(tmp_path,
         assert store_objects(str(file_store)) == {"shuffle_0_0_0.data": data}
     finally:
         subprocess.run(["umount", "-l", str(layers["merged"])], check=False)
+
+
+#: run as an unprivileged user, in its own mount namespace (see test_fuse_mount), with the
+#: interpreter exec'd directly by setpriv (a child process of it may not reach the venv): a
+#: round trip through the mount, its stats, then SIGTERM unmounts
+AS_USER = """
+import json, os, sys, time
+from shufflefs.cli import mount_stats
+mnt = sys.argv[1] + "/mnt"
+deadline = time.monotonic() + 60
+while not os.path.ismount(mnt) and time.monotonic() < deadline:
+    time.sleep(0.1)
+data = os.urandom(1 << 20)
+with open(mnt + "/temp_shuffle_1", "wb") as f:
+    f.write(data)
+os.rename(mnt + "/temp_shuffle_1", mnt + "/shuffle_0_0_0.data")
+with open(mnt + "/shuffle_0_0_0.data", "rb") as f:
+    same = f.read() == data
+print(json.dumps({"same": same, "fuse": mount_stats(mnt)["fuse"]}))
+"""
+#: after the private /dev/fuse: the daemon in the background, the user's program, SIGTERM
+SESSION = """set -e
+as_user="setpriv --reuid=$1 --regid=$1 --clear-groups"
+$as_user "$2" -m shufflefs mount "file://$3/store" "$3/mnt" --cache-dir "$3/cache" --fuse own --foreground \
+    2> "$3/daemon.log" &
+daemon=$!
+$as_user "$2" -c "$4" "$3"
+kill -TERM $daemon
+wait $daemon
+"""
+
+
+def test_an_unprivileged_daemon_runs_our_session_through_fusermount():
+    """Not root: the daemon mounts through fusermount3's descriptor passing, serves with the
+    writeback cache (registering backing files needs CAP_SYS_ADMIN), and unmounts."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from test_fuse_mount import NOBODY, PRIVATE_DEV_FUSE, REPO, has_fusermount
+    if os.geteuid() != 0 or has_fusermount() is not None or not (shutil.which("setpriv") and shutil.which("unshare")):
+        pytest.skip("needs root (to switch users), a setuid fusermount3, setpriv and unshare")
+    base = tempfile.mkdtemp(prefix="shufflefs-user-session-")
+    try:
+        os.chmod(base, 0o755)
+        for name in ("mnt", "store", "cache", "dev", "run"):
+            os.mkdir(os.path.join(base, name), 0o700)
+            if name != "dev":
+                os.chown(os.path.join(base, name), NOBODY, NOBODY)
+        os.chmod(os.path.join(base, "mnt"), 0o755)
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV_FUSE, "sh",
+                   os.path.join(base, "dev"), "sh", "-c", SESSION, "sh", str(NOBODY), sys.executable, base, AS_USER]
+        env = {**os.environ, "PYTHONPATH": REPO, "PYTHONDONTWRITEBYTECODE": "1", "HOME": base,
+               "XDG_RUNTIME_DIR": os.path.join(base, "run")}
+        done = subprocess.run(command, env=env, cwd=base, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=120)
+        with open(os.path.join(base, "daemon.log")) as f:
+            log = f.read()
+        assert done.returncode == 0, f"{done.stderr}\ndaemon log:\n{log}"
+        report = json.loads(done.stdout)
+        assert report["same"]
+        assert report["fuse"]["session"] == "own" and report["fuse"]["passthrough"] is False
+        assert report["fuse"]["requests"].get("write", 0) > 0  # served by the daemon
+        assert "passthrough needs root" in log and "unmounted" in log
+        with open(os.path.join(base, "store", "shuffle_0_0_0.data"), "rb") as f:
+            assert len(f.read()) == 1 << 20
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", os.path.join(base, "mnt")], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
