@@ -453,6 +453,16 @@ def test_sigterm_waits_for_open_shuffle_files(tmp_path, file_store):
     assert store_objects(str(file_store)) == {"shuffle_0_0_0.index": b"\1" * 8 + b"\2" * 8}
 
 
+def half_full_directory(mount: Mount) -> str:
+    """A new directory on a mount with --cache-size 8M, of which 4 MiB are taken by local data
+    (never evicted)."""
+    directory = f"{mount.path}/blockmgr-1/00"
+    os.makedirs(directory)
+    with open(f"{directory}/temp_local_blocker", "wb") as f:
+        f.write(b"b" * 4 * 1024 * 1024)
+    return directory
+
+
 @pytest.mark.parametrize("commit", ["sync", "async"])
 def test_failed_write_is_never_committed(tmp_path, file_store, commit):
     """With the writeback cache write() always succeeds; the WRITE that fails (a full
@@ -463,10 +473,7 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
     passthrough_off = [] if os.environ.get("SHUFFLEFS_TEST_FUSE") == "pyfuse3" else ["--no-passthrough"]
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M",
                "--commit", commit, *passthrough_off) as mount:
-        directory = f"{mount.path}/blockmgr-1/00"
-        os.makedirs(directory)
-        with open(f"{directory}/temp_local_blocker", "wb") as f:
-            f.write(b"b" * 4 * 1024 * 1024)  # local data is never evicted: 4 MiB are left
+        directory = half_full_directory(mount)
         data = os.urandom(16 * 1024 * 1024)
         path = f"{directory}/shuffle_0_0_0.data"
         temp = f"{directory}/shuffle_0_1_0.data.{uuid.uuid4()}"
@@ -521,10 +528,7 @@ def test_failed_write_fails_at_write_with_passthrough(tmp_path, file_store, comm
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M",
                "--commit", commit) as mount:
         assert json.loads(run_cli("stats", mount.path).stdout)["fuse"]["passthrough"]
-        directory = f"{mount.path}/blockmgr-1/00"
-        os.makedirs(directory)
-        with open(f"{directory}/temp_local_blocker", "wb") as f:
-            f.write(b"b" * 4 * 1024 * 1024)  # local data is never evicted: 4 MiB are left
+        directory = half_full_directory(mount)
         data = os.urandom(16 * 1024 * 1024)
         path = f"{directory}/shuffle_0_0_0.data"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
