@@ -374,7 +374,7 @@ def test_an_unprivileged_daemon_runs_our_session_through_fusermount():
     import subprocess
     import sys
     import tempfile
-    from test_fuse_mount import NOBODY, PRIVATE_DEV_FUSE, REPO, has_fusermount
+    from test_fuse_mount import NOBODY, PRIVATE_DEV_FUSE, has_fusermount, user_pythonpath
     if os.geteuid() != 0 or has_fusermount() is not None or not (shutil.which("setpriv") and shutil.which("unshare")):
         pytest.skip("needs root (to switch users), a setuid fusermount3, setpriv and unshare")
     base = tempfile.mkdtemp(prefix="shufflefs-user-session-")
@@ -387,7 +387,7 @@ def test_an_unprivileged_daemon_runs_our_session_through_fusermount():
         os.chmod(os.path.join(base, "mnt"), 0o755)
         command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV_FUSE, "sh",
                    os.path.join(base, "dev"), "sh", "-c", SESSION, "sh", str(NOBODY), sys.executable, base, AS_USER]
-        env = {**os.environ, "PYTHONPATH": REPO, "PYTHONDONTWRITEBYTECODE": "1", "HOME": base,
+        env = {**os.environ, "PYTHONPATH": user_pythonpath(base), "PYTHONDONTWRITEBYTECODE": "1", "HOME": base,
                "XDG_RUNTIME_DIR": os.path.join(base, "run")}
         done = subprocess.run(command, env=env, cwd=base, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, timeout=120)
