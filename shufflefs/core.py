@@ -344,7 +344,7 @@ class Filesystem:
 
     def entry(self, node: Node) -> Entry:
         # a stale size in a reply would shrink the kernel's own size of a passed-through file
-        ttl = OWNED_TTL if self.is_owned_entry(node) else self.remote_ttl
+        ttl = self.attr_ttl(node)
         return Entry(self._current(node), ttl, ttl)
 
     def attr_ttl(self, node: Node) -> float:
