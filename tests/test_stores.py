@@ -297,6 +297,32 @@ def test_move_missing_source(store, local):
     assert read_all(store, "dst") == b"keep"
 
 
+def test_copy(store, local):
+    """A copy (issue 13: a decommission's fallback copy) leaves the source as it was, replaces
+    the destination, and is independent of the source afterwards; conditions as for move."""
+    if not store.copies:
+        pytest.skip("the store cannot copy without the bytes passing through (see RECOVERY.md)")
+    data = os.urandom(3000)
+    put(store, local, "a/src", data)
+    put(store, local, "b/dst", b"old")
+    store.copy("a/src", "b/dst", token="w.1.1")
+    assert read_all(store, "b/dst") == data and read_all(store, "a/src") == data
+    store.delete_many(["a/src"])
+    assert read_all(store, "b/dst") == data
+    with pytest.raises(ObjectMissing):
+        store.copy("a/src", "b/other")
+    assert store.head("b/other") is None
+    if store.conditional:
+        version = store.head("b/dst").version
+        with pytest.raises(PreconditionFailed):  # a late copy of a version that is gone
+            store.copy("b/dst", "c/x", expect_src='"0"', expect_dst=ABSENT)
+        with pytest.raises(PreconditionFailed):  # over an object it does not expect
+            store.copy("b/dst", "b/dst2", expect_src=version, expect_dst='"0"')
+        copied = store.copy("b/dst", "c/x", expect_src=version, expect_dst=ABSENT, token="w.1.2")
+        assert store.head("c/x").version == copied and store.head("c/x").token == "w.1.2"
+    assert [f.name for f in store.list_dir("").files] == []  # no temporary names listed
+
+
 def test_delete_many(store, local):
     for key in ("k1", "k2", "dir/k3"):
         put(store, local, key, key.encode())

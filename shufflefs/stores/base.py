@@ -90,6 +90,9 @@ class Store:
     keeps_put_files = False
     #: whether writes honour `expect` (see the module docstring)
     conditional = False
+    #: whether `copy` makes an object appear at another key without its bytes passing through
+    #: this process (else a copy is uploaded from the local file like any other put)
+    copies = False
     #: the longest key (UTF-8 bytes, relative to the store's prefix) the store holds; None when
     #: it has no limit of its own
     max_key_bytes: int | None = None
@@ -140,6 +143,14 @@ class Store:
         """Make the object at `src` appear at `dst` (replacing it) and remove `src`, without
         the bytes passing through this process when the store can do that; return the version
         at `dst`. With `expect_src`, only that version of `src` is copied and removed."""
+        raise NotImplementedError
+
+    def copy(self, src: str, dst: str, *, expect_src: str | None = None,
+             expect_dst: str | None = None, token: str | None = None) -> str | None:
+        """Make the bytes of the object at `src` appear at `dst` too (replacing it), without
+        them passing through this process; return the version at `dst`. With `expect_src`,
+        only that version of `src` is copied (else PreconditionFailed); ObjectMissing if `src`
+        is gone. Only stores with `copies`."""
         raise NotImplementedError
 
     def delete_many(self, keys: list[str], *, expect: dict[str, str] | None = None) -> dict[str, StoreError]:

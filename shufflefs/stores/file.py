@@ -150,6 +150,30 @@ class FileStore(Store):
             raise self._os_error(exc, f"listing {prefix or '/'}") from exc
         return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
 
+    copies = True
+
+    def copy(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
+        # objects are never modified in place (see the module docstring): the copy may share
+        # the source's inode, like a put shares its staging file's
+        target = self._path(dst)
+        temp = _temp_path(target, dst, self._path(src))
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _remove_quietly(temp)
+            try:
+                os.link(self._path(src), temp)
+            except FileNotFoundError:
+                raise ObjectMissing(src) from None
+            except OSError:  # a file system without hard links
+                self._copy(dst, self._path(src), temp, None)
+            os.replace(temp, target)
+        except BaseException as exc:
+            _remove_quietly(temp)
+            if isinstance(exc, OSError):
+                raise self._os_error(exc, f"copying {src} to {dst}") from exc
+            raise
+        return None
+
     def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         target = self._path(dst)
         try:

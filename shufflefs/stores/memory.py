@@ -104,6 +104,18 @@ class MemoryStore(Store):
                     files.append(ObjectInfo(rest, len(obj.data), obj.mtime_ns, obj.version))
         return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
 
+    copies = True
+
+    def copy(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
+        self._enter("copy")
+        with self._lock:
+            if src not in self.objects:
+                raise ObjectMissing(src)
+            self._check(src, expect_src)
+            self._check(dst, expect_dst)
+            copied = self.objects[dst] = self.objects[src]._replace(mtime_ns=time.time_ns(), token=token)
+            return copied.version
+
     def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         self._enter("move")
         with self._lock:

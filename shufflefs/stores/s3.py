@@ -424,6 +424,8 @@ class S3Store(Store):
             raise self._error(exc, f"listing {self._where(start)}") from None
         return Listing(sorted(dirs), sorted(files, key=lambda o: o.name))
 
+    copies = True
+
     def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         src_full, dst_full = self._key(src), self._key(dst)
         what = f"moving {self._where(src_full)} to {self._where(dst_full)}"
@@ -432,6 +434,22 @@ class S3Store(Store):
             if info is None:
                 raise ObjectMissing(src)
             return info.version
+        version = self._copy_object(src, dst, what, expect_src, expect_dst, token)
+        try:
+            source_condition = {"IfMatch": expect_src} if expect_src not in (None, ABSENT) else {}
+            self._client.delete_object(Bucket=self.bucket, Key=src_full, **source_condition)
+        except Exception as exc:
+            raise self._error(exc, f"{what}: deleting the source", src) from None
+        return version
+
+    def copy(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
+        what = f"copying {self._where(self._key(src))} to {self._where(self._key(dst))}"
+        return self._copy_object(src, dst, what, expect_src, expect_dst, token)
+
+    def _copy_object(self, src: str, dst: str, what: str, expect_src: str | None,
+                     expect_dst: str | None, token: str | None) -> str | None:
+        """CopyObject (UploadPartCopy above its limit) of one version of `src` to `dst`."""
+        src_full, dst_full = self._key(src), self._key(dst)
         source = {"CopySourceIfMatch": expect_src} if expect_src not in (None, ABSENT) else {}
         metadata = {"MetadataDirective": "REPLACE", **_token_metadata(token)} if token else {}
         try:
@@ -455,11 +473,6 @@ class S3Store(Store):
             raise self._error(exc, what, dst) from None
         if version and not version.startswith('"'):
             version = f'"{version}"'  # CopyObjectResult's ETag comes unquoted from some servers
-        try:
-            source_condition = {"IfMatch": expect_src} if expect_src not in (None, ABSENT) else {}
-            self._client.delete_object(Bucket=self.bucket, Key=src_full, **source_condition)
-        except Exception as exc:
-            raise self._error(exc, f"{what}: deleting the source", src) from None
         return version
 
     def _copy_in_parts(self, src_full: str, dst_full: str, size: int, what: str, expect: str | None,
