@@ -58,6 +58,10 @@ BLOCK_SIZE = 128 * 1024
 PASSTHROUGH_HEADROOM = 10
 #: seconds between two counts of what passed-through writers wrote (see _may_pass_through)
 WRITERS_SYNC_INTERVAL = 0.1
+#: how many committed files read lately, and for how long, are remembered as possible sources
+#: of a copy (Filesystem._read_lately)
+RECENT_READS = 4096
+RECENT_READ_SECONDS = 60.0
 
 
 class FsError(Exception):
@@ -218,6 +222,8 @@ class Filesystem:
         self.evictable: dict[int, Node] = {}
         self._listings: dict[int, trio.Event] = {}
         self._tombstones: OrderedDict[str, float] = OrderedDict()
+        #: committed files opened for reading lately, by name (see _read_lately)
+        self._recent_reads: OrderedDict[str, tuple[Node, float]] = OrderedDict()
         self._put_owner: dict[Op, Node] = {}
         #: the longest path (bytes) a directory or durable file may have: its key must fit in
         #: LMDB (directories and the index cache are keyed by path) and in the store
@@ -737,7 +743,8 @@ class Filesystem:
         try:
             if cached_index:
                 self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
-            op = self.remote.put(key, node.staging, replaces=replaces or node.version)
+            op = self.remote.put(key, node.staging, replaces=replaces or node.version,
+                                 copy_of=self._copy_candidate(node))
         except BaseException:
             if cached_index:
                 self.journal.index_delete(key)
@@ -835,12 +842,34 @@ class Filesystem:
             if flags & os.O_TRUNC and (node.size or node.write_error):
                 self._truncate(node, 0)
             node.writers += 1
+        elif node.committed and node.staging is not None:
+            self._read_lately(node)
         node.opens += 1
         self.evictable.pop(node.ino, None)
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(node, writable)
         return fh
+
+    def _read_lately(self, node: Node) -> None:
+        """Remember a committed file opened for reading, by name: a durable file of the same
+        name committed soon after may be a copy of it (a decommission's fallback copy keeps the
+        name, docs/RECOVERY.md), which the store can make without the bytes again."""
+        self._recent_reads.pop(node.name, None)
+        self._recent_reads[node.name] = (node, time.monotonic())
+        while len(self._recent_reads) > RECENT_READS or (
+                time.monotonic() - next(iter(self._recent_reads.values()))[1] > RECENT_READ_SECONDS):
+            self._recent_reads.popitem(last=False)
+
+    def _copy_candidate(self, node: Node) -> tuple[str, str | None, StagingFile] | None:
+        """(key, version, local copy) of a committed file `node` may be a copy of (Remote.put
+        compares the bytes before the store copies)."""
+        source, read_at = self._recent_reads.get(node.name, (None, 0.0))
+        if (source is None or source is node or time.monotonic() - read_at > RECENT_READ_SECONDS
+                or not (source.linked and source.committed and source.staging is not None)
+                or source.size != node.size or node.size == 0):
+            return None
+        return self.key_of(source), source.version, source.staging
 
     def opened(self, fh: int) -> Opened:
         """How the kernel is to serve an open file. Every open of an inode is served the same

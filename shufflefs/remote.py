@@ -70,6 +70,11 @@ class Op:
         self.expects: dict[str, str | None] = {}
         self.staging = staging
         self.size = staging.size if staging is not None else 0
+        #: puts: a committed key whose object may hold the same bytes, and the local copy of
+        #: them (see Remote.put); the put is then a copy in the store if the bytes are equal
+        self.source: str | None = None
+        self.source_staging: StagingFile | None = None
+        self.copied = False  # done as a copy: no bytes sent
         self.seq = 0
         self.token = ""
         #: sweeps: the tokens of the puts that may still land at `key`
@@ -165,9 +170,18 @@ class Remote:
         nursery.start_soon(self._delete_batcher)
 
     # -- issuing operations (synchronous: safe to call between two awaits of a handler)
-    def put(self, key: str, staging: StagingFile, *, replaces: str | None = None) -> Op:
-        """Store `staging` at `key`; `replaces`: the version there now, if known."""
-        return self._submit(Op("put", key, staging=staging, hints={key: replaces}))
+    def put(self, key: str, staging: StagingFile, *, replaces: str | None = None,
+            copy_of: tuple[str, str | None, StagingFile] | None = None) -> Op:
+        """Store `staging` at `key`; `replaces`: the version there now, if known. `copy_of`:
+        (key, version if known, local copy) of a committed file that may hold the same bytes
+        (a decommission's fallback copy, docs/RECOVERY.md): if the store can copy, the local
+        files are equal and that object is still there, the store copies it instead of
+        receiving the bytes again. Not journaled: a put resumed after a crash sends its bytes."""
+        op = Op("put", key, staging=staging, hints={key: replaces})
+        if copy_of is not None and self.store.copies:
+            op.source, op.hints[op.source], op.source_staging = copy_of
+            op.source_staging.ref()
+        return self._submit(op)
 
     def move(self, src: str, dst: str, *, version: str | None = None, replaces: str | None = None) -> Op:
         """Move the object at `src` (in `version`, if known) to `dst` (holding `replaces`)."""
@@ -205,6 +219,10 @@ class Remote:
             self._nursery.start_soon(self._sweep, op)
             return op
         op.deps = [self._tail[k] for k in op.keys if k in self._tail]
+        if op.source in self._tail:
+            # after the source's own upload; later operations on the source do not wait for
+            # this one (a source deleted first only means the bytes are sent after all)
+            op.deps.append(self._tail[op.source])
         for k in op.keys:
             self._tail[k] = op
         self.pending.add(op)
@@ -363,9 +381,13 @@ class Remote:
         if version is _NOT_DONE:
             return
         op.version = version
-        self.stats[f"{op.kind}_requests"] += 1
-        if op.kind == "put":
-            self.stats["put_bytes"] += op.size
+        if op.copied:
+            self.stats["copy_requests"] += 1
+            self.stats["copied_bytes"] += op.size
+        else:
+            self.stats[f"{op.kind}_requests"] += 1
+            if op.kind == "put":
+                self.stats["put_bytes"] += op.size
         self._finish(op)
 
     def _blocking_put(self, op: Op, expect: str | None) -> str | None:
@@ -373,8 +395,24 @@ class Remote:
         what was expected. Whatever holds the key then is older than this put (operations on
         a key run in order; a late request of an earlier one, or another mount's write), so it
         is replaced; but if it is this put's own earlier attempt, the put is done."""
+        copy, source_version = self._copy_source(op) if op.source is not None else (False, None)
         for _ in range(MAX_CONFLICTS):
             try:
+                if copy:
+                    try:
+                        version = self.store.copy(op.source, op.key, expect_src=source_version, expect_dst=expect,
+                                                  token=op.token)
+                        op.copied = True
+                        return version
+                    except ObjectMissing:
+                        copy = False  # the source went since: send the bytes
+                        continue
+                    except PreconditionFailed:
+                        source = self.store.head(op.source)  # which key was not as expected?
+                        if source is None or source.version != source_version:
+                            copy = False
+                            continue
+                        raise
                 return self.store.put_file(op.key, op.staging.path, op.abort, expect=expect, token=op.token)
             except PreconditionFailed:
                 info = self.store.head(op.key)
@@ -382,6 +420,18 @@ class Remote:
                     return info.version
                 expect = info.version if info is not None else ABSENT
         raise StoreError(f"{op.key!r} kept changing while it was being written")
+
+    def _copy_source(self, op: Op) -> tuple[bool, str | None]:
+        """(in a worker thread) Whether the put can be a copy of op.source, and the version to
+        copy: the local files hold the same bytes, and the object there is the one this mount
+        stored (the version the caller knew, else one of the same size)."""
+        if not _same_bytes(op.staging.path, op.source_staging.path):
+            return False, None
+        source = self.store.head(op.source)
+        known = op.hints.get(op.source)
+        if source is None or source.size != op.size or known not in (None, source.version):
+            return False, None
+        return True, source.version if self.store.conditional else None
 
     def _blocking_move(self, op: Op, expect_src: str | None, expect_dst: str | None) -> str | None:
         """One attempt at a move (in a worker thread); like a put, an unexpected object at the
@@ -688,6 +738,9 @@ class Remote:
                     log.exception("after storing %r", op)
             if not keep_journal or op.failed:
                 op.staging.unref()
+            if op.source_staging is not None:
+                op.source_staging.unref()
+                op.source_staging = None
         op.finished.set()
         op.settled.set()
         self._notify()
@@ -699,3 +752,15 @@ class Remote:
 
 #: _attempt's answer when the operation did not happen (and was finished accordingly)
 _NOT_DONE = object()
+COMPARE_CHUNK = 1024 * 1024
+
+
+def _same_bytes(path: str, other: str) -> bool:
+    """Whether two local files hold the same bytes."""
+    with open(path, "rb") as a, open(other, "rb") as b:
+        if os.fstat(a.fileno()).st_size != os.fstat(b.fileno()).st_size:
+            return False
+        while chunk := a.read(COMPARE_CHUNK):
+            if chunk != b.read(COMPARE_CHUNK):
+                return False
+    return True

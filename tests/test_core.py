@@ -53,6 +53,8 @@ class Recorder:
         self.gate.set()
         self.move_gate = threading.Event()  # holds move
         self.move_gate.set()
+        self.copy_gate = threading.Event()  # holds copy
+        self.copy_gate.set()
         self.delete_gate = threading.Event()  # holds delete_many
         self.delete_gate.set()
         self.honor_abort = True
@@ -86,6 +88,12 @@ class Recorder:
         if not self.move_gate.wait(30):
             raise StoreError("test gate stayed closed", transient=False)
         return super().move(src, dst, **conditions)
+
+    def copy(self, src, dst, **conditions):
+        self.log.append(("copy", src, dst))
+        if not self.copy_gate.wait(30):
+            raise StoreError("test gate stayed closed", transient=False)
+        return super().copy(src, dst, **conditions)
 
     def delete_many(self, keys, **conditions):
         self.log.append(("delete_many", tuple(keys)))
@@ -188,6 +196,7 @@ async def env(tmp_path, monkeypatch):
             for store in environment.stores:  # let no worker thread hang on a closed gate
                 store.gate.set()
                 store.move_gate.set()
+                store.copy_gate.set()
                 store.delete_gate.set()
                 store.hang_listings.clear()
                 if isinstance(store, MemoryStore):
@@ -1868,3 +1877,58 @@ async def test_staging_housekeeping_in_a_worker_thread(tmp_path, nursery):
     await until(lambda: len(os.listdir(area.directory)) == 5 == len(area.free))
     assert not os.path.exists(files[0].path)
     assert all(os.path.getsize(path) == 0 for path in area.free)
+
+
+# -- copies (issue 13: a decommission's fallback copy) ------------------------------------------
+
+
+async def fallback_copy(fs: Filesystem, source: Node, directory: str, data: bytes | None = None) -> Node:
+    """What Spark's FallbackStorage does with Hadoop's copyFromLocalFile: read the committed file,
+    write a file of the same name in another directory under that name (or other bytes)."""
+    copied = await read_all(fs, source.ino)
+    return await write_file(fs, await mkdirs(fs, directory), source.name, copied if data is None else data,
+                            chunk=64 * KiB)
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+async def test_a_copy_of_a_committed_file_is_copied_in_the_store(env, kind):
+    """A durable file committed with the bytes of a committed file of the same name read just
+    before is copied by the store (no bytes sent again); the source stays, and the two are
+    independent afterwards."""
+    store = env.store(kind)
+    fs = env.mount(store).fs
+    data = os.urandom(300 * KiB)
+    source = await commit(fs, await mkdirs(fs, "blockmgr-1/0c"), "shuffle_3_7_0.data", data)
+    await fallback_copy(fs, source, "fallback/app-1/3/123")
+    assert store.calls_of("copy") == [("copy", "blockmgr-1/0c/shuffle_3_7_0.data",
+                                       "fallback/app-1/3/123/shuffle_3_7_0.data")]
+    assert [call[1] for call in store.calls_of("put_file")] == ["blockmgr-1/0c/shuffle_3_7_0.data"]
+    assert fs.remote.stats["copy_requests"] == 1 and fs.remote.stats["copied_bytes"] == len(data)
+    assert fs.remote.stats["put_bytes"] == len(data)
+    await fs.unlink(source.parent.ino, source.name)
+    await fs.remote.settle()
+    assert contents(store) == {"fallback/app-1/3/123/shuffle_3_7_0.data": data}
+
+
+async def test_a_copy_with_other_bytes_is_uploaded(env):
+    """Same name and size, other bytes: an ordinary commit. And a copy whose source is gone
+    from the store when its turn comes sends its own bytes."""
+    store = env.store()
+    fs = env.mount(store, commit_mode="async").fs
+    data = os.urandom(64 * KiB)
+    source = await commit(fs, await mkdirs(fs, "blockmgr-1/0c"), "shuffle_3_7_0.data", data)
+    await fs.remote.settle()
+    other = bytes(reversed(data))
+    await fallback_copy(fs, source, "fallback/a", other)
+    await fs.remote.settle()
+    assert store.calls_of("copy") == [] and contents(store)["fallback/a/shuffle_3_7_0.data"] == other
+
+    store.copy_gate.clear()
+    await fallback_copy(fs, source, "fallback/b")
+    while not store.calls_of("copy"):
+        await trio.sleep(0.01)
+    store.delete_many(["blockmgr-1/0c/shuffle_3_7_0.data"])  # gone behind the mount's back
+    store.copy_gate.set()
+    await fs.remote.settle()
+    assert contents(store)["fallback/b/shuffle_3_7_0.data"] == data
+    assert [call[1] for call in store.calls_of("put_file")][-1] == "fallback/b/shuffle_3_7_0.data"

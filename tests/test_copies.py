@@ -1,0 +1,64 @@
+"""A decommission's fallback copy through a real mount on S3 (docs/RECOVERY.md): a durable file
+written with the bytes of a committed file of the same name, read just before, is copied by the
+store (CopyObject), never uploaded again; a file of other bytes is uploaded as usual."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from faultproxy import FaultProxy
+from mounting import Mount, bucket_objects, run_cli
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def proxy(seaweed):
+    with FaultProxy(seaweed.endpoint_url) as p:
+        yield p
+
+
+def hadoop_copy(source: str, target: str, data: bytes | None = None) -> None:
+    """copyFromLocalFile as Spark's FallbackStorage runs it: read the source, create the
+    target (64 KiB writes: Spark's io.file.buffer.size)."""
+    with open(source, "rb") as f:
+        copied = f.read()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        payload = copied if data is None else data
+        for start in range(0, len(payload), 64 * 1024):
+            f.write(payload[start:start + 64 * 1024])
+
+
+def test_a_fallback_copy_is_a_copy_in_the_store(tmp_path, s3_env, bucket, seaweed, proxy):
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url,
+               env=s3_env) as mount:
+        blockmgr = f"{mount.path}/blockmgr-1/0c"
+        os.makedirs(blockmgr)
+        data = os.urandom(3 * MiB)
+        temp = f"{blockmgr}/shuffle_3_7_0.data.tmp"
+        with open(temp, "wb") as f:
+            f.write(data)
+        os.rename(temp, f"{blockmgr}/shuffle_3_7_0.data")
+        index = os.urandom(64)
+        with open(f"{blockmgr}/shuffle_3_7_0.index.tmp", "wb") as f:
+            f.write(index)
+        os.rename(f"{blockmgr}/shuffle_3_7_0.index.tmp", f"{blockmgr}/shuffle_3_7_0.index")
+
+        fallback = f"{mount.path}/fallback/app-1/3/77"
+        hadoop_copy(f"{blockmgr}/shuffle_3_7_0.index", f"{fallback}/shuffle_3_7_0.index")
+        hadoop_copy(f"{blockmgr}/shuffle_3_7_0.data", f"{fallback}/shuffle_3_7_0.data")
+        other = os.urandom(64)  # same name and size, other bytes: uploaded
+        hadoop_copy(f"{blockmgr}/shuffle_3_7_0.index", f"{mount.path}/fallback/app-1/3/78/shuffle_3_7_0.index",
+                    other)
+        store = json.loads(run_cli("stats", mount.path, "--sync", env=mount.env).stdout)["store"]
+        assert store["copy_requests"] == 2 and store["copied_bytes"] == len(data) + len(index)
+        assert store["put_bytes"] == len(data) + 2 * len(index)
+    assert proxy.count(op="CopyObject") == 2
+    assert bucket_objects(seaweed.client(), bucket) == {
+        "blockmgr-1/0c/shuffle_3_7_0.data": data, "blockmgr-1/0c/shuffle_3_7_0.index": index,
+        "fallback/app-1/3/77/shuffle_3_7_0.data": data, "fallback/app-1/3/77/shuffle_3_7_0.index": index,
+        "fallback/app-1/3/78/shuffle_3_7_0.index": other}
