@@ -69,6 +69,8 @@ class StandaloneCluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                "--port", str(self.master_port), "--webui-port", str(self.master_ui_port)], {})
+        # A Worker that finds no Master waits 5-15 s before it retries: start them once it answers.
+        self._wait_until(lambda: self.master_state() is not None, "the master answered")
         for i, local_dir in enumerate(self.worker_local_dirs):
             work_dir = self.base / f"worker{i}-work"
             work_dir.mkdir(exist_ok=True)
@@ -104,22 +106,25 @@ class StandaloneCluster:
         return _get_json(f"http://127.0.0.1:{self.master_ui_port}/json/")
 
     def _wait_workers_alive(self) -> None:
+        def all_alive() -> bool:
+            workers = self.master_state()["workers"]
+            return sum(w["state"] == "ALIVE" for w in workers) == len(self.worker_local_dirs)
+        self._wait_until(all_alive, f"{len(self.worker_local_dirs)} workers ALIVE")
+
+    def _wait_until(self, condition, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
-        alive = 0
         while time.monotonic() < deadline:
             for name, process in self.processes:
                 if process.poll() is not None:
                     raise AssertionError(f"{name} exited with {process.returncode}\n"
                                          f"{_tail(str(self.base / f'{name}.log'))}")
             try:
-                alive = sum(w["state"] == "ALIVE" for w in self.master_state()["workers"])
+                if condition():
+                    return
             except (OSError, ValueError, KeyError):
-                alive = 0
-            if alive == len(self.worker_local_dirs):
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"{alive} of {len(self.worker_local_dirs)} workers ALIVE after "
-                             f"{self.start_timeout}s\n{_tail(str(self.base / 'master.log'))}")
+                pass  # not up yet
+            time.sleep(0.2)
+        raise AssertionError(f"not {what} after {self.start_timeout}s\n{_tail(str(self.base / 'master.log'))}")
 
     def stop(self) -> None:
         """SIGTERM every daemon's session (executors included), then SIGKILL what is left."""

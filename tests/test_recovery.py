@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mounting import Mount, run_cli
+from recovery_job import KEYS, MAP_TASKS, RECORDS
 from sparkrun import LAST_RUN, java_home, run_spark_job, shuffle_files
 from standalone import EventLog, StandaloneCluster, decommission, wait_exited
 
@@ -24,6 +25,8 @@ pytestmark = [pytest.mark.spark, pytest.mark.skipif(java_home() is None, reason=
 
 RECOVERY_JOB = Path(__file__).resolve().with_name("recovery_job.py")
 WORKERS = 2
+#: what both jobs of recovery_job.py must answer: (key, count) of x % KEYS over range(RECORDS)
+EXPECTED_COUNTS = [[key, RECORDS // KEYS] for key in range(KEYS)]
 
 # Graceful decommission with shuffle-block migration. maxDiskSize=0 makes every peer refuse
 # the blocks, so a map output either goes to the fallback path or is lost.
@@ -32,6 +35,9 @@ DECOMMISSION = {
     "spark.storage.decommission.enabled": "true",
     "spark.storage.decommission.shuffleBlocks.enabled": "true",
     "spark.storage.decommission.shuffleBlocks.maxDiskSize": "0",
+    # An executor exits only after a second look at its shuffle files finds them all migrated;
+    # the default 30 s between looks would make each decommission take 30 s.
+    "spark.storage.decommission.replicationReattemptInterval": "1s",
 }
 
 
@@ -55,7 +61,9 @@ def run_decommission_scenario(tmp_path: Path, worker_local_dirs: list[str], conf
             "spark.eventLog.compress": "false"}
     measured: dict = {}
 
+    t0 = time.monotonic()
     with StandaloneCluster(tmp_path / "cluster", worker_local_dirs) as cluster:
+        measured["cluster_start_s"] = round(time.monotonic() - t0, 1)
         def decommission_every_executor() -> None:
             app_id = cluster.master_state()["activeapps"][0]["id"]
             pids = cluster.executor_pids(app_id)
@@ -72,7 +80,7 @@ def run_decommission_scenario(tmp_path: Path, worker_local_dirs: list[str], conf
             measured["decommissioned_executors"] = sorted(pids)
             if fallback_dir:
                 measured["fallback_bytes"] = tree_bytes(all_files(fallback_dir))
-                measured["fallback_files"] = sorted(os.path.relpath(f, fallback_dir) for f in all_files(fallback_dir))
+                measured["fallback_files"] = len(all_files(fallback_dir))
 
         try:
             result = run_spark_job(tmp_path / "driver", tmp_path / "result.json", master=cluster.master_url,
@@ -82,6 +90,8 @@ def run_decommission_scenario(tmp_path: Path, worker_local_dirs: list[str], conf
         except AssertionError as e:
             apps = glob_apps(cluster)
             raise AssertionError(f"{e}\n" + "\n".join(cluster.executor_logs(a) for a in apps)) from None
+        t_stop = time.monotonic()
+    measured["cluster_stop_s"] = round(time.monotonic() - t_stop, 1)
     measured["driver_s"] = round(LAST_RUN["wall_s"], 1)
     jobs = EventLog.of_app(events, result["app_id"]).jobs()
     return result, jobs, measured
@@ -108,19 +118,19 @@ def test_decommission_on_plain_dirs_recomputes(tmp_path):
     local_dirs = [str(tmp_path / f"node{i}" / "local") for i in range(WORKERS)]
     result, jobs, measured = run_decommission_scenario(tmp_path, local_dirs, DECOMMISSION)
     print(f"\nplain dirs, no fallback: {describe(jobs)}; {measured}; test {time.monotonic() - t0:.1f}s")
+    assert result["job0"] == EXPECTED_COUNTS
     assert result["job1"] == result["job0"]
-    assert len(jobs) == 2 and jobs[0]["map_tasks"] == 4
+    assert len(jobs) == 2 and jobs[0]["map_tasks"] == MAP_TASKS
     assert jobs[1]["map_tasks"] > 0, f"the map stage was not recomputed: {describe(jobs)}"
 
 
-def test_decommission_onto_file_mount_skips_the_map_stage(tmp_path):
-    """Two mounts of one file:// store (two "nodes"), each worker's local dir on its own mount,
-    the fallback path on mount 0 (one machine: both workers see it at the same path)."""
-    t0 = time.monotonic()
-    store = tmp_path / "store"
-    store.mkdir()
+def decommission_onto_mounts(tmp_path: Path, store_url: str, env: dict | None = None) -> str:
+    """Two mounts of one store (two "nodes"), each worker's local dir on its own mount, the
+    fallback path on mount 0. Spark wants the fallback path the same on every node; two mounts
+    on one machine are at different paths, but the workers share the machine, so both reach
+    mount 0's path. Returns the line of measurements."""
     with contextlib.ExitStack() as stack:
-        mounts = [stack.enter_context(Mount(f"file://{store}", tmp_path / f"mnt{i}", tmp_path / f"cache{i}"))
+        mounts = [stack.enter_context(Mount(store_url, tmp_path / f"mnt{i}", tmp_path / f"cache{i}", env=env))
                   for i in range(WORKERS)]
         fallback_dir = os.path.join(mounts[0].path, "fallback")
         # trailing "/": Spark appends "{appId}/..." to the path as it is
@@ -128,10 +138,25 @@ def test_decommission_onto_file_mount_skips_the_map_stage(tmp_path):
         result, jobs, measured = run_decommission_scenario(
             tmp_path, [os.path.join(m.path, "local") for m in mounts], conf, fallback_dir=fallback_dir)
         put_bytes = [store_counters(m).get("put_bytes", 0) for m in mounts]
-    print(f"\nshufflefs file://, fallback on mount 0: {describe(jobs)}; "
-          f"store put_bytes per mount {put_bytes} (sum {sum(put_bytes)}); {measured}; "
-          f"test {time.monotonic() - t0:.1f}s")
+    assert result["job0"] == EXPECTED_COUNTS
     assert result["job1"] == result["job0"]
-    assert len(jobs) == 2 and jobs[0]["map_tasks"] == 4
+    assert len(jobs) == 2 and jobs[0]["map_tasks"] == MAP_TASKS
     assert jobs[1]["map_tasks"] == 0, f"map tasks re-ran: {describe(jobs)}"
     assert jobs[1]["skipped_stages"], describe(jobs)
+    # Not asserted yet (issue 13, next step): the fallback copies are uploaded a second time.
+    return (f"{describe(jobs)}; store put_bytes per mount {put_bytes} (sum {sum(put_bytes)}) for "
+            f"{measured['committed_shuffle_bytes']} committed shuffle bytes; {measured}")
+
+
+def test_decommission_onto_file_mounts_skips_the_map_stage(tmp_path):
+    t0 = time.monotonic()
+    store = tmp_path / "store"
+    store.mkdir()
+    line = decommission_onto_mounts(tmp_path, f"file://{store}")
+    print(f"\nshufflefs file://, fallback on mount 0: {line}; test {time.monotonic() - t0:.1f}s")
+
+
+def test_decommission_onto_s3_mounts_skips_the_map_stage(tmp_path, s3_env, bucket):
+    t0 = time.monotonic()
+    line = decommission_onto_mounts(tmp_path, f"s3://{bucket}/shuffle", s3_env)
+    print(f"\nshufflefs s3://, fallback on mount 0: {line}; test {time.monotonic() - t0:.1f}s")
