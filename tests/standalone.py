@@ -176,8 +176,8 @@ class StandaloneCluster:
                 found[os.path.basename(cwd)] = int(entry)
         return found
 
-    def executor_logs(self, app_id: str, lines: int = 20) -> str:
-        """Tails of the application's executor logs (for failure messages)."""
+    def executor_logs(self, app_id: str = "*") -> str:
+        """Tails of the executor logs of one application (default: all), for failure messages."""
         out = []
         for path in sorted(glob.glob(os.path.join(self.base, "worker*-work", app_id, "*", "stderr"))):
             out.append(f"--- {path} ---\n{_tail(path)[-3000:]}")
