@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""PySpark driver of the recovery scenarios (tests/test_recovery.py): one shuffle, used twice.
+
+    python tests/recovery_job.py --local-dir DIR --result FILE --master spark://... [--pause]
+                                 [--conf KEY=VALUE ...]
+
+Job 0 collects an RDD shuffle. With ``--pause`` the driver then prints ``SPARK_JOBS_DONE`` and
+waits for a line on stdin (sparkrun's pause protocol, here *between* the jobs), so that the
+test can take the executors away; it then waits until the driver has seen every executor of
+job 0 leave, and job 1 collects the same shuffled RDD again. Whether job 1 re-ran the map
+stage is in Spark's event log (spark.eventLog.* given with --conf).
+
+The result FILE holds both jobs' answers, the application id and the executors before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from operator import add
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from spark_job import add_driver_arguments, drive, log  # noqa: E402
+from sparkrun import DONE_MARKER  # noqa: E402
+
+RECORDS = 20_000
+MAP_TASKS = 4
+KEYS = 100
+EXECUTORS_GONE_TIMEOUT = 60.0
+
+
+def executor_ids(sc) -> set[str]:
+    """Ids of the executors registered with the driver (SparkContext.getExecutorIds)."""
+    listed = sc._jsc.sc().getExecutorIds().mkString(",")
+    return set(filter(None, listed.split(",")))
+
+
+def two_jobs_on_one_shuffle(spark, pause: bool) -> dict:
+    sc = spark.sparkContext
+    shuffled = sc.parallelize(range(RECORDS), MAP_TASKS).map(lambda x: (x % KEYS, 1)).reduceByKey(add)
+    job0 = sorted(shuffled.collect())
+    before = executor_ids(sc)
+    log(f"job 0 done on executors {sorted(before)}")
+    if pause:
+        sys.stdout.write(DONE_MARKER + "\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
+        # The test saw the executor processes exit; job 1 must not start before the driver
+        # has seen it too, or it would plan its fetches from executors that are gone.
+        deadline = time.monotonic() + EXECUTORS_GONE_TIMEOUT
+        while executor_ids(sc) & before:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the driver still lists executors {sorted(executor_ids(sc) & before)}")
+            time.sleep(0.2)
+    t = time.monotonic()
+    job1 = sorted(shuffled.collect())
+    log(f"job 1 done in {time.monotonic() - t:.1f}s")
+    return {"app_id": sc.applicationId, "job0": job0, "job1": job1,
+            "executors_job0": sorted(before), "executors_job1": sorted(executor_ids(sc))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_driver_arguments(ap)
+    ap.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    conf = dict(item.split("=", 1) for item in args.conf)
+    # Each standalone worker gives its executors its own SPARK_LOCAL_DIRS (through
+    # SPARK_EXECUTOR_DIRS); the driver's local dir must not replace them.
+    conf.setdefault("spark.executorEnv.SPARK_LOCAL_DIRS", None)
+    # the driver pauses between its jobs itself, not after them
+    return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause), args.local_dir, args.result,
+                 args.master, False, app_name="shufflefs-recovery", conf=conf)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""A real Spark standalone cluster for tests, started from the pyspark package.
+
+Plain helpers, no pytest fixtures:
+
+* ``StandaloneCluster(base, worker_local_dirs)`` starts a Master and one Worker per entry of
+  ``worker_local_dirs`` (1 core, 1 GB each), every Worker with its own ``SPARK_LOCAL_DIRS``
+  and ``SPARK_WORKER_DIR``, and stops all of them (and the executors they launched) on exit.
+* ``cluster.executor_pids(app_id)`` finds the executor JVMs of an application;
+  ``decommission(pid)`` sends SIGPWR (a graceful decommission in standalone mode).
+* ``EventLog(path).tasks_per_job()`` reads from Spark's event log what each job ran: how many
+  map tasks, and which of its stages were skipped.
+
+Drivers run against the cluster with ``sparkrun.run_spark_job(master=cluster.master_url)``.
+
+Every daemon runs in its own session, so the executors a Worker forks (and their PySpark
+workers) share that session and die with it: teardown SIGTERMs each session, then SIGKILLs
+what is left, the way sparkrun kills a driver's session.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from servers import free_port
+from sparkrun import _session_pids, _tail, java_home
+
+EXECUTOR_MAIN = "org.apache.spark.executor.CoarseGrainedExecutorBackend"
+# C1 only + serial GC: short-lived JVMs on 2 cores spend most of their CPU in C2 and parallel
+# GC threads otherwise (the same choice as tests/spark_job.py).
+DAEMON_JAVA_OPTS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+_STOP_GRACE = 15.0  # seconds between SIGTERM and SIGKILL of a daemon's session
+
+
+def spark_home() -> str:
+    from pyspark.find_spark_home import _find_spark_home
+
+    return _find_spark_home()
+
+
+def _get_json(url: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as answer:
+        return json.load(answer)
+
+
+class StandaloneCluster:
+    """One Master and len(worker_local_dirs) Workers on 127.0.0.1, 1 core and 1 GB each."""
+
+    def __init__(self, base, worker_local_dirs, *, worker_env: list[dict] | None = None,
+                 start_timeout: float = 90):
+        self.base = Path(base)
+        self.worker_local_dirs = [os.fspath(d) for d in worker_local_dirs]
+        self.worker_env = worker_env or [{} for _ in self.worker_local_dirs]
+        self.start_timeout = start_timeout
+        self.master_port = free_port()
+        self.master_ui_port = free_port()
+        self.master_url = f"spark://127.0.0.1:{self.master_port}"
+        self.worker_dirs: list[str] = []
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> "StandaloneCluster":
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                               "--port", str(self.master_port), "--webui-port", str(self.master_ui_port)], {})
+        # A Worker that finds no Master waits 5-15 s before it retries: start them once it answers.
+        self._wait_until(lambda: self.master_state() is not None, "the master answered")
+        for i, local_dir in enumerate(self.worker_local_dirs):
+            work_dir = self.base / f"worker{i}-work"
+            work_dir.mkdir(exist_ok=True)
+            os.makedirs(local_dir, exist_ok=True)
+            self.worker_dirs.append(str(work_dir))
+            env = {"SPARK_LOCAL_DIRS": local_dir, "SPARK_WORKER_DIR": str(work_dir), **self.worker_env[i]}
+            self._spawn(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.master_url,
+                                       "--cores", "1", "--memory", "1G", "--host", "127.0.0.1",
+                                       "--port", str(free_port()), "--webui-port", str(free_port()),
+                                       "--work-dir", str(work_dir)], env)
+        self._wait_workers_alive()
+        return self
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict) -> None:
+        home = spark_home()
+        env = dict(os.environ)
+        # a user's configuration must not change the cluster
+        for var in ("SPARK_CONF_DIR", "PYSPARK_SUBMIT_ARGS", "SPARK_EXECUTOR_DIRS", "SPARK_LOCAL_DIRS"):
+            env.pop(var, None)
+        env.update(SPARK_HOME=home, SPARK_LOCAL_IP="127.0.0.1", SPARK_DAEMON_JAVA_OPTS=DAEMON_JAVA_OPTS,
+                   SPARK_NO_DAEMONIZE="1")
+        if java_home():
+            env.setdefault("JAVA_HOME", java_home())
+        env.update(extra_env)
+        log = open(self.base / f"{name}.log", "wb")
+        with log:
+            process = subprocess.Popen([os.path.join(home, "bin", "spark-class"), *args], env=env,
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=self.base, start_new_session=True)
+        self.processes.append((name, process))
+
+    def master_state(self) -> dict:
+        return _get_json(f"http://127.0.0.1:{self.master_ui_port}/json/")
+
+    def _wait_workers_alive(self) -> None:
+        def all_alive() -> bool:
+            workers = self.master_state()["workers"]
+            return sum(w["state"] == "ALIVE" for w in workers) == len(self.worker_local_dirs)
+        self._wait_until(all_alive, f"{len(self.worker_local_dirs)} workers ALIVE")
+
+    def _wait_until(self, condition, what: str) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            for name, process in self.processes:
+                if process.poll() is not None:
+                    raise AssertionError(f"{name} exited with {process.returncode}\n"
+                                         f"{_tail(str(self.base / f'{name}.log'))}")
+            try:
+                if condition():
+                    return
+            except (OSError, ValueError, KeyError):
+                pass  # not up yet
+            time.sleep(0.2)
+        raise AssertionError(f"not {what} after {self.start_timeout}s\n{_tail(str(self.base / 'master.log'))}")
+
+    def stop(self) -> None:
+        """SIGTERM every daemon's session (executors included), then SIGKILL what is left."""
+        for sig, grace in ((signal.SIGTERM, _STOP_GRACE), (signal.SIGKILL, 5.0)):
+            for _name, process in self.processes:
+                for pid, _comm in _session_pids(process.pid):
+                    try:
+                        os.kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(_session_pids(p.pid) for _n, p in self.processes):
+                for _name, process in self.processes:
+                    process.poll()  # reap the daemons we started
+                time.sleep(0.1)
+        for _name, process in self.processes:
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def __enter__(self) -> "StandaloneCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ executors
+    def executor_pids(self, app_id: str) -> dict[str, int]:
+        """{executor id: pid} of the application's live executor JVMs on this cluster's workers.
+        An executor's cwd is <worker dir>/<app id>/<executor id>: that ties it to a worker."""
+        found = {}
+        app_dirs = {os.path.join(d, app_id) for d in self.worker_dirs}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if EXECUTOR_MAIN.encode() not in f.read():
+                        continue
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                continue
+            if os.path.dirname(cwd) in app_dirs:
+                found[os.path.basename(cwd)] = int(entry)
+        return found
+
+    def executor_logs(self, app_id: str = "*") -> str:
+        """Tails of the executor logs of one application (default: all), for failure messages."""
+        out = []
+        for path in sorted(glob.glob(os.path.join(self.base, "worker*-work", app_id, "*", "stderr"))):
+            out.append(f"--- {path} ---\n{_tail(path)[-3000:]}")
+        return "\n".join(out)
+
+
+def decommission(pid: int) -> None:
+    """SIGPWR: a standalone executor with spark.decommission.enabled migrates its blocks, then exits."""
+    os.kill(pid, signal.SIGPWR)
+
+
+def wait_exited(pids, timeout: float = 60) -> float:
+    """Wait until none of pids is alive (zombies count as gone); returns the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        alive = [pid for pid in pids if _alive(pid)]
+        if not alive:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"executors {alive} still alive {timeout}s after the signal")
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+class EventLog:
+    """Spark's event log of one application (JSON lines; spark.eventLog.compress=false)."""
+
+    def __init__(self, paths):
+        self.events = []
+        for path in paths:
+            with open(path) as f:
+                self.events += [json.loads(line) for line in f if line.strip()]
+
+    @classmethod
+    def of_app(cls, log_dir, app_id: str) -> "EventLog":
+        """The log as one file <dir>/<app id>, or (rolling logs, Spark 4's default) the files
+        <dir>/eventlog_v2_<app id>/events_<n>_<app id> in order of n."""
+        single = os.path.join(log_dir, app_id)
+        if os.path.exists(single):
+            return cls([single])
+        parts = glob.glob(os.path.join(log_dir, f"eventlog_v2_{app_id}", f"events_*_{app_id}"))
+        if not parts:
+            raise FileNotFoundError(f"no event log of {app_id} in {log_dir}: {os.listdir(log_dir)}")
+        return cls(sorted(parts, key=lambda p: int(os.path.basename(p).split("_")[1])))
+
+    def jobs(self) -> list[dict]:
+        """Per job in order: its id, the map tasks and result tasks that ran while it ran, the
+        stages it named and the ones it skipped (a skipped stage has no StageSubmitted event).
+        Jobs run one after the other here, so a task belongs to the job running when it ended."""
+        jobs: list[dict] = []
+        current = None
+        submitted: set[int] = set()  # during the current job (a map stage keeps its id across jobs)
+        for event in self.events:
+            kind = event["Event"]
+            if kind == "SparkListenerJobStart":
+                current = {"job": event["Job ID"], "stages": sorted(event["Stage IDs"]),
+                           "map_tasks": 0, "result_tasks": 0, "failed_tasks": 0}
+                jobs.append(current)
+                submitted = set()
+            elif kind == "SparkListenerStageSubmitted":
+                submitted.add(event["Stage Info"]["Stage ID"])
+            elif kind == "SparkListenerTaskEnd" and current is not None:
+                if event["Task End Reason"]["Reason"] != "Success":
+                    current["failed_tasks"] += 1
+                elif event["Task Type"] == "ShuffleMapTask":
+                    current["map_tasks"] += 1
+                else:
+                    current["result_tasks"] += 1
+            elif kind == "SparkListenerJobEnd" and current is not None:
+                current["result"] = event["Job Result"]["Result"]
+                current["skipped_stages"] = [s for s in current["stages"] if s not in submitted]
+                current = None
+        return jobs
+
+    def executors_removed(self) -> list[dict]:
+        return [{"id": e["Executor ID"], "reason": e.get("Removed Reason")}
+                for e in self.events if e["Event"] == "SparkListenerExecutorRemoved"]
