@@ -75,6 +75,15 @@ class FileStore(Store):
     def put_file(self, key, path, abort=None, *, expect=None, token=None):
         if abort is not None and abort.is_set():
             raise UploadAborted(key)
+        try:
+            self._place(key, path, abort)
+        except OSError as exc:
+            raise self._os_error(exc, f"storing {key}") from exc
+        return None
+
+    def _place(self, key: str, path: str, abort=None) -> None:
+        """Make local file `path` the object at `key`: a hard link to it (or a copy) at the
+        key's temporary name, renamed into place, so that a reader never sees part of it."""
         target = self._path(key)
         temp = _temp_path(target, key, path)
         try:
@@ -84,15 +93,14 @@ class FileStore(Store):
             _remove_quietly(temp)
             try:
                 os.link(path, temp)
+            except FileNotFoundError:
+                raise
             except OSError:  # another filesystem (EXDEV), or one without hard links
                 self._copy(key, path, temp, abort)
             os.replace(temp, target)
-        except BaseException as exc:
+        except BaseException:
             _remove_quietly(temp)
-            if isinstance(exc, OSError):
-                raise self._os_error(exc, f"storing {key}") from exc
             raise
-        return None
 
     def discard_put(self, key, path):
         try:
@@ -155,24 +163,20 @@ class FileStore(Store):
     def copy(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         # objects are never modified in place (see the module docstring): the copy may share
         # the source's inode, like a put shares its staging file's
-        target = self._path(dst)
-        temp = _temp_path(target, dst, self._path(src))
         try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            _remove_quietly(temp)
-            try:
-                os.link(self._path(src), temp)
-            except FileNotFoundError:
-                raise ObjectMissing(src) from None
-            except OSError:  # a file system without hard links
-                self._copy(dst, self._path(src), temp, None)
-            os.replace(temp, target)
-        except BaseException as exc:
-            _remove_quietly(temp)
-            if isinstance(exc, OSError):
-                raise self._os_error(exc, f"copying {src} to {dst}") from exc
-            raise
+            self._place(dst, self._path(src))
+        except FileNotFoundError:
+            raise self._missing(src, f"copying {src} to {dst}") from None
+        except OSError as exc:
+            raise self._os_error(exc, f"copying {src} to {dst}") from exc
         return None
+
+    def _missing(self, src: str, what: str) -> StoreError:
+        """What a FileNotFoundError of an operation reading `src` means: the object is gone,
+        or a directory vanished under it (a concurrent prune of an emptied one; retried)."""
+        if not os.path.exists(self._path(src)):
+            return ObjectMissing(src)
+        return StoreError(f"{what}: directory vanished", transient=True)
 
     def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
         target = self._path(dst)
@@ -180,9 +184,7 @@ class FileStore(Store):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(self._path(src), target)
         except FileNotFoundError:
-            if not os.path.exists(self._path(src)):
-                raise ObjectMissing(src) from None
-            raise StoreError(f"moving {src} to {dst}: directory vanished", transient=True) from None
+            raise self._missing(src, f"moving {src} to {dst}") from None
         except OSError as exc:
             raise self._os_error(exc, f"moving {src} to {dst}") from exc
         self._prune_empty_dirs(src)
