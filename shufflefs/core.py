@@ -738,6 +738,8 @@ class Filesystem:
         lose the file."""
         if self.draining and not close_returned:
             raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
+        if node.passthrough is not None:
+            self._sync_passed_through(node)  # e.g. renamed after a FLUSH of an inherited copy
         key = self.key_of(node)
         cached_index = is_index(node.name) and node.size <= INDEX_CACHE_MAX
         try:
@@ -926,7 +928,12 @@ class Filesystem:
             node.mtime_ns = node.ctime_ns = max(node.mtime_ns, st.st_mtime_ns)
 
     def _current(self, node: Node) -> Node:
-        if node.passthrough is not None and node.writers:
+        # whenever it is open: `writers` cannot tell whether a passed-through writer is done.
+        # A FLUSH also comes when any copy of a descriptor is closed (a child process that
+        # inherited it, as every process a JVM starts does), and the writes after it do not
+        # come here to count the writer again; Java takes the position of an append channel
+        # from the file's size
+        if node.passthrough is not None:
             self._sync_passed_through(node)
         return node
 

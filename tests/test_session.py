@@ -404,3 +404,25 @@ def test_an_unprivileged_daemon_runs_our_session_through_fusermount():
     finally:
         subprocess.run(["fusermount3", "-u", "-z", os.path.join(base, "mnt")], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_child_closing_an_inherited_descriptor_does_not_freeze_the_size(own_mount):
+    """Every process a JVM starts closes the descriptors it inherited, and each close sends a
+    FLUSH while the JVM goes on appending through passthrough: the size the mount reports (Java
+    takes an append channel's position from it) must follow the writes after that."""
+    path = f"{own_mount.path}/temp_shuffle_{uuid.uuid4()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, b"a" * 1000)
+        assert os.fstat(fd).st_size == 1000
+        subprocess.run(["true"], pass_fds=(fd,), check=True)  # inherits it, closes it: FLUSH
+        for written in range(2000, 6000, 1000):
+            os.write(fd, b"b" * 1000)
+            assert os.fstat(fd).st_size == written
+            assert os.stat(path).st_size == written
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_size == 5000
+    # committed by a rename: all of it (the close after the child's FLUSH sent no news)
+    os.rename(path, f"{own_mount.path}/shuffle_0_0_0.data")
+    assert store_objects(own_mount.store_root) == {"shuffle_0_0_0.data": b"a" * 1000 + b"b" * 4000}
