@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import lmdb
-import pyfuse3
 import trio
 
 from shufflefs import control
@@ -429,7 +428,7 @@ def start_session(config: MountConfig, fs: Filesystem, mountpoint: str, store_ur
     options = ["default_permissions", *(["allow_other"] if os.geteuid() == 0 else [])]
     if config.fuse == "pyfuse3":
         operations = Operations(fs)
-        operations.mount(mountpoint, {*pyfuse3.default_options, *options, "subtype=shufflefs", f"fsname={source}"})
+        operations.mount(mountpoint, source, FSTYPE, options)
         return operations
     fd, made = fuse_mount.open_session_fd(mountpoint, source, FSTYPE, options)
     return Session(fs, fd, mountpoint, made, passthrough=config.passthrough)

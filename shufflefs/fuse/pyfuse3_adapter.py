@@ -19,9 +19,6 @@ from shufflefs.fuse.notify import forward_invalidations
 
 log = logging.getLogger(__name__)
 
-#: the libfuse options that are also the kernel's
-KERNEL_OPTIONS = ("allow_other", "default_permissions")
-
 
 def _translated(method):
     name = method.__name__
@@ -51,16 +48,16 @@ class Operations(pyfuse3.Operations):
         self._mountpoint = ""
         self._made: tuple[int, str] | None = None
 
-    def mount(self, mountpoint: str, options: set[str]) -> None:
+    def mount(self, mountpoint: str, source: str, fstype: str, kernel_options: list[str]) -> None:
         """As root: mount(2) ourselves (see shufflefs.fuse.mount) and hand libfuse the
         descriptor; other users: libfuse mounts (through fusermount3)."""
         self._mountpoint = mountpoint
+        options = {*pyfuse3.default_options, *kernel_options, f"subtype={fstype.partition('.')[2]}",
+                   f"fsname={source}"}
         if os.geteuid() != 0:
             pyfuse3.init(self, mountpoint, options)
             return
-        source = next(o.partition("=")[2] for o in options if o.startswith("fsname="))
-        fd, self._made = fuse_mount.open_session_fd(mountpoint, source, "fuse.shufflefs",
-                                                    [o for o in options if o in KERNEL_OPTIONS])
+        fd, self._made = fuse_mount.open_session_fd(mountpoint, source, fstype, kernel_options)
         try:
             pyfuse3.init(self, f"/dev/fd/{fd}", options)
         except BaseException:
