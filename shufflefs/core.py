@@ -24,7 +24,7 @@ from typing import Iterator
 import trio
 
 from shufflefs.journal import Journal
-from shufflefs.naming import INDEX_CACHE_MAX, is_durable, is_index
+from shufflefs.naming import INDEX_CACHE_MAX, is_durable, is_index, is_unique
 from shufflefs.remote import Op, Remote
 from shufflefs.staging import StagingArea, StagingFile
 from shufflefs.stores import PreconditionFailed, Store, StoreError
@@ -76,7 +76,7 @@ class Node:
     way) at the store key of their path."""
 
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
-                 "linked", "lookups", "children", "subdirs", "owned", "listed_at", "size", "staging",
+                 "linked", "lookups", "children", "subdirs", "owned", "created_here", "listed_at", "size", "staging",
                  "opens", "writers", "committed", "from_remote", "version", "write_error", "passthrough")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
@@ -93,7 +93,10 @@ class Node:
         # directories
         self.children: dict[str, Node] | None = {} if stat.S_ISDIR(mode) else None
         self.subdirs = 0  # how many of the children are directories (st_nlink)
-        self.owned = False  # created by this mount: its entries are all known here
+        # its entries are all known here: created by this mount, and by nothing else (see
+        # Filesystem.mkdir); misses are answered without asking the store
+        self.owned = False
+        self.created_here = False  # by a mkdir on this mount (another mount may have made it too)
         self.listed_at = NEVER
         # files
         self.size = 0
@@ -521,7 +524,11 @@ class Filesystem:
             raise FsError(errno.EEXIST)
         self._check_stored(parent, name)
         node = self._new_node(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
-        node.owned = True
+        node.created_here = True
+        # Another mount can create the same directory (Spark's fallback path
+        # `{appId}/{shuffleId}/{hash}` on every node that decommissions): only a name no one else
+        # can pick, or a directory inside one this mount owns, has no entries elsewhere.
+        node.owned = parent.owned or is_unique(name)
         node.lookups += 1
         self._record_dir(node)
         return node
@@ -609,6 +616,12 @@ class Filesystem:
         target = new_parent.children.get(new_name)
         if target is node:
             return
+        # what another mount put in either directory decides what the rename may do
+        for directory in (node, target):
+            if directory is not None and directory.is_dir and not directory.owned:
+                await self._refresh(directory)
+        if old_parent.children.get(old_name) is not node or new_parent.children.get(new_name) is not target:
+            raise FsError(errno.ENOENT)  # changed by someone else while we listed
         if target is not None:
             if flags & RENAME_NOREPLACE:
                 raise FsError(errno.EEXIST)
@@ -616,7 +629,7 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             if node.is_dir and not target.is_dir:
                 raise FsError(errno.ENOTDIR)
-            if target.is_dir and (target.children or not target.owned):
+            if target.is_dir and target.children:
                 raise FsError(errno.ENOTEMPTY)
         if node.is_dir:
             ancestor = new_parent
@@ -724,9 +737,11 @@ class Filesystem:
         shared.unref()
 
     def _holds_remote_data(self, directory: Node) -> bool:
-        if not directory.owned:
+        """Whether a directory has, or may have, entries in the store (as last listed, for one
+        another mount can add to)."""
+        if not directory.created_here:
             return True
-        return any(child.committed or (child.is_dir and self._holds_remote_data(child))
+        return any(child.committed or child.from_remote or (child.is_dir and self._holds_remote_data(child))
                    for child in directory.children.values())
 
     # ------------------------------------------------------------------ commit

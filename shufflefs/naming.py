@@ -15,6 +15,16 @@ INDEX_SUFFIX = ".index"
 INDEX_CACHE_MAX = 1024 * 1024
 
 
+#: a name no other creator can pick: Spark's own local dirs are `spark-<uuid>`, `blockmgr-<uuid>`,
+#: `executor-<uuid>`
+UNIQUE_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def is_unique(name: str) -> bool:
+    """Whether a directory of this name can only have been created by one creator."""
+    return UNIQUE_PATTERN.search(name) is not None
+
+
 def is_durable(name: str) -> bool:
     return DURABLE_PATTERN.fullmatch(name) is not None
 

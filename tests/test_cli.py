@@ -96,8 +96,8 @@ def test_mountpoint_already_mounted(tmp_path, file_mount, file_store):
 def test_next_mount_covers_a_stale_mount_and_umount_clears_them(tmp_path, file_store):
     mount = Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache")
     with mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
-        with open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index", "wb") as f:
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
+        with open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index", "wb") as f:
             f.write(b"\0" * 16)
         mount.kill_only()
         assert is_mounted(mount.path)  # the kernel keeps the dead mount: ENOTCONN
@@ -105,7 +105,7 @@ def test_next_mount_covers_a_stale_mount_and_umount_clears_them(tmp_path, file_s
             os.statvfs(mount.path)  # (stat may still be answered from the kernel's cache)
         assert raised.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         mount.start()  # the same command as before: it mounts over the stale mount
-        with open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index", "rb") as f:
+        with open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index", "rb") as f:
             assert f.read() == b"\0" * 16
         assert "mounted over the stale mount a dead daemon left" in mount.log()
         assert mount.umount().returncode == 0  # a clean unmount also clears what it covered

@@ -36,7 +36,7 @@ def hadoop_copy(source: str, target: str, data: bytes | None = None) -> None:
 def test_a_fallback_copy_is_a_copy_in_the_store(tmp_path, s3_env, bucket, seaweed, proxy):
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url,
                env=s3_env) as mount:
-        blockmgr = f"{mount.path}/blockmgr-1/0c"
+        blockmgr = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/0c"
         os.makedirs(blockmgr)
         data = os.urandom(3 * MiB)
         temp = f"{blockmgr}/shuffle_3_7_0.data.tmp"
@@ -59,6 +59,6 @@ def test_a_fallback_copy_is_a_copy_in_the_store(tmp_path, s3_env, bucket, seawee
         assert store["put_bytes"] == len(data) + 2 * len(index)
     assert proxy.count(op="CopyObject") == 2
     assert bucket_objects(seaweed.client(), bucket) == {
-        "blockmgr-1/0c/shuffle_3_7_0.data": data, "blockmgr-1/0c/shuffle_3_7_0.index": index,
+        "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data": data, "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.index": index,
         "fallback/app-1/3/77/shuffle_3_7_0.data": data, "fallback/app-1/3/77/shuffle_3_7_0.index": index,
         "fallback/app-1/3/78/shuffle_3_7_0.index": other}

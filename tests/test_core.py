@@ -22,7 +22,7 @@ import trio
 import trio.testing
 
 import shufflefs.remote
-from shufflefs.core import READAHEAD, ROOT_INODE, Filesystem, FsError, Node
+from shufflefs.core import READAHEAD, ROOT_INODE, Filesystem, FsError, Negative, Node
 from shufflefs.journal import Journal
 from shufflefs.remote import Remote
 from shufflefs.staging import StagingArea
@@ -314,7 +314,7 @@ def index_bytes(partitions: int, seed: int = 0) -> bytes:
     return b"".join(o.to_bytes(8, "big") for o in offsets)
 
 
-BM = "blockmgr-1/0c"
+BM = "blockmgr-10000000-0000-4000-8000-000000000000/0c"
 DATA, INDEX, CHECKSUM = "shuffle_0_5_0.data", "shuffle_0_5_0.index", "shuffle_0_5_0.checksum.ADLER32"
 
 
@@ -350,7 +350,7 @@ async def test_create_exclusive(env):
 
     # EEXIST also for a directory, a committed file and a file only the store knows
     with pytest.raises(FsError) as exc:
-        await create(fs, ROOT_INODE, "blockmgr-1", excl)
+        await create(fs, ROOT_INODE, "blockmgr-10000000-0000-4000-8000-000000000000", excl)
     assert errno_of(exc) == errno.EEXIST
     await commit(fs, d, DATA, b"committed")
     with pytest.raises(FsError) as exc:
@@ -525,8 +525,8 @@ async def test_index_cache(env):
 async def test_rename_before_commit_costs_no_request(env):
     m = env.mount()
     fs = m.fs
-    src = await mkdirs(fs, "blockmgr-1/0c")
-    dst = await mkdirs(fs, "blockmgr-1/1a")
+    src = await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c")
+    dst = await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/1a")
     m.store.log.clear()
 
     # UnsafeShuffleWriter: temp_shuffle_<uuid> moves across directories into .data.<uuid>
@@ -559,7 +559,7 @@ async def test_commit_on_rename(env, mode, store_kind):
     m = env.mount(env.store(store_kind), commit_mode=mode)
     fs = m.fs
     d = await mkdirs(fs, BM)
-    other = await mkdirs(fs, "blockmgr-1/3f")
+    other = await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/3f")
     data = os.urandom(300 * KiB + 7)
     index = index_bytes(10)
     checksum = os.urandom(80)
@@ -635,7 +635,7 @@ async def test_rename_committed_file_moves_object(env, mode, store_kind):
     m.store.log.clear()
 
     # an executor recovering a dead one's output moves it into its own block manager directory
-    new_dir = "blockmgr-2/1a"
+    new_dir = "blockmgr-20000000-0000-4000-8000-000000000000/1a"
     dst = await mkdirs(fs, new_dir)
     m.store.log.clear()
     await fs.rename(d, DATA, dst, DATA)
@@ -655,7 +655,7 @@ async def test_rename_committed_file_moves_object(env, mode, store_kind):
     assert m.journal.index_get(key(INDEX)) is None
     assert m.journal.index_get(key(INDEX, new_dir)) == index
     if store_kind == "file":  # the store's emptied directories went with the objects
-        assert os.listdir(m.store.root) == ["blockmgr-2"]
+        assert os.listdir(m.store.root) == ["blockmgr-20000000-0000-4000-8000-000000000000"]
 
     # another durable name in the same directory, replacing a committed file there
     other = os.urandom(1000)
@@ -791,31 +791,31 @@ async def test_rename_noreplace(env):
 async def test_rename_directory(env):
     m = env.mount()
     fs = m.fs
-    env.plant(m.store, "spark-9/blockmgr-9/0c/shuffle_1_1_0.data", b"other node")
+    env.plant(m.store, "spark-9/blockmgr-90000000-0000-4000-8000-000000000000/0c/shuffle_1_1_0.data", b"other node")
     spark = await mkdirs(fs, "spark-1")
-    await mkdirs(fs, "spark-1/blockmgr-1/0c")
-    bm = await resolve(fs, "spark-1/blockmgr-1")
-    bucket = await resolve(fs, "spark-1/blockmgr-1/0c")
+    await mkdirs(fs, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")
+    bm = await resolve(fs, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000")
+    bucket = await resolve(fs, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")
     await write_file(fs, bucket.ino, "temp_shuffle_1", b"t" * 10)
     # a file being written under its final name when its directory moves
     fh, writing = await create(fs, bucket.ino, DATA, APPEND)
     await fs.write(fh, 0, b"data")
     m.store.log.clear()
 
-    await fs.rename(spark, "blockmgr-1", spark, "blockmgr-2")
-    assert await resolve(fs, "spark-1/blockmgr-1") is None
-    assert (await resolve(fs, "spark-1/blockmgr-2")) is bm
-    assert await read_all(fs, (await resolve(fs, "spark-1/blockmgr-2/0c/temp_shuffle_1")).ino) == b"t" * 10
+    await fs.rename(spark, "blockmgr-10000000-0000-4000-8000-000000000000", spark, "blockmgr-20000000-0000-4000-8000-000000000000")
+    assert await resolve(fs, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000") is None
+    assert (await resolve(fs, "spark-1/blockmgr-20000000-0000-4000-8000-000000000000")) is bm
+    assert await read_all(fs, (await resolve(fs, "spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/temp_shuffle_1")).ino) == b"t" * 10
     assert m.store.log == []
     await close(fs, fh)  # commits where the file is now
-    assert contents(m.store)["spark-1/blockmgr-2/0c/" + DATA] == b"data"
+    assert contents(m.store)["spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/" + DATA] == b"data"
     assert writing.committed
 
     # holding a committed file: the objects' keys would all change, refused
     with pytest.raises(FsError) as exc:
-        await fs.rename(spark, "blockmgr-2", spark, "blockmgr-3")
+        await fs.rename(spark, "blockmgr-20000000-0000-4000-8000-000000000000", spark, "blockmgr-30000000-0000-4000-8000-000000000000")
     assert errno_of(exc) == errno.EXDEV
-    assert (await resolve(fs, "spark-1/blockmgr-2")) is bm
+    assert (await resolve(fs, "spark-1/blockmgr-20000000-0000-4000-8000-000000000000")) is bm
 
     # into itself
     await mkdirs(fs, "spark-1/local/sub")
@@ -835,12 +835,12 @@ async def test_rename_directory(env):
     assert not empty.linked
 
     # a directory learned from the store (another node's): this mount does not know all of it
-    foreign = await resolve(fs, "spark-9/blockmgr-9")
+    foreign = await resolve(fs, "spark-9/blockmgr-90000000-0000-4000-8000-000000000000")
     assert foreign is not None and not foreign.owned
     with pytest.raises(FsError) as exc:
-        await fs.rename(foreign.parent.ino, "blockmgr-9", foreign.parent.ino, "blockmgr-8")
+        await fs.rename(foreign.parent.ino, "blockmgr-90000000-0000-4000-8000-000000000000", foreign.parent.ino, "blockmgr-80000000-0000-4000-8000-000000000000")
     assert errno_of(exc) == errno.EXDEV
-    assert set(contents(m.store)) == {"spark-1/blockmgr-2/0c/" + DATA, "spark-9/blockmgr-9/0c/shuffle_1_1_0.data"}
+    assert set(contents(m.store)) == {"spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/" + DATA, "spark-9/blockmgr-90000000-0000-4000-8000-000000000000/0c/shuffle_1_1_0.data"}
 
 
 # -- names and paths ----------------------------------------------------------------------------
@@ -989,7 +989,7 @@ async def test_delete_before_commit_costs_nothing(env):
 async def test_unlink_committed_deletes_object(env, store_kind):
     m = env.mount(env.store(store_kind), cache_size=1 * MiB)
     fs = m.fs
-    env.plant(m.store, "blockmgr-0/shuffle_0_0_0.data", b"elsewhere")
+    env.plant(m.store, "blockmgr-00000000-0000-4000-8000-000000000000/shuffle_0_0_0.data", b"elsewhere")
     d = await mkdirs(fs, BM)
     evicted = await commit(fs, d, "shuffle_0_1_0.data", os.urandom(700 * KiB))
     await write_file(fs, d, "temp_shuffle_x", bytes(500 * KiB))
@@ -998,7 +998,7 @@ async def test_unlink_committed_deletes_object(env, store_kind):
     for name, data in ((DATA, b"d" * 5000), (INDEX, index_bytes(3)), (CHECKSUM, b"c" * 24)):
         nodes.append(await commit(fs, d, name, data))
     # and the one committed by another node, learned from the store
-    foreign = await resolve(fs, "blockmgr-0/shuffle_0_0_0.data")
+    foreign = await resolve(fs, "blockmgr-00000000-0000-4000-8000-000000000000/shuffle_0_0_0.data")
     assert foreign.committed
     nodes.append(foreign)
     assert len(contents(m.store)) == 5
@@ -1013,7 +1013,7 @@ async def test_unlink_committed_deletes_object(env, store_kind):
     assert contents(m.store) == {}
     deleted = [k for e in m.store.calls_of("delete_many") for k in e[1]]
     assert sorted(deleted) == sorted([key("shuffle_0_1_0.data"), key(DATA), key(INDEX), key(CHECKSUM),
-                                      "blockmgr-0/shuffle_0_0_0.data"])
+                                      "blockmgr-00000000-0000-4000-8000-000000000000/shuffle_0_0_0.data"])
     assert {e[0] for e in m.store.log} == {"delete_many"}  # no download, no upload
     assert m.staging.bytes == 500 * KiB  # only the scratch file is left locally
     assert m.journal.pending_ops() == []
@@ -1244,7 +1244,7 @@ async def test_scratch_files_never_uploaded(env, mode):
     m = env.mount(commit_mode=mode)
     fs = m.fs
     d = await mkdirs(fs, BM)
-    py = await mkdirs(fs, "blockmgr-1/python/4242")
+    py = await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/python/4242")
     m.store.log.clear()
     local_names = [f"temp_shuffle_{uuid.uuid4()}", f"temp_local_{uuid.uuid4()}", f"{DATA}.{uuid.uuid4()}",
                    f"{INDEX}.{uuid.uuid4()}", f"{CHECKSUM}.{uuid.uuid4()}", "rdd_3_7", "broadcast_0_python",
@@ -1407,12 +1407,12 @@ async def test_journal_resume_after_crash(env):
     async with trio.open_nursery() as crashed:
         m1 = env.mount(store, nursery=crashed, commit_mode="async", max_attempts=2)
         fs = m1.fs
-        d = await mkdirs(fs, "spark-1/blockmgr-1/0c")
-        other = await mkdirs(fs, "spark-1/blockmgr-1/1a")
+        d = await mkdirs(fs, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")
+        other = await mkdirs(fs, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/1a")
         store.fail_next = 10**9  # nothing gets through before the crash
         for name, data in ((INDEX, index_bytes(9)), (DATA, os.urandom(70 * KiB)), (CHECKSUM, os.urandom(72))):
             await commit(fs, d, name, data)
-            expected[key(name, "spark-1/blockmgr-1/0c")] = data
+            expected[key(name, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")] = data
         # committed, then deleted
         gone = await commit(fs, d, "shuffle_0_6_0.data", b"deleted" * 10)
         await fs.unlink(d, "shuffle_0_6_0.data")
@@ -1421,11 +1421,11 @@ async def test_journal_resume_after_crash(env):
         moved = os.urandom(5000)
         await commit(fs, d, "shuffle_0_7_0.data", moved)
         await fs.rename(d, "shuffle_0_7_0.data", other, "shuffle_0_7_0.data")
-        expected[key("shuffle_0_7_0.data", "spark-1/blockmgr-1/1a")] = moved
+        expected[key("shuffle_0_7_0.data", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/1a")] = moved
         # written under its final name
         direct = os.urandom(3000)
         await write_file(fs, other, "shuffle_0_8_0.index", direct)
-        expected[key("shuffle_0_8_0.index", "spark-1/blockmgr-1/1a")] = direct
+        expected[key("shuffle_0_8_0.index", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/1a")] = direct
         # local files: one closed, one still open
         await write_file(fs, d, "temp_shuffle_x", b"scratch" * 100)
         fh, _ = await create(fs, d, "temp_local_y", APPEND)
@@ -1459,10 +1459,10 @@ async def test_journal_resume_after_crash(env):
         node = await resolve(fs, k)
         assert node is not None and node.committed, k
         assert node.size == len(data) and await read_all(fs, node.ino) == data
-    assert await resolve(fs, key("shuffle_0_6_0.data", "spark-1/blockmgr-1/0c")) is None
-    assert await resolve(fs, key("shuffle_0_7_0.data", "spark-1/blockmgr-1/0c")) is None
-    assert await resolve(fs, key("temp_shuffle_x", "spark-1/blockmgr-1/0c")) is None
-    index_key = key(INDEX, "spark-1/blockmgr-1/0c")
+    assert await resolve(fs, key("shuffle_0_6_0.data", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
+    assert await resolve(fs, key("shuffle_0_7_0.data", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
+    assert await resolve(fs, key("temp_shuffle_x", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
+    index_key = key(INDEX, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")
     assert m2.journal.index_get(index_key) == expected[index_key]
     # only the cached copies of the uploaded files remain in staging
     live = {node.staging.path for node in fs.inodes.values() if node.staging is not None}
@@ -1477,9 +1477,9 @@ async def test_owned_dirs_answer_locally(env):
     fs = m.fs
     lists = lambda: len(m.store.calls_of("list_dir"))  # noqa: E731
 
-    assert await fs.lookup(ROOT_INODE, "blockmgr-1") is None
+    assert await fs.lookup(ROOT_INODE, "blockmgr-10000000-0000-4000-8000-000000000000") is None
     assert lists() == 1
-    bm = await fs.mkdir(ROOT_INODE, "blockmgr-1", 0o755, UID, GID)
+    bm = await fs.mkdir(ROOT_INODE, "blockmgr-10000000-0000-4000-8000-000000000000", 0o755, UID, GID)
     sub = await fs.mkdir(bm.ino, "0c", 0o755, UID, GID)
     # existence checks in an owned directory: answered here, negative answers included
     for i in range(100):
@@ -1490,7 +1490,7 @@ async def test_owned_dirs_answer_locally(env):
     fs.releasedir(fh)
     await fs.rmdir(bm.ino, "0c")
     # even an object another node put below it is not asked for
-    env.plant(m.store, "blockmgr-1/zz", b"x")
+    env.plant(m.store, "blockmgr-10000000-0000-4000-8000-000000000000/zz", b"x")
     assert await fs.lookup(bm.ino, "zz") is None
     assert lists() == 1
 
@@ -1505,7 +1505,7 @@ async def test_owned_dirs_answer_locally(env):
         for i in range(5):
             nursery.start_soon(fs.lookup, ROOT_INODE, f"missing-{i}")
     assert lists() == 2
-    assert await fs.lookup(ROOT_INODE, "blockmgr-1") is bm  # a known name asks nobody
+    assert await fs.lookup(ROOT_INODE, "blockmgr-10000000-0000-4000-8000-000000000000") is bm  # a known name asks nobody
     assert lists() == 2
 
 
@@ -1514,9 +1514,9 @@ async def test_shared_namespace_between_two_filesystems(env, store_kind):
     store = env.store(store_kind)
     m1 = env.mount(store, name="node1")
     m2 = env.mount(store, name="node2", remote_ttl=0.05)
-    path = "spark-1/executor-1/blockmgr-1/0c"
+    path = "spark-1/executor-1/blockmgr-10000000-0000-4000-8000-000000000000/0c"
     d = await mkdirs(m1.fs, path)
-    await mkdirs(m1.fs, "spark-1/executor-1/blockmgr-1/3f")  # empty: not in the store
+    await mkdirs(m1.fs, "spark-1/executor-1/blockmgr-10000000-0000-4000-8000-000000000000/3f")  # empty: not in the store
     index, data, checksum = index_bytes(50), os.urandom(300 * KiB), os.urandom(400)
     for name, blob in ((INDEX, index), (DATA, data), (CHECKSUM, checksum)):
         await commit(m1.fs, d, name, blob)
@@ -1533,7 +1533,7 @@ async def test_shared_namespace_between_two_filesystems(env, store_kind):
     assert listed == {INDEX: len(index), DATA: len(data), CHECKSUM: len(checksum)}
     assert await fs2.lookup(bucket.ino, "temp_shuffle_1") is None
     assert await fs2.lookup(bucket.ino, "shuffle_0_9_0.data") is None
-    bm = await resolve(fs2, "spark-1/executor-1/blockmgr-1")
+    bm = await resolve(fs2, "spark-1/executor-1/blockmgr-10000000-0000-4000-8000-000000000000")
     fh2 = await fs2.opendir(bm.ino)
     assert [name for name, _ in fs2.readdir_entries(fh2)[1]] == ["0c"]
     fs2.releasedir(fh2)
@@ -1561,6 +1561,50 @@ async def test_shared_namespace_between_two_filesystems(env, store_kind):
     assert await fs2.lookup(bucket.ino, DATA) is None
     assert (await fs2.lookup(bucket.ino, INDEX)) is index_node
     await close(m1.fs, fh)
+
+
+async def test_a_directory_two_mounts_create_is_shared(env):
+    """Spark's fallback path `{appId}/{shuffleId}/{hash}` is created by every node that
+    decommissions: a directory with a name anyone can pick is not this mount's alone, so a miss
+    in it asks the store (and the kernel is not told to remember the miss)."""
+    store = env.store("memory")
+    m1 = env.mount(store, name="node1")
+    m2 = env.mount(store, name="node2", remote_ttl=0.05)
+    path = "fallback/app-1/0/17"
+    d1, d2 = await mkdirs(m1.fs, path), await mkdirs(m2.fs, path)
+    assert not m2.fs.node(d2).owned
+    with pytest.raises(FsError) as exc:
+        await m2.fs.lookup_entry(d2, DATA)
+    assert errno_of(exc) == errno.ENOENT  # not Negative(OWNED_TTL): the kernel asks again
+    await commit(m1.fs, d1, DATA, b"from node 1")
+    await m1.remote.drain()
+    await trio.sleep(0.06)
+    found = await m2.fs.lookup(d2, DATA)
+    assert found is not None and await read_all(m2.fs, found.ino) == b"from node 1"
+    # below a name only one creator can pick, a mount still owns what it creates
+    unique = await mkdirs(m2.fs, "spark-20000000-0000-4000-8000-000000000000/sub")
+    assert m2.fs.node(unique).owned and isinstance(await m2.fs.lookup_entry(unique, DATA), Negative)
+
+    # a shared directory holding another mount's file is not renamed (its keys would not follow)
+    parent = await resolve(m2.fs, "fallback/app-1/0")
+    with pytest.raises(FsError) as exc:
+        await m2.fs.rename(parent.ino, "17", parent.ino, "18")
+    assert errno_of(exc) == errno.EXDEV
+    # one holding only what this mount wrote and has not committed is
+    empty = await mkdirs(m2.fs, "fallback/app-1/0/19")
+    await write_file(m2.fs, empty, "scratch", b"local")
+    await m2.fs.rename(parent.ino, "19", parent.ino, "20")
+    assert (await resolve(m2.fs, "fallback/app-1/0/20/scratch")) is not None
+    # and an empty shared directory can be replaced, unless another mount filled it
+    await mkdirs(m2.fs, "fallback/app-1/0/21")
+    await m2.fs.rename(parent.ino, "20", parent.ino, "21")
+    await mkdirs(m2.fs, "fallback/app-1/0/22")
+    await commit(m1.fs, await mkdirs(m1.fs, "fallback/app-1/0/22"), INDEX, index_bytes(3))
+    await m1.remote.drain()
+    await trio.sleep(0.06)
+    with pytest.raises(FsError) as exc:
+        await m2.fs.rename(parent.ino, "21", parent.ino, "22")
+    assert errno_of(exc) == errno.ENOTEMPTY
 
 
 async def test_delete_batching(env, monkeypatch):
@@ -1898,11 +1942,11 @@ async def test_a_copy_of_a_committed_file_is_copied_in_the_store(env, kind):
     store = env.store(kind)
     fs = env.mount(store).fs
     data = os.urandom(300 * KiB)
-    source = await commit(fs, await mkdirs(fs, "blockmgr-1/0c"), "shuffle_3_7_0.data", data)
+    source = await commit(fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data)
     await fallback_copy(fs, source, "fallback/app-1/3/123")
-    assert store.calls_of("copy") == [("copy", "blockmgr-1/0c/shuffle_3_7_0.data",
+    assert store.calls_of("copy") == [("copy", "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data",
                                        "fallback/app-1/3/123/shuffle_3_7_0.data")]
-    assert [call[1] for call in store.calls_of("put_file")] == ["blockmgr-1/0c/shuffle_3_7_0.data"]
+    assert [call[1] for call in store.calls_of("put_file")] == ["blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data"]
     assert fs.remote.stats["copy_requests"] == 1 and fs.remote.stats["copied_bytes"] == len(data)
     assert fs.remote.stats["put_bytes"] == len(data)
     await fs.unlink(source.parent.ino, source.name)
@@ -1916,7 +1960,7 @@ async def test_a_copy_with_other_bytes_is_uploaded(env):
     store = env.store()
     fs = env.mount(store, commit_mode="async").fs
     data = os.urandom(64 * KiB)
-    source = await commit(fs, await mkdirs(fs, "blockmgr-1/0c"), "shuffle_3_7_0.data", data)
+    source = await commit(fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data)
     await fs.remote.settle()
     other = bytes(reversed(data))
     await fallback_copy(fs, source, "fallback/a", other)
@@ -1927,7 +1971,7 @@ async def test_a_copy_with_other_bytes_is_uploaded(env):
     await fallback_copy(fs, source, "fallback/b")
     while not store.calls_of("copy"):
         await trio.sleep(0.01)
-    store.delete_many(["blockmgr-1/0c/shuffle_3_7_0.data"])  # gone behind the mount's back
+    store.delete_many(["blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data"])  # gone behind the mount's back
     store.copy_gate.set()
     await fs.remote.settle()
     assert contents(store)["fallback/b/shuffle_3_7_0.data"] == data

@@ -27,7 +27,7 @@ from mounting import Mount, bucket_objects, run_cli, store_objects
 
 SEED = int(os.environ.get("SHUFFLEFS_STORM_SEED", "20261201"))
 ROUNDS = int(os.environ.get("SHUFFLEFS_STORM_ROUNDS", "14"))
-DIRS = ("blockmgr-0/00", "blockmgr-0/01", "blockmgr-1/00")
+DIRS = ("blockmgr-00000000-0000-4000-8000-000000000000/00", "blockmgr-00000000-0000-4000-8000-000000000000/01", "blockmgr-10000000-0000-4000-8000-000000000000/00")
 #: write requests (what a late request can be)
 WRITES = ("PutObject", "CopyObject", "DeleteObject", "DeleteObjects", "CompleteMultipartUpload")
 

@@ -350,13 +350,13 @@ def test_two_mounts_share_committed_files(daos, tmp_path):
     url = daos.url("jobs")
     with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=daos.env) as first, \
          Mount(url, tmp_path / "b", tmp_path / "cache-b", env=daos.env) as second:
-        written = commit_and_read_from_second_mount(first, second, "blockmgr-2/0c",
+        written = commit_and_read_from_second_mount(first, second, "blockmgr-20000000-0000-4000-8000-000000000000/0c",
                                                     [os.urandom(3 * MiB), os.urandom(300)])
         assert daos_objects(url) == written
-        os.remove(f"{first.path}/blockmgr-2/0c/shuffle_0_7_0.data")
+        os.remove(f"{first.path}/blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.data")
         assert first.umount().returncode == 0
-        assert sorted(daos_objects(url)) == ["blockmgr-2/0c/shuffle_0_7_0.checksum.ADLER32",
-                                             "blockmgr-2/0c/shuffle_0_7_0.index"]
+        assert sorted(daos_objects(url)) == ["blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.checksum.ADLER32",
+                                             "blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.index"]
 
 
 def test_sigkill_recovery_completes_pending_uploads(daos, tmp_path):
@@ -364,19 +364,19 @@ def test_sigkill_recovery_completes_pending_uploads(daos, tmp_path):
     url = daos.url()
     mount = Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=daos.env)
     with mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         fake.inject("kv_put", "DER_UNREACH", times=-1)  # the servers stop answering writes
         try:
-            written = spark_commit(f"{mount.path}/blockmgr-1/00", 0, 1, [os.urandom(2 * MiB + 5)])
+            written = spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [os.urandom(2 * MiB + 5)])
             time.sleep(0.5)
             mount.kill()
         finally:
             fake.clear_faults()
         assert daos_objects(url) == {}
     with Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=daos.env) as again:
-        assert sorted(os.listdir(f"{again.path}/blockmgr-1/00")) == sorted(written)
+        assert sorted(os.listdir(f"{again.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")) == sorted(written)
         assert again.umount().returncode == 0
-    assert daos_objects(url) == {f"blockmgr-1/00/{n}": c for n, c in written.items()}
+    assert daos_objects(url) == {f"blockmgr-10000000-0000-4000-8000-000000000000/00/{n}": c for n, c in written.items()}
 
 
 def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
@@ -385,21 +385,21 @@ def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
     fake = daos.require_fake()
     url = daos.url()
     with Mount(url, tmp_path / "mnt", tmp_path / "cache", env=daos.env) as mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
-        temp = f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index.tmp"
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
+        temp = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index.tmp"
         with open(temp, "wb") as f:
             f.write(b"\0" * 16)
         fake.inject("kv_put", "DER_NOSPACE", times=-1)
         try:
             with pytest.raises(OSError) as raised:
-                os.rename(temp, f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")
+                os.rename(temp, f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")
             assert raised.value.errno == errno.ENOSPC
         finally:
             fake.clear_faults()
-        assert os.listdir(f"{mount.path}/blockmgr-1/00") == ["shuffle_0_0_0.index.tmp"]
-        os.rename(temp, f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")
+        assert os.listdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00") == ["shuffle_0_0_0.index.tmp"]
+        os.rename(temp, f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")
         assert mount.umount().returncode == 0
-    assert daos_objects(url) == {"blockmgr-1/00/shuffle_0_0_0.index": b"\0" * 16}
+    assert daos_objects(url) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": b"\0" * 16}
 
 
 def test_daos_doc_lists_every_error():

@@ -134,8 +134,8 @@ def test_mount_t_fuse_shufflefs_and_umount(installed_helper, tmp_path, file_stor
     try:
         assert result.returncode == 0, result.stderr
         assert is_mounted(str(mnt))  # live when mount returned
-        os.makedirs(mnt / "blockmgr-1" / "00")
-        (mnt / "blockmgr-1" / "00" / "shuffle_0_0_0.index").write_bytes(b"\1" * 16)
+        os.makedirs(mnt / "blockmgr-10000000-0000-4000-8000-000000000000" / "00")
+        (mnt / "blockmgr-10000000-0000-4000-8000-000000000000" / "00" / "shuffle_0_0_0.index").write_bytes(b"\1" * 16)
         status = Mount(f"file://{file_store}", mnt, cache)
         assert status.log().count("commit=async") == 1
         result = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=120)
@@ -143,7 +143,7 @@ def test_mount_t_fuse_shufflefs_and_umount(installed_helper, tmp_path, file_stor
         assert not is_mounted(str(mnt))
         # umount went through the helper (`shufflefs umount`: SIGTERM, drain, unmount)
         assert "SIGTERM: draining" in status.log()
-        assert store_objects(str(file_store)) == {"blockmgr-1/00/shuffle_0_0_0.index": b"\1" * 16}
+        assert store_objects(str(file_store)) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": b"\1" * 16}
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
@@ -232,9 +232,9 @@ def test_consumer_survives_daemon_restart(view, ending, shared_dir, tmp_path, fi
     mount = Mount(f"file://{file_store}", mnt, cache, *(["--leave-mount"] if ending != "sigkill" else []))
     consumer = None
     stop, log_path = tmp_path / "stop", tmp_path / "consumer.log"
-    names = ["blockmgr-1/00/shuffle_0_0_0.data", "blockmgr-1/00/shuffle_0_0_0.index"]
+    names = ["blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"]
     with mount:
-        os.makedirs(mnt / "blockmgr-1" / "00")
+        os.makedirs(mnt / "blockmgr-10000000-0000-4000-8000-000000000000" / "00")
         (mnt / names[0]).write_bytes(os.urandom(100_000))
         (mnt / names[1]).write_bytes(b"\0" * 16)
         try:
@@ -316,15 +316,15 @@ def test_entrypoint_as_pid1_drains_on_sigterm(daos, tmp_path):
             assert "NSpid:" in (ns := next(line for line in f if line.startswith("NSpid:")))
         assert ns.split()[-1] == "1", ns  # it really is PID 1 of its namespace
         fake.inject("kv_put", "DER_UNREACH", times=-1)  # uploads stay pending until cleared
-        os.makedirs(mnt / "blockmgr-1" / "00")
-        (mnt / "blockmgr-1" / "00" / "shuffle_0_0_0.data").write_bytes(b"d" * 5000)
+        os.makedirs(mnt / "blockmgr-10000000-0000-4000-8000-000000000000" / "00")
+        (mnt / "blockmgr-10000000-0000-4000-8000-000000000000" / "00" / "shuffle_0_0_0.data").write_bytes(b"d" * 5000)
         os.kill(daemon, signal.SIGTERM)
         time.sleep(1.5)
         assert is_mounted(str(mnt)) and entry.poll() is None, "it must drain before unmounting"
         fake.clear_faults()
         assert entry.wait(120) == 0
         assert not is_mounted(str(mnt))
-        assert daos_objects(url) == {"blockmgr-1/00/shuffle_0_0_0.data": b"d" * 5000}
+        assert daos_objects(url) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data": b"d" * 5000}
         assert "SIGTERM: draining" in entry.stderr.read()
     finally:
         fake.clear_faults()
@@ -406,7 +406,7 @@ def public_dir():
 def test_owner_lets_spark_user_write_the_root(tmp_path, public_dir, file_store):
     """Spark's container images run executors as uid 185, not root: --owner gives them the
     mount's root (and what is learned from the store)."""
-    write = 'mkdir -p "$1/blockmgr-1/00" && head -c 16 /dev/zero > "$1/blockmgr-1/00/shuffle_0_0_0.index"'
+    write = 'mkdir -p "$1/blockmgr-10000000-0000-4000-8000-000000000000/00" && head -c 16 /dev/zero > "$1/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"'
     user = dict(user=65534, group=65534, capture_output=True, text=True, cwd="/")
     with Mount(f"file://{file_store}", f"{public_dir}/a", tmp_path / "cache-a") as mount:
         refused = subprocess.run(["sh", "-c", write, "sh", mount.path], **user)
@@ -416,7 +416,7 @@ def test_owner_lets_spark_user_write_the_root(tmp_path, public_dir, file_store):
         written = subprocess.run(["sh", "-c", write, "sh", mount.path], **user)
         assert written.returncode == 0, written.stderr
     with Mount(f"file://{file_store}", tmp_path / "c", tmp_path / "cache-c", "--owner", "65534") as mount:
-        learned = os.stat(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")  # from the store
+        learned = os.stat(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")  # from the store
         assert (learned.st_uid, learned.st_gid) == (65534, 65534)
     result = run_cli("mount", f"file://{file_store}", str(tmp_path / "d"), "--owner", "spark")
     assert result.returncode == 2 and "invalid owner 'spark'" in result.stderr
@@ -558,28 +558,28 @@ def test_directories_survive_a_restart(tmp_path, file_store):
     mount = Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache")
     with mount:
         mnt = mount.path
-        os.makedirs(f"{mnt}/blockmgr-1/0c")
-        os.makedirs(f"{mnt}/blockmgr-1/3f")
+        os.makedirs(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/0c")
+        os.makedirs(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/3f")
         os.makedirs(f"{mnt}/spark-2/userFiles-3")
-        os.chmod(f"{mnt}/blockmgr-1/3f", 0o700)
+        os.chmod(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/3f", 0o700)
         os.rename(f"{mnt}/spark-2", f"{mnt}/spark-9")
         os.makedirs(f"{mnt}/gone")
         os.rmdir(f"{mnt}/gone")
-        (tmp_path / "mnt" / "blockmgr-1" / "0c" / "temp_shuffle_1").write_bytes(b"scratch")  # local only
+        (tmp_path / "mnt" / "blockmgr-10000000-0000-4000-8000-000000000000" / "0c" / "temp_shuffle_1").write_bytes(b"scratch")  # local only
         mount.kill_only()
         mount.start()
-        assert sorted(os.listdir(mnt)) == ["blockmgr-1", "spark-9"]
-        assert sorted(os.listdir(f"{mnt}/blockmgr-1")) == ["0c", "3f"]
-        assert os.listdir(f"{mnt}/blockmgr-1/0c") == []  # scratch files do not survive a crash
-        assert os.stat(f"{mnt}/blockmgr-1/3f").st_mode & 0o777 == 0o700
+        assert sorted(os.listdir(mnt)) == ["blockmgr-10000000-0000-4000-8000-000000000000", "spark-9"]
+        assert sorted(os.listdir(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000")) == ["0c", "3f"]
+        assert os.listdir(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/0c") == []  # scratch files do not survive a crash
+        assert os.stat(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/3f").st_mode & 0o777 == 0o700
         assert os.listdir(f"{mnt}/spark-9") == ["userFiles-3"]
-        with open(f"{mnt}/blockmgr-1/3f/shuffle_0_0_0.index", "wb") as f:
+        with open(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/3f/shuffle_0_0_0.index", "wb") as f:
             f.write(bytes(16))
         assert mount.umount().returncode == 0
     # a clean unmount forgets them: their users went with the mount
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache") as again:
-        assert sorted(os.listdir(again.path)) == ["blockmgr-1"]
-        assert os.listdir(f"{again.path}/blockmgr-1") == ["3f"]
+        assert sorted(os.listdir(again.path)) == ["blockmgr-10000000-0000-4000-8000-000000000000"]
+        assert os.listdir(f"{again.path}/blockmgr-10000000-0000-4000-8000-000000000000") == ["3f"]
 
 
 def test_umount_refuses_a_live_mount_whose_daemon_it_cannot_see(tmp_path, file_store):

@@ -72,7 +72,7 @@ def test_append_writes(file_mount):
 
 
 def test_rename_commits_and_sizes_are_exact(file_mount):
-    bucket_dir = os.path.join(file_mount.path, "blockmgr-1", "0c")
+    bucket_dir = os.path.join(file_mount.path, "blockmgr-10000000-0000-4000-8000-000000000000", "0c")
     os.makedirs(bucket_dir)
     parts = [os.urandom(n) for n in (1000, 0, 70000, 5)]
     written = spark_commit(bucket_dir, 0, 5, parts)
@@ -80,7 +80,7 @@ def test_rename_commits_and_sizes_are_exact(file_mount):
         assert os.stat(os.path.join(bucket_dir, name)).st_size == len(content)
     objects = store_objects(file_mount.store_root)
     # sync commit: the objects are there when rename returns, and nothing else is
-    assert objects == {f"blockmgr-1/0c/{name}": content for name, content in written.items()}
+    assert objects == {f"blockmgr-10000000-0000-4000-8000-000000000000/0c/{name}": content for name, content in written.items()}
 
 
 def test_rename_semantics(file_mount):
@@ -183,16 +183,16 @@ def test_names_and_paths(file_mount):
 def test_concurrent_rm_rf(file_mount):
     m = file_mount.path
     for b in range(8):
-        directory = f"{m}/blockmgr-x/{b:02x}"
+        directory = f"{m}/blockmgr-a0000000-0000-4000-8000-000000000000/{b:02x}"
         os.makedirs(directory)
         for i in range(30):
             with open(f"{directory}/temp_shuffle_{i}", "wb") as f:
                 f.write(b"t" * 100)
         spark_commit(directory, 0, b, [b"d" * 50])
     assert len(store_objects(file_mount.store_root)) == 8 * 3
-    removers = [subprocess.Popen(["rm", "-rf", f"{m}/blockmgr-x"], stderr=subprocess.PIPE) for _ in range(2)]
+    removers = [subprocess.Popen(["rm", "-rf", f"{m}/blockmgr-a0000000-0000-4000-8000-000000000000"], stderr=subprocess.PIPE) for _ in range(2)]
     results = [(p.wait(timeout=60), p.stderr.read()) for p in removers]
-    assert not os.path.exists(f"{m}/blockmgr-x")
+    assert not os.path.exists(f"{m}/blockmgr-a0000000-0000-4000-8000-000000000000")
     assert any(code == 0 for code, _ in results), results
     assert file_mount.umount().returncode == 0  # deletes are drained at unmount
     assert store_objects(file_mount.store_root) == {}
@@ -280,7 +280,7 @@ def test_second_mount_sees_committed_files(tmp_path, s3_env, bucket, seaweed):
     url = f"s3://{bucket}/jobs"
     with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=s3_env) as first, \
          Mount(url, tmp_path / "b", tmp_path / "cache-b", env=s3_env) as second:
-        written = commit_and_read_from_second_mount(first, second, "spark-1/executor-0/blockmgr-2/0c",
+        written = commit_and_read_from_second_mount(first, second, "spark-1/executor-0/blockmgr-20000000-0000-4000-8000-000000000000/0c",
                                                     [os.urandom(5000), os.urandom(300)])
         assert sorted(os.listdir(second.path)) == ["spark-1"]
         assert bucket_objects(seaweed.client(), bucket, "jobs") == written
@@ -290,11 +290,11 @@ def test_sigkill_recovery_completes_pending_uploads(tmp_path, s3_env, bucket, se
     url = f"s3://{bucket}"
     mount = Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=s3_env)
     with mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         os.kill(seaweed.process.pid, signal.SIGSTOP)  # the store stops answering
         try:
             started = time.monotonic()
-            written = spark_commit(f"{mount.path}/blockmgr-1/00", 0, 1, [os.urandom(20000)])
+            written = spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [os.urandom(20000)])
             assert time.monotonic() - started < 5, "async commit must not wait for the store"
             mount.kill()
         finally:
@@ -302,17 +302,17 @@ def test_sigkill_recovery_completes_pending_uploads(tmp_path, s3_env, bucket, se
         assert not is_mounted(mount.path)
         assert bucket_objects(seaweed.client(), bucket) == {}
     with Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=s3_env) as again:
-        assert sorted(os.listdir(f"{again.path}/blockmgr-1/00")) == sorted(written)
+        assert sorted(os.listdir(f"{again.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")) == sorted(written)
         assert again.umount().returncode == 0
-    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-1/00/{n}": c for n, c in written.items()}
+    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-10000000-0000-4000-8000-000000000000/00/{n}": c for n, c in written.items()}
 
 
 def test_sigterm_drains_pending_uploads(tmp_path, s3_env, bucket, seaweed):
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=s3_env) as mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         os.kill(seaweed.process.pid, signal.SIGSTOP)
         try:
-            written = spark_commit(f"{mount.path}/blockmgr-1/00", 2, 3, [os.urandom(100000)])
+            written = spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 2, 3, [os.urandom(100000)])
             os.kill(mount.pid, signal.SIGTERM)
             time.sleep(1)
             assert is_mounted(mount.path), "the mount must stay until the uploads are drained"
@@ -321,22 +321,22 @@ def test_sigterm_drains_pending_uploads(tmp_path, s3_env, bucket, seaweed):
         mount.wait_exit(120)
         assert not is_mounted(mount.path)
         assert mount.status()["given_up"] == 0
-    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-1/00/{n}": c for n, c in written.items()}
+    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-10000000-0000-4000-8000-000000000000/00/{n}": c for n, c in written.items()}
 
 
 def test_small_cache_reads_back_evicted_files(tmp_path, file_store):
     """--cache-size bounds local bytes: uploaded files are evicted and read back remotely."""
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "10M") as mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         blobs = {}
         for map_id in range(6):
-            blobs.update(spark_commit(f"{mount.path}/blockmgr-1/00", 0, map_id, [os.urandom(3 * 1024 * 1024)]))
+            blobs.update(spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, map_id, [os.urandom(3 * 1024 * 1024)]))
         staged = sum(e.stat().st_size for e in os.scandir(f"{mount.cache_dir}/staging"))
         assert staged <= 10 * 1024 * 1024 < sum(map(len, blobs.values()))
         for name, content in blobs.items():
-            with open(f"{mount.path}/blockmgr-1/00/{name}", "rb") as f:
+            with open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/{name}", "rb") as f:
                 assert f.read() == content
-        with open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.data", "rb") as f:
+        with open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data", "rb") as f:
             f.seek(1024 * 1024)
             assert f.read(100) == blobs["shuffle_0_0_0.data"][1024 * 1024:1024 * 1024 + 100]
 
@@ -344,12 +344,12 @@ def test_small_cache_reads_back_evicted_files(tmp_path, file_store):
 def test_large_file_uses_multipart_upload(tmp_path, s3_env, bucket, seaweed):
     big = os.urandom(40 * 1024 * 1024 + 123)
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
-        spark_commit(f"{mount.path}/blockmgr-1/00", 4, 4, [big])
-        head = seaweed.client().head_object(Bucket=bucket, Key="blockmgr-1/00/shuffle_4_4_0.data")
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
+        spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 4, 4, [big])
+        head = seaweed.client().head_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_4_4_0.data")
         assert head["ContentLength"] == len(big)
         assert "-" in head["ETag"], "a 40 MiB file must go up in parts"
-        body = seaweed.client().get_object(Bucket=bucket, Key="blockmgr-1/00/shuffle_4_4_0.data")["Body"].read()
+        body = seaweed.client().get_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_4_4_0.data")["Body"].read()
         assert body == big
 
 
@@ -365,18 +365,18 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
         bucket = server.create_bucket("gone")
         env = {**s3_env, **server.env()}
         with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", env=env) as mount:
-            os.makedirs(f"{mount.path}/blockmgr-1/00")
+            os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
             server.stop()
-            temp = f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index.tmp"
+            temp = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index.tmp"
             with open(temp, "wb") as f:
                 f.write(b"\0" * 16)
             started = time.monotonic()
             with pytest.raises(OSError) as raised:
-                os.rename(temp, f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index")
+                os.rename(temp, f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")
             assert raised.value.errno == errno.EIO
             assert time.monotonic() - started < 60
-            assert os.listdir(f"{mount.path}/blockmgr-1/00") == ["shuffle_0_0_0.index.tmp"]
-            fd = os.open(f"{mount.path}/blockmgr-1/00/shuffle_0_0_0.index", os.O_WRONLY | os.O_CREAT, 0o644)
+            assert os.listdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00") == ["shuffle_0_0_0.index.tmp"]
+            fd = os.open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index", os.O_WRONLY | os.O_CREAT, 0o644)
             os.write(fd, b"\0" * 16)
             with pytest.raises(OSError) as raised:
                 os.close(fd)
@@ -393,7 +393,7 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
     try:
         # the upload; and a look, later, for what the cancelled upload of the rename may leave
         assert sorted((r["kind"], r["key"]) for _, r in journal.pending_ops()) == [
-            ("put", "blockmgr-1/00/shuffle_0_0_0.index"), ("sweep", "blockmgr-1/00/shuffle_0_0_0.index")]
+            ("put", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"), ("sweep", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")]
     finally:
         journal.close()
 
@@ -428,14 +428,14 @@ def test_page_cache_kept_across_opens_and_coherent(file_mount):
 def test_shell_redirection_into_a_durable_name(file_mount):
     """`cmd > shuffle_..index` (the shell dups the descriptor and closes the original before
     cmd writes: an early commit) ends with the whole file stored."""
-    path = f"{file_mount.path}/blockmgr-1/00/shuffle_0_0_0.index"
+    path = f"{file_mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"
     os.makedirs(os.path.dirname(path))
     result = subprocess.run(["sh", "-c", f"head -c 24 /dev/urandom > {path}"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     with open(path, "rb") as f:
         content = f.read()
     assert len(content) == 24
-    assert store_objects(file_mount.store_root) == {"blockmgr-1/00/shuffle_0_0_0.index": content}
+    assert store_objects(file_mount.store_root) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": content}
 
 
 def test_sigterm_waits_for_open_shuffle_files(tmp_path, file_store):
@@ -456,7 +456,7 @@ def test_sigterm_waits_for_open_shuffle_files(tmp_path, file_store):
 def half_full_directory(mount: Mount) -> str:
     """A new directory on a mount with --cache-size 8M, of which 4 MiB are taken by local data
     (never evicted)."""
-    directory = f"{mount.path}/blockmgr-1/00"
+    directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
     os.makedirs(directory)
     with open(f"{directory}/temp_local_blocker", "wb") as f:
         f.write(b"b" * 4 * 1024 * 1024)
@@ -515,7 +515,7 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
         with open(path, "wb") as f:  # O_TRUNC: rewritten from empty
             f.write(b"whole")
         assert mount.umount().returncode == 0
-    assert store_objects(str(file_store)) == {"blockmgr-1/00/shuffle_0_0_0.data": b"whole"}
+    assert store_objects(str(file_store)) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data": b"whole"}
 
 
 @pytest.mark.parametrize("commit", ["sync", "async"])
@@ -560,7 +560,7 @@ def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
     not exist and is not listed, and Spark's retry renames once the store is back. Both kinds:
     a commit (over a committed file) and a server-side move of a committed file."""
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache") as mount:
-        directory = f"{mount.path}/blockmgr-1/00"
+        directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         written = spark_commit(directory, 0, 0, [b"old"])
         temp = f"{directory}/shuffle_0_0_0.data.{uuid.uuid4()}"
@@ -568,7 +568,7 @@ def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
             f.write(b"new")
         final, moved = f"{directory}/shuffle_0_0_0.data", f"{directory}/shuffle_0_9_0.data"
         assert not os.path.exists(moved)  # the kernel caches the absence
-        stored = f"{file_store}/blockmgr-1/00"
+        stored = f"{file_store}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         # the store fails, also for root (who ignores modes)
         if subprocess.run(["chattr", "+i", stored], capture_output=True).returncode != 0:
             pytest.skip("chattr +i is not supported here")
@@ -589,8 +589,8 @@ def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
             ["shuffle_0_0_0.index", "shuffle_0_0_0.checksum.ADLER32", "shuffle_0_9_0.data"])
         assert mount.umount().returncode == 0
     objects = store_objects(str(file_store))
-    assert objects["blockmgr-1/00/shuffle_0_9_0.data"] == b"new"
-    assert "blockmgr-1/00/shuffle_0_0_0.data" not in objects
+    assert objects["blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_9_0.data"] == b"new"
+    assert "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data" not in objects
 
 
 def test_a_stopped_store_bounds_file_operations(tmp_path, s3_env, bucket, seaweed):
@@ -598,10 +598,10 @@ def test_a_stopped_store_bounds_file_operations(tmp_path, s3_env, bucket, seawee
     a sync commit fails with EIO, both within the bound, while the store does not answer."""
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--store-timeout", "2",
                env=s3_env) as mount:
-        os.makedirs(f"{mount.path}/blockmgr-1/00")
-        spark_commit(f"{mount.path}/blockmgr-1/00", 0, 1, [b"before"])
-        assert os.listdir(mount.path) == ["blockmgr-1"]
-        temp = f"{mount.path}/blockmgr-1/00/shuffle_0_2_0.data.tmp"
+        os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
+        spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [b"before"])
+        assert os.listdir(mount.path) == ["blockmgr-10000000-0000-4000-8000-000000000000"]
+        temp = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_2_0.data.tmp"
         with open(temp, "wb") as f:
             f.write(b"during the outage")
         os.kill(seaweed.process.pid, signal.SIGSTOP)
@@ -609,7 +609,7 @@ def test_a_stopped_store_bounds_file_operations(tmp_path, s3_env, bucket, seawee
             time.sleep(1.5)  # the root's listing is older than remote_ttl
             started = time.monotonic()
             listed = subprocess.run(["ls", mount.path], capture_output=True, text=True, timeout=30)
-            assert listed.stdout.split() == ["blockmgr-1"] and time.monotonic() - started < 5
+            assert listed.stdout.split() == ["blockmgr-10000000-0000-4000-8000-000000000000"] and time.monotonic() - started < 5
             started = time.monotonic()
             with pytest.raises(OSError) as raised:
                 os.rename(temp, temp[:-len(".tmp")])

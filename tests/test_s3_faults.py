@@ -169,12 +169,12 @@ def test_daemon_sends_failed_parts_again(seaweed, proxy, s3_env, tmp_path):
     proxy.add_rule(drop_before(), op="UploadPart", query=r"partNumber=4(&|$)", times=1)
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url,
                env=s3_env) as mount:
-        directory = f"{mount.path}/blockmgr-1/00"
+        directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         with open(f"{directory}/shuffle_0_0_0.data.tmp", "wb") as f:
             f.write(data)
         os.rename(f"{directory}/shuffle_0_0_0.data.tmp", f"{directory}/shuffle_0_0_0.data")
-        assert seaweed.client().get_object(Bucket=bucket, Key="blockmgr-1/00/shuffle_0_0_0.data")["Body"].read() == data
+        assert seaweed.client().get_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data")["Body"].read() == data
         assert [r.params["partNumber"] for r in proxy.select("UploadPart")] == ["1", "2", "2", "2", "3", "4", "4", "5"]
         assert proxy.count("CreateMultipartUpload") == proxy.count("CompleteMultipartUpload") == 1
         assert mount.umount().returncode == 0

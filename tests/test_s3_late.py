@@ -13,7 +13,7 @@ import pytest
 from faultproxy import FaultProxy, hold
 from mounting import Mount, bucket_objects, run_cli
 
-KEY = "blockmgr-1/00/shuffle_0_1_0.data"
+KEY = "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_1_0.data"
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_a_dead_daemons_put_that_lands_after_the_delete_is_swept(seaweed, proxy,
     args = ("--s3-endpoint-url", proxy.url, "--commit", "async", "--late-window", "3")
     first = Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", *args, env=s3_env)
     with first:
-        directory = f"{first.path}/blockmgr-1/00"
+        directory = f"{first.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         proxy.add_rule(hold(), op="PutObject", path=KEY, times=1)
         with open(f"{directory}/shuffle_0_1_0.data.tmp", "wb") as f:
@@ -62,7 +62,7 @@ def test_a_late_put_cannot_replace_newer_bytes_on_s3(seaweed, proxy, s3_env, tmp
     bucket = seaweed.create_bucket(f"l{uuid.uuid4().hex[:16]}")
     args = ("--s3-endpoint-url", proxy.url, "--commit", "async")
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", *args, env=s3_env) as first:
-        directory = f"{first.path}/blockmgr-1/00"
+        directory = f"{first.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         proxy.add_rule(hold(), op="PutObject", path=KEY, times=1)
         with open(f"{directory}/shuffle_0_1_0.data", "wb") as f:
@@ -71,7 +71,7 @@ def test_a_late_put_cannot_replace_newer_bytes_on_s3(seaweed, proxy, s3_env, tmp
         first.kill()
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", *args, env=s3_env) as second:
         settle(second)
-        directory = f"{second.path}/blockmgr-1/00"
+        directory = f"{second.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         with open(f"{directory}/shuffle_0_1_0.data.tmp", "wb") as f:
             f.write(b"new bytes")
         os.rename(f"{directory}/shuffle_0_1_0.data.tmp", f"{directory}/shuffle_0_1_0.data")
@@ -90,7 +90,7 @@ def test_a_move_resumed_after_a_crash_moves_the_file(seaweed, proxy, s3_env, tmp
     moved = KEY.replace("shuffle_0_1_0", "shuffle_0_2_0")
     args = ("--s3-endpoint-url", proxy.url, "--commit", "async")
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", *args, env=s3_env) as first:
-        directory = f"{first.path}/blockmgr-1/00"
+        directory = f"{first.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         with open(f"{directory}/shuffle_0_1_0.data.tmp", "wb") as f:
             f.write(b"moved once")

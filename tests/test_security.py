@@ -113,10 +113,10 @@ def test_cache_dir_and_what_is_learned_from_the_store_are_private(tmp_path, file
     cache = tmp_path / "cache"
     nobody = pwd.getpwnam("nobody")
     with Mount(f"file://{file_store}", tmp_path / "mnt", cache) as mount:
-        os.mkdir(f"{mount.path}/blockmgr-1", 0o700)
-        os.chmod(f"{mount.path}/blockmgr-1", 0o700)
+        os.mkdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000", 0o700)
+        os.chmod(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000", 0o700)
         for name in ("shuffle_0_0_0.index", "shuffle_0_0_0.data"):
-            fd = os.open(f"{mount.path}/blockmgr-1/{name}", os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = os.open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/{name}", os.O_WRONLY | os.O_CREAT, 0o600)
             os.write(fd, b"private")
             os.close(fd)
         assert mount.umount().returncode == 0
@@ -135,14 +135,14 @@ def test_cache_dir_and_what_is_learned_from_the_store_are_private(tmp_path, file
         assert as_user(nobody.pw_uid, nobody.pw_gid, lambda: open(cache / "lmdb/data.mdb").close()) \
             .startswith("PermissionError")
         # the store keeps no modes: what the new daemon learns from it is the owner's
-        learned = os.stat(f"{mount.path}/blockmgr-1")
-        index = os.stat(f"{mount.path}/blockmgr-1/shuffle_0_0_0.index")
+        learned = os.stat(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000")
+        index = os.stat(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/shuffle_0_0_0.index")
         assert (stat.S_IMODE(learned.st_mode), learned.st_uid) == (0o750, os.getuid())
         assert (stat.S_IMODE(index.st_mode), index.st_uid) == (0o640, os.getuid())
         assert as_user(nobody.pw_uid, nobody.pw_gid,
-                       lambda: open(f"{mount.path}/blockmgr-1/shuffle_0_0_0.index").read()) \
+                       lambda: open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/shuffle_0_0_0.index").read()) \
             .startswith("PermissionError")
-        with open(f"{mount.path}/blockmgr-1/shuffle_0_0_0.index") as f:
+        with open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/shuffle_0_0_0.index") as f:
             assert f.read() == "private"
 
 

@@ -61,7 +61,7 @@ def own_mount(tmp_path, file_store):
 def test_local_files_pass_through(own_mount):
     """A temporary name is written and read by the kernel in its staging file: no READ or WRITE
     reaches the daemon, fstat follows the writes, and the rename still commits the bytes."""
-    directory = f"{own_mount.path}/blockmgr-1/00"
+    directory = f"{own_mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
     os.makedirs(directory)
     data = os.urandom(8 * MiB)
     temp = f"{directory}/temp_shuffle_{uuid.uuid4()}"
@@ -73,7 +73,7 @@ def test_local_files_pass_through(own_mount):
     assert read(temp) == data
     os.rename(temp, f"{directory}/shuffle_0_0_0.data")
     assert read(f"{directory}/shuffle_0_0_0.data") == data  # committed, still local: passed through
-    assert store_objects(own_mount.store_root) == {"blockmgr-1/00/shuffle_0_0_0.data": data}
+    assert store_objects(own_mount.store_root) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data": data}
     after = stats(own_mount)
     assert after["fuse"]["passthrough"] is True
     assert delta(before, after["fuse"]["requests"], "write") == 0
@@ -95,7 +95,7 @@ def test_durable_name_written_directly_is_daemon_served(own_mount):
 def test_evicted_committed_file_is_daemon_served(tmp_path, file_store):
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own",
                "--cache-size", "10M") as mount:
-        directory = f"{mount.path}/blockmgr-1/00"
+        directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         blobs = {}
         for map_id in range(6):
@@ -209,9 +209,9 @@ def timed(what: str, call, bound: float = 1.0):
 def test_a_waiting_commit_does_not_hold_up_other_requests(tmp_path, s3_env, bucket, seaweed, proxy):
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own",
                "--s3-endpoint-url", proxy.url, "--store-timeout", "60", env=s3_env) as mount:
-        directory = f"{mount.path}/blockmgr-1/00"
+        directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
-        key = "blockmgr-1/00/shuffle_0_0_0.index"
+        key = "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"
         proxy.add_rule(hold(), op="PutObject", path=key, times=1)
         outcome: list = []
 
@@ -264,7 +264,7 @@ def test_pyfuse3_session(tmp_path, file_store):
 def test_sizes_of_a_passed_through_file_with_two_handles(own_mount):
     """The daemon never sees the writes of a passed-through file: what it answers (GETATTR,
     LOOKUP, READDIRPLUS entries) must come from the staging file, or the kernel's size shrinks."""
-    directory = f"{own_mount.path}/blockmgr-1/0a"
+    directory = f"{own_mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/0a"
     os.makedirs(directory)
     path = f"{directory}/temp_shuffle_{uuid.uuid4()}"
     before = requests(own_mount)
