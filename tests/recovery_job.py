@@ -2,21 +2,22 @@
 """PySpark driver of the recovery scenarios (tests/test_recovery.py): one shuffle, used twice.
 
     python tests/recovery_job.py --local-dir DIR --result FILE --master spark://... [--pause]
-                                 [--conf KEY=VALUE ...]
+                                 [--conf KEY=VALUE ...] [--remove-shuffle-from DIR]
 
-Job 0 collects an RDD shuffle. With ``--pause`` the driver then prints ``SPARK_JOBS_DONE`` and
+Job 0 collects an RDD shuffle (shuffle 0). With ``--pause`` the driver then prints ``SPARK_JOBS_DONE`` and
 waits for a line on stdin (sparkrun's pause protocol, here *between* the jobs), so that the
 test can take the executors away; it then waits until the driver has seen every executor of
 job 0 leave, and job 1 collects the same shuffled RDD again. Whether job 1 re-ran the map
 stage is in Spark's event log (spark.eventLog.* given with --conf).
 
-The result FILE holds both jobs' answers, the application id and the executors before and after.
+The result FILE holds both jobs' answers, the application id and the executors before and after;
+with ``--remove-shuffle-from DIR`` the driver then removes shuffle 0 and reports the files of
+it left in DIR.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,7 +39,21 @@ def executor_ids(sc) -> set[str]:
     return set(filter(None, listed.split(",")))
 
 
-def two_jobs_on_one_shuffle(spark, pause: bool) -> dict:
+def remove_shuffle(sc, shuffle_id: int, local_dir: str, timeout: float = 30.0) -> list[str]:
+    """Have Spark remove a shuffle the way its ContextCleaner does once the RDD is garbage,
+    and wait until its files are gone from local_dir (a dead executor's are removed by the
+    external shuffle service). Returns the files left."""
+    sc._jsc.sc().cleaner().get().doCleanupShuffle(shuffle_id, True)
+    prefix = f"shuffle_{shuffle_id}_"
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [name for _, _, names in os.walk(local_dir) for name in names if name.startswith(prefix)]
+        if not left or time.monotonic() > deadline:
+            return sorted(left)
+        time.sleep(0.5)
+
+
+def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None) -> dict:
     sc = spark.sparkContext
     shuffled = sc.parallelize(range(RECORDS), MAP_TASKS).map(lambda x: (x % KEYS, 1)).reduceByKey(add)
     job0 = sorted(shuffled.collect())
@@ -58,21 +73,26 @@ def two_jobs_on_one_shuffle(spark, pause: bool) -> dict:
     t = time.monotonic()
     job1 = sorted(shuffled.collect())
     log(f"job 1 done in {time.monotonic() - t:.1f}s")
-    return {"app_id": sc.applicationId, "job0": job0, "job1": job1,
-            "executors_job0": sorted(before), "executors_job1": sorted(executor_ids(sc))}
+    result = {"app_id": sc.applicationId, "job0": job0, "job1": job1,
+              "executors_job0": sorted(before), "executors_job1": sorted(executor_ids(sc))}
+    if remove_from:
+        result["left_after_removal"] = remove_shuffle(sc, 0, remove_from)
+    return result
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_driver_arguments(ap)
     ap.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--remove-shuffle-from", metavar="DIR",
+                    help="after job 1, remove the shuffle and wait until its files left DIR")
     args = ap.parse_args(argv)
     conf = dict(item.split("=", 1) for item in args.conf)
     # Each standalone worker gives its executors its own SPARK_LOCAL_DIRS (through
     # SPARK_EXECUTOR_DIRS); the driver's local dir must not replace them.
     conf.setdefault("spark.executorEnv.SPARK_LOCAL_DIRS", None)
     # the driver pauses between its jobs itself, not after them
-    return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause), args.local_dir, args.result,
+    return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause, args.remove_shuffle_from), args.local_dir, args.result,
                  args.master, False, app_name="shufflefs-recovery", conf=conf)
 
 

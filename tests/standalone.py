@@ -53,10 +53,17 @@ class StandaloneCluster:
     """One Master and len(worker_local_dirs) Workers on 127.0.0.1, 1 core and 1 GB each."""
 
     def __init__(self, base, worker_local_dirs, *, worker_env: list[dict] | None = None,
+                 node_path: str | None = None, node_mounts: list[str] | None = None,
                  start_timeout: float = 90):
+        """With `node_path` and `node_mounts`, every Worker (and every executor it starts) runs
+        in a mount namespace of its own where node_mounts[i] is bound at node_path: each "node"
+        sees its own shufflefs mount at the same path, as Spark expects of a fallback path.
+        worker_local_dirs are then paths below node_path."""
         self.base = Path(base)
         self.worker_local_dirs = [os.fspath(d) for d in worker_local_dirs]
         self.worker_env = worker_env or [{} for _ in self.worker_local_dirs]
+        self.node_path = node_path
+        self.node_mounts = node_mounts
         self.start_timeout = start_timeout
         self.master_port = free_port()
         self.master_ui_port = free_port()
@@ -74,17 +81,28 @@ class StandaloneCluster:
         for i, local_dir in enumerate(self.worker_local_dirs):
             work_dir = self.base / f"worker{i}-work"
             work_dir.mkdir(exist_ok=True)
-            os.makedirs(local_dir, exist_ok=True)
+            os.makedirs(self.host_path(i, local_dir), exist_ok=True)
             self.worker_dirs.append(str(work_dir))
             env = {"SPARK_LOCAL_DIRS": local_dir, "SPARK_WORKER_DIR": str(work_dir), **self.worker_env[i]}
+            wrapper = []
+            if self.node_path is not None:
+                wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'mount --bind "$1" "$2" && shift 2 && exec "$@"', f"node{i}",
+                           self.node_mounts[i], self.node_path]
             self._spawn(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.master_url,
                                        "--cores", "1", "--memory", "1G", "--host", "127.0.0.1",
                                        "--port", str(free_port()), "--webui-port", str(free_port()),
-                                       "--work-dir", str(work_dir)], env)
+                                       "--work-dir", str(work_dir)], env, wrapper)
         self._wait_workers_alive()
         return self
 
-    def _spawn(self, name: str, args: list[str], extra_env: dict) -> None:
+    def host_path(self, worker: int, path: str) -> str:
+        """Where this process finds a path as worker `worker` sees it."""
+        if self.node_path is None or os.path.commonpath([path, self.node_path]) != self.node_path:
+            return path
+        return os.path.join(self.node_mounts[worker], os.path.relpath(path, self.node_path))
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict, wrapper: list[str] = ()) -> None:
         home = spark_home()
         env = dict(os.environ)
         # a user's configuration must not change the cluster
@@ -97,7 +115,7 @@ class StandaloneCluster:
         env.update(extra_env)
         log = open(self.base / f"{name}.log", "wb")
         with log:
-            process = subprocess.Popen([os.path.join(home, "bin", "spark-class"), *args], env=env,
+            process = subprocess.Popen([*wrapper, os.path.join(home, "bin", "spark-class"), *args], env=env,
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        cwd=self.base, start_new_session=True)
         self.processes.append((name, process))

@@ -527,6 +527,22 @@ def test_sidecar_template_needs_no_host_path():
     assert pod["terminationGracePeriodSeconds"] >= 300
 
 
+@pytest.mark.parametrize("template", ["executor-pod-template.yaml", "executor-sidecar-pod-template.yaml"])
+def test_the_fallback_path_of_the_recipe_is_on_every_executors_mount(template):
+    """Decommission onto the mount (docs/RECOVERY.md) needs the fallback path inside the
+    executor's shufflefs local dir, at the same path in every executor."""
+    with open(os.path.join(K8S, "README.md")) as f:
+        (recipe,) = set(re.findall(r"fallbackStorage\.path=file://(\S+)", f.read()))
+    assert recipe.endswith("/"), "Spark appends {appId}/... to the path as it is"
+    (pod,) = manifests(template)
+    with open(os.path.join(K8S, template)) as f:
+        assert f"fallbackStorage.path=file://{recipe}" in f.read()
+    executor = one(pod["spec"]["containers"], name="spark-kubernetes-executor")
+    local = one(executor["volumeMounts"], name="spark-local-dir-1")
+    assert recipe.startswith(local["mountPath"] + "/")
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= 300, "time to copy the map outputs"
+
+
 def test_dockerfile():
     with open(os.path.join(K8S, "Dockerfile")) as f:
         text = f.read()
