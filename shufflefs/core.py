@@ -24,7 +24,7 @@ from typing import Iterator
 import trio
 
 from shufflefs.journal import Journal
-from shufflefs.naming import INDEX_CACHE_MAX, is_durable, is_index, is_unique
+from shufflefs.naming import INDEX_CACHE_MAX, checksum_companion, is_durable, is_index, is_unique
 from shufflefs.remote import Op, Remote
 from shufflefs.staging import StagingArea, StagingFile
 from shufflefs.stores import PreconditionFailed, Store, StoreError
@@ -77,7 +77,8 @@ class Node:
 
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
                  "linked", "lookups", "children", "subdirs", "owned", "created_here", "listed_at", "size", "staging",
-                 "opens", "writers", "committed", "from_remote", "version", "write_error", "passthrough")
+                 "opens", "writers", "committed", "from_remote", "version", "stored_at", "write_error",
+                 "passthrough")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -106,6 +107,9 @@ class Node:
         self.committed = False
         self.from_remote = False  # learned from a store listing, not created here
         self.version: str | None = None  # of the object a committed file's bytes are in the store
+        # when this mount's upload of it to its current key finished (time.monotonic()): a
+        # store listing begun later that lacks it means another mount deleted it
+        self.stored_at: float | None = None
         # errno of a write that failed since the file was last empty: its bytes are not what
         # the program wrote, so it is never committed (see Filesystem._write_failed)
         self.write_error = 0
@@ -372,6 +376,7 @@ class Filesystem:
             return
         in_flight = self._listings[directory.ino] = trio.Event()
         prefix = self.key_of(directory)
+        started = time.monotonic()
         try:
             listing = await self.remote.call(self.store.list_dir, prefix, what=f"listing {prefix or '/'}")
         finally:
@@ -412,14 +417,24 @@ class Filesystem:
             child.atime_ns = child.mtime_ns = child.ctime_ns = obj.mtime_ns
         for name, child in list(directory.children.items()):
             key = f"{prefix}/{name}" if prefix else name
+            # what this mount learned from the store, or stored there before the listing began
+            known_stored = child.from_remote or (child.committed and child.stored_at is not None
+                                                 and child.stored_at < started)
             # a name this mount is still moving an object to is not listed yet, but it exists
-            gone = (child.from_remote and name not in seen and child.opens == 0
+            gone = (known_stored and name not in seen and child.opens == 0
                     and self.remote.last_op(key) is None)
             if gone and not (child.is_dir and child.children):
+                if not child.from_remote:
+                    log.info("%s was deleted from the store (by another mount)", key)
+                    self.stats["remote_deletions"] += 1
                 if is_index(name):
                     self.journal.index_delete(key)
                 self._detach(child)
                 self._maybe_free(child)
+                companion = directory.children.get(checksum_companion(name))
+                if companion is not None and not companion.committed and companion.opens == 0:
+                    self._detach(companion)
+                    self._maybe_free(companion)
 
     # ------------------------------------------------------------------ lookups and attributes
     async def lookup(self, parent_ino: int, name: str) -> Node | None:
@@ -432,9 +447,9 @@ class Filesystem:
         else:
             self._check_length(name)
             child = parent.children.get(name)
-            if not parent.owned and (child is None or (child.from_remote and not child.is_dir)):
-                # a miss, or a file another mount may have replaced: look at the store again
-                # (at most once per remote_ttl)
+            if not parent.owned and (child is None or (not child.is_dir and (child.from_remote or child.stored_at is not None))):
+                # a miss, or a stored file another mount may have replaced or deleted: look at
+                # the store again (at most once per remote_ttl)
                 try:
                     await self._refresh(parent)
                 except StoreError as exc:
@@ -666,6 +681,7 @@ class Filesystem:
         self._bury(node, old_key)
         self._detach(node)
         self._attach(new_parent, new_name, node)
+        node.stored_at = None  # not at the new key yet (a move), or never again (a local name)
         try:
             if node.is_dir:
                 self.journal.dir_move(old_key, self.key_of(node))
@@ -803,6 +819,7 @@ class Filesystem:
         node = self._put_owner.pop(op, None)
         if node is not None and node.staging is op.staging:
             node.version = op.version
+            node.stored_at = time.monotonic()
             if node.opens == 0 and node.linked:
                 self.evictable[node.ino] = node
                 self._evict(0)

@@ -29,5 +29,12 @@ def is_durable(name: str) -> bool:
     return DURABLE_PATTERN.fullmatch(name) is not None
 
 
+def checksum_companion(name: str) -> str:
+    """The side file Hadoop's local file system writes beside every file it writes (Spark's
+    fallback copies), holding CRCs of its bytes. It stays local (see docs/RECOVERY.md), and
+    goes when its file is found deleted."""
+    return f".{name}.crc"
+
+
 def is_index(name: str) -> bool:
     return name.endswith(INDEX_SUFFIX)

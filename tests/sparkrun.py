@@ -77,6 +77,7 @@ def run_spark_job(
     master: Optional[str] = None,
     extra_args: Iterable[str] = (),
     script=SPARK_JOB,
+    wrapper: Iterable[str] = (),
 ) -> dict:
     """Run tests/spark_job.py with ``spark.local.dir=local_dir``; return its result.
 
@@ -92,6 +93,7 @@ def run_spark_job(
     extra_args: more arguments for the script.
     script: another driver program with spark_job.py's command line and pause
         protocol (e.g. bench/spark_workloads.py, built on spark_job.drive()).
+    wrapper: a command prefix the driver runs under (e.g. standalone.in_node_namespace).
 
     The job's stderr is kept in ``<result_path>.stderr``.
     """
@@ -118,7 +120,7 @@ def run_spark_job(
     run_env["PYTHONUNBUFFERED"] = "1"
 
     script_name = os.path.basename(os.fspath(script))
-    cmd = [sys.executable, os.fspath(script), "--local-dir", local_dir, "--result", result_path]
+    cmd = [*wrapper, sys.executable, os.fspath(script), "--local-dir", local_dir, "--result", result_path]
     if master:
         cmd += ["--master", master]
     if pause_callback is not None:

@@ -86,9 +86,7 @@ class StandaloneCluster:
             env = {"SPARK_LOCAL_DIRS": local_dir, "SPARK_WORKER_DIR": str(work_dir), **self.worker_env[i]}
             wrapper = []
             if self.node_path is not None:
-                wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                           'mount --bind "$1" "$2" && shift 2 && exec "$@"', f"node{i}",
-                           self.node_mounts[i], self.node_path]
+                wrapper = in_node_namespace(self.node_mounts[i], self.node_path)
             self._spawn(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.master_url,
                                        "--cores", "1", "--memory", "1G", "--host", "127.0.0.1",
                                        "--port", str(free_port()), "--webui-port", str(free_port()),
@@ -200,6 +198,13 @@ class StandaloneCluster:
         for path in sorted(glob.glob(os.path.join(self.base, "worker*-work", app_id, "*", "stderr"))):
             out.append(f"--- {path} ---\n{_tail(path)[-3000:]}")
         return "\n".join(out)
+
+
+def in_node_namespace(mount: str, node_path: str) -> list[str]:
+    """The command prefix that runs a command in a mount namespace of its own where `mount` is
+    bound at `node_path`: a "node" seeing its own shufflefs mount at the path all nodes share."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$1" "$2" && shift 2 && exec "$@"', "node", mount, node_path]
 
 
 def decommission(pid: int) -> None:

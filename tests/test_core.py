@@ -1607,6 +1607,59 @@ async def test_a_directory_two_mounts_create_is_shared(env):
     assert errno_of(exc) == errno.ENOTEMPTY
 
 
+async def test_a_file_this_mount_stored_and_another_deleted_is_gone_at_the_next_listing(env):
+    """Spark's fallback cleanUp removes every node's copies through one mount: on the others,
+    the copies they wrote (and Hadoop's .crc beside them) must not stay behind, served from the
+    local cache."""
+    store = env.store("memory")
+    m1 = env.mount(store, name="node1", remote_ttl=0.05)
+    m2 = env.mount(store, name="node2", remote_ttl=0.05)
+    path = "fallback/app-1/0/17"
+    d2 = await mkdirs(m2.fs, path)
+    await write_file(m2.fs, d2, f".{DATA}.crc", b"crc")
+    await commit(m2.fs, d2, DATA, b"copy from node 2")
+    await commit(m2.fs, d2, INDEX, index_bytes(3))
+    await m2.remote.drain()
+    assert await m2.fs.lookup(d2, "missing") is None  # a listing: both stored files are in it
+    assert {DATA, INDEX, f".{DATA}.crc"} <= set(m2.fs.node(d2).children)
+
+    d1 = (await resolve(m1.fs, path)).ino
+    assert await m1.fs.lookup(d1, DATA) is not None
+    await m1.fs.unlink(d1, DATA)
+    await m1.remote.drain()
+    await trio.sleep(0.06)
+    assert await m2.fs.lookup(d2, DATA) is None
+    assert await m2.fs.lookup(d2, f".{DATA}.crc") is None
+    assert m2.fs.stats["remote_deletions"] == 1
+    # the other file is still stored: kept
+    assert await read_all(m2.fs, (await m2.fs.lookup(d2, INDEX)).ino) == index_bytes(3)
+
+    # stored after the listing began: not taken for deleted
+    listing_begun = trio.Event()
+    release = trio.Event()
+    real_list_dir = store.list_dir
+
+    def slow_list_dir(prefix):
+        listing = real_list_dir(prefix)
+        trio.from_thread.run_sync(listing_begun.set)
+        trio.from_thread.run(release.wait)
+        return listing
+
+    await trio.sleep(0.06)
+    store.list_dir = slow_list_dir
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m2.fs.lookup, d2, "missing-2")
+            await listing_begun.wait()
+            # written under its durable name (no rename, which would wait for the listing)
+            await write_file(m2.fs, d2, "shuffle_0_6_0.data", b"late")
+            await m2.remote.drain()
+            release.set()
+    finally:
+        del store.list_dir
+    assert await read_all(m2.fs, (await m2.fs.lookup(d2, "shuffle_0_6_0.data")).ino) == b"late"
+
+
 async def test_delete_batching(env, monkeypatch):
     monkeypatch.setattr(shufflefs.remote, "DELETE_BATCH", 50)
     m = env.mount(commit_mode="async")

@@ -21,7 +21,7 @@ from mounting import Mount, run_cli
 from servers import free_port
 from recovery_job import KEYS, MAP_TASKS, RECORDS
 from sparkrun import LAST_RUN, java_home, run_spark_job, shuffle_files
-from standalone import EventLog, StandaloneCluster, decommission, wait_exited
+from standalone import EventLog, StandaloneCluster, decommission, in_node_namespace, wait_exited
 
 pytestmark = [pytest.mark.spark, pytest.mark.skipif(java_home() is None, reason="no java on PATH")]
 
@@ -78,7 +78,8 @@ def idle(pids) -> None:
 
 def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_away=sigpwr, *,
                  fallback_dir: str | None = None, worker_env: list[dict] | None = None,
-                 driver_args: list[str] = (), **nodes) -> tuple[dict, list[dict], dict]:
+                 driver_args: list[str] = (), driver_wrapper: list[str] = (),
+                 **nodes) -> tuple[dict, list[dict], dict]:
     """Job 0 shuffles; every executor of the app is taken away (`take_away(pids)`) and exits;
     job 1 reuses the shuffle. Returns the driver's result, the jobs read from the event log,
     and what was measured while the executors left. `nodes`: StandaloneCluster's node_path
@@ -116,6 +117,7 @@ def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_
         try:
             result = run_spark_job(tmp_path / "driver", tmp_path / "result.json", master=cluster.master_url,
                                    script=RECOVERY_JOB, pause_callback=take_every_executor_away,
+                                   wrapper=driver_wrapper,
                                    timeout=180,
                                    extra_args=[*driver_args, *(f"--conf={k}={v}" for k, v in conf.items())])
         except AssertionError as e:
@@ -151,10 +153,13 @@ def test_decommission_on_plain_dirs_recomputes(tmp_path):
     assert jobs[1]["map_tasks"] > 0, f"the map stage was not recomputed: {describe(jobs)}"
 
 
-def leave_onto_mounts(tmp_path: Path, store_url: str, conf: dict, take_away, env: dict | None = None) -> str:
+def leave_onto_mounts(tmp_path: Path, store_url: str, conf: dict, take_away, env: dict | None = None,
+                      clean_up: bool = False) -> str:
     """Two mounts of one store, two "nodes": each worker runs in a mount namespace where its own
     mount is at the same path (as on separate machines), with its local dir and the fallback
-    path on it. Returns the line of measurements."""
+    path on it. With `clean_up`, the driver runs on node 0 too, and removes the application's
+    fallback copies when it ends (Spark's fallbackStorage.cleanUp). Returns the line of
+    measurements."""
     node_path = str(tmp_path / "node")
     os.mkdir(node_path)
     with contextlib.ExitStack() as stack:
@@ -164,18 +169,24 @@ def leave_onto_mounts(tmp_path: Path, store_url: str, conf: dict, take_away, env
                 # trailing "/": Spark appends "{appId}/..." to the path as it is
                 "spark.storage.decommission.fallbackStorage.path": f"file://{node_path}/fallback/",
                 # both "nodes" are 127.0.0.1: Spark would read the other's files by path
-                "spark.shuffle.readHostLocalDisk": "false"}
+                "spark.shuffle.readHostLocalDisk": "false",
+                "spark.storage.decommission.fallbackStorage.cleanUp": str(clean_up).lower()}
+        fallback_dir = os.path.join(mounts[0].path, "fallback")
         result, jobs, measured = run_scenario(
             tmp_path, [os.path.join(node_path, "local")] * WORKERS, conf, take_away,
-            fallback_dir=os.path.join(mounts[0].path, "fallback"),
-            node_path=node_path, node_mounts=[m.path for m in mounts])
+            fallback_dir=fallback_dir, node_path=node_path, node_mounts=[m.path for m in mounts],
+            driver_wrapper=in_node_namespace(mounts[0].path, node_path) if clean_up else [])
         counters = [store_counters(m) for m in mounts]
+        time.sleep(1.1)  # the next listing of fallback/ asks the store again (remote_ttl)
+        fallback_left = os.listdir(fallback_dir)
+        # what node 1 copied there itself, and Hadoop's .crc files beside its copies
+        left_on_node1 = all_files(os.path.join(mounts[1].path, "fallback"))
     put_bytes = [c.get("put_bytes", 0) for c in counters]
     copies = [c.get("copy_requests", 0) for c in counters]
     read_back = [c.get("get_range_bytes", 0) for c in counters]
     line = (f"{describe(jobs)}; store put_bytes per mount {put_bytes} (sum {sum(put_bytes)}) for "
             f"{measured['committed_shuffle_bytes']} committed shuffle bytes, copies per mount {copies}, "
-            f"bytes read from the store per mount {read_back}; {measured}")
+            f"bytes read from the store per mount {read_back}, fallback/ at the end {fallback_left}, files left on node 1 {left_on_node1}; {measured}")
     assert result["job0"] == EXPECTED_COUNTS
     assert result["job1"] == result["job0"]
     assert len(jobs) == 2 and jobs[0]["map_tasks"] == MAP_TASKS, line
@@ -187,6 +198,9 @@ def leave_onto_mounts(tmp_path: Path, store_url: str, conf: dict, take_away, env
     assert measured["fallback_shuffle_bytes"] > 0 and sum(copies) > 0, line
     # job 1's reducers read the copies the other node made from the store
     assert sum(read_back) > 0, line
+    if clean_up:
+        assert result["app_id"] not in fallback_left, line
+        assert left_on_node1 == [], line
     return line
 
 
@@ -200,7 +214,7 @@ def test_decommission_onto_file_mounts_skips_the_map_stage(tmp_path):
 
 def test_decommission_onto_s3_mounts_skips_the_map_stage(tmp_path, s3_env, bucket):
     t0 = time.monotonic()
-    line = leave_onto_mounts(tmp_path, f"s3://{bucket}/shuffle", DECOMMISSION, sigpwr, s3_env)
+    line = leave_onto_mounts(tmp_path, f"s3://{bucket}/shuffle", DECOMMISSION, sigpwr, s3_env, clean_up=True)
     print(f"\nshufflefs s3://, decommission: {line}; test {time.monotonic() - t0:.1f}s")
 
 
