@@ -25,7 +25,7 @@ import trio
 
 from shufflefs.journal import Journal
 from shufflefs.naming import INDEX_CACHE_MAX, checksum_companion, is_durable, is_index, is_unique
-from shufflefs.remote import Op, Remote
+from shufflefs.remote import Op, Remote, same_bytes
 from shufflefs.staging import StagingArea, StagingFile
 from shufflefs.stores import PreconditionFailed, Store, StoreError
 from shufflefs.waits import about_to_wait
@@ -62,6 +62,8 @@ WRITERS_SYNC_INTERVAL = 0.1
 #: of a copy (Filesystem._read_lately)
 RECENT_READS = 4096
 RECENT_READ_SECONDS = 60.0
+#: ... and how many of one name (the map outputs of several applications have the same names)
+RECENT_READS_PER_NAME = 4
 
 
 class FsError(Exception):
@@ -78,7 +80,7 @@ class Node:
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
                  "linked", "lookups", "children", "subdirs", "owned", "created_here", "listed_at", "size", "staging",
                  "opens", "writers", "committed", "from_remote", "version", "stored_at", "write_error",
-                 "passthrough")
+                 "passthrough", "unseen_writes")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -113,6 +115,9 @@ class Node:
         # errno of a write that failed since the file was last empty: its bytes are not what
         # the program wrote, so it is never committed (see Filesystem._write_failed)
         self.write_error = 0
+        # written under its durable name past this daemon (passed through as a predicted copy):
+        # a failed write would be unseen, so it is committed only as an exact copy
+        self.unseen_writes = False
         # the staging file its opens are passed through to (FUSE passthrough: they bypass this
         # daemon), decided at the first open and kept until the last close: the kernel allows
         # one mode, and one backing file, per open inode
@@ -230,7 +235,7 @@ class Filesystem:
         self._listings: dict[int, trio.Event] = {}
         self._tombstones: OrderedDict[str, float] = OrderedDict()
         #: committed files opened for reading lately, by name (see _read_lately)
-        self._recent_reads: OrderedDict[str, tuple[Node, float]] = OrderedDict()
+        self._recent_reads: OrderedDict[str, list[tuple[Node, float]]] = OrderedDict()
         self._put_owner: dict[Op, Node] = {}
         #: the longest path (bytes) a directory or durable file may have: its key must fit in
         #: LMDB (directories and the index cache are keyed by path) and in the store
@@ -522,6 +527,8 @@ class Filesystem:
         node.mtime_ns = node.ctime_ns = time.time_ns()
         if size == 0:
             node.write_error = 0  # rewritten from empty: no lost write is left in it
+            if node.passthrough is None:
+                node.unseen_writes = False
 
     def statfs(self) -> dict:
         block = 4096
@@ -771,13 +778,23 @@ class Filesystem:
             raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
         if node.passthrough is not None:
             self._sync_passed_through(node)  # e.g. renamed after a FLUSH of an inherited copy
+        copy_of, compared = self._copy_candidate(node), False
+        if node.unseen_writes:
+            source = await self._copied_source(node)
+            if source is None:
+                node.write_error = errno.EIO
+                log.error("%s was written as a copy, past this daemon, but holds bytes of no file "
+                          "read lately: a write may have failed unseen, it is not committed",
+                          self.key_of(node))
+                raise FsError(errno.EIO, "not an exact copy of the file it was predicted to copy")
+            copy_of, compared = (self.key_of(source), source.version, source.staging), True
         key = self.key_of(node)
         cached_index = is_index(node.name) and node.size <= INDEX_CACHE_MAX
         try:
             if cached_index:
                 self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
-            op = self.remote.put(key, node.staging, replaces=replaces or node.version,
-                                 copy_of=self._copy_candidate(node))
+            op = self.remote.put(key, node.staging, replaces=replaces or node.version, copy_of=copy_of,
+                                 compared=compared)
         except BaseException:
             if cached_index:
                 self.journal.index_delete(key)
@@ -889,21 +906,38 @@ class Filesystem:
         """Remember a committed file opened for reading, by name: a durable file of the same
         name committed soon after may be a copy of it (a decommission's fallback copy keeps the
         name, docs/RECOVERY.md), which the store can make without the bytes again."""
-        self._recent_reads.pop(node.name, None)
-        self._recent_reads[node.name] = (node, time.monotonic())
+        now = time.monotonic()
+        reads = [(other, at) for other, at in self._recent_reads.pop(node.name, ()) if other is not node]
+        self._recent_reads[node.name] = [*reads[-(RECENT_READS_PER_NAME - 1):], (node, now)]
         while len(self._recent_reads) > RECENT_READS or (
-                time.monotonic() - next(iter(self._recent_reads.values()))[1] > RECENT_READ_SECONDS):
+                now - next(iter(self._recent_reads.values()))[-1][1] > RECENT_READ_SECONDS):
             self._recent_reads.popitem(last=False)
 
+    def _copy_sources(self, node: Node, size: int | None) -> list[Node]:
+        """Committed files read lately that `node` may be a copy of, the latest read first:
+        same name, a local copy, and `size` bytes (any size with None)."""
+        now = time.monotonic()
+        return [source for source, read_at in reversed(self._recent_reads.get(node.name, ()))
+                if source is not node and now - read_at <= RECENT_READ_SECONDS and source.linked
+                and source.committed and source.staging is not None and size in (None, source.size)]
+
     def _copy_candidate(self, node: Node) -> tuple[str, str | None, StagingFile] | None:
-        """(key, version, local copy) of a committed file `node` may be a copy of (Remote.put
-        compares the bytes before the store copies)."""
-        source, read_at = self._recent_reads.get(node.name, (None, 0.0))
-        if (source is None or source is node or time.monotonic() - read_at > RECENT_READ_SECONDS
-                or not (source.linked and source.committed and source.staging is not None)
-                or source.size != node.size or node.size == 0):
+        """(key, version, local copy) of the committed file `node` is most likely a copy of
+        (Remote.put compares the bytes before the store copies)."""
+        sources = self._copy_sources(node, node.size) if node.size else []
+        if not sources:
             return None
-        return self.key_of(source), source.version, source.staging
+        return self.key_of(sources[0]), sources[0].version, sources[0].staging
+
+    async def _copied_source(self, node: Node) -> Node | None:
+        """The committed file read lately whose bytes `node` holds exactly, if any."""
+        sources = self._copy_sources(node, node.size)
+        if not sources:
+            return None
+        about_to_wait()
+        copy, paths = node.staging.path, [(source, source.staging.path) for source in sources]
+        return await trio.to_thread.run_sync(
+            lambda: next((source for source, path in paths if same_bytes(copy, path)), None))
 
     def opened(self, fh: int) -> Opened:
         """How the kernel is to serve an open file. Every open of an inode is served the same
@@ -912,6 +946,8 @@ class Filesystem:
         node = handle.node
         if node.opens == 1 and self._may_pass_through(node, handle.writable):
             node.passthrough = node.staging
+            if handle.writable and is_durable(node.name):
+                node.unseen_writes = True
         if node.passthrough is not None:
             return Opened(fh, keep_cache=False, backing=node.passthrough)
         # The kernel may keep a file's pages across opens: every byte of a local file is
@@ -925,7 +961,9 @@ class Filesystem:
         and nothing this daemon must see in each write is at stake. A durable name written
         directly (a shell's `>`, never Spark) stays daemon-served, so that a failed write is
         seen and the file is not committed (SEMANTICS "Write errors"); Spark writes temporary
-        names and renames them after a successful close. The cache budget cannot refuse a
+        names and renames them after a successful close. The exception is a predicted copy
+        (a decommission's fallback copy: a committed file of the same name was read lately),
+        which is committed only if it holds exactly the bytes of such a file. The cache budget cannot refuse a
         passed-through write, so a writer passes through only while a tenth of the budget
         is free (after evicting uploaded copies); below that, writes are counted one by one
         and refused with ENOSPC once the budget is full. What the writers passed through so
@@ -935,7 +973,7 @@ class Filesystem:
             return False
         if not writable:
             return True
-        if is_durable(node.name):
+        if is_durable(node.name) and not self._copy_sources(node, None):
             return False
         now = time.monotonic()
         if now - self._writers_synced_at >= WRITERS_SYNC_INTERVAL:

@@ -74,6 +74,7 @@ class Op:
         #: them (see Remote.put); the put is then a copy in the store if the bytes are equal
         self.source: str | None = None
         self.source_staging: StagingFile | None = None
+        self.source_compared = False  # the caller found the local copies equal already
         self.copied = False  # done as a copy: no bytes sent
         self.seq = 0
         self.token = ""
@@ -171,16 +172,18 @@ class Remote:
 
     # -- issuing operations (synchronous: safe to call between two awaits of a handler)
     def put(self, key: str, staging: StagingFile, *, replaces: str | None = None,
-            copy_of: tuple[str, str | None, StagingFile] | None = None) -> Op:
+            copy_of: tuple[str, str | None, StagingFile] | None = None, compared: bool = False) -> Op:
         """Store `staging` at `key`; `replaces`: the version there now, if known. `copy_of`:
         (key, version if known, local copy) of a committed file that may hold the same bytes
         (a decommission's fallback copy, docs/RECOVERY.md): if the store can copy, the local
         files are equal and that object is still there, the store copies it instead of
-        receiving the bytes again. Not journaled: a put resumed after a crash sends its bytes."""
+        receiving the bytes again (`compared`: the caller found the local files equal). Not
+        journaled: a put resumed after a crash sends its bytes."""
         op = Op("put", key, staging=staging, hints={key: replaces})
         if copy_of is not None and self.store.copies:
             op.source, op.hints[op.source], op.source_staging = copy_of
             op.source_staging.ref()
+            op.source_compared = compared
         return self._submit(op)
 
     def move(self, src: str, dst: str, *, version: str | None = None, replaces: str | None = None) -> Op:
@@ -425,7 +428,7 @@ class Remote:
         """(in a worker thread) Whether the put can be a copy of op.source, and the version to
         copy: the local files hold the same bytes, and the object there is the one this mount
         stored (the version the caller knew, else one of the same size)."""
-        if not _same_bytes(op.staging.path, op.source_staging.path):
+        if not (op.source_compared or same_bytes(op.staging.path, op.source_staging.path)):
             return False, None
         source = self.store.head(op.source)
         known = op.hints.get(op.source)
@@ -755,7 +758,7 @@ _NOT_DONE = object()
 COMPARE_CHUNK = 1024 * 1024
 
 
-def _same_bytes(path: str, other: str) -> bool:
+def same_bytes(path: str, other: str) -> bool:
     """Whether two local files hold the same bytes."""
     with open(path, "rb") as a, open(other, "rb") as b:
         if os.fstat(a.fileno()).st_size != os.fstat(b.fileno()).st_size:

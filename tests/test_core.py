@@ -2029,3 +2029,39 @@ async def test_a_copy_with_other_bytes_is_uploaded(env):
     await fs.remote.settle()
     assert contents(store)["fallback/b/shuffle_3_7_0.data"] == data
     assert [call[1] for call in store.calls_of("put_file")][-1] == "fallback/b/shuffle_3_7_0.data"
+
+
+async def test_a_predicted_copy_passes_through_and_is_committed_only_as_an_exact_copy(env):
+    """A durable name opened for writing right after a committed file of that name was read is
+    a predicted copy: its writes may pass the daemon by (FUSE passthrough), and since a failed
+    one would go unseen, it is committed only if it holds exactly the bytes of that file."""
+    store = env.store()
+    fs = env.mount(store).fs
+    fs.passthrough_possible = True  # as a root daemon on Linux >= 6.9
+    data = os.urandom(200 * KiB)
+    source = await commit(fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data)
+
+    async def copy_past_the_daemon(directory: str, written: bytes) -> tuple[int, Node]:
+        assert await read_all(fs, source.ino) == data
+        fh, node = await create(fs, await mkdirs(fs, directory), source.name)
+        assert fs.opened(fh).backing is node.staging  # passed through
+        os.pwrite(node.staging.fd, written, 0)  # what the kernel writes to the backing file
+        return fh, node
+
+    fh, copied = await copy_past_the_daemon("fallback/a", data)
+    await close(fs, fh)
+    assert copied.committed
+    assert store.calls_of("copy") == [("copy", key(source.name), "fallback/a/shuffle_3_7_0.data")]
+
+    # a write that failed unseen: the bytes are not the source's, so nothing is committed
+    fh, broken = await copy_past_the_daemon("fallback/b", data[:100 * KiB])
+    with pytest.raises(FsError) as exc:
+        await close(fs, fh)
+    assert errno_of(exc) == errno.EIO
+    assert not broken.committed and broken.write_error == errno.EIO
+    assert "fallback/b/shuffle_3_7_0.data" not in contents(store)
+
+    # no committed file of that name read lately: written through the daemon, as any durable name
+    fh, node = await create(fs, await mkdirs(fs, "fallback/c"), "shuffle_3_8_0.data")
+    assert fs.opened(fh).backing is None
+    await close(fs, fh)
