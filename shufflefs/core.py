@@ -768,19 +768,20 @@ class Filesystem:
                    for child in directory.children.values())
 
     # ------------------------------------------------------------------ commit
-    async def _commit(self, node: Node, close_returned: bool = False, replaces: str | None = None) -> None:
+    async def _commit(self, node: Node, close_returned: bool = False, replaces: str | None = None,
+                      copied: Node | None = None) -> None:
         """Make `node` durable at the key of its path, replacing the object there (`replaces`:
         its version; by default the one an early commit of this file stored, see `write`).
         While draining, commits are refused, except when the writer's close() already
         returned success (async mode commits at RELEASE, after it): refusing that one would
-        lose the file."""
+        lose the file. `copied`: the committed file it was found an exact copy of."""
         if self.draining and not close_returned:
             raise FsError(errno.EROFS, "shufflefs is draining for unmount; no new commits")
         if node.passthrough is not None:
             self._sync_passed_through(node)  # e.g. renamed after a FLUSH of an inherited copy
         copy_of, compared = self._copy_candidate(node), False
         if node.unseen_writes:
-            source = await self._copied_source(node)
+            source = copied or await self._copied_source(node)
             if source is None:
                 node.write_error = errno.EIO
                 log.error("%s was written as a copy, past this daemon, but holds bytes of no file "
@@ -1128,10 +1129,18 @@ class Filesystem:
         if handle.writable and not handle.flushed:
             if node.passthrough is not None:
                 self._sync_passed_through(node)
+            copied = None
+            if node.unseen_writes and node.writers == 1 and self._commit_due(node):
+                copied = await self._copied_source(node)
+                if copied is None:
+                    # Not an exact copy (yet). A FLUSH also comes when a child process closes an
+                    # inherited descriptor (Hadoop forks `chmod` while it copies) and this
+                    # daemon sees none of the writes after it: the last RELEASE decides.
+                    return
             handle.flushed = True
             node.writers -= 1
             if node.writers == 0 and self._commit_due(node):
-                await self._commit(node)
+                await self._commit(node, copied=copied)
         if handle.writable and node.write_error:
             raise FsError(node.write_error)
 

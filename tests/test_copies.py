@@ -5,7 +5,6 @@ when its writes passed the daemon by (SEMANTICS.md, "a copy of a committed file"
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -56,13 +55,15 @@ def test_a_fallback_copy_is_a_copy_in_the_store(tmp_path, s3_env, bucket, seawee
         hadoop_copy(f"{blockmgr}/shuffle_3_7_0.data", f"{fallback}/shuffle_3_7_0.data")
         # same name and size, other bytes: uploaded, unless its writes passed the daemon by
         # (a predicted copy): then a failed write could have gone unseen, and it is refused
+        # at its last release, after close() returned
         other = os.urandom(64)
         passthrough = json.loads(run_cli("stats", mount.path, env=mount.env).stdout)["fuse"]["passthrough"]
-        with pytest.raises(OSError) if passthrough else contextlib.nullcontext() as refused:
-            hadoop_copy(f"{blockmgr}/shuffle_3_7_0.index", f"{mount.path}/fallback/app-1/3/78/shuffle_3_7_0.index",
-                        other)
+        refused = f"{mount.path}/fallback/app-1/3/78/shuffle_3_7_0.index"
+        hadoop_copy(f"{blockmgr}/shuffle_3_7_0.index", refused, other)
         if passthrough:
-            assert refused.value.errno == errno.EIO
+            with pytest.raises(OSError) as error, open(refused, "rb") as f:
+                os.fsync(f.fileno())
+            assert error.value.errno == errno.EIO
         store = json.loads(run_cli("stats", mount.path, "--sync", env=mount.env).stdout)["store"]
         assert store["copy_requests"] == 2 and store["copied_bytes"] == len(data) + len(index)
         assert store["put_bytes"] == len(data) + (1 if passthrough else 2) * len(index)

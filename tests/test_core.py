@@ -2053,10 +2053,19 @@ async def test_a_predicted_copy_passes_through_and_is_committed_only_as_an_exact
     assert copied.committed
     assert store.calls_of("copy") == [("copy", key(source.name), "fallback/a/shuffle_3_7_0.data")]
 
+    # a child process closing an inherited descriptor half-way (Hadoop forks `chmod` while it
+    # copies): not a copy yet, and not the writer's close either; the writer's close commits
+    fh, early = await copy_past_the_daemon("fallback/d", data[:100 * KiB])
+    await fs.flush(fh)
+    assert not early.committed and not early.write_error
+    os.pwrite(early.staging.fd, data[100 * KiB:], 100 * KiB)
+    await close(fs, fh)
+    assert early.committed and len(store.calls_of("copy")) == 2
+
     # a write that failed unseen: the bytes are not the source's, so nothing is committed
     fh, broken = await copy_past_the_daemon("fallback/b", data[:100 * KiB])
     with pytest.raises(FsError) as exc:
-        await close(fs, fh)
+        await close(fs, fh)  # the last RELEASE decides (its error is the kernel's, not close's)
     assert errno_of(exc) == errno.EIO
     assert not broken.committed and broken.write_error == errno.EIO
     assert "fallback/b/shuffle_3_7_0.data" not in contents(store)
