@@ -53,7 +53,16 @@ def remove_shuffle(sc, shuffle_id: int, local_dir: str, timeout: float = 30.0) -
         time.sleep(0.5)
 
 
-def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None) -> dict:
+def wait_for(condition, what: str, timeout: float = EXECUTORS_GONE_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not {what} after {timeout:g}s")
+        time.sleep(0.2)
+
+
+def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None, executors: int | None,
+                            warm_up: bool) -> dict:
     sc = spark.sparkContext
     shuffled = sc.parallelize(range(RECORDS), MAP_TASKS).map(lambda x: (x % KEYS, 1)).reduceByKey(add)
     job0 = sorted(shuffled.collect())
@@ -65,11 +74,17 @@ def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None) -> dict
         sys.stdin.readline()
         # The test saw the executor processes exit; job 1 must not start before the driver
         # has seen it too, or it would plan its fetches from executors that are gone.
-        deadline = time.monotonic() + EXECUTORS_GONE_TIMEOUT
-        while executor_ids(sc) & before:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the driver still lists executors {sorted(executor_ids(sc) & before)}")
-            time.sleep(0.2)
+        if executors is None:
+            wait_for(lambda: not executor_ids(sc) & before, "every executor of job 0 gone")
+        else:
+            wait_for(lambda: before - executor_ids(sc), "an executor of job 0 gone")
+            wait_for(lambda: len(executor_ids(sc)) >= executors, f"{executors} executors registered")
+    if warm_up:
+        # a shuffle of its own, so that every executor runs a map task (where Spark's recovery
+        # plugin runs) before job 1 needs the lost outputs
+        width = 4 * len(executor_ids(sc))
+        sc.parallelize(range(width), width).map(lambda x: (x, x)).reduceByKey(add).count()
+        log(f"warm-up done on executors {sorted(executor_ids(sc))}")
     t = time.monotonic()
     job1 = sorted(shuffled.collect())
     log(f"job 1 done in {time.monotonic() - t:.1f}s")
@@ -86,13 +101,18 @@ def main(argv=None) -> int:
     ap.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--remove-shuffle-from", metavar="DIR",
                     help="after job 1, remove the shuffle and wait until its files left DIR")
+    ap.add_argument("--executors", type=int, metavar="N",
+                    help="after the pause, wait until one executor of job 0 is gone and N are "
+                         "registered (default: wait until every executor of job 0 is gone)")
+    ap.add_argument("--warm-up", action="store_true", help="run a small shuffle job before job 1")
     args = ap.parse_args(argv)
     conf = dict(item.split("=", 1) for item in args.conf)
     # Each standalone worker gives its executors its own SPARK_LOCAL_DIRS (through
     # SPARK_EXECUTOR_DIRS); the driver's local dir must not replace them.
     conf.setdefault("spark.executorEnv.SPARK_LOCAL_DIRS", None)
     # the driver pauses between its jobs itself, not after them
-    return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause, args.remove_shuffle_from), args.local_dir, args.result,
+    return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause, args.remove_shuffle_from,
+                                                       args.executors, args.warm_up), args.local_dir, args.result,
                  args.master, False, app_name="shufflefs-recovery", conf=conf)
 
 

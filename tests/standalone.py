@@ -54,16 +54,20 @@ class StandaloneCluster:
 
     def __init__(self, base, worker_local_dirs, *, worker_env: list[dict] | None = None,
                  node_path: str | None = None, node_mounts: list[str] | None = None,
-                 start_timeout: float = 90):
+                 worker_hosts: list[str] | None = None, start_timeout: float = 90):
         """With `node_path` and `node_mounts`, every Worker (and every executor it starts) runs
         in a mount namespace of its own where node_mounts[i] is bound at node_path: each "node"
         sees its own shufflefs mount at the same path, as Spark expects of a fallback path.
-        worker_local_dirs are then paths below node_path."""
+        worker_local_dirs are then paths below node_path. `worker_hosts`: the address each
+        Worker and its executors use (distinct loopback addresses, 127.0.0.2, ..., are distinct
+        hosts to Spark; default 127.0.0.1 for all)."""
         self.base = Path(base)
         self.worker_local_dirs = [os.fspath(d) for d in worker_local_dirs]
         self.worker_env = worker_env or [{} for _ in self.worker_local_dirs]
         self.node_path = node_path
         self.node_mounts = node_mounts
+        self.worker_hosts = worker_hosts or ["127.0.0.1"] * len(self.worker_local_dirs)
+        self.killed_workers: set[int] = set()
         self.start_timeout = start_timeout
         self.master_port = free_port()
         self.master_ui_port = free_port()
@@ -78,21 +82,51 @@ class StandaloneCluster:
                                "--port", str(self.master_port), "--webui-port", str(self.master_ui_port)], {})
         # A Worker that finds no Master waits 5-15 s before it retries: start them once it answers.
         self._wait_until(lambda: self.master_state() is not None, "the master answered")
-        for i, local_dir in enumerate(self.worker_local_dirs):
-            work_dir = self.base / f"worker{i}-work"
-            work_dir.mkdir(exist_ok=True)
-            os.makedirs(self.host_path(i, local_dir), exist_ok=True)
-            self.worker_dirs.append(str(work_dir))
-            env = {"SPARK_LOCAL_DIRS": local_dir, "SPARK_WORKER_DIR": str(work_dir), **self.worker_env[i]}
-            wrapper = []
-            if self.node_path is not None:
-                wrapper = in_node_namespace(self.node_mounts[i], self.node_path)
-            self._spawn(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.master_url,
-                                       "--cores", "1", "--memory", "1G", "--host", "127.0.0.1",
-                                       "--port", str(free_port()), "--webui-port", str(free_port()),
-                                       "--work-dir", str(work_dir)], env, wrapper)
+        for i in range(len(self.worker_local_dirs)):
+            self._start_worker(i)
         self._wait_workers_alive()
         return self
+
+    def _start_worker(self, i: int) -> None:
+        local_dir, host = self.worker_local_dirs[i], self.worker_hosts[i]
+        work_dir = self.base / f"worker{i}-work"
+        work_dir.mkdir(exist_ok=True)
+        os.makedirs(self.host_path(i, local_dir), exist_ok=True)
+        self.worker_dirs.append(str(work_dir))
+        env = {"SPARK_LOCAL_DIRS": local_dir, "SPARK_WORKER_DIR": str(work_dir), "SPARK_LOCAL_IP": host,
+               **self.worker_env[i]}
+        wrapper = []
+        if self.node_path is not None:
+            wrapper = in_node_namespace(self.node_mounts[i], self.node_path)
+        self._spawn(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.master_url,
+                                   "--cores", "1", "--memory", "1G", "--host", host,
+                                   "--port", str(free_port()), "--webui-port", str(free_port()),
+                                   "--work-dir", str(work_dir)], env, wrapper)
+
+    def add_worker(self, local_dir: str, host: str = "127.0.0.1", env: dict | None = None,
+                   node_mount: str | None = None) -> int:
+        """Start one more Worker (a new node joining); returns its index."""
+        self.worker_local_dirs.append(os.fspath(local_dir))
+        self.worker_hosts.append(host)
+        self.worker_env.append(env or {})
+        if self.node_mounts is not None:
+            self.node_mounts.append(node_mount)
+        self._start_worker(len(self.worker_local_dirs) - 1)
+        self._wait_workers_alive()
+        return len(self.worker_local_dirs) - 1
+
+    def kill_worker(self, i: int) -> None:
+        """kill -9 of a Worker and every executor it started (they share its session): a node
+        that is lost."""
+        name, process = self.processes[i + 1]  # after the master
+        assert name == f"worker{i}"
+        for pid, _comm in _session_pids(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(10)
+        self.killed_workers.add(i)
 
     def host_path(self, worker: int, path: str) -> str:
         """Where this process finds a path as worker `worker` sees it."""
@@ -124,14 +158,18 @@ class StandaloneCluster:
     def _wait_workers_alive(self) -> None:
         def all_alive() -> bool:
             workers = self.master_state()["workers"]
-            return sum(w["state"] == "ALIVE" for w in workers) == len(self.worker_local_dirs)
-        self._wait_until(all_alive, f"{len(self.worker_local_dirs)} workers ALIVE")
+            return sum(w["state"] == "ALIVE" for w in workers) == self.live_workers
+        self._wait_until(all_alive, f"{self.live_workers} workers ALIVE")
+
+    @property
+    def live_workers(self) -> int:
+        return len(self.worker_local_dirs) - len(self.killed_workers)
 
     def _wait_until(self, condition, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             for name, process in self.processes:
-                if process.poll() is not None:
+                if process.poll() is not None and name not in {f"worker{i}" for i in self.killed_workers}:
                     raise AssertionError(f"{name} exited with {process.returncode}\n"
                                          f"{_tail(str(self.base / f'{name}.log'))}")
             try:
@@ -281,6 +319,22 @@ class EventLog:
                 current["skipped_stages"] = [s for s in current["stages"] if s not in submitted]
                 current = None
         return jobs
+
+    def map_tasks_by_executor(self, job: int) -> dict[str, int]:
+        """{executor id: successful map tasks} of one job (jobs run one after the other)."""
+        counts: dict[str, int] = {}
+        current = None
+        for event in self.events:
+            kind = event["Event"]
+            if kind == "SparkListenerJobStart":
+                current = event["Job ID"]
+            elif kind == "SparkListenerJobEnd":
+                current = None
+            elif (kind == "SparkListenerTaskEnd" and current == job and event["Task Type"] == "ShuffleMapTask"
+                  and event["Task End Reason"]["Reason"] == "Success"):
+                executor = event["Task Info"]["Executor ID"]
+                counts[executor] = counts.get(executor, 0) + 1
+        return counts
 
     def executors_removed(self) -> list[dict]:
         return [{"id": e["Executor ID"], "reason": e.get("Removed Reason")}
