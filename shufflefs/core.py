@@ -1248,7 +1248,7 @@ class Filesystem:
                 node.size = staging.size
                 node.committed = True
                 self._put_owner[self.remote.resume(seq, record, staging)] = node
-            elif kind == "sweep":  # looks for a late write at a key; no file of the namespace
+            elif kind in ("sweep", "discard"):  # the debris of a put; no file of the namespace
                 self.remote.resume(seq, record, None)
             else:
                 self.remote.resume(seq, record, None)

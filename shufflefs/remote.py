@@ -81,6 +81,7 @@ class Op:
         #: sweeps: the tokens of the puts that may still land at `key`
         self.tokens = tokens or []
         self.not_before = 0.0  # sweeps: wall-clock time
+        self.discard_path = ""  # discards: the name of the local file the put was sending
         self.deps: list[Op] = []
         self.started = False
         self.cancelled = False
@@ -201,6 +202,7 @@ class Remote:
                 tokens=record.get("tokens"))
         op.token = record.get("token", "")
         op.not_before = record.get("not_before", 0.0)
+        op.discard_path = record.get("path", "") if op.kind == "discard" else ""
         if record.get("in_flight"):
             # a cancelled put whose request was on its way when the daemon died: it may land
             # until a late window after that death, which was before now
@@ -217,9 +219,9 @@ class Remote:
         if op.staging is not None:
             op.staging.ref()  # only once journaled: a failed add_op leaves nothing to undo
         assert self._nursery is not None, "Remote.start() was not called"
-        if op.kind == "sweep":  # ordered with nothing: it only removes its own tokens' objects
+        if op.kind in ("sweep", "discard"):  # ordered with nothing: they only remove their own debris
             self.sweeps.add(op)
-            self._nursery.start_soon(self._sweep, op)
+            self._nursery.start_soon(self._sweep if op.kind == "sweep" else self._discard, op)
             return op
         op.deps = [self._tail[k] for k in op.keys if k in self._tail]
         if op.source in self._tail:
@@ -248,14 +250,21 @@ class Remote:
             # its put): not a loss to report
             self.failed.remove(op)
             self.journal.drop_op(op.seq)
-        elif (op.kind == "put" and (op.started or op.uncertain) and op.token and self.store.conditional
-                and not op.finished.is_set()):
-            # never needed again, even after a crash; but a request of it may be on its way
-            # (and a dead daemon's may: op.uncertain) and land after a crash, when this daemon
-            # no longer knows to look for it: until it finished here, the journal keeps its
-            # token for the next daemon, which sweeps the key a late window after it started
-            self.journal.rewrite_op(op.seq, {"kind": "sweep", "key": op.key, "tokens": [op.token],
-                                             "in_flight": True})
+        elif op.kind == "put" and (op.started or op.uncertain) and not op.finished.is_set():
+            if op.token and self.store.conditional:
+                # never needed again, even after a crash; but a request of it may be on its way
+                # (and a dead daemon's may: op.uncertain) and land after a crash, when this
+                # daemon no longer knows to look for it: until it finished here, the journal
+                # keeps its token for the next daemon, which sweeps the key a late window after
+                # it started
+                self.journal.rewrite_op(op.seq, {"kind": "sweep", "key": op.key, "tokens": [op.token],
+                                                 "in_flight": True})
+            else:
+                # an attempt cut short by a crash may leave what the store staged it under (the
+                # file store's temporary file): until it finished here, the journal keeps what
+                # the next daemon needs to remove that
+                self.journal.rewrite_op(op.seq, {"kind": "discard", "key": op.key,
+                                                 "path": os.path.basename(op.staging.path)})
         else:
             self.journal.remove_op(op.seq)
         self._notify()  # end its backoff sleep now
@@ -599,6 +608,16 @@ class Remote:
                     break
             await trio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
+        self.journal.remove_op(op.seq)
+        self.sweeps.discard(op)
+
+    async def _discard(self, op: Op) -> None:
+        """Remove what a put that a crash cut short, and that was no longer wanted, may have
+        left besides its object (Store.discard_put)."""
+        try:
+            await trio.to_thread.run_sync(self.store.discard_put, op.key, op.discard_path, limiter=self._limiter)
+        except StoreError as exc:
+            log.warning("%r: %s", op, exc)  # a temporary file at most, never listed
         self.journal.remove_op(op.seq)
         self.sweeps.discard(op)
 

@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 import shufflefs.remote
+import shufflefs.stores.file
 from shufflefs.core import READAHEAD, ROOT_INODE, Filesystem, FsError, Negative, Node
 from shufflefs.journal import Journal
 from shufflefs.remote import Remote
@@ -1470,6 +1471,45 @@ async def test_journal_resume_after_crash(env):
 
 
 # -- shared namespace ---------------------------------------------------------------------------
+
+
+async def test_a_put_a_crash_cuts_short_after_it_was_cancelled_leaves_no_temporary_file(env):
+    """file://: an upload places its temporary file, an unlink cancels it, and the daemon dies
+    before the upload renamed the file into place (tests/test_crash_storm.py found one left):
+    the next daemon removes the temporary file."""
+    store = env.store("file")
+    placed, killed = threading.Event(), threading.Event()
+
+    def place_and_die(key, path, abort=None):  # FileStore._place, killed between its two steps
+        temp = shufflefs.stores.file._temp_path(store._path(key), key, path)
+        os.makedirs(os.path.dirname(temp), exist_ok=True)
+        os.link(path, temp)
+        placed.set()
+        killed.wait(10)
+        raise OSError(errno.EINTR, "the daemon is dead by now")
+
+    store._place = place_and_die
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(store, nursery=crashed, commit_mode="async")
+        d = await mkdirs(m1.fs, BM)
+        node = await commit(m1.fs, d, DATA, b"unlinked" * 10)
+        await until(placed.is_set)
+        await m1.fs.unlink(d, DATA)
+        forget(m1.fs, node)
+        # SIGKILL, before the cancelled put finished: nothing the dead daemon would still do
+        # (the attempt failing, the put finishing) reaches its journal
+        m1.remote._finish = lambda *_, **__: None
+        crashed.cancel_scope.cancel()
+        killed.set()
+    m1.close_journal()
+    del store._place
+    assert [os.path.basename(k) for k in contents(store)][0].startswith(shufflefs.stores.file.TEMP_PREFIX)
+
+    m2 = env.mount(store, commit_mode="async")  # same cache dir
+    m2.fs.resume_journal()
+    await until(lambda: not m2.remote.sweeps)
+    assert contents(store) == {}
+    assert m2.journal.pending_ops() == []
 
 
 async def test_owned_dirs_answer_locally(env):
