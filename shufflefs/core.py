@@ -1253,10 +1253,19 @@ class Filesystem:
             else:
                 self.remote.resume(seq, record, None)
                 node = self._find(key)
-                if node is not None and kind == "move":
-                    dst_dir = self._materialize_dir(record["dst"].rpartition("/")[0])
-                    self._detach(node)
-                    self._attach(dst_dir, record["dst"].rpartition("/")[2], node)
+                if kind == "move":
+                    dst_dir, _, dst_name = record["dst"].rpartition("/")
+                    dst_dir = self._materialize_dir(dst_dir)
+                    replaced = dst_dir.children.get(dst_name)
+                    if replaced is not None and replaced is not node:
+                        # an earlier record's file: the move replaces its object. Whatever is
+                        # there once the move is done is learned from the store (the source's
+                        # upload may have finished before the crash: nothing else has its bytes)
+                        self._detach(replaced)
+                        self._maybe_free(replaced)
+                    if node is not None:
+                        self._detach(node)
+                        self._attach(dst_dir, dst_name, node)
                 elif node is not None:
                     self._detach(node)
                     self._maybe_free(node)

@@ -1512,6 +1512,36 @@ async def test_a_put_a_crash_cuts_short_after_it_was_cancelled_leaves_no_tempora
     assert m2.journal.pending_ops() == []
 
 
+async def test_a_move_resumed_after_a_crash_replaces_what_an_earlier_record_put_at_its_destination(env):
+    """async: A (upload pending) and B (stored) are renamed over X in turn, and the daemon dies
+    before the moves ran. The next daemon puts A back at X (its put, then the move A -> X); the
+    move B -> X finds no B here (stored, not journaled), but replaces A at X all the same: X
+    must read B's bytes, not A's local copy (tests/test_crash_storm.py, seed 17, 30 rounds)."""
+    store = env.store()
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(store, nursery=crashed, commit_mode="async")
+        d = await mkdirs(m1.fs, BM)
+        await commit(m1.fs, d, "shuffle_0_2_0.data", b"B" * 10)
+        await settle(m1)
+        store.gate.clear()  # A's upload hangs; the moves wait for it
+        await commit(m1.fs, d, "shuffle_0_1_0.data", b"A" * 10)
+        await until(lambda: store.calls_of("put_file", key("shuffle_0_1_0.data")))
+        await m1.fs.rename(d, "shuffle_0_1_0.data", d, DATA)
+        await m1.fs.rename(d, "shuffle_0_2_0.data", d, DATA)
+        m1.remote._finish = lambda *_, **__: None  # SIGKILL: nothing more reaches the journal
+        crashed.cancel_scope.cancel()
+        store.gate.set()
+    m1.close_journal()
+
+    m2 = env.mount(store, commit_mode="async", remote_ttl=0.05)  # same cache dir
+    m2.fs.resume_journal()
+    await settle(m2)
+    assert contents(store) == {key(DATA): b"B" * 10}
+    await trio.sleep(0.06)
+    found = await resolve(m2.fs, f"{BM}/{DATA}")
+    assert found is not None and await read_all(m2.fs, found.ino) == b"B" * 10
+
+
 async def test_owned_dirs_answer_locally(env):
     m = env.mount(remote_ttl=0.5)
     fs = m.fs
