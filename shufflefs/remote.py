@@ -81,7 +81,6 @@ class Op:
         #: sweeps: the tokens of the puts that may still land at `key`
         self.tokens = tokens or []
         self.not_before = 0.0  # sweeps: wall-clock time
-        self.discard_path = ""  # discards: the name of the local file the put was sending
         self.deps: list[Op] = []
         self.started = False
         self.cancelled = False
@@ -202,7 +201,6 @@ class Remote:
                 tokens=record.get("tokens"))
         op.token = record.get("token", "")
         op.not_before = record.get("not_before", 0.0)
-        op.discard_path = record.get("path", "") if op.kind == "discard" else ""
         if record.get("in_flight"):
             # a cancelled put whose request was on its way when the daemon died: it may land
             # until a late window after that death, which was before now
@@ -263,8 +261,7 @@ class Remote:
                 # an attempt cut short by a crash may leave what the store staged it under (the
                 # file store's temporary file): until it finished here, the journal keeps what
                 # the next daemon needs to remove that
-                self.journal.rewrite_op(op.seq, {"kind": "discard", "key": op.key,
-                                                 "path": os.path.basename(op.staging.path)})
+                self.journal.rewrite_op(op.seq, {"kind": "discard", "key": op.key, "token": op.token})
         else:
             self.journal.remove_op(op.seq)
         self._notify()  # end its backoff sleep now
@@ -372,7 +369,7 @@ class Remote:
         if op.cancelled and op.kind == "put":
             if op.uncertain:  # resumed after a crash: its interrupted attempt may have left debris
                 try:
-                    await trio.to_thread.run_sync(self.store.discard_put, op.key, op.staging.path,
+                    await trio.to_thread.run_sync(self.store.discard_put, op.key, op.token,
                                                   limiter=self._limiter)
                 except StoreError as exc:
                     log.warning("%r: %s", op, exc)
@@ -615,7 +612,7 @@ class Remote:
         """Remove what a put that a crash cut short, and that was no longer wanted, may have
         left besides its object (Store.discard_put)."""
         try:
-            await trio.to_thread.run_sync(self.store.discard_put, op.key, op.discard_path, limiter=self._limiter)
+            await trio.to_thread.run_sync(self.store.discard_put, op.key, op.token, limiter=self._limiter)
         except StoreError as exc:
             log.warning("%r: %s", op, exc)  # a temporary file at most, never listed
         self.journal.remove_op(op.seq)

@@ -1480,8 +1480,8 @@ async def test_a_put_a_crash_cuts_short_after_it_was_cancelled_leaves_no_tempora
     store = env.store("file")
     placed, killed = threading.Event(), threading.Event()
 
-    def place_and_die(key, path, abort=None):  # FileStore._place, killed between its two steps
-        temp = shufflefs.stores.file._temp_path(store._path(key), key, path)
+    def place_and_die(key, path, token, abort=None):  # FileStore._place, killed between its two steps
+        temp = shufflefs.stores.file._temp_path(store._path(key), key, token)
         os.makedirs(os.path.dirname(temp), exist_ok=True)
         os.link(path, temp)
         placed.set()

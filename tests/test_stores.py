@@ -290,6 +290,19 @@ def test_move_replaces_existing_destination(store, local):
     assert [f.name for f in store.list_dir("").files] == ["dst"]
 
 
+def test_move_over_a_copy_of_itself(store, local):
+    """The file store's copy is a hard link, and rename(2) between two links to one file does
+    nothing: the source must go all the same (a resurrection otherwise)."""
+    if not store.copies:
+        pytest.skip("the store cannot copy without the bytes passing through (see RECOVERY.md)")
+    put(store, local, "a/src", b"same bytes")
+    store.copy("a/src", "a/dst")
+    store.move("a/src", "a/dst")
+    assert read_all(store, "a/dst") == b"same bytes"
+    assert store.head("a/src") is None
+    assert [f.name for f in store.list_dir("a").files] == ["dst"]
+
+
 def test_move_missing_source(store, local):
     put(store, local, "dst", b"keep")
     with pytest.raises(ObjectMissing):
@@ -549,18 +562,19 @@ def test_key_of_max_key_bytes_is_stored(store, local):
             put(store, local, key_of_length(store.max_key_bytes + 1), b"too long")
 
 
-def test_file_put_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, local):
-    """A daemon killed mid-put leaves its temporary file in the store directory; the same put,
-    resumed by the next daemon (same staging file, same key), removes it, and so does
-    discarding it (resumed, then no longer wanted: its file was deleted). A put another node is
-    running in the same directory keeps its temporary file."""
+def test_file_write_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, local):
+    """A daemon killed mid-put leaves its temporary file in the store directory; the same put
+    (same token), resumed by the next daemon, removes it, and so does discarding it (resumed,
+    then no longer wanted: its file was deleted). So for a copy: resumed, it may be sent as a
+    put of the bytes (tests/test_crash_storm.py found a copy's temporary file left that way).
+    A put another node is running in the same directory keeps its temporary file."""
     root = tmp_path / "store"
     root.mkdir()
     store = FileStore(str(root))
     source = local.file(b"mine " * 1000)
     other_source = local.file(b"theirs")
 
-    def put_in_child(path: str, key: str, at_replace: str) -> subprocess.Popen:
+    def write_in_child(call: str, at_replace: str) -> subprocess.Popen:
         code = (f"import os, signal, sys\n"
                 f"from shufflefs.stores.file import FileStore\n"
                 f"replace = os.replace\n"
@@ -569,35 +583,59 @@ def test_file_put_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, loca
                 f"    {at_replace}\n"
                 f"    replace(src, dst)\n"
                 f"os.replace = stop\n"
-                f"FileStore({str(root)!r}).put_file({key!r}, {path!r})\n")
+                f"FileStore({str(root)!r}).{call}\n")
         return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                                 stdin=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
 
-    killed = put_in_child(source, "d/shuffle_0_0_0.data", "os.kill(os.getpid(), signal.SIGKILL)")
-    orphan = killed.stdout.readline().strip()
-    assert killed.wait(30) == -signal.SIGKILL
-    running = put_in_child(other_source, "d/shuffle_0_1_0.data", "sys.stdin.readline()")
+    def killed_at_replace(call: str) -> str:
+        child = write_in_child(call, "os.kill(os.getpid(), signal.SIGKILL)")
+        orphan = child.stdout.readline().strip()
+        assert child.wait(30) == -signal.SIGKILL and os.path.exists(orphan)
+        return orphan
+
+    orphan = killed_at_replace(f"put_file('d/shuffle_0_0_0.data', {source!r}, token='w.1')")
+    running = write_in_child(f"put_file('d/shuffle_0_1_0.data', {other_source!r}, token='v.1')",
+                             "sys.stdin.readline()")
     theirs = running.stdout.readline().strip()
     try:
         assert sorted(os.listdir(root / "d")) == sorted([os.path.basename(orphan), os.path.basename(theirs)])
         assert store.list_dir("d").files == []  # temporary files are never listed
 
-        store.put_file("d/shuffle_0_0_0.data", source)
+        store.put_file("d/shuffle_0_0_0.data", source, token="w.1")
         assert read_all(store, "d/shuffle_0_0_0.data") == b"mine " * 1000
         assert not os.path.exists(orphan)
-        assert os.path.exists(theirs)
 
-        unwanted = put_in_child(source, "d/shuffle_0_2_0.data", "os.kill(os.getpid(), signal.SIGKILL)")
-        orphan = unwanted.stdout.readline().strip()
-        assert unwanted.wait(30) == -signal.SIGKILL and os.path.exists(orphan)
-        store.discard_put("d/shuffle_0_2_0.data", source)
+        orphan = killed_at_replace(f"put_file('d/shuffle_0_2_0.data', {source!r}, token='w.2')")
+        store.discard_put("d/shuffle_0_2_0.data", "w.2")
+        assert not os.path.exists(orphan)
+
+        orphan = killed_at_replace("copy('d/shuffle_0_0_0.data', 'd/shuffle_0_3_0.data', token='w.3')")
+        store.put_file("d/shuffle_0_3_0.data", source, token="w.3")
+        assert not os.path.exists(orphan)
+        orphan = killed_at_replace("copy('d/shuffle_0_0_0.data', 'd/shuffle_0_4_0.data', token='w.4')")
+        store.discard_put("d/shuffle_0_4_0.data", "w.4")
         assert not os.path.exists(orphan)
         assert os.path.exists(theirs)
     finally:
         running.communicate("go on\n", timeout=30)
     assert running.returncode == 0
     assert read_all(store, "d/shuffle_0_1_0.data") == b"theirs"
+    assert sorted(os.listdir(root / "d")) == ["shuffle_0_0_0.data", "shuffle_0_1_0.data", "shuffle_0_3_0.data"]
+
+
+def test_file_write_resumed_after_it_landed_leaves_no_temporary_file(tmp_path, local):
+    """A daemon killed after its put or copy landed but before it learned so resumes the write:
+    its temporary file is then a second link to the object, which rename(2) keeps (the crash
+    storm found such files left)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    store = FileStore(str(root))
+    source = local.file(b"landed")
+    for _ in range(2):
+        store.put_file("d/shuffle_0_0_0.data", source, token="w.1")
+        store.copy("d/shuffle_0_0_0.data", "d/shuffle_0_1_0.data", token="w.2")
     assert sorted(os.listdir(root / "d")) == ["shuffle_0_0_0.data", "shuffle_0_1_0.data"]
+    assert read_all(store, "d/shuffle_0_1_0.data") == b"landed"
 
 
 # -- S3 specifics ---------------------------------------------------------------------------------

@@ -120,10 +120,10 @@ class Store:
         a copy (see keeps_put_files). `expect`: ABSENT, a version, or None (unconditional)."""
         raise NotImplementedError
 
-    def discard_put(self, key: str, path: str) -> None:
-        """Remove what a put_file of `path` at `key` that was interrupted (its daemon was
-        killed) and is no longer wanted may have left behind, other than the object itself.
-        Nothing, unless the store stages puts under other names."""
+    def discard_put(self, key: str, token: str) -> None:
+        """Remove what a put_file or copy at `key` with `token` that was interrupted (its
+        daemon was killed) and is no longer wanted may have left behind, other than the object
+        itself. Nothing, unless the store stages writes under other names."""
 
     def get_range(self, key: str, offset: int, length: int, *, expect: str | None = None) -> bytes:
         """Return up to `length` bytes from `offset` (fewer at the end of the object). With

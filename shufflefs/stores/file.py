@@ -2,10 +2,11 @@
 
 Objects are regular files at `<dir>/<key>`. Writes go to a hidden temporary name in the target
 directory and are renamed into place, so a reader never sees a partial object; moves are
-renames. The temporary name is derived from the source file's name and the key, so a put that
-a killed daemon left half done is cleaned up by the same put when the next daemon resumes it
-(the journal names the same staging file), and never by anyone else's put: several nodes may
-share one store directory, each with its own uniquely named staging files.
+renames. The temporary name is derived from the write's token and the key, so a put or copy
+that a killed daemon left half done is cleaned up by the same write when the next daemon
+resumes it (the journal keeps its token; a resumed copy may go on as a put of the bytes), or
+discards it, and never by anyone else's: several nodes may share one store directory, and
+their tokens differ.
 
 When the source file is on the same filesystem, a put is a hard link instead of a copy: the
 callers' source files (committed staging files) and objects are never modified in place, only
@@ -20,6 +21,7 @@ import errno
 import hashlib
 import os
 import urllib.parse
+import uuid
 
 from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
                                    UploadAborted)
@@ -76,20 +78,20 @@ class FileStore(Store):
         if abort is not None and abort.is_set():
             raise UploadAborted(key)
         try:
-            self._place(key, path, abort)
+            self._place(key, path, token, abort)
         except OSError as exc:
             raise self._os_error(exc, f"storing {key}") from exc
         return None
 
-    def _place(self, key: str, path: str, abort=None) -> None:
+    def _place(self, key: str, path: str, token: str | None, abort=None) -> None:
         """Make local file `path` the object at `key`: a hard link to it (or a copy) at the
-        key's temporary name, renamed into place, so that a reader never sees part of it."""
+        write's temporary name, renamed into place, so that a reader never sees part of it."""
         target = self._path(key)
-        temp = _temp_path(target, key, path)
+        temp = _temp_path(target, key, token)
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            # left by this very put, interrupted in an earlier life of the daemon (no other put
-            # has this name; puts of one key never overlap)
+            # left by this very write, interrupted in an earlier life of the daemon (no other
+            # write has its token)
             _remove_quietly(temp)
             try:
                 os.link(path, temp)
@@ -98,13 +100,16 @@ class FileStore(Store):
             except OSError:  # another filesystem (EXDEV), or one without hard links
                 self._copy(key, path, temp, abort)
             os.replace(temp, target)
+            # rename(2) does nothing when both names are links to one file: an earlier attempt
+            # of this write placed it (its daemon died before it could tell)
+            _remove_quietly(temp)
         except BaseException:
             _remove_quietly(temp)
             raise
 
-    def discard_put(self, key, path):
+    def discard_put(self, key, token):
         try:
-            _remove_quietly(_temp_path(self._path(key), key, path))
+            _remove_quietly(_temp_path(self._path(key), key, token))
         except OSError as exc:
             raise self._os_error(exc, f"removing the temporary file of {key}") from exc
 
@@ -164,7 +169,7 @@ class FileStore(Store):
         # objects are never modified in place (see the module docstring): the copy may share
         # the source's inode, like a put shares its staging file's
         try:
-            self._place(dst, self._path(src))
+            self._place(dst, self._path(src), token)
         except FileNotFoundError:
             raise self._missing(src, f"copying {src} to {dst}") from None
         except OSError as exc:
@@ -179,10 +184,15 @@ class FileStore(Store):
         return StoreError(f"{what}: directory vanished", transient=True)
 
     def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
-        target = self._path(dst)
+        source, target = self._path(src), self._path(dst)
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(self._path(src), target)
+            moved = os.lstat(source)
+            os.replace(source, target)
+            # rename(2) does nothing when both names are links to one file (a copy is a hard
+            # link to its source): the source must still go
+            if _is_file(source, moved):
+                _remove_quietly(source)
         except FileNotFoundError:
             raise self._missing(src, f"moving {src} to {dst}") from None
         except OSError as exc:
@@ -221,12 +231,21 @@ def _version(st: os.stat_result) -> str:
     return f"{st.st_ino:x}.{st.st_mtime_ns:x}.{st.st_size:x}"
 
 
-def _temp_path(target: str, key: str, path: str) -> str:
-    """The temporary name of the put of local file `path` at `key`: the same for the same
-    source file name and key (also after a restart, when the cache dir may be reached by
-    another path), unique otherwise."""
-    digest = hashlib.sha256(os.fsencode(os.path.basename(path)) + b"\0" + os.fsencode(key)).hexdigest()
+def _temp_path(target: str, key: str, token: str | None) -> str:
+    """The temporary name of a write at `key`: the same for the same token (the write resumed
+    after a restart, as a put or as a copy), unique otherwise (a write without a token cannot
+    be resumed or discarded)."""
+    seed = os.fsencode(token) if token else uuid.uuid4().bytes
+    digest = hashlib.sha256(seed + b"\0" + os.fsencode(key)).hexdigest()
     return os.path.join(os.path.dirname(target), TEMP_PREFIX + digest[:32])
+
+
+def _is_file(path: str, st: os.stat_result) -> bool:
+    """Whether `path` is (still) the file `st` describes."""
+    try:
+        return os.path.samestat(os.lstat(path), st)
+    except FileNotFoundError:
+        return False
 
 
 def _remove_quietly(path: str) -> None:
