@@ -23,11 +23,13 @@ from typing import Iterator
 
 import trio
 
+from shufflefs.callers import Executor
 from shufflefs.journal import Journal
 from shufflefs.naming import INDEX_CACHE_MAX, checksum_companion, is_durable, is_index, is_unique
 from shufflefs.remote import Op, Remote, same_bytes
 from shufflefs.staging import StagingArea, StagingFile
 from shufflefs.stores import PreconditionFailed, Store, StoreError
+from shufflefs.views import Views
 from shufflefs.waits import about_to_wait
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class Node:
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
                  "linked", "lookups", "children", "subdirs", "owned", "created_here", "listed_at", "size", "staging",
                  "opens", "writers", "committed", "from_remote", "version", "stored_at", "write_error",
-                 "passthrough", "unseen_writes")
+                 "passthrough", "unseen_writes", "executor", "adopter")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -101,6 +103,10 @@ class Node:
         self.owned = False
         self.created_here = False  # by a mkdir on this mount (another mount may have made it too)
         self.listed_at = NEVER
+        # a block manager's directory made here by an executor, and the executor that adopted it
+        # once that one died (see shufflefs.views)
+        self.executor: Executor | None = None
+        self.adopter: Executor | None = None
         # files
         self.size = 0
         self.staging: StagingFile | None = None
@@ -206,8 +212,10 @@ class Handle:
 class Filesystem:
     def __init__(self, store: Store, remote: Remote, journal: Journal, staging: StagingArea, *,
                  commit_mode: str = "sync", cache_size: int, remote_ttl: float = 1.0,
-                 owner: tuple[int, int] | None = None):
+                 owner: tuple[int, int] | None = None, views: Views | None = None):
         self.store = store
+        #: what executors listing the shared local dir see (None: every caller sees it all)
+        self.views = views
         self.remote = remote
         self.journal = journal
         self.staging = staging
@@ -508,7 +516,9 @@ class Filesystem:
         return node
 
     def _record_dir(self, node: Node) -> None:
-        self.journal.dir_set(self.key_of(node), stat.S_IMODE(node.mode), node.uid, node.gid)
+        executors = {role: who.record() for role, who in (("executor", node.executor), ("adopter", node.adopter))
+                     if who is not None}
+        self.journal.dir_set(self.key_of(node), stat.S_IMODE(node.mode), node.uid, node.gid, **executors)
 
     def _truncate(self, node: Node, size: int) -> None:
         if node.committed:
@@ -539,7 +549,7 @@ class Filesystem:
                 "f_namemax": NAME_MAX}
 
     # ------------------------------------------------------------------ namespace changes
-    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> Node:
+    async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int, caller: int = 0) -> Node:
         parent = self._dir(parent_ino)
         self._check_name(name)
         if name in parent.children:
@@ -552,6 +562,8 @@ class Filesystem:
         # can pick, or a directory inside one this mount owns, has no entries elsewhere.
         node.owned = parent.owned or is_unique(name)
         node.lookups += 1
+        if self.views is not None:
+            node.executor = self.views.creator(name, caller)
         self._record_dir(node)
         return node
 
@@ -1184,7 +1196,9 @@ class Filesystem:
                 self._maybe_free(node)
 
     # ------------------------------------------------------------------ directories
-    async def opendir(self, ino: int) -> int:
+    async def opendir(self, ino: int, caller: int = 0) -> int:
+        """A handle to list the directory with, as `caller` (the id of the thread asking; 0:
+        unknown) may see it (see shufflefs.views)."""
         directory = self._dir(ino)
         if not directory.owned:
             try:
@@ -1193,9 +1207,14 @@ class Filesystem:
                 if directory.listed_at == NEVER:
                     raise  # never listed: nothing to answer with
                 log.warning("listing %s from what was listed before: %s", self.key_of(directory) or "/", exc)
+        entries = list(directory.children.items())
+        if self.views is not None:
+            entries, adopted = self.views.entries(directory, entries, caller)
+            for node in adopted:
+                self._record_dir(node)
         fh = self._next_fh
         self._next_fh += 1
-        self.dir_handles[fh] = (directory, list(directory.children.items()))
+        self.dir_handles[fh] = (directory, entries)
         return fh
 
     def readdir_entries(self, fh: int) -> tuple[Node, list[tuple[str, Node]]]:
@@ -1230,6 +1249,8 @@ class Filesystem:
             # learned from the store
             node = self._materialize_dir(key)
             node.mode, node.uid, node.gid = stat.S_IFDIR | record["mode"], record["uid"], record["gid"]
+            node.executor, node.adopter = (Executor.from_record(record[role]) if role in record else None
+                                           for role in ("executor", "adopter"))
         keep = set()
         ops = self.journal.pending_ops()
         for seq, record in ops:

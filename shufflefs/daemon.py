@@ -26,6 +26,7 @@ import lmdb
 import trio
 
 from shufflefs import control
+from shufflefs.callers import Callers
 from shufflefs.control import process_memory
 from shufflefs.core import Filesystem
 from shufflefs.fuse import mount as fuse_mount
@@ -35,6 +36,7 @@ from shufflefs.journal import Journal
 from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
 from shufflefs.staging import StagingArea
 from shufflefs.stores import Store, StoreError, open_store
+from shufflefs.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -464,7 +466,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts,
                     late_window=config.late_window, request_timeout=config.store_timeout)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
-                    cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner)
+                    cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner,
+                    views=Views(Callers()))
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
     status_file = run_file(mountpoint, "status")

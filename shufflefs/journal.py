@@ -125,11 +125,12 @@ class Journal:
                 txn.delete(k)
         return len(stale)
 
-    # -- directories the mount created: key -> {"mode", "uid", "gid"}; a restarted daemon puts
-    # them back, so a process that cached a directory's existence can still create files in it
-    def dir_set(self, key: str, mode: int, uid: int, gid: int) -> None:
+    # -- directories the mount created: key -> {"mode", "uid", "gid"} and, for a block manager's
+    # directory, its "executor" and "adopter" (shufflefs.views); a restarted daemon puts them
+    # back, so a process that cached a directory's existence can still create files in it
+    def dir_set(self, key: str, mode: int, uid: int, gid: int, **executors: dict) -> None:
         with self.env.begin(write=True, db=self._dirs) as txn:
-            txn.put(os.fsencode(key), json.dumps({"mode": mode, "uid": uid, "gid": gid}).encode())
+            txn.put(os.fsencode(key), json.dumps({"mode": mode, "uid": uid, "gid": gid, **executors}).encode())
 
     def dir_remove(self, key: str) -> None:
         with self.env.begin(write=True, db=self._dirs) as txn:

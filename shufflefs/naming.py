@@ -25,6 +25,16 @@ def is_unique(name: str) -> bool:
     return UNIQUE_PATTERN.search(name) is not None
 
 
+def is_block_manager_dir(name: str) -> bool:
+    """Whether a directory of this name is one of Spark's block managers (`blockmgr-<uuid>`, one
+    per executor and local dir), where its map outputs are."""
+    return name.startswith("blockmgr-") and is_unique(name)
+
+
+def is_checksum(name: str) -> bool:
+    return ".checksum." in name and is_durable(name)
+
+
 def is_durable(name: str) -> bool:
     return DURABLE_PATTERN.fullmatch(name) is not None
 

@@ -18,6 +18,8 @@ it left in DIR.
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import os
 import sys
 import time
@@ -53,6 +55,16 @@ def remove_shuffle(sc, shuffle_id: int, local_dir: str, timeout: float = 30.0) -
         time.sleep(0.5)
 
 
+def shuffle_files(local_dir: str, shuffle_id: int = 0) -> dict[str, dict[str, str]]:
+    """{blockmgr dir: {file name: sha256}} of a shuffle's files below local_dir (a standalone
+    Worker's SPARK_LOCAL_DIRS), as this process may list them."""
+    found: dict[str, dict[str, str]] = {}
+    for path in glob.glob(os.path.join(local_dir, "spark-*", "*", "blockmgr-*", "*", f"shuffle_{shuffle_id}_*")):
+        with open(path, "rb") as f:
+            found.setdefault(path.split(os.sep)[-3], {})[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
 def wait_for(condition, what: str, timeout: float = EXECUTORS_GONE_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -62,7 +74,7 @@ def wait_for(condition, what: str, timeout: float = EXECUTORS_GONE_TIMEOUT) -> N
 
 
 def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None, executors: int | None,
-                            warm_up: bool) -> dict:
+                            warm_up: bool, files_under: str | None) -> dict:
     sc = spark.sparkContext
     shuffled = sc.parallelize(range(RECORDS), MAP_TASKS).map(lambda x: (x % KEYS, 1)).reduceByKey(add)
     job0 = sorted(shuffled.collect())
@@ -90,6 +102,8 @@ def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None, executo
     log(f"job 1 done in {time.monotonic() - t:.1f}s")
     result = {"app_id": sc.applicationId, "job0": job0, "job1": job1,
               "executors_job0": sorted(before), "executors_job1": sorted(executor_ids(sc))}
+    if files_under:
+        result["files_after_job1"] = shuffle_files(files_under)
     if remove_from:
         result["left_after_removal"] = remove_shuffle(sc, 0, remove_from)
     return result
@@ -105,6 +119,9 @@ def main(argv=None) -> int:
                     help="after the pause, wait until one executor of job 0 is gone and N are "
                          "registered (default: wait until every executor of job 0 is gone)")
     ap.add_argument("--warm-up", action="store_true", help="run a small shuffle job before job 1")
+    ap.add_argument("--files-under", metavar="DIR",
+                    help="after job 1, report the shuffle's files below DIR (a Worker's local dir), "
+                         "before the Worker removes them with the application")
     args = ap.parse_args(argv)
     conf = dict(item.split("=", 1) for item in args.conf)
     # Each standalone worker gives its executors its own SPARK_LOCAL_DIRS (through
@@ -112,7 +129,8 @@ def main(argv=None) -> int:
     conf.setdefault("spark.executorEnv.SPARK_LOCAL_DIRS", None)
     # the driver pauses between its jobs itself, not after them
     return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause, args.remove_shuffle_from,
-                                                       args.executors, args.warm_up), args.local_dir, args.result,
+                                                       args.executors, args.warm_up, args.files_under),
+                 args.local_dir, args.result,
                  args.master, False, app_name="shufflefs-recovery", conf=conf)
 
 

@@ -211,11 +211,12 @@ class StandaloneCluster:
         self.stop()
 
     # ------------------------------------------------------------------ executors
-    def executor_pids(self, app_id: str) -> dict[str, int]:
-        """{executor id: pid} of the application's live executor JVMs on this cluster's workers.
-        An executor's cwd is <worker dir>/<app id>/<executor id>: that ties it to a worker."""
+    def executor_pids(self, app_id: str, worker: int | None = None) -> dict[str, int]:
+        """{executor id: pid} of the application's live executor JVMs on this cluster's workers
+        (or on one). An executor's cwd is <worker dir>/<app id>/<executor id>: that ties it to
+        a worker."""
         found = {}
-        app_dirs = {os.path.join(d, app_id) for d in self.worker_dirs}
+        app_dirs = {os.path.join(d, app_id) for i, d in enumerate(self.worker_dirs) if worker in (None, i)}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue

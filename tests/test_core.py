@@ -23,6 +23,7 @@ import trio.testing
 
 import shufflefs.remote
 import shufflefs.stores.file
+from shufflefs.callers import Executor
 from shufflefs.core import READAHEAD, ROOT_INODE, Filesystem, FsError, Negative, Node
 from shufflefs.journal import Journal
 from shufflefs.remote import Remote
@@ -30,6 +31,7 @@ from shufflefs.staging import StagingArea
 from shufflefs.stores import StoreError
 from shufflefs.stores.file import FileStore
 from shufflefs.stores.memory import MemoryStore
+from shufflefs.views import Views
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -134,7 +136,7 @@ def contents(store) -> dict[str, bytes]:
 
 class Mount:
     def __init__(self, store, cache_dir: str, nursery: trio.Nursery, *, commit_mode: str, cache_size: int,
-                 remote_ttl: float, max_attempts: int, workers: int):
+                 remote_ttl: float, max_attempts: int, workers: int, views: Views | None):
         os.makedirs(cache_dir, exist_ok=True)
         self.store = store
         self.cache_dir = cache_dir
@@ -142,7 +144,7 @@ class Mount:
         self.staging = StagingArea(os.path.join(cache_dir, "staging"))
         self.remote = Remote(store, self.journal, workers=workers, max_attempts=max_attempts)
         self.fs = Filesystem(store, self.remote, self.journal, self.staging, commit_mode=commit_mode,
-                             cache_size=cache_size, remote_ttl=remote_ttl)
+                             cache_size=cache_size, remote_ttl=remote_ttl, views=views)
         self.remote.start(nursery)
         self.closed = False
 
@@ -176,11 +178,12 @@ class Env:
 
     def mount(self, store=None, *, name: str = "node1", nursery: trio.Nursery | None = None,
               commit_mode: str = "sync", cache_size: int = 64 * MiB, remote_ttl: float = 1.0,
-              max_attempts: int = 3, workers: int = 8) -> Mount:
+              max_attempts: int = 3, workers: int = 8, views: Views | None = None) -> Mount:
         if store is None:
             store = self.store()
         mount = Mount(store, str(self.tmp_path / name), nursery or self.nursery, commit_mode=commit_mode,
-                      cache_size=cache_size, remote_ttl=remote_ttl, max_attempts=max_attempts, workers=workers)
+                      cache_size=cache_size, remote_ttl=remote_ttl, max_attempts=max_attempts, workers=workers,
+                      views=views)
         self.mounts.append(mount)
         return mount
 
@@ -1540,6 +1543,83 @@ async def test_a_move_resumed_after_a_crash_replaces_what_an_earlier_record_put_
     await trio.sleep(0.06)
     found = await resolve(m2.fs, f"{BM}/{DATA}")
     assert found is not None and await read_all(m2.fs, found.ino) == b"B" * 10
+
+
+class Processes:
+    """Callers as /proc would tell them: executors by thread id (here: their pid), and which
+    ones died."""
+
+    def __init__(self, *executors: Executor):
+        self.executors = {e.pid: e for e in executors}
+        self.dead: set[Executor] = set()
+
+    def executor_of(self, tid: int) -> Executor | None:
+        executor = self.executors.get(tid)
+        return None if executor is None or executor in self.dead else executor
+
+    def alive(self, executor: Executor) -> bool:
+        return executor not in self.dead
+
+
+async def listing(fs: Filesystem, path: str, caller: int) -> list[str]:
+    node = await resolve(fs, path)
+    fh = await fs.opendir(node.ino, caller=caller)
+    try:
+        return sorted(name for _, name, _ in fs.readdir(fh, 0, plus=False))
+    finally:
+        fs.releasedir(fh)
+
+
+async def test_an_executor_lists_its_own_block_managers_and_adopts_only_dead_ones_of_its_application(env):
+    """docs/RECOVERY.md, "Views": Spark's recovery plugin lists every blockmgr-* below its
+    local dirs' parent and takes what it finds. An executor sees its own, and those of dead
+    executors of its application, each adopted by the first one to list it; never a live
+    executor's or another application's. Other callers see everything."""
+    a1, a2, a3 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2, 3))
+    b1 = Executor("app-B", "1", 201, 7)
+    processes = Processes(a1, a2, a3, b1)
+    m = env.mount(views=Views(processes))
+    work = "spark-10000000-0000-4000-8000-000000000000"
+    dirs = {}
+    for executor, n in ((a1, 1), (a2, 2), (b1, 3)):
+        parent = await mkdirs(m.fs, f"{work}/executor-{n}")
+        name = f"blockmgr-{n}0000000-0000-4000-8000-000000000000"
+        dirs[executor] = f"{work}/executor-{n}/{name}"
+        bm = await m.fs.mkdir(parent, name, 0o755, UID, GID, caller=executor.pid)
+        sub = await m.fs.mkdir(bm.ino, "00", 0o755, UID, GID, caller=executor.pid)
+        for suffix in ("data", "index", "checksum.ADLER32"):
+            await commit(m.fs, sub.ino, f"shuffle_0_{n}_0.{suffix}", b"x" * n)
+    person = 999
+    for caller, sees in ((a1, {a1}), (a2, {a2}), (b1, {b1}), (None, {a1, a2, b1})):
+        tid = person if caller is None else caller.pid
+        for executor, path in dirs.items():
+            parent, name = path.rsplit("/", 1)
+            assert (name in await listing(m.fs, parent, tid)) == (executor in sees), (caller, executor)
+    assert await listing(m.fs, f"{dirs[a1]}/00", a1.pid) == sorted(
+        f"shuffle_0_1_0.{suffix}" for suffix in ("data", "index", "checksum.ADLER32"))
+
+    processes.dead.add(a2)
+    a2_parent, a2_name = dirs[a2].rsplit("/", 1)
+    assert a2_name not in await listing(m.fs, a2_parent, b1.pid)  # another application's
+    assert a2_name in await listing(m.fs, a2_parent, a3.pid)  # adopted
+    assert a2_name not in await listing(m.fs, a2_parent, a1.pid)  # its adopter lives
+    assert a2_name in await listing(m.fs, a2_parent, a3.pid)
+    assert a2_name in await listing(m.fs, a2_parent, person)
+    # the plugin takes data and index files; checking a data file against its checksum file
+    # would read it whole
+    assert await listing(m.fs, f"{dirs[a2]}/00", a3.pid) == ["shuffle_0_2_0.data", "shuffle_0_2_0.index"]
+    assert len(await listing(m.fs, f"{dirs[a2]}/00", person)) == 3
+
+    # the adoption outlives a restart of the daemon, and ends with its adopter
+    m.close_journal()
+    m2 = env.mount(m.store, views=Views(processes))  # same cache dir
+    m2.fs.resume_journal()
+    assert a2_name not in await listing(m2.fs, a2_parent, a1.pid)
+    assert a2_name in await listing(m2.fs, a2_parent, a3.pid)
+    processes.dead.add(a3)
+    assert a2_name in await listing(m2.fs, a2_parent, a1.pid)
+    b1_parent, b1_name = dirs[b1].rsplit("/", 1)
+    assert b1_name not in await listing(m2.fs, b1_parent, a1.pid)
 
 
 async def test_owned_dirs_answer_locally(env):

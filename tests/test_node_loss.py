@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
 from mounting import Mount
-from recovery_job import KEYS, MAP_TASKS, RECORDS
+from recovery_job import KEYS, MAP_TASKS, RECORDS, shuffle_files
 from sparkrun import java_home, run_spark_job
-from standalone import EventLog, StandaloneCluster
+from standalone import EventLog, StandaloneCluster, wait_exited
 
 pytestmark = [pytest.mark.spark, pytest.mark.skipif(java_home() is None, reason="no java on PATH")]
 
@@ -102,3 +103,49 @@ def test_node_loss_on_s3_mounts_today(tmp_path, s3_env, bucket, warm_up):
     print(f"\nshufflefs s3://, node lost, {'warm-up' if warm_up else 'no warm-up'}: {describe(jobs)}; "
           f"{measured}; test {time.monotonic() - t0:.1f}s")
     assert result["job0"] == result["job1"] == EXPECTED_COUNTS
+
+
+# ---------------------------------------------------------------------------------- a crash
+
+
+def test_an_executor_crash_beside_a_live_executor_is_recovered_from_the_dead_one_only(tmp_path, s3_env, bucket):
+    """Two executors share one node's mount (a DaemonSet: two executor pods on one node); after
+    job 0 one of them is killed with SIGKILL, and its Worker starts a replacement on the same
+    mount. Spark's recovery plugin in the replacement adopts the dead executor's map outputs
+    and not one file of the live executor's (the views of docs/RECOVERY.md); job 1 skips its
+    map stage. Without the views the plugin took every executor's files it found."""
+    events = tmp_path / "events"
+    events.mkdir()
+    conf = {**RECOVERY_PLUGIN, "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{events}",
+            "spark.eventLog.compress": "false"}
+    seen: dict = {}
+    with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
+        local_dir = os.path.join(mount.path, "local")
+        with StandaloneCluster(tmp_path / "cluster", [local_dir, local_dir], worker_hosts=HOSTS[:2]) as cluster:
+            def kill_one_executor() -> None:
+                seen["job0"] = shuffle_files(local_dir)
+                app_id = cluster.master_state()["activeapps"][0]["id"]
+                (seen["killed"], pid), = cluster.executor_pids(app_id, worker=1).items()
+                os.kill(pid, signal.SIGKILL)
+                wait_exited([pid])
+
+            result = run_spark_job(tmp_path / "driver", tmp_path / "result.json", master=cluster.master_url,
+                                   script=RECOVERY_JOB, pause_callback=kill_one_executor, timeout=240,
+                                   extra_args=["--executors", "2", "--warm-up", "--files-under", local_dir,
+                                               *(f"--conf={k}={v}" for k, v in conf.items())])
+            after = result["files_after_job1"]
+        adoptions = [line for line in mount.log().splitlines() if " adopts " in line]
+    jobs = EventLog.of_app(events, result["app_id"]).jobs()
+    print(f"\nexecutor crash beside a live one: {describe(jobs)}; adoptions: {adoptions}")
+    assert result["job0"] == result["job1"] == EXPECTED_COUNTS
+    assert len(seen["job0"]) == 2, seen["job0"].keys()
+    untouched = [d for d, files in seen["job0"].items() if after.get(d) == files]
+    assert len(untouched) == 1, "the live executor's files stay where they are, and only its"
+    dead_dir, = set(seen["job0"]) - set(untouched)
+    outputs = {name: data for name, data in seen["job0"][dead_dir].items() if ".checksum." not in name}
+    assert outputs and not set(outputs) & set(after.get(dead_dir, {})), "the dead executor's outputs were adopted"
+    new_dirs = set(after) - set(seen["job0"])
+    assert len(new_dirs) == 1, (seen["job0"], after)
+    assert {n: d for n, d in after[new_dirs.pop()].items() if n in outputs} == outputs
+    assert len(adoptions) == 1 and f"dead executor {seen['killed']}" in adoptions[0]
+    assert jobs[-1]["map_tasks"] == 0, "job 1 skipped the map stage: nothing was recomputed"

@@ -158,7 +158,8 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._node_attrs(await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid))
+        return self._node_attrs(await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid,
+                                                     caller=ctx.pid))
 
     @_translated
     async def rmdir(self, parent_inode, name, ctx):
@@ -220,7 +221,7 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def opendir(self, inode, ctx):
-        return await self.fs.opendir(inode)
+        return await self.fs.opendir(inode, caller=ctx.pid)
 
     @_translated
     async def readdir(self, fh, start_id, token):

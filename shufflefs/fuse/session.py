@@ -148,7 +148,7 @@ class Session:
                 await trio.lowlevel.checkpoint()
 
     async def _dispatch(self, request: memoryview) -> None:
-        _, opcode, unique, nodeid, uid, gid, _, _, _ = p.IN_HEADER.unpack_from(request)
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = p.IN_HEADER.unpack_from(request)
         self.requests[opcode] += 1
         body = request[p.IN_HEADER.size:]
         if opcode == p.FORGET:
@@ -172,7 +172,7 @@ class Session:
                 self._send(p.error_reply(unique, errno.ENOSYS))
             return
         try:
-            reply = await handler(nodeid, body, uid, gid)
+            reply = await handler(nodeid, body, uid, gid, pid)
         except Exception as exc:
             self._send(p.error_reply(unique, errno_of(exc, p.OPCODE_NAMES.get(opcode, str(opcode)))))
             return
@@ -211,7 +211,7 @@ class Session:
         os.write(self.fd, p.notify_inval_entry(parent, os.fsencode(name)))
 
     # ------------------------------------------------------------------ requests
-    async def _init(self, nodeid, body, uid, gid) -> bytes:
+    async def _init(self, nodeid, body, uid, gid, pid) -> bytes:
         reply, self.negotiated = p.negotiate(body, want=WANTED | p.PASSTHROUGH * self._try_passthrough,
                                              max_write=MAX_WRITE)
         self.passthrough = bool(self.negotiated.flags & p.PASSTHROUGH)
@@ -224,14 +224,14 @@ class Session:
                  + ("" if self._try_passthrough else " (passthrough needs root)"))
         return reply
 
-    async def _lookup(self, parent, body, uid, gid) -> bytes:
+    async def _lookup(self, parent, body, uid, gid, pid) -> bytes:
         return _entry_out(await self.fs.lookup_entry(parent, os.fsdecode(p.decode_name(body))))
 
-    async def _getattr(self, nodeid, body, uid, gid) -> bytes:
+    async def _getattr(self, nodeid, body, uid, gid, pid) -> bytes:
         node = self.fs.getattr(nodeid)
         return p.attr_out(self.fs.attr_ttl(node), _attr(node))
 
-    async def _setattr(self, nodeid, body, uid, gid) -> bytes:
+    async def _setattr(self, nodeid, body, uid, gid, pid) -> bytes:
         (valid, _, _, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, new_uid, new_gid,
          _) = p.SETATTR_IN.unpack_from(body)
         now = time.time_ns()
@@ -248,26 +248,26 @@ class Session:
         )
         return p.attr_out(self.fs.attr_ttl(node), _attr(node))
 
-    async def _mkdir(self, parent, body, uid, gid) -> bytes:
+    async def _mkdir(self, parent, body, uid, gid, pid) -> bytes:
         mode, _ = p.MKDIR_IN.unpack_from(body)
         name = os.fsdecode(p.decode_name(body, p.MKDIR_IN.size))
-        return _entry_out(self.fs.entry(await self.fs.mkdir(parent, name, mode, uid, gid)))
+        return _entry_out(self.fs.entry(await self.fs.mkdir(parent, name, mode, uid, gid, caller=pid)))
 
-    async def _unlink(self, parent, body, uid, gid) -> bytes:
+    async def _unlink(self, parent, body, uid, gid, pid) -> bytes:
         await self.fs.unlink(parent, os.fsdecode(p.decode_name(body)))
         return b""
 
-    async def _rmdir(self, parent, body, uid, gid) -> bytes:
+    async def _rmdir(self, parent, body, uid, gid, pid) -> bytes:
         await self.fs.rmdir(parent, os.fsdecode(p.decode_name(body)))
         return b""
 
-    async def _rename(self, parent, body, uid, gid) -> bytes:
+    async def _rename(self, parent, body, uid, gid, pid) -> bytes:
         new_parent, = p.RENAME_IN.unpack_from(body)
         old, new = p.decode_two_names(body, p.RENAME_IN.size)
         await self.fs.rename(parent, os.fsdecode(old), new_parent, os.fsdecode(new))
         return b""
 
-    async def _rename2(self, parent, body, uid, gid) -> bytes:
+    async def _rename2(self, parent, body, uid, gid, pid) -> bytes:
         new_parent, flags, _ = p.RENAME2_IN.unpack_from(body)
         old, new = p.decode_two_names(body, p.RENAME2_IN.size)
         await self.fs.rename(parent, os.fsdecode(old), new_parent, os.fsdecode(new), flags)
@@ -275,17 +275,17 @@ class Session:
 
     @staticmethod
     def _refusing(refuse):
-        async def handler(nodeid, body, uid, gid) -> bytes:
+        async def handler(nodeid, body, uid, gid, pid) -> bytes:
             refuse()
         return handler
 
-    async def _create(self, parent, body, uid, gid) -> bytes:
+    async def _create(self, parent, body, uid, gid, pid) -> bytes:
         flags, mode, _, _ = p.CREATE_IN.unpack_from(body)
         name = os.fsdecode(p.decode_name(body, p.CREATE_IN.size))
         fh, node = await self.fs.create(parent, name, mode, flags, uid, gid)
         return _entry_out(self.fs.entry(node)) + self._open_out(fh, node.ino)
 
-    async def _open(self, nodeid, body, uid, gid) -> bytes:
+    async def _open(self, nodeid, body, uid, gid, pid) -> bytes:
         flags, _ = p.OPEN_IN.unpack_from(body)
         return self._open_out(await self.fs.open(nodeid, flags), nodeid)
 
@@ -329,27 +329,27 @@ class Session:
             except OSError as exc:
                 log.error("cannot release backing file %d of inode %d: %s", backing[0], ino, exc.strerror)
 
-    async def _read(self, nodeid, body, uid, gid) -> tuple:
+    async def _read(self, nodeid, body, uid, gid, pid) -> tuple:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         return (await self.fs.read(fh, offset, size),)
 
-    async def _write(self, nodeid, body, uid, gid) -> bytes:
+    async def _write(self, nodeid, body, uid, gid, pid) -> bytes:
         fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
         start = p.WRITE_IN.size
         return p.write_out(await self.fs.write(fh, offset, body[start:start + size]))
 
-    async def _flush(self, nodeid, body, uid, gid) -> bytes:
+    async def _flush(self, nodeid, body, uid, gid, pid) -> bytes:
         if not self.fs.commits_at_flush:
             # nothing to report to close(2): ENOSYS makes the kernel stop sending FLUSH at all
             raise FsError(errno.ENOSYS)
         await self.fs.flush(p.FLUSH_IN.unpack_from(body)[0])
         return b""
 
-    async def _fsync(self, nodeid, body, uid, gid) -> bytes:
+    async def _fsync(self, nodeid, body, uid, gid, pid) -> bytes:
         await self.fs.fsync(p.FSYNC_IN.unpack_from(body)[0])
         return b""
 
-    async def _release(self, nodeid, body, uid, gid) -> bytes:
+    async def _release(self, nodeid, body, uid, gid, pid) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]
         try:
             await self.fs.release(fh)
@@ -357,15 +357,15 @@ class Session:
             self._unback(fh)
         return b""
 
-    async def _statfs(self, nodeid, body, uid, gid) -> bytes:
+    async def _statfs(self, nodeid, body, uid, gid, pid) -> bytes:
         s = self.fs.statfs()
         return p.kstatfs(s["f_blocks"], s["f_bfree"], s["f_bavail"], s["f_files"], s["f_ffree"],
                          s["f_bsize"], s["f_namemax"], s["f_frsize"])
 
-    async def _opendir(self, nodeid, body, uid, gid) -> bytes:
-        return p.open_out(await self.fs.opendir(nodeid), 0)
+    async def _opendir(self, nodeid, body, uid, gid, pid) -> bytes:
+        return p.open_out(await self.fs.opendir(nodeid, caller=pid), 0)
 
-    async def _readdir(self, nodeid, body, uid, gid, plus: bool = False) -> bytes:
+    async def _readdir(self, nodeid, body, uid, gid, pid, plus: bool = False) -> bytes:
         fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         parts = []
         room = size
@@ -382,12 +382,12 @@ class Session:
             room -= len(part)
         return b"".join(parts)
 
-    async def _readdirplus(self, nodeid, body, uid, gid) -> bytes:
-        return await self._readdir(nodeid, body, uid, gid, plus=True)
+    async def _readdirplus(self, nodeid, body, uid, gid, pid) -> bytes:
+        return await self._readdir(nodeid, body, uid, gid, pid, plus=True)
 
-    async def _releasedir(self, nodeid, body, uid, gid) -> bytes:
+    async def _releasedir(self, nodeid, body, uid, gid, pid) -> bytes:
         self.fs.releasedir(p.RELEASE_IN.unpack_from(body)[0])
         return b""
 
-    async def _nothing(self, nodeid, body, uid, gid) -> bytes:
+    async def _nothing(self, nodeid, body, uid, gid, pid) -> bytes:
         return b""

@@ -1,0 +1,91 @@
+"""What a Spark executor sees when it lists the shared local dir (docs/RECOVERY.md, "Views").
+
+Spark's recovery plugin (KubernetesLocalDiskShuffleDataIO) lists every `blockmgr-*` directory
+below the parent of its local dirs and takes the map outputs it finds there. On a mount that
+several executors share, that would take live executors' files, and other applications'. So a
+listing made by an executor shows, of the `blockmgr-*` directories, only its own and those of
+dead executors of its application that it adopts: the first executor of that application to
+list a dead one's directory adopts it, and no other executor sees it while the adopter lives.
+Inside a directory of another executor, the checksum files are left out: the plugin would read
+each data file whole to check it, bytes the store already keeps safe.
+
+Kernel-free: the core asks; liveness and identity come from Callers (/proc).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from shufflefs.callers import Callers, Executor
+from shufflefs.naming import is_block_manager_dir, is_checksum
+
+log = logging.getLogger(__name__)
+
+
+class Dir(Protocol):
+    name: str
+    parent: "Dir | None"
+    children: dict | None
+    executor: Executor | None
+    adopter: Executor | None
+
+
+class Views:
+    def __init__(self, callers: Callers):
+        self.callers = callers
+
+    def creator(self, name: str, caller: int) -> Executor | None:
+        """The executor a new directory belongs to: a block manager's directory made by one."""
+        return self.callers.executor_of(caller) if is_block_manager_dir(name) else None
+
+    def entries(self, directory: Dir, entries: list[tuple[str, Dir]], caller: int) -> tuple[list, list[Dir]]:
+        """The entries of `directory` the caller may list, and the directories it adopted by
+        listing them (their record must be kept)."""
+        holder = _block_manager_dir_of(directory)
+        if holder is None and not any(is_block_manager_dir(name) for name, _ in entries):
+            return entries, []  # nothing to decide: whoever asks sees it all
+        viewer = self.callers.executor_of(caller)
+        if viewer is None:
+            return entries, []  # not an executor: a person, the Worker, the shuffle service
+        if holder is not None:
+            if holder.executor == viewer:
+                return entries, []
+            return [(name, node) for name, node in entries if not is_checksum(name)], []
+        shown, adopted = [], []
+        for name, node in entries:
+            if node.children is None or not is_block_manager_dir(name):
+                shown.append((name, node))
+            elif self._may_see(node, viewer, adopted):
+                shown.append((name, node))
+        return shown, adopted
+
+    def _may_see(self, directory: Dir, viewer: Executor, adopted: list[Dir]) -> bool:
+        owner = directory.executor
+        if owner is None:
+            # another mount's, or made by no executor: whose it is cannot be told here
+            return False
+        if owner == viewer:
+            return True
+        if owner.app_id != viewer.app_id or self.callers.alive(owner):
+            return False
+        adopter = directory.adopter
+        if adopter == viewer:
+            return True
+        if adopter is not None and self.callers.alive(adopter):
+            return False
+        directory.adopter = viewer
+        adopted.append(directory)
+        log.info("executor %s of %s adopts %s of dead executor %s", viewer.executor_id, viewer.app_id,
+                 directory.name, owner.executor_id)
+        return True
+
+
+def _block_manager_dir_of(directory: Dir) -> Dir | None:
+    node: Dir | None = directory
+    while node is not None:
+        if is_block_manager_dir(node.name):
+            return node
+        node = node.parent
+    return None
+
