@@ -448,6 +448,11 @@ class Filesystem:
                 if companion is not None and not companion.committed and companion.opens == 0:
                     self._detach(companion)
                     self._maybe_free(companion)
+        if any(op.kind == "move" and op.dst.rpartition("/")[0] == prefix
+               and op.dst.rpartition("/")[2] not in directory.children for op in self.remote.pending):
+            # a move resumed after a crash, of a file this mount no longer holds (its upload
+            # had finished), is on its way here: this listing cannot show its file; the next can
+            directory.listed_at = NEVER
 
     # ------------------------------------------------------------------ lookups and attributes
     async def lookup(self, parent_ino: int, name: str) -> Node | None:

@@ -1515,6 +1515,35 @@ async def test_a_put_a_crash_cuts_short_after_it_was_cancelled_leaves_no_tempora
     assert m2.journal.pending_ops() == []
 
 
+async def test_a_file_a_resumed_move_brings_is_found_once_the_move_is_done(env):
+    """The daemon dies after an upload finished and before its file's rename reached the store.
+    The next daemon resumes the move; a listing taken while it runs cannot show the file, and
+    must not hide it for a listing's lifetime once the move is done (crash storm, seed 7)."""
+    store = env.store()
+    async with trio.open_nursery() as crashed:
+        m1 = env.mount(store, nursery=crashed, commit_mode="async")
+        d = await mkdirs(m1.fs, f"{BM}/00")
+        await commit(m1.fs, d, "shuffle_0_1_0.data", b"moved" * 3)
+        await settle(m1)
+        store.move_gate.clear()  # the move hangs
+        await m1.fs.rename(d, "shuffle_0_1_0.data", d, DATA)
+        await until(lambda: store.calls_of("move", key("00/shuffle_0_1_0.data")))
+        m1.remote._finish = lambda *_, **__: None  # SIGKILL: nothing more reaches the journal
+        crashed.cancel_scope.cancel()
+        store.move_gate.set()
+    m1.close_journal()
+    store.move_gate.clear()
+
+    m2 = env.mount(store, commit_mode="async", remote_ttl=60)  # same cache dir
+    m2.fs.resume_journal()
+    await until(lambda: len(store.calls_of("move", key("00/shuffle_0_1_0.data"))) == 2)
+    assert await resolve(m2.fs, f"{BM}/00/{DATA}") is None  # not there yet
+    store.move_gate.set()
+    await settle(m2)
+    found = await resolve(m2.fs, f"{BM}/00/{DATA}")
+    assert found is not None and await read_all(m2.fs, found.ino) == b"moved" * 3
+
+
 async def test_a_move_resumed_after_a_crash_replaces_what_an_earlier_record_put_at_its_destination(env):
     """async: A (upload pending) and B (stored) are renamed over X in turn, and the daemon dies
     before the moves ran. The next daemon puts A back at X (its put, then the move A -> X); the

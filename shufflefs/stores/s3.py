@@ -534,7 +534,7 @@ class _FileSlice:
     """A seekable, read-only view of `length` bytes at `start` of an open file, used as a request
     body (botocore seeks it to compute checksums and to rewind). Reads check `abort`, so an
     upload can stop mid-stream: the exception ends the request and the half-sent body is dropped
-    by the server."""
+    by the server. Once every byte was read, an abort is too late: the server has it all."""
 
     def __init__(self, fd: int, start: int, length: int, abort: threading.Event | None):
         self._fd = fd
@@ -544,13 +544,15 @@ class _FileSlice:
         self._abort = abort
 
     def read(self, size: int = -1) -> bytes:
-        if self._abort is not None and self._abort.is_set():
-            raise _Aborted()
         remaining = self._length - self._pos
         if size is None or size < 0 or size > remaining:
             size = remaining
         if size <= 0:
+            # the whole body is out: the request stands, and its answer says what became of it
+            # (an abort now would only lose that answer, not the write)
             return b""
+        if self._abort is not None and self._abort.is_set():
+            raise _Aborted()
         try:
             data = os.pread(self._fd, size, self._start + self._pos)
         except OSError as exc:
