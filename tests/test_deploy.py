@@ -495,6 +495,7 @@ def test_daemonset_mounts_on_the_host_and_drains_on_stop():
     assert container["lifecycle"]["preStop"]["exec"]["command"][:4] == ["shufflefs", "stats", mountpoint, "--sync"]
     assert "--leave-mount" in container["args"]
     assert pod["terminationGracePeriodSeconds"] >= 600
+    assert pod["hostPID"] is True  # executors' thread ids, for the recovery plugin's views
     # the executors' template points at this mountpoint on the host
     host_dir = one(pod["volumes"], name=shared["name"])["hostPath"]["path"]
     host_mountpoint = host_dir + mountpoint[len(shared["mountPath"]):]
