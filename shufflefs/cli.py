@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long after a store request failed (timed out, or its daemon died) the "
                             "store may still apply it; a put that may land after its file was deleted is "
                             "looked for and removed this long after the delete (default: %(default)g)")
+    mount.add_argument("--executor-lease", type=_positive_float, default=30.0, metavar="SECONDS",
+                       help="how long after this node's daemon last renewed its lease in the store its Spark "
+                            "executors count as lost, and their map outputs may be adopted by executors on "
+                            "other nodes (Spark's recovery plugin; docs/RECOVERY.md) (default: %(default)g)")
     mount.add_argument("--store-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                        help="longest a file operation waits for the store: a read or listing of what only "
                             "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
@@ -261,6 +265,7 @@ def _mount_config(args):
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
                        upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount,
                        late_window=args.late_window, store_timeout=args.store_timeout, fuse=args.fuse,
+                       executor_lease=args.executor_lease,
                        passthrough=args.passthrough)
 
 
@@ -335,6 +340,7 @@ def _spawn_daemon(args, config) -> int:
                "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
                "--commit", config.commit, "--upload-workers", str(config.upload_workers),
                "--late-window", repr(config.late_window), "--store-timeout", repr(config.store_timeout),
+               "--executor-lease", repr(config.executor_lease),
                "--fuse", config.fuse,
                "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if config.s3_endpoint_url:

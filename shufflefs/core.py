@@ -26,6 +26,7 @@ import trio
 from shufflefs.callers import Executor
 from shufflefs.journal import Journal
 from shufflefs.naming import INDEX_CACHE_MAX, checksum_companion, is_durable, is_index, is_unique
+from shufflefs.registry import RESERVED
 from shufflefs.remote import Op, Remote, same_bytes
 from shufflefs.staging import StagingArea, StagingFile
 from shufflefs.stores import PreconditionFailed, Store, StoreError
@@ -305,6 +306,8 @@ class Filesystem:
         error = self.store.name_error(name)
         if error is not None:
             raise FsError(error, f"{self.store.url} cannot hold the name {name!r}")
+        if parent is self.root and name == RESERVED:
+            raise FsError(errno.EINVAL, f"{RESERVED} at the top of the store is shufflefs' own")
         parent_key = self.key_of(parent)
         length = (len(os.fsencode(parent_key)) + 1 if parent_key else 0) + len(os.fsencode(name)) + below
         if length > self.max_key_bytes:
@@ -403,6 +406,8 @@ class Filesystem:
             self._tombstones.popitem(last=False)
         seen = set(listing.dirs)
         for name in listing.dirs:
+            if not prefix and name == RESERVED:
+                continue  # shufflefs' own records (shufflefs.registry)
             if name not in directory.children and not self._buried(f"{prefix}/{name}" if prefix else name):
                 child = self._new_node(directory, name, stat.S_IFDIR | LEARNED_DIR_MODE, self.root.uid, self.root.gid)
                 child.from_remote = True
@@ -570,6 +575,8 @@ class Filesystem:
         if self.views is not None:
             node.executor = self.views.creator(name, caller)
         self._record_dir(node)
+        if node.executor is not None:
+            await self.views.register(self.key_of(node), node.executor)
         return node
 
     async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int,
@@ -1214,7 +1221,7 @@ class Filesystem:
                 log.warning("listing %s from what was listed before: %s", self.key_of(directory) or "/", exc)
         entries = list(directory.children.items())
         if self.views is not None:
-            entries, adopted = self.views.entries(directory, entries, caller)
+            entries, adopted = await self.views.entries(directory, entries, caller, self.key_of)
             for node in adopted:
                 self._record_dir(node)
         fh = self._next_fh
@@ -1256,6 +1263,8 @@ class Filesystem:
             node.mode, node.uid, node.gid = stat.S_IFDIR | record["mode"], record["uid"], record["gid"]
             node.executor, node.adopter = (Executor.from_record(record[role]) if role in record else None
                                            for role in ("executor", "adopter"))
+            if node.executor is not None and self.views is not None:
+                self.views.executors_resumed()
         keep = set()
         ops = self.journal.pending_ops()
         for seq, record in ops:

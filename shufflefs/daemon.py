@@ -33,6 +33,7 @@ from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse.pyfuse3_adapter import Operations
 from shufflefs.fuse.session import Session
 from shufflefs.journal import Journal
+from shufflefs.registry import LEASE as EXECUTOR_LEASE, Registry
 from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
 from shufflefs.staging import StagingArea
 from shufflefs.stores import Store, StoreError, open_store
@@ -63,6 +64,9 @@ class MountConfig:
     late_window: float = LATE_WINDOW
     #: seconds a FUSE request waits for the store (a read, a listing, a sync commit's upload)
     store_timeout: float = REQUEST_TIMEOUT
+    #: seconds after its node's last renewal that a node's executors count as lost, and their
+    #: map outputs may be adopted by executors elsewhere (docs/RECOVERY.md)
+    executor_lease: float = EXECUTOR_LEASE
     #: which FUSE session serves the mount (cli.FUSE_SESSIONS)
     fuse: str = "own"
     #: whether our session may pass reads and writes of local files through to them
@@ -467,7 +471,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                     late_window=config.late_window, request_timeout=config.store_timeout)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
                     cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner,
-                    views=Views(Callers()))
+                    views=Views(Callers(), Registry(store, remote.instance, cache.staging.directory,
+                                                    config.executor_lease), remote.call))
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
     status_file = run_file(mountpoint, "status")
@@ -512,6 +517,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             await nursery.start(watch_signals)  # before the journal is resumed, which can take a while
             remote.start(nursery)
             nursery.start_soon(cache.staging.housekeep)
+            nursery.start_soon(fs.views.keep_lease)
             resumed = fs.resume_journal()
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)

@@ -57,6 +57,7 @@ OPTION_FLAGS = {
     "upload_workers": ("--upload-workers", _workers),
     "store_timeout": ("--store-timeout", _positive_float),
     "late_window": ("--late-window", _positive_float),
+    "executor_lease": ("--executor-lease", _positive_float),
     "fuse": ("--fuse", _choice(*FUSE_SESSIONS)),
     "log_file": ("--log-file", str),
     "log_level": ("--log-level", _choice(*LOG_LEVELS)),

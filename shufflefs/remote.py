@@ -166,6 +166,11 @@ class Remote:
         self._delete_queue: list[Op] = []
         self._delete_ready = trio.Event()
 
+    @property
+    def instance(self) -> str:
+        """This cache dir's name among the writers of the store (kept across runs)."""
+        return self._instance
+
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         nursery.start_soon(self._delete_batcher)

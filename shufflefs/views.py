@@ -15,10 +15,14 @@ Kernel-free: the core asks; liveness and identity come from Callers (/proc).
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
+
+import trio
 
 from shufflefs.callers import Callers, Executor
 from shufflefs.naming import is_block_manager_dir, is_checksum
+from shufflefs.registry import Registry
+from shufflefs.stores import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +31,61 @@ class Dir(Protocol):
     name: str
     parent: "Dir | None"
     children: dict | None
+    created_here: bool
     executor: Executor | None
     adopter: Executor | None
 
 
+#: runs a blocking store call in a worker thread (Remote.call)
+Caller = Callable[..., Awaitable]
+
+
 class Views:
-    def __init__(self, callers: Callers):
+    def __init__(self, callers: Callers, registry: Registry | None = None, call: Caller | None = None):
+        """Without a registry (or on a store without conditional writes), a directory made
+        on another mount is never shown to an executor."""
         self.callers = callers
+        self.registry = registry if registry is not None and registry.works else None
+        self.call = call
+        self._has_executors = trio.Event()
 
     def creator(self, name: str, caller: int) -> Executor | None:
         """The executor a new directory belongs to: a block manager's directory made by one."""
         return self.callers.executor_of(caller) if is_block_manager_dir(name) else None
 
-    def entries(self, directory: Dir, entries: list[tuple[str, Dir]], caller: int) -> tuple[list, list[Dir]]:
-        """The entries of `directory` the caller may list, and the directories it adopted by
-        listing them (their record must be kept)."""
+    async def register(self, key: str, executor: Executor) -> None:
+        """Tell every mount whose block manager directory `key` is (a failure only means other
+        mounts cannot adopt it)."""
+        if self.registry is None:
+            return
+        try:
+            await self.call(self.registry.register, key, executor, what=f"registering {key}")
+        except StoreError as exc:
+            log.warning("%s cannot be adopted by executors on other nodes: %s", key, exc)
+        self._has_executors.set()
+
+    def executors_resumed(self) -> None:
+        """A restarted daemon found executors' directories of its earlier run: they may live
+        on, so the node's lease must not run out."""
+        self._has_executors.set()
+
+    async def keep_lease(self) -> None:
+        """Renew this node's lease while it has executors (from the first one on)."""
+        if self.registry is None:
+            return
+        await self._has_executors.wait()
+        while True:
+            try:
+                await self.call(self.registry.renew_lease, what="renewing the node's lease")
+            except StoreError as exc:
+                log.warning("could not renew this node's lease (%s): if it runs out, executors "
+                            "elsewhere may adopt this node's map outputs", exc)
+            await trio.sleep(self.registry.lease / 3)
+
+    async def entries(self, directory: Dir, entries: list[tuple[str, Dir]], caller: int,
+                      key_of: Callable[[Dir], str]) -> tuple[list, list[Dir]]:
+        """The entries of `directory` the caller may list, and the directories of this mount
+        it adopted by listing them (their record must be kept)."""
         holder = _block_manager_dir_of(directory)
         if holder is None and not any(is_block_manager_dir(name) for name, _ in entries):
             return entries, []  # nothing to decide: whoever asks sees it all
@@ -56,15 +100,32 @@ class Views:
         for name, node in entries:
             if node.children is None or not is_block_manager_dir(name):
                 shown.append((name, node))
+            elif node.executor is None and not node.created_here:
+                if await self._may_adopt(node, viewer, key_of(node)):
+                    shown.append((name, node))
             elif self._may_see(node, viewer, adopted):
                 shown.append((name, node))
         return shown, adopted
 
+    async def _may_adopt(self, directory: Dir, viewer: Executor, key: str) -> bool:
+        """A directory made on another mount: the registry tells."""
+        if directory.adopter == viewer:
+            return True
+        if self.registry is None:
+            return False
+        try:
+            adopted = await self.call(self.registry.adopt, key, viewer, what=f"asking whose {key} is")
+        except StoreError as exc:
+            log.warning("not listing %s: %s", key, exc)
+            return False
+        if adopted:
+            directory.adopter = viewer
+        return adopted
+
     def _may_see(self, directory: Dir, viewer: Executor, adopted: list[Dir]) -> bool:
         owner = directory.executor
         if owner is None:
-            # another mount's, or made by no executor: whose it is cannot be told here
-            return False
+            return False  # made here by no executor
         if owner == viewer:
             return True
         if owner.app_id != viewer.app_id or self.callers.alive(owner):

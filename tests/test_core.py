@@ -31,6 +31,7 @@ from shufflefs.staging import StagingArea
 from shufflefs.stores import StoreError
 from shufflefs.stores.file import FileStore
 from shufflefs.stores.memory import MemoryStore
+from shufflefs.registry import Registry
 from shufflefs.views import Views
 
 KiB = 1024
@@ -1591,7 +1592,7 @@ class Processes:
 
 
 async def listing(fs: Filesystem, path: str, caller: int) -> list[str]:
-    node = await resolve(fs, path)
+    node = await resolve(fs, path) if path else fs.root
     fh = await fs.opendir(node.ino, caller=caller)
     try:
         return sorted(name for _, name, _ in fs.readdir(fh, 0, plus=False))
@@ -1649,6 +1650,84 @@ async def test_an_executor_lists_its_own_block_managers_and_adopts_only_dead_one
     assert a2_name in await listing(m2.fs, a2_parent, a1.pid)
     b1_parent, b1_name = dirs[b1].rsplit("/", 1)
     assert b1_name not in await listing(m2.fs, b1_parent, a1.pid)
+
+
+async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by_exactly_one_executor(env):
+    """docs/RECOVERY.md: a block manager directory made on another mount is registered in the
+    store with its node; an executor of the same application elsewhere may adopt it once that
+    node's lease ran out (its daemon is gone), and of several claiming at once exactly one
+    does (a conditional write). Another application's, or a live node's, are never shown."""
+    store = env.store()
+    a1, a2, a3, a4 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2, 3, 4))
+    b2 = Executor("app-B", "1", 201, 7)
+    lease = 0.3
+
+    def node(name, *executors):
+        mount = env.mount(store, name=name)
+        registry = Registry(store, name, mount.staging.directory, lease=lease)
+        mount.fs.views = Views(Processes(*executors), registry, mount.remote.call)
+        return mount
+
+    m1, m2, m3 = node("n1", a1), node("n2", a2, b2), node("n3", a3, a4)
+    work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
+    parent = await mkdirs(m1.fs, work)
+    names = [f"blockmgr-{n}0000000-0000-4000-8000-000000000000" for n in (1, 2)]
+    for name in names:
+        bm = await m1.fs.mkdir(parent, name, 0o755, UID, GID, caller=a1.pid)
+        await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
+    await settle(m1)
+
+    async def sees(mount, executor) -> set[str]:
+        return {n for n in await listing(mount.fs, work, executor.pid) if n.startswith("blockmgr-")}
+
+    assert await sees(m2, a2) == set()  # node n1 lives
+    assert await sees(m2, b2) == set()
+    await trio.sleep(lease + 0.1)  # n1 is lost: no one renewed its lease
+    assert await sees(m2, b2) == set()  # another application's, ever
+    claimed = {}
+    async with trio.open_nursery() as nursery:  # two replacements, on two nodes, at once
+        for mount, executor in ((m2, a2), (m3, a3)):
+            async def claim(mount=mount, executor=executor):
+                claimed[executor] = await sees(mount, executor)
+            nursery.start_soon(claim)
+    assert sorted(claimed[a2] | claimed[a3]) == names and not claimed[a2] & claimed[a3]
+    assert await sees(m3, a4) == set()  # claimed by others
+    assert await sees(m2, a2) == claimed[a2] and await sees(m3, a3) == claimed[a3]
+
+    # the records are shufflefs' own: not in the namespace, and not a name to create
+    assert ".shufflefs" not in await listing(m2.fs, "", 999)
+    with pytest.raises(FsError) as refused:
+        await m2.fs.mkdir(ROOT_INODE, ".shufflefs", 0o755, UID, GID)
+    assert refused.value.errno == errno.EINVAL
+
+
+async def test_a_restarted_daemon_keeps_its_executors_lease(env):
+    """The daemon restarts (an update of the DaemonSet) while its executors live on: it renews
+    the node's lease from its start, not only once a new executor comes, or executors elsewhere
+    would adopt the live ones' outputs."""
+    store = env.store()
+    a1, a2 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2))
+    lease = 0.3
+
+    def node(name, *executors):
+        mount = env.mount(store, name=name)
+        mount.fs.views = Views(Processes(*executors), Registry(store, name, mount.staging.directory, lease=lease),
+                               mount.remote.call)
+        return mount
+
+    name = "blockmgr-10000000-0000-4000-8000-000000000000"
+    m1 = node("n1", a1)
+    parent = await mkdirs(m1.fs, "spark-10000000-0000-4000-8000-000000000000")
+    bm = await m1.fs.mkdir(parent, name, 0o755, UID, GID, caller=a1.pid)
+    await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
+    await settle(m1)
+    m1.close_journal()
+    restarted = node("n1", a1)  # same cache dir, same node
+    restarted.fs.resume_journal()
+    env.nursery.start_soon(restarted.fs.views.keep_lease)
+    other = node("n2", a2)
+    await trio.sleep(3 * lease)
+    assert name not in await listing(other.fs, "spark-10000000-0000-4000-8000-000000000000", a2.pid)
 
 
 async def test_owned_dirs_answer_locally(env):

@@ -516,6 +516,7 @@ def test_sidecar_template_needs_no_host_path():
     pod = template["spec"]
     sidecar = one(pod["initContainers"], name="shufflefs")
     assert sidecar["restartPolicy"] == "Always", "a native sidecar"
+    assert pod["shareProcessNamespace"] is True  # the executor's thread ids, for the views
     mountpoint, shared = check_mounter(sidecar, pod["volumes"], config)
     assert shared["name"] == "spark-local-dir-1" and "emptyDir" in one(pod["volumes"], name="spark-local-dir-1")
     assert mountpoint != shared["mountPath"], "a directory of the volume: the volume itself stays stat-able"
