@@ -1264,7 +1264,7 @@ class Filesystem:
             node.executor, node.adopter = (Executor.from_record(record[role]) if role in record else None
                                            for role in ("executor", "adopter"))
             if node.executor is not None and self.views is not None:
-                self.views.executors_resumed()
+                self.views.executor_resumed(key, node.executor)
         keep = set()
         ops = self.journal.pending_ops()
         for seq, record in ops:

@@ -10,8 +10,9 @@ Small JSON objects below the store's reserved `.shufflefs/` (never shown in the 
   conditional write (S3 If-None-Match): of several executors claiming at once, on any nodes,
   exactly one wins.
 
-A directory made on another mount is adoptable once its node's lease is older than `lease`:
-the node is lost (its daemon too). Needs a conditional store; elsewhere nothing is adoptable
+A directory made on another mount is adoptable once its node told its executor is dead (the
+node lives on), or once the node's lease is older than `lease`: the node is lost (its daemon
+too). Needs a conditional store; elsewhere nothing is adoptable
 across mounts. Blocking functions, run in worker threads by the core (Remote.call).
 """
 
@@ -48,12 +49,14 @@ class Registry:
         return self.store.conditional
 
     # -- writes (worker threads)
-    def register(self, key: str, executor: Executor) -> None:
+    def register(self, key: str, executor: Executor, dead: bool = False) -> None:
         """Record that this node's `executor` made the block manager directory `key` (the
-        node's lease first: a directory on a node without one is a lost node's)."""
+        node's lease first: a directory on a node without one is a lost node's), or that the
+        executor died."""
         if not self.leased:
             self.renew_lease()
-        self._put(_dir_key(executor.app_id, key), {"dir": key, "executor": executor.record(), "node": self.node})
+        self._put(_dir_key(executor.app_id, key),
+                  {"dir": key, "executor": executor.record(), "node": self.node, "dead": dead})
 
     def renew_lease(self) -> None:
         self._put(f"{RESERVED}/nodes/{self.node}", {"renewed": time.time(), "lease": self.lease})
@@ -66,16 +69,16 @@ class Registry:
         record = self._get(_dir_key(viewer.app_id, key))
         if record is None or record.get("dir") != key:
             return False  # another application's, or made before the registry
-        if record["node"] == self.node or self._node_alive(record["node"]):
-            # on this node, only a directory this mount holds the record of is judged (by
-            # its process); on a live node, its daemon would tell (not yet: RECOVERY.md)
+        if record["node"] == self.node:
+            return False  # on this node, a directory is judged by its executor's process
+        if not record.get("dead") and self._node_alive(record["node"]):
             return False
         claim = {"adopter": viewer.record(), "node": self.node}
         claim_key = f"{RESERVED}/claims/{viewer.app_id}/{os.path.basename(key)}"
         try:
             self._put(claim_key, claim, expect=ABSENT)
-            log.info("executor %s of %s adopts %s of executor %s on lost node %s", viewer.executor_id,
-                     viewer.app_id, key, record["executor"]["executor"], record["node"])
+            log.info("executor %s of %s adopts %s of %s executor %s of node %s", viewer.executor_id, viewer.app_id,
+                     key, "dead" if record.get("dead") else "lost", record["executor"]["executor"], record["node"])
             return True
         except PreconditionFailed:
             return self._get(claim_key) == claim

@@ -48,6 +48,8 @@ class Views:
         self.registry = registry if registry is not None and registry.works else None
         self.call = call
         self._has_executors = trio.Event()
+        #: block manager directories of this mount's executors whose death is not yet told
+        self._watched: dict[str, Executor] = {}
 
     def creator(self, name: str, caller: int) -> Executor | None:
         """The executor a new directory belongs to: a block manager's directory made by one."""
@@ -62,11 +64,14 @@ class Views:
             await self.call(self.registry.register, key, executor, what=f"registering {key}")
         except StoreError as exc:
             log.warning("%s cannot be adopted by executors on other nodes: %s", key, exc)
+            return
+        self._watched[key] = executor
         self._has_executors.set()
 
-    def executors_resumed(self) -> None:
-        """A restarted daemon found executors' directories of its earlier run: they may live
-        on, so the node's lease must not run out."""
+    def executor_resumed(self, key: str, executor: Executor) -> None:
+        """A restarted daemon found an executor's directory of its earlier run: the executor
+        may live on, so the node's lease must not run out; and its death is still to tell."""
+        self._watched[key] = executor
         self._has_executors.set()
 
     async def keep_lease(self) -> None:
@@ -80,7 +85,21 @@ class Views:
             except StoreError as exc:
                 log.warning("could not renew this node's lease (%s): if it runs out, executors "
                             "elsewhere may adopt this node's map outputs", exc)
+            await self._tell_deaths()
             await trio.sleep(self.registry.lease / 3)
+
+    async def _tell_deaths(self) -> None:
+        """Executors of this node that died (while the node lives on): their directories
+        become adoptable on other nodes too."""
+        for key, executor in list(self._watched.items()):
+            if self.callers.alive(executor):
+                continue
+            try:
+                await self.call(self.registry.register, key, executor, dead=True, what=f"telling {key} is dead")
+            except StoreError as exc:
+                log.warning("could not tell other nodes that executor %s is dead: %s", executor.executor_id, exc)
+                continue
+            del self._watched[key]
 
     async def entries(self, directory: Dir, entries: list[tuple[str, Dir]], caller: int,
                       key_of: Callable[[Dir], str]) -> tuple[list, list[Dir]]:

@@ -1730,6 +1730,31 @@ async def test_a_restarted_daemon_keeps_its_executors_lease(env):
     assert name not in await listing(other.fs, "spark-10000000-0000-4000-8000-000000000000", a2.pid)
 
 
+async def test_a_dead_executor_of_a_live_node_is_adoptable_elsewhere_once_its_node_told(env):
+    """An executor dies, its node lives on (its pod crashed; Spark starts the replacement on
+    another node): the node's daemon tells the store at its next lease renewal, and an executor
+    of the same application elsewhere adopts its directory; while it lived, never."""
+    store = env.store()
+    a1, a2 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2))
+    processes = Processes(a1)
+    lease = 0.3
+    m1 = env.mount(store, name="n1")
+    m1.fs.views = Views(processes, Registry(store, "n1", m1.staging.directory, lease=lease), m1.remote.call)
+    m2 = env.mount(store, name="n2")
+    m2.fs.views = Views(Processes(a2), Registry(store, "n2", m2.staging.directory, lease=lease), m2.remote.call)
+    work = "spark-10000000-0000-4000-8000-000000000000"
+    name = "blockmgr-10000000-0000-4000-8000-000000000000"
+    bm = await m1.fs.mkdir(await mkdirs(m1.fs, work), name, 0o755, UID, GID, caller=a1.pid)
+    await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
+    await settle(m1)
+    env.nursery.start_soon(m1.fs.views.keep_lease)
+    await trio.sleep(2 * lease)
+    assert name not in await listing(m2.fs, work, a2.pid)  # alive, on a live node
+    processes.dead.add(a1)
+    await trio.sleep(lease)  # the next renewal tells
+    assert name in await listing(m2.fs, work, a2.pid)
+
+
 async def test_owned_dirs_answer_locally(env):
     m = env.mount(remote_ttl=0.5)
     fs = m.fs

@@ -113,12 +113,15 @@ def test_node_loss_on_plain_dirs_recomputes(tmp_path):
     assert measured["rerun_map_tasks"] == measured["lost_map_outputs"], measured
 
 
-@pytest.mark.parametrize("warm_up", [True, False], ids=["warm-up", "no-warm-up"])
-def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, warm_up):
+@pytest.mark.parametrize("warm_up,daemon_lost", [(True, True), (False, True), (True, False)],
+                         ids=["warm-up", "no-warm-up", "warm-up-daemon-lives"])
+def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, warm_up, daemon_lost):
     """A lost node's map outputs are all in the store. With a warm-up shuffle on the new node,
     its executor runs Spark's recovery plugin before job 1, adopts them once the lost node's
     lease ran out, and job 1 skips its map stage; the live node's are never moved. Without a
-    warm-up, job 1's first map task is itself the recompute: measured (docs/RECOVERY.md)."""
+    warm-up, job 1's first map task is itself the recompute: measured (docs/RECOVERY.md).
+    When the node's shufflefs daemon lives on (only its Spark pods were lost: its lease stays
+    fresh), it tells the store that its executor died, and the outputs are adopted all the same."""
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         def mount(i: int) -> Mount:
@@ -127,8 +130,10 @@ def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, warm_up):
         mounts = [mount(0), mount(1)]
         local_dirs = [os.path.join(tmp_path / f"mnt{i}", "local") for i in range(3)]
         result, jobs, measured = run_node_loss(tmp_path, local_dirs, warm_up=warm_up,
-                                               lose_node=mounts[1].kill, add_node=lambda: mount(2))
-    print(f"\nshufflefs s3://, node lost, {'warm-up' if warm_up else 'no warm-up'}: {describe(jobs)}; "
+                                               lose_node=mounts[1].kill if daemon_lost else lambda: None,
+                                               add_node=lambda: mount(2))
+    print(f"\nshufflefs s3://, node lost{'' if daemon_lost else ' (its daemon lives)'}, "
+          f"{'warm-up' if warm_up else 'no warm-up'}: {describe(jobs)}; "
           f"{ {k: v for k, v in measured.items() if k != 'files_job0'} }; test {time.monotonic() - t0:.1f}s")
     assert result["job0"] == result["job1"] == EXPECTED_COUNTS
     if warm_up:
