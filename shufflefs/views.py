@@ -31,6 +31,7 @@ class Dir(Protocol):
     name: str
     parent: "Dir | None"
     children: dict | None
+    subdirs: int
     created_here: bool
     executor: Executor | None
     adopter: Executor | None
@@ -106,7 +107,7 @@ class Views:
         """The entries of `directory` the caller may list, and the directories of this mount
         it adopted by listing them (their record must be kept)."""
         holder = _block_manager_dir_of(directory)
-        if holder is None and not any(is_block_manager_dir(name) for name, _ in entries):
+        if holder is None and (directory.subdirs == 0 or not any(is_block_manager_dir(name) for name, _ in entries)):
             return entries, []  # nothing to decide: whoever asks sees it all
         viewer = self.callers.executor_of(caller)
         if viewer is None:
