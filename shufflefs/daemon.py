@@ -471,7 +471,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                     late_window=config.late_window, request_timeout=config.store_timeout)
     fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
                     cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner,
-                    views=Views(Callers(), Registry(store, remote.instance, cache.staging.directory,
+                    views=Views(Callers(), Registry(store, remote.instance, config.cache_dir,
                                                     config.executor_lease), remote.call))
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
