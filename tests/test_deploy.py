@@ -171,7 +171,7 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
-        "cache_size, commit, fuse, gid, late_window, leave_mount, log_file, log_level, no_passthrough, s3_endpoint_url, store_timeout, "
+        "cache_size, commit, executor_lease, fuse, gid, late_window, leave_mount, log_file, log_level, no_passthrough, s3_endpoint_url, store_timeout, "
         "uid, upload_workers; mount(8)'s generic ones are ignored)"]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 32
@@ -543,6 +543,22 @@ def test_the_fallback_path_of_the_recipe_is_on_every_executors_mount(template):
     local = one(executor["volumeMounts"], name="spark-local-dir-1")
     assert recipe.startswith(local["mountPath"] + "/")
     assert pod["spec"]["terminationGracePeriodSeconds"] >= 300, "time to copy the map outputs"
+
+
+@pytest.mark.parametrize("template", ["executor-pod-template.yaml", "executor-sidecar-pod-template.yaml"])
+def test_the_recovery_plugin_scan_reaches_the_block_managers(template):
+    """Spark's recovery plugin lists parent(parent(local dir))/spark-*/*/*/*/* (docs/RECOVERY.md):
+    with the executor's local dir mounted as <root>/spark-*/<dir>, that is
+    <dir>/blockmgr-*/<hash>/<file>, where Spark keeps its map outputs."""
+    (pod,) = manifests(template)
+    executor = one(pod["spec"]["containers"], name="spark-kubernetes-executor")
+    path = one(executor["volumeMounts"], name="spark-local-dir-1")["mountPath"]
+    parent = os.path.dirname(path)
+    assert os.path.basename(parent).startswith("spark-") and os.path.dirname(parent) not in ("", "/"), path
+    with open(os.path.join(K8S, "README.md")) as f:
+        readme = f.read()
+    assert "spark.shuffle.sort.io.plugin.class=org.apache.spark.shuffle.KubernetesLocalDiskShuffleDataIO" in readme
+    assert "spark.kubernetes.driver.reusePersistentVolumeClaim=true" in readme
 
 
 def test_dockerfile():
