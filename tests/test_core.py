@@ -1660,7 +1660,7 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
     store = env.store()
     a1, a2, a3, a4 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2, 3, 4))
     b2 = Executor("app-B", "1", 201, 7)
-    lease = 0.3
+    lease = 0.5
 
     def node(name, *executors):
         mount = env.mount(store, name=name)
@@ -1669,6 +1669,12 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
         return mount
 
     m1, m2, m3 = node("n1", a1), node("n2", a2, b2), node("n3", a3, a4)
+    n1_alive = trio.CancelScope()
+
+    async def n1_renews():
+        with n1_alive:
+            await m1.fs.views.keep_lease()
+    env.nursery.start_soon(n1_renews)
     work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
     parent = await mkdirs(m1.fs, work)
     names = [f"blockmgr-{n}0000000-0000-4000-8000-000000000000" for n in (1, 2)]
@@ -1682,7 +1688,10 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
 
     assert await sees(m2, a2) == set()  # node n1 lives
     assert await sees(m2, b2) == set()
-    await trio.sleep(lease + 0.1)  # n1 is lost: no one renewed its lease
+    await trio.sleep(lease)
+    assert await sees(m2, a2) == set()  # n1 renews its lease
+    n1_alive.cancel()  # n1 is lost
+    await trio.sleep(lease + 0.1)
     assert await sees(m2, b2) == set()  # another application's, ever
     claimed = {}
     async with trio.open_nursery() as nursery:  # two replacements, on two nodes, at once
@@ -1707,7 +1716,7 @@ async def test_a_restarted_daemon_keeps_its_executors_lease(env):
     would adopt the live ones' outputs."""
     store = env.store()
     a1, a2 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2))
-    lease = 0.3
+    lease = 0.6
 
     def node(name, *executors):
         mount = env.mount(store, name=name)
@@ -1737,7 +1746,7 @@ async def test_a_dead_executor_of_a_live_node_is_adoptable_elsewhere_once_its_no
     store = env.store()
     a1, a2 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2))
     processes = Processes(a1)
-    lease = 0.3
+    lease = 0.6
     m1 = env.mount(store, name="n1")
     m1.fs.views = Views(processes, Registry(store, "n1", m1.staging.directory, lease=lease), m1.remote.call)
     m2 = env.mount(store, name="n2")
