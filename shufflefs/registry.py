@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 import time
+from typing import Callable
 
 from shufflefs.callers import Executor
 from shufflefs.stores import ABSENT, ObjectMissing, PreconditionFailed, Store
@@ -64,8 +65,8 @@ class Registry:
 
     def adopt(self, key: str, viewer: Executor) -> bool:
         """Whether `viewer` may take the block manager directory `key`, made on another mount:
-        an executor of its application made it, on a node whose lease ran out, and no one else
-        claimed it first. Claims it if so."""
+        an executor of its application made it, that executor's node told it died or the
+        node's lease ran out, and no one else claimed it first. Claims it if so."""
         record = self._get(_dir_key(viewer.app_id, key))
         if record is None or record.get("dir") != key:
             return False  # another application's, or made before the registry
@@ -73,15 +74,36 @@ class Registry:
             return False  # on this node, a directory is judged by its executor's process
         if not record.get("dead") and self._node_alive(record["node"]):
             return False
-        claim = {"adopter": viewer.record(), "node": self.node}
+        if not self.claim(key, viewer):
+            return False
+        log.info("executor %s of %s adopts %s of %s executor %s of node %s", viewer.executor_id, viewer.app_id,
+                 key, "dead" if record.get("dead") else "lost", record["executor"]["executor"], record["node"])
+        return True
+
+    def claim(self, key: str, viewer: Executor, replaceable: Callable[[Executor, str], bool] = lambda *_: False,
+              ) -> bool:
+        """Claim the block manager directory `key` for `viewer`, unless another executor has:
+        of several claiming at once, on any nodes, exactly one wins. A claim that
+        `replaceable(adopter, node)` says is void (its adopter died) is taken over."""
         claim_key = f"{RESERVED}/claims/{viewer.app_id}/{os.path.basename(key)}"
+        mine = {"adopter": viewer.record(), "node": self.node}
         try:
-            self._put(claim_key, claim, expect=ABSENT)
-            log.info("executor %s of %s adopts %s of %s executor %s of node %s", viewer.executor_id, viewer.app_id,
-                     key, "dead" if record.get("dead") else "lost", record["executor"]["executor"], record["node"])
+            self._put(claim_key, mine, expect=ABSENT)
             return True
         except PreconditionFailed:
-            return self._get(claim_key) == claim
+            pass
+        info = self.store.head(claim_key)
+        current = self._get(claim_key)
+        if current == mine:
+            return True
+        if info is None or current is None or not replaceable(Executor.from_record(current["adopter"]),
+                                                               current["node"]):
+            return False
+        try:
+            self._put(claim_key, mine, expect=info.version)
+            return True
+        except PreconditionFailed:
+            return self._get(claim_key) == mine
 
     # -- reads
     def _node_alive(self, node: str) -> bool:

@@ -123,7 +123,7 @@ class Views:
             elif node.executor is None and not node.created_here:
                 if await self._may_adopt(node, viewer, key_of(node)):
                     shown.append((name, node))
-            elif self._may_see(node, viewer, adopted):
+            elif await self._may_see(node, viewer, adopted, key_of(node)):
                 shown.append((name, node))
         return shown, adopted
 
@@ -142,7 +142,8 @@ class Views:
             directory.adopter = viewer
         return adopted
 
-    def _may_see(self, directory: Dir, viewer: Executor, adopted: list[Dir]) -> bool:
+    async def _may_see(self, directory: Dir, viewer: Executor, adopted: list[Dir], key: str) -> bool:
+        """A directory made here: judged by its executor's process (and its adopter's)."""
         owner = directory.executor
         if owner is None:
             return False  # made here by no executor
@@ -155,11 +156,25 @@ class Views:
             return True
         if adopter is not None and self.callers.alive(adopter):
             return False
+        if self.registry is not None:
+            # executors elsewhere may claim it too, once this node told it is dead
+            try:
+                claimed = await self.call(self.registry.claim, key, viewer, self._died_here, what=f"claiming {key}")
+            except StoreError as exc:
+                log.warning("not listing %s: %s", key, exc)
+                return False
+            if not claimed:
+                return False
         directory.adopter = viewer
         adopted.append(directory)
         log.info("executor %s of %s adopts %s of dead executor %s", viewer.executor_id, viewer.app_id,
                  directory.name, owner.executor_id)
         return True
+
+
+    def _died_here(self, adopter: Executor, node: str) -> bool:
+        """(worker thread) Whether a claim's adopter is a dead executor of this node."""
+        return node == self.registry.node and not self.callers.alive(adopter)
 
 
 def _block_manager_dir_of(directory: Dir) -> Dir | None:

@@ -1764,6 +1764,33 @@ async def test_a_dead_executor_of_a_live_node_is_adoptable_elsewhere_once_its_no
     assert name in await listing(m2.fs, work, a2.pid)
 
 
+async def test_a_dead_executors_directory_adopted_on_its_node_is_not_adopted_elsewhere_too(env):
+    """The replacement on the dead executor's own node adopts its directory: it claims it in
+    the store as well, so an executor on another node, told of the death, does not take it too;
+    if that adopter dies in turn, the next one on the node takes the claim over."""
+    store = env.store()
+    a1, a2, a3, a4 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2, 3, 4))
+    here = Processes(a1, a3, a4)
+    lease = 0.6
+    m1 = env.mount(store, name="n1")
+    m1.fs.views = Views(here, Registry(store, "n1", m1.staging.directory, lease=lease), m1.remote.call)
+    m2 = env.mount(store, name="n2")
+    m2.fs.views = Views(Processes(a2), Registry(store, "n2", m2.staging.directory, lease=lease), m2.remote.call)
+    env.nursery.start_soon(m1.fs.views.keep_lease)
+    work = "spark-10000000-0000-4000-8000-000000000000"
+    name = "blockmgr-10000000-0000-4000-8000-000000000000"
+    bm = await m1.fs.mkdir(await mkdirs(m1.fs, work), name, 0o755, UID, GID, caller=a1.pid)
+    await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
+    await settle(m1)
+    here.dead.add(a1)
+    assert name in await listing(m1.fs, work, a3.pid)  # adopted on its node
+    await trio.sleep(lease)  # n1 has told the store that a1 died
+    assert name not in await listing(m2.fs, work, a2.pid)
+    here.dead.add(a3)
+    assert name in await listing(m1.fs, work, a4.pid)  # taken over from a dead adopter
+    assert name not in await listing(m2.fs, work, a2.pid)
+
+
 async def test_owned_dirs_answer_locally(env):
     m = env.mount(remote_ttl=0.5)
     fs = m.fs
