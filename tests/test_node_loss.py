@@ -42,8 +42,23 @@ RECOVERY_PLUGIN = {
 }
 
 
+def job0_outputs(local_dir: str, timeout: float = 20.0) -> dict[str, dict[str, str]]:
+    """shuffle_files() once every map task's data, index and checksum files are listed below
+    local_dir: another mount's files show up in a listing made after they landed in the store,
+    and a mount lists a directory again at most once per listing TTL (1 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = shuffle_files(local_dir)
+        names = [name for files in found.values() for name in files]
+        kinds = [sum(1 for name in names if name.endswith(suffix) or f"{suffix}." in name)
+                 for suffix in (".data", ".index", ".checksum")]
+        if kinds == [MAP_TASKS] * 3 or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def run_node_loss(tmp_path: Path, local_dirs: list[str], *, warm_up: bool, lose_node=lambda: None,
-                  add_node=lambda: None) -> tuple[dict, list[dict], dict]:
+                  add_node=lambda: None, shared_store: bool = True) -> tuple[dict, list[dict], dict]:
     """Nodes 0 and 1 run job 0; node 1 is lost (its Worker and executor killed, then
     `lose_node()`); `add_node()`, then node 2 joins; job 1. Returns the driver's result (with
     the shuffle's files after job 1, as node 0 lists them), the jobs from the event log, and
@@ -57,7 +72,8 @@ def run_node_loss(tmp_path: Path, local_dirs: list[str], *, warm_up: bool, lose_
         def lose_a_node_and_add_one() -> None:
             app_id = cluster.master_state()["activeapps"][0]["id"]
             before = cluster.executor_pids(app_id)
-            measured["files_job0"] = shuffle_files(local_dirs[0])
+            # a plain local dir holds its node's files only
+            measured["files_job0"] = (job0_outputs if shared_store else shuffle_files)(local_dirs[0])
             t0 = time.monotonic()
             cluster.kill_worker(1)
             lose_node()
@@ -104,7 +120,7 @@ def test_node_loss_on_plain_dirs_recomputes(tmp_path):
     """Control: the lost node's map outputs went with its disk."""
     t0 = time.monotonic()
     local_dirs = [str(tmp_path / f"node{i}" / "local") for i in range(3)]
-    result, jobs, measured = run_node_loss(tmp_path, local_dirs, warm_up=True)
+    result, jobs, measured = run_node_loss(tmp_path, local_dirs, warm_up=True, shared_store=False)
     print(f"\nplain dirs, node lost, warm-up: {describe(jobs)}; "
           f"{ {k: v for k, v in measured.items() if k != 'files_job0'} }; test {time.monotonic() - t0:.1f}s")
     assert result["job0"] == result["job1"] == EXPECTED_COUNTS
@@ -159,7 +175,7 @@ def test_an_executor_crash_beside_a_live_executor_is_recovered_from_the_dead_one
         local_dir = os.path.join(mount.path, "local")
         with StandaloneCluster(tmp_path / "cluster", [local_dir, local_dir], worker_hosts=HOSTS[:2]) as cluster:
             def kill_one_executor() -> None:
-                seen["job0"] = shuffle_files(local_dir)
+                seen["job0"] = job0_outputs(local_dir)
                 app_id = cluster.master_state()["activeapps"][0]["id"]
                 (seen["killed"], pid), = cluster.executor_pids(app_id, worker=1).items()
                 os.kill(pid, signal.SIGKILL)
