@@ -83,7 +83,7 @@ class Node:
     __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
                  "linked", "lookups", "children", "subdirs", "owned", "created_here", "listed_at", "size", "staging",
                  "opens", "writers", "committed", "from_remote", "version", "stored_at", "write_error",
-                 "passthrough", "unseen_writes", "executor", "adopter")
+                 "passthrough", "unseen_writes", "executor", "adopter", "registered")
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
         now = time.time_ns()
@@ -108,6 +108,7 @@ class Node:
         # once that one died (see shufflefs.views)
         self.executor: Executor | None = None
         self.adopter: Executor | None = None
+        self.registered = False  # told to every mount, through the store (shufflefs.registry)
         # files
         self.size = 0
         self.staging: StagingFile | None = None
@@ -528,6 +529,8 @@ class Filesystem:
     def _record_dir(self, node: Node) -> None:
         executors = {role: who.record() for role, who in (("executor", node.executor), ("adopter", node.adopter))
                      if who is not None}
+        if node.registered:
+            executors["registered"] = True
         self.journal.dir_set(self.key_of(node), stat.S_IMODE(node.mode), node.uid, node.gid, **executors)
 
     def _truncate(self, node: Node, size: int) -> None:
@@ -573,10 +576,8 @@ class Filesystem:
         node.owned = parent.owned or is_unique(name)
         node.lookups += 1
         if self.views is not None:
-            node.executor = self.views.creator(name, caller)
+            node.executor = self.views.creator(node, caller)
         self._record_dir(node)
-        if node.executor is not None:
-            await self.views.register(self.key_of(node), node.executor)
         return node
 
     async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int,
@@ -1221,8 +1222,8 @@ class Filesystem:
                 log.warning("listing %s from what was listed before: %s", self.key_of(directory) or "/", exc)
         entries = list(directory.children.items())
         if self.views is not None:
-            entries, adopted = await self.views.entries(directory, entries, caller, self.key_of)
-            for node in adopted:
+            entries, changed = await self.views.entries(directory, entries, caller, self.key_of)
+            for node in changed:
                 self._record_dir(node)
         fh = self._next_fh
         self._next_fh += 1
@@ -1263,8 +1264,9 @@ class Filesystem:
             node.mode, node.uid, node.gid = stat.S_IFDIR | record["mode"], record["uid"], record["gid"]
             node.executor, node.adopter = (Executor.from_record(record[role]) if role in record else None
                                            for role in ("executor", "adopter"))
+            node.registered = record.get("registered", False)
             if node.executor is not None and self.views is not None:
-                self.views.executor_resumed(key, node.executor)
+                self.views.resumed(node, key)
         keep = set()
         ops = self.journal.pending_ops()
         for seq, record in ops:

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 class Dir(Protocol):
     name: str
+    linked: bool
+    registered: bool
     parent: "Dir | None"
     children: dict | None
     subdirs: int
@@ -37,6 +39,8 @@ class Dir(Protocol):
     adopter: Executor | None
 
 
+#: executors remembered as not having listed yet, above which the dead ones are forgotten
+UNTOLD_PRUNE_AT = 1024
 #: runs a blocking store call in a worker thread (Remote.call)
 Caller = Callable[..., Awaitable]
 
@@ -49,31 +53,56 @@ class Views:
         self.registry = registry if registry is not None and registry.works else None
         self.call = call
         self._has_executors = trio.Event()
+        #: block manager directories made here by executors that have not listed the shared
+        #: local dir yet: Spark's recovery plugin does, before an executor's first map output,
+        #: and only then are they told to other mounts (a job without the plugin costs nothing)
+        self._untold: dict[Executor, list[Dir]] = {}
         #: block manager directories of this mount's executors whose death is not yet told
         self._watched: dict[str, Executor] = {}
 
-    def creator(self, name: str, caller: int) -> Executor | None:
+    def creator(self, directory: Dir, caller: int) -> Executor | None:
         """The executor a new directory belongs to: a block manager's directory made by one."""
-        return self.callers.executor_of(caller) if is_block_manager_dir(name) else None
+        if not is_block_manager_dir(directory.name):
+            return None
+        executor = self.callers.executor_of(caller)
+        if executor is not None:
+            if len(self._untold) >= UNTOLD_PRUNE_AT:  # executors that never scanned, and are gone
+                self._untold = {e: dirs for e, dirs in self._untold.items() if self.callers.alive(e)}
+            self._untold.setdefault(executor, []).append(directory)
+        return executor
 
-    async def register(self, key: str, executor: Executor) -> None:
-        """Tell every mount whose block manager directory `key` is (a failure only means other
-        mounts cannot adopt it)."""
+    def resumed(self, directory: Dir, key: str) -> None:
+        """A restarted daemon found an executor's directory of its earlier run. Told before:
+        the executor may live on, so the node's lease must not run out, and its death is still
+        to tell."""
+        if directory.registered:
+            self._watched[key] = directory.executor
+            self._has_executors.set()
+        else:
+            self._untold.setdefault(directory.executor, []).append(directory)
+
+    async def _tell(self, executor: Executor, key_of: Callable[[Dir], str]) -> list[Dir]:
+        """The executor lists the shared local dir: tell every mount whose block manager
+        directories it made (a failure only means other mounts cannot adopt them). Returns
+        the directories told, whose record must be kept."""
+        directories = self._untold.pop(executor, [])
         if self.registry is None:
-            return
-        try:
-            await self.call(self.registry.register, key, executor, what=f"registering {key}")
-        except StoreError as exc:
-            log.warning("%s cannot be adopted by executors on other nodes: %s", key, exc)
-            return
-        self._watched[key] = executor
-        self._has_executors.set()
-
-    def executor_resumed(self, key: str, executor: Executor) -> None:
-        """A restarted daemon found an executor's directory of its earlier run: the executor
-        may live on, so the node's lease must not run out; and its death is still to tell."""
-        self._watched[key] = executor
-        self._has_executors.set()
+            return []
+        told = []
+        for directory in directories:
+            if not directory.linked:
+                continue
+            key = key_of(directory)
+            try:
+                await self.call(self.registry.register, key, executor, what=f"registering {key}")
+            except StoreError as exc:
+                log.warning("%s cannot be adopted by executors on other nodes: %s", key, exc)
+                continue
+            directory.registered = True
+            told.append(directory)
+            self._watched[key] = executor
+            self._has_executors.set()
+        return told
 
     async def keep_lease(self) -> None:
         """Renew this node's lease while it has executors (from the first one on)."""
@@ -105,18 +134,19 @@ class Views:
     async def entries(self, directory: Dir, entries: list[tuple[str, Dir]], caller: int,
                       key_of: Callable[[Dir], str]) -> tuple[list, list[Dir]]:
         """The entries of `directory` the caller may list, and the directories of this mount
-        it adopted by listing them (their record must be kept)."""
+        whose record changed (adopted, or told to other mounts) by listing them."""
         holder = _block_manager_dir_of(directory)
         if holder is None and (directory.subdirs == 0 or not any(is_block_manager_dir(name) for name, _ in entries)):
             return entries, []  # nothing to decide: whoever asks sees it all
         viewer = self.callers.executor_of(caller)
         if viewer is None:
             return entries, []  # not an executor: a person, the Worker, the shuffle service
+        told = await self._tell(viewer, key_of) if viewer in self._untold else []
         if holder is not None:
             if holder.executor == viewer:
-                return entries, []
-            return [(name, node) for name, node in entries if not is_checksum(name)], []
-        shown, adopted = [], []
+                return entries, told
+            return [(name, node) for name, node in entries if not is_checksum(name)], told
+        shown, adopted = [], told
         for name, node in entries:
             if node.children is None or not is_block_manager_dir(name):
                 shown.append((name, node))

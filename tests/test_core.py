@@ -1679,8 +1679,11 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
     parent = await mkdirs(m1.fs, work)
     names = [f"blockmgr-{n}0000000-0000-4000-8000-000000000000" for n in (1, 2)]
     for name in names:
-        bm = await m1.fs.mkdir(parent, name, 0o755, UID, GID, caller=a1.pid)
-        await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
+        await m1.fs.mkdir(parent, name, 0o755, UID, GID, caller=a1.pid)
+    assert not store.calls_of("put_file", ".shufflefs/nodes/n1")  # told only once a1 scans
+    await listing(m1.fs, work, a1.pid)  # the plugin's scan, before a1's first map output
+    for name in names:
+        await commit(m1.fs, (await resolve(m1.fs, f"{work}/{name}")).ino, "shuffle_0_1_0.data", b"x")
     await settle(m1)
 
     async def sees(mount, executor) -> set[str]:
@@ -1728,6 +1731,7 @@ async def test_a_restarted_daemon_keeps_its_executors_lease(env):
     m1 = node("n1", a1)
     parent = await mkdirs(m1.fs, "spark-10000000-0000-4000-8000-000000000000")
     bm = await m1.fs.mkdir(parent, name, 0o755, UID, GID, caller=a1.pid)
+    await listing(m1.fs, "spark-10000000-0000-4000-8000-000000000000", a1.pid)  # the plugin's scan
     await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
     await settle(m1)
     m1.close_journal()
@@ -1754,6 +1758,7 @@ async def test_a_dead_executor_of_a_live_node_is_adoptable_elsewhere_once_its_no
     work = "spark-10000000-0000-4000-8000-000000000000"
     name = "blockmgr-10000000-0000-4000-8000-000000000000"
     bm = await m1.fs.mkdir(await mkdirs(m1.fs, work), name, 0o755, UID, GID, caller=a1.pid)
+    await listing(m1.fs, work, a1.pid)  # the plugin's scan, before a1's first map output
     await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
     await settle(m1)
     env.nursery.start_soon(m1.fs.views.keep_lease)
@@ -1780,6 +1785,7 @@ async def test_a_dead_executors_directory_adopted_on_its_node_is_not_adopted_els
     work = "spark-10000000-0000-4000-8000-000000000000"
     name = "blockmgr-10000000-0000-4000-8000-000000000000"
     bm = await m1.fs.mkdir(await mkdirs(m1.fs, work), name, 0o755, UID, GID, caller=a1.pid)
+    await listing(m1.fs, work, a1.pid)  # the plugin's scan, before a1's first map output
     await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
     await settle(m1)
     here.dead.add(a1)
