@@ -74,9 +74,9 @@ def wait_for(condition, what: str, timeout: float = EXECUTORS_GONE_TIMEOUT) -> N
 
 
 def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None, executors: int | None,
-                            warm_up: bool, files_under: str | None) -> dict:
+                            warm_up: bool, files_under: str | None, records: int = RECORDS) -> dict:
     sc = spark.sparkContext
-    shuffled = sc.parallelize(range(RECORDS), MAP_TASKS).map(lambda x: (x % KEYS, 1)).reduceByKey(add)
+    shuffled = sc.parallelize(range(records), MAP_TASKS).map(lambda x: (x % KEYS, 1)).reduceByKey(add)
     job0 = sorted(shuffled.collect())
     before = executor_ids(sc)
     log(f"job 0 done on executors {sorted(before)}")
@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--files-under", metavar="DIR",
                     help="after job 1, report the shuffle's files below DIR (a Worker's local dir), "
                          "before the Worker removes them with the application")
+    ap.add_argument("--records", type=int, default=RECORDS, metavar="N",
+                    help=f"records to count by key (default {RECORDS}): applications that differ in it "
+                         "write map outputs of the same names and other bytes")
     args = ap.parse_args(argv)
     conf = dict(item.split("=", 1) for item in args.conf)
     # Each standalone worker gives its executors its own SPARK_LOCAL_DIRS (through
@@ -129,7 +132,8 @@ def main(argv=None) -> int:
     conf.setdefault("spark.executorEnv.SPARK_LOCAL_DIRS", None)
     # the driver pauses between its jobs itself, not after them
     return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause, args.remove_shuffle_from,
-                                                       args.executors, args.warm_up, args.files_under),
+                                                       args.executors, args.warm_up, args.files_under,
+                                                       args.records),
                  args.local_dir, args.result,
                  args.master, False, app_name="shufflefs-recovery", conf=conf)
 

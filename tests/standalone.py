@@ -50,11 +50,13 @@ def _get_json(url: str, timeout: float = 2.0):
 
 
 class StandaloneCluster:
-    """One Master and len(worker_local_dirs) Workers on 127.0.0.1, 1 core and 1 GB each."""
+    """One Master and len(worker_local_dirs) Workers on 127.0.0.1, 1 core and 1 GB each (or
+    `worker_cores` and `worker_memory`)."""
 
     def __init__(self, base, worker_local_dirs, *, worker_env: list[dict] | None = None,
                  node_path: str | None = None, node_mounts: list[str] | None = None,
-                 worker_hosts: list[str] | None = None, start_timeout: float = 90):
+                 worker_hosts: list[str] | None = None, start_timeout: float = 90,
+                 worker_cores: int = 1, worker_memory: str = "1G"):
         """With `node_path` and `node_mounts`, every Worker (and every executor it starts) runs
         in a mount namespace of its own where node_mounts[i] is bound at node_path: each "node"
         sees its own shufflefs mount at the same path, as Spark expects of a fallback path.
@@ -69,6 +71,7 @@ class StandaloneCluster:
         self.worker_hosts = worker_hosts or ["127.0.0.1"] * len(self.worker_local_dirs)
         self.killed_workers: set[int] = set()
         self.start_timeout = start_timeout
+        self.worker_cores, self.worker_memory = worker_cores, worker_memory
         self.master_port = free_port()
         self.master_ui_port = free_port()
         self.master_url = f"spark://127.0.0.1:{self.master_port}"
@@ -99,7 +102,7 @@ class StandaloneCluster:
         if self.node_path is not None:
             wrapper = in_node_namespace(self.node_mounts[i], self.node_path)
         self._spawn(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.master_url,
-                                   "--cores", "1", "--memory", "1G", "--host", host,
+                                   "--cores", str(self.worker_cores), "--memory", self.worker_memory, "--host", host,
                                    "--port", str(free_port()), "--webui-port", str(free_port()),
                                    "--work-dir", str(work_dir)], env, wrapper)
 
