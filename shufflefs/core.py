@@ -730,6 +730,8 @@ class Filesystem:
                     self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled,
                                       was_committed=True, move=op)
                     raise
+                if self.views is not None:
+                    await self._remove_what_adoption_leaves(old_parent, old_name, new_parent)
             elif node.committed:
                 self._uncommit(node, old_key, delete=True)
             elif commits:
@@ -742,6 +744,31 @@ class Filesystem:
         finally:
             if target is not None:
                 self._maybe_free(target)  # only now: a failed commit or move brings it back
+
+    async def _remove_what_adoption_leaves(self, directory: Node, moved: str, destination: Node) -> None:
+        """Spark's recovery plugin moved a map output's file out of a block manager directory
+        adopted from a dead executor: the checksum files it leaves there, and the directories it
+        empties, are of no use to anyone (docs/RECOVERY.md, "Leftovers"). A failure to remove
+        them only leaves them."""
+        holder, checksums = self.views.left_behind(directory, moved, destination)
+        if holder is None:
+            return
+        try:
+            for parent, name in checksums:
+                await self.unlink(parent.ino, name)
+            for emptied in {directory, *(parent for parent, _ in checksums)}:
+                await self._remove_if_empty(emptied, holder)
+        except (FsError, StoreError) as exc:
+            log.info("left in %s after its adoption: %s", holder.name, exc)
+
+    async def _remove_if_empty(self, directory: Node, top: Node) -> None:
+        """rmdir of `directory` and of its parents up to `top` while they are empty."""
+        while not directory.children and directory.linked and directory.parent is not None:
+            parent = directory.parent
+            await self.rmdir(parent.ino, directory.name)
+            if directory is top:
+                return
+            directory = parent
 
     def _undo_rename(self, node: Node, old_parent: Node, old_name: str, target: Node | None,
                      target_upload_cancelled: bool, *, was_committed: bool, move: Op | None = None) -> None:

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable, Protocol
 import trio
 
 from shufflefs.callers import Callers, Executor
-from shufflefs.naming import is_block_manager_dir, is_checksum
+from shufflefs.naming import is_block_manager_dir, is_checksum, is_durable
 from shufflefs.registry import Registry
 from shufflefs.stores import StoreError
 
@@ -201,6 +201,21 @@ class Views:
                  directory.name, owner.executor_id)
         return True
 
+    @staticmethod
+    def left_behind(directory: Dir, moved: str, destination: Dir) -> tuple[Dir | None, list[tuple[Dir, str]]]:
+        """Spark's recovery plugin moved the file `moved` out of `directory` into `destination`:
+        the adopted block manager directory it came from (None if it is none, or if the file
+        stayed inside it) and what the plugin leaves of that map output there, its checksum
+        files (hidden from the adopter, see entries) with their directories: Spark puts each
+        file in the subdirectory its name hashes to."""
+        holder = _block_manager_dir_of(directory)
+        if holder is None or holder.adopter is None or _block_manager_dir_of(destination) is holder:
+            return None, []
+        if not (moved.endswith(".data") and is_durable(moved)):
+            return holder, []
+        checksums = moved.removesuffix(".data") + ".checksum."
+        return holder, [(sub, name) for sub in [holder, *holder.children.values()] if sub.children
+                        for name in sub.children if name.startswith(checksums)]
 
     def _died_here(self, adopter: Executor, node: str) -> bool:
         """(worker thread) Whether a claim's adopter is a dead executor of this node."""

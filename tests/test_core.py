@@ -1652,6 +1652,53 @@ async def test_an_executor_lists_its_own_block_managers_and_adopts_only_dead_one
     assert b1_name not in await listing(m2.fs, b1_parent, a1.pid)
 
 
+async def test_what_the_recovery_plugin_leaves_of_an_adopted_directory_goes(env):
+    """docs/RECOVERY.md, "Leftovers": the plugin moves an adopted directory's data and index
+    files into its own and leaves their checksum files (hidden from it) and the emptied
+    directories. Once a map output's data file is moved out, its checksum files go, wherever
+    their names hashed them to; a directory emptied so goes, up to the adopted block
+    manager's. A move out of a directory nobody adopted leaves its checksum files alone."""
+    dead, adopter, live = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2, 3))
+    processes = Processes(dead, adopter, live)
+    m = env.mount(views=Views(processes))
+    work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
+    parent = await mkdirs(m.fs, work)
+    # Spark puts each file in the subdirectory its name hashes to
+    layout = {"shuffle_0_{}_0.data": "00", "shuffle_0_{}_0.index": "0c", "shuffle_0_{}_0.checksum.ADLER32": "3f"}
+    bms = {}
+    for executor, n in ((dead, 1), (adopter, 2), (live, 3)):
+        bms[executor] = f"blockmgr-{n}0000000-0000-4000-8000-000000000000"
+        bm = (await m.fs.mkdir(parent, bms[executor], 0o755, UID, GID, caller=executor.pid)).ino
+        for sub in sorted(set(layout.values())):
+            sub_ino = (await m.fs.mkdir(bm, sub, 0o755, UID, GID, caller=executor.pid)).ino
+            for map_id in (n, 10 + n) if executor is not adopter else ():
+                for name in (pattern.format(map_id) for pattern, where in layout.items() if where == sub):
+                    await commit(m.fs, sub_ino, name, name.encode())
+    await settle(m)
+    processes.dead.add(dead)
+    assert bms[dead] in await listing(m.fs, work, adopter.pid)  # the plugin's scan adopts it
+    for map_id in (1, 11):
+        for pattern in ("shuffle_0_{}_0.data", "shuffle_0_{}_0.index"):  # as the plugin moves them
+            name, sub = pattern.format(map_id), layout[pattern]
+            await m.fs.rename((await resolve(m.fs, f"{work}/{bms[dead]}/{sub}")).ino, name,
+                              (await resolve(m.fs, f"{work}/{bms[adopter]}/{sub}")).ino, name)
+        await settle(m)
+        assert not any(f"shuffle_0_{map_id}_0." in key for key in contents(m.store) if bms[dead] in key)
+    assert not {key for key in contents(m.store) if bms[dead] in key}
+    assert bms[dead] not in await listing(m.fs, work, 999)
+    for map_id in (1, 11):
+        for pattern in ("shuffle_0_{}_0.data", "shuffle_0_{}_0.index"):
+            name = pattern.format(map_id)
+            node = await resolve(m.fs, f"{work}/{bms[adopter]}/{layout[pattern]}/{name}")
+            assert await read_all(m.fs, node.ino) == name.encode()
+
+    # a person moving a live executor's map output out of its directory
+    await m.fs.rename((await resolve(m.fs, f"{work}/{bms[live]}/00")).ino, "shuffle_0_3_0.data",
+                      (await resolve(m.fs, f"{work}/{bms[adopter]}/00")).ino, "shuffle_0_3_0.data")
+    await settle(m)
+    assert f"{work}/{bms[live]}/3f/shuffle_0_3_0.checksum.ADLER32" in contents(m.store)
+
+
 async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by_exactly_one_executor(env):
     """docs/RECOVERY.md: a block manager directory made on another mount is registered in the
     store with its node; an executor of the same application elsewhere may adopt it once that

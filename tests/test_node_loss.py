@@ -124,10 +124,10 @@ def run_node_loss(tmp_path: Path, local_dirs: list[str], *, warm_up: bool, lose_
     return runs
 
 
-def assert_only_the_dead_executors_outputs_moved(before: dict, after: dict) -> None:
+def assert_only_the_dead_executors_outputs_moved(before: dict, after: dict) -> str:
     """Of the two block manager directories of job 0, the live executor's is as it was; the
     dead one's data and index files (not its checksum files: hidden from the adopter) are in
-    one new directory, the replacement's, with the same bytes."""
+    one new directory, the replacement's, with the same bytes. Returns the dead one's name."""
     assert len(before) == 2, before.keys()
     untouched = [d for d, files in before.items() if after.get(d) == files]
     assert len(untouched) == 1, "the live executor's files stay where they are, and only its"
@@ -137,6 +137,18 @@ def assert_only_the_dead_executors_outputs_moved(before: dict, after: dict) -> N
     new_dirs = set(after) - set(before)
     assert len(new_dirs) == 1, (before, after)
     assert {n: d for n, d in after[new_dirs.pop()].items() if n in outputs} == outputs
+    return dead_dir
+
+
+def assert_nothing_left_of(client, bucket: str, directory: str, timeout: float = 10.0) -> None:
+    """Once its outputs were adopted, nothing of a dead executor's directory stays in the store:
+    its checksum files go with the adoption (docs/RECOVERY.md, "Leftovers"). The removals are
+    queued on the adopter's mount: they land soon after."""
+    deadline = time.monotonic() + timeout
+    while left := [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                   for o in page.get("Contents", []) if f"/{directory}/" in o["Key"]]:
+        assert time.monotonic() < deadline, left
+        time.sleep(0.2)
 
 
 def describe(jobs: list[dict]) -> str:
@@ -159,7 +171,7 @@ def test_node_loss_on_plain_dirs_recomputes(tmp_path):
 
 @pytest.mark.parametrize("warm_up,daemon_lost", [(True, True), (False, True), (True, False)],
                          ids=["warm-up", "no-warm-up", "warm-up-daemon-lives"])
-def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, warm_up, daemon_lost):
+def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, seaweed, warm_up, daemon_lost):
     """A lost node's map outputs are all in the store. With a warm-up shuffle on the new node,
     its executor runs Spark's recovery plugin before job 1, adopts them once the lost node's
     lease ran out, and job 1 skips its map stage; the live node's are never moved. Without a
@@ -182,7 +194,8 @@ def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, warm_up, daemon_lost):
     assert result["job0"] == result["job1"] == expected_counts()
     if warm_up:
         assert measured["rerun_map_tasks"] == 0, "job 1 skipped the map stage"
-        assert_only_the_dead_executors_outputs_moved(measured["files_job0"], result["files_after_job1"])
+        dead_dir = assert_only_the_dead_executors_outputs_moved(measured["files_job0"], result["files_after_job1"])
+        assert_nothing_left_of(seaweed.client(), bucket, dead_dir)
 
 
 def registered_owners(client, bucket: str, prefix: str) -> dict[str, str]:
@@ -220,7 +233,8 @@ def test_two_applications_on_a_lost_node_each_adopt_their_own_outputs_only(tmp_p
         assert measured["lost_map_outputs"] > 0 and measured["rerun_map_tasks"] == 0, "job 1 skipped the map stage"
         def its_own(files: dict) -> dict:
             return {d: names for d, names in files.items() if owners.get(d) == result["app_id"]}
-        assert_only_the_dead_executors_outputs_moved(its_own(files_job0), its_own(result["files_after_job1"]))
+        dead_dir = assert_only_the_dead_executors_outputs_moved(its_own(files_job0), its_own(result["files_after_job1"]))
+        assert_nothing_left_of(seaweed.client(), bucket, dead_dir)
 
 
 # ---------------------------------------------------------------------------------- a crash
@@ -256,6 +270,7 @@ def test_an_executor_crash_beside_a_live_executor_is_recovered_from_the_dead_one
     jobs = EventLog.of_app(events, result["app_id"]).jobs()
     print(f"\nexecutor crash beside a live one: {describe(jobs)}; adoptions: {adoptions}")
     assert result["job0"] == result["job1"] == expected_counts()
-    assert_only_the_dead_executors_outputs_moved(seen["job0"], after)
+    dead_dir = assert_only_the_dead_executors_outputs_moved(seen["job0"], after)
+    assert dead_dir not in after, "its checksum files went with the adoption, and its emptied directories"
     assert len(adoptions) == 1 and f"dead executor {seen['killed']}" in adoptions[0]
     assert jobs[-1]["map_tasks"] == 0, "job 1 skipped the map stage: nothing was recomputed"
