@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
-import time
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -29,36 +30,48 @@ from servers import SeaweedS3  # noqa: E402
 KiB = 1024
 
 
-def write_dead_executors_outputs(root: str, outputs: int, size: int) -> str:
-    """A block manager directory with `outputs` committed map outputs (data, index) as Spark
-    commits them (a temporary name, then a rename); returns its path."""
-    directory = os.path.join(root, "blockmgr-10000000-0000-4000-8000-000000000000", "0c")
-    os.makedirs(directory)
-    data = os.urandom(size)
-    for map_id in range(outputs):
-        for name, body in ((f"shuffle_0_{map_id}_0.data", data), (f"shuffle_0_{map_id}_0.index", bytes(8 * 2))):
-            with open(os.path.join(directory, name + ".tmp"), "wb") as f:
-                f.write(body)
-            os.rename(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
-    return directory
+APP = "app-20261207000000-0000"
+#: runs as a Spark executor would, as far as shufflefs can tell (its command line names its
+#: application and itself: shufflefs.callers)
+AS_EXECUTOR = [sys.executable, "-c"]
+MAKE_BLOCK_MANAGER = "import os, sys; os.makedirs(os.path.join(sys.argv[1], '0c'))"
+ADOPT = """
+import json, os, sys, time
+parent, dead, own = sys.argv[1:4]
+os.makedirs(os.path.join(parent, own, '0c'))
+assert dead in os.listdir(parent), 'not adopted'  # the plugin's scan: the dead one is adopted
+times = []
+for name in sorted(os.listdir(os.path.join(parent, dead, '0c'))):
+    if '.checksum.' in name:
+        continue
+    started = time.perf_counter()
+    os.rename(os.path.join(parent, dead, '0c', name), os.path.join(parent, own, '0c', name))
+    times.append(time.perf_counter() - started)
+print(json.dumps(times))
+"""
 
 
-def adopt(source: str, target_root: str) -> list[float]:
-    """The plugin's moves: every file of `source` renamed into the adopter's directory, one
-    after the other; the seconds of each."""
-    target = os.path.join(target_root, "blockmgr-20000000-0000-4000-8000-000000000000", "0c")
-    os.makedirs(target)
-    times = []
-    for name in sorted(os.listdir(source)):
-        started = time.perf_counter()
-        os.rename(os.path.join(source, name), os.path.join(target, name))
-        times.append(time.perf_counter() - started)
-    return times
+def as_executor(code: str, executor_id: int, *args: str) -> str:
+    return subprocess.run([*AS_EXECUTOR, code, *args, "--executor-id", str(executor_id), "--app-id", APP],
+                          check=True, capture_output=True, text=True, timeout=600).stdout
 
 
 def measure(root: str, outputs: int, size: int) -> dict:
-    source = write_dead_executors_outputs(os.path.join(root, f"dead-{size}"), outputs, size)
-    times = adopt(source, os.path.join(root, f"adopter-{size}"))
+    """A dead executor's block manager directory with `outputs` committed map outputs (data,
+    index, checksum, committed as Spark does: a temporary name, then a rename); another
+    executor lists it (adopts it) and renames its data and index files into its own, one
+    after the other, as Spark's recovery plugin does."""
+    parent = os.path.join(root, f"spark-{uuid.uuid4()}", "executor-1")
+    dead, own = (f"blockmgr-{uuid.uuid4()}" for _ in range(2))
+    as_executor(MAKE_BLOCK_MANAGER, 1, os.path.join(parent, dead))
+    data = os.urandom(size)
+    for map_id in range(outputs):
+        for suffix, body in (("data", data), ("index", bytes(16)), ("checksum.ADLER32", bytes(4))):
+            path = os.path.join(parent, dead, "0c", f"shuffle_0_{map_id}_0.{suffix}")
+            with open(path + ".tmp", "wb") as f:
+                f.write(body)
+            os.rename(path + ".tmp", path)
+    times = json.loads(as_executor(ADOPT, 2, parent, dead, own))
     return {"renames": len(times), "total_s": round(sum(times), 4),
             "median_ms": round(statistics.median(times) * 1000, 3), "max_ms": round(max(times) * 1000, 2)}
 

@@ -720,18 +720,23 @@ class Filesystem:
                 return
             new_key = self.key_of(node)
             if node.committed and will_be_durable:
+                adopted, left_behind = (self.views.left_behind(old_parent, old_name, new_parent)
+                                        if self.views is not None else (None, []))
                 op = None
                 try:
                     op = self.remote.move(old_key, new_key, version=node.version, replaces=replaced)
                     self.journal.index_move(old_key, new_key)
-                    if self.commit_mode == "sync":
+                    # Spark's recovery plugin renames an adopted directory's files one after the
+                    # other in a map task: their bytes are in the store already and the journal
+                    # keeps the move, so it is not waited for (reads of the name wait for it)
+                    if self.commit_mode == "sync" and adopted is None:
                         await self._wait_stored(op)
                 except Exception:
                     self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled,
                                       was_committed=True, move=op)
                     raise
-                if self.views is not None:
-                    await self._remove_what_adoption_leaves(old_parent, old_name, new_parent)
+                if adopted is not None:
+                    await self._remove_what_adoption_leaves(adopted, left_behind, old_parent)
             elif node.committed:
                 self._uncommit(node, old_key, delete=True)
             elif commits:
@@ -745,21 +750,19 @@ class Filesystem:
             if target is not None:
                 self._maybe_free(target)  # only now: a failed commit or move brings it back
 
-    async def _remove_what_adoption_leaves(self, directory: Node, moved: str, destination: Node) -> None:
-        """Spark's recovery plugin moved a map output's file out of a block manager directory
-        adopted from a dead executor: the checksum files it leaves there, and the directories it
-        empties, are of no use to anyone (docs/RECOVERY.md, "Leftovers"). A failure to remove
-        them only leaves them."""
-        holder, checksums = self.views.left_behind(directory, moved, destination)
-        if holder is None:
-            return
+    async def _remove_what_adoption_leaves(self, adopted: Node, checksums: list[tuple[Node, str]],
+                                           emptied: Node) -> None:
+        """Spark's recovery plugin moved a map output's file out of `emptied`, in a block manager
+        directory `adopted` from a dead executor: the checksum files it leaves there, and the
+        directories it empties, are of no use to anyone (docs/RECOVERY.md, "Leftovers"). A
+        failure to remove them only leaves them."""
         try:
             for parent, name in checksums:
                 await self.unlink(parent.ino, name)
-            for emptied in {directory, *(parent for parent, _ in checksums)}:
-                await self._remove_if_empty(emptied, holder)
+            for directory in {emptied, *(parent for parent, _ in checksums)}:
+                await self._remove_if_empty(directory, adopted)
         except (FsError, StoreError) as exc:
-            log.info("left in %s after its adoption: %s", holder.name, exc)
+            log.info("left in %s after its adoption: %s", adopted.name, exc)
 
     async def _remove_if_empty(self, directory: Node, top: Node) -> None:
         """rmdir of `directory` and of its parents up to `top` while they are empty."""

@@ -1699,6 +1699,35 @@ async def test_what_the_recovery_plugin_leaves_of_an_adopted_directory_goes(env)
     assert f"{work}/{bms[live]}/3f/shuffle_0_3_0.checksum.ADLER32" in contents(m.store)
 
 
+async def test_an_adoptions_renames_do_not_wait_for_the_store(env):
+    """docs/RECOVERY.md, "Adoption is metadata only": Spark's recovery plugin renames an adopted
+    directory's files one after the other inside a map task. Their bytes are in the store
+    already, so in sync commit mode too such a rename returns once its move is journaled, and
+    the new name reads the bytes while the move is on its way."""
+    dead, adopter = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2))
+    processes = Processes(dead, adopter)
+    store = env.store()
+    m = env.mount(store, views=Views(processes))
+    work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
+    parent = await mkdirs(m.fs, work)
+    names = {e: f"blockmgr-{n}0000000-0000-4000-8000-000000000000" for e, n in ((dead, 1), (adopter, 2))}
+    subs = {e: (await m.fs.mkdir((await m.fs.mkdir(parent, names[e], 0o755, UID, GID, caller=e.pid)).ino,
+                                 "0c", 0o755, UID, GID, caller=e.pid)).ino for e in (dead, adopter)}
+    await commit(m.fs, subs[dead], "shuffle_0_1_0.data", b"map output")
+    await settle(m)
+    processes.dead.add(dead)
+    assert names[dead] in await listing(m.fs, work, adopter.pid)
+    store.move_gate.clear()
+    with trio.fail_after(5):
+        await m.fs.rename(subs[dead], "shuffle_0_1_0.data", subs[adopter], "shuffle_0_1_0.data")
+    assert f"{work}/{names[dead]}/0c/shuffle_0_1_0.data" in contents(store)  # not moved yet
+    node = await resolve(m.fs, f"{work}/{names[adopter]}/0c/shuffle_0_1_0.data")
+    assert await read_all(m.fs, node.ino) == b"map output"  # while its move waits
+    store.move_gate.set()
+    await settle(m)
+    assert contents(store) == {f"{work}/{names[adopter]}/0c/shuffle_0_1_0.data": b"map output"}
+
+
 async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by_exactly_one_executor(env):
     """docs/RECOVERY.md: a block manager directory made on another mount is registered in the
     store with its node; an executor of the same application elsewhere may adopt it once that
