@@ -1789,6 +1789,37 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
     assert refused.value.errno == errno.EINVAL
 
 
+async def test_while_the_store_is_unreachable_nothing_is_adopted_across_nodes_and_listings_work(env):
+    """docs/RECOVERY.md, "What survives which failure", store unreachable: a lost node's
+    directory is not adopted while the registry cannot be read (no claim can be made), the
+    listing still answers, and nothing moves; once the store is back, it is adopted."""
+    store = env.store()
+    a1, a2 = (Executor("app-A", str(i), 100 + i, 7) for i in (1, 2))
+    lease = 0.3
+
+    def node(name, *executors):
+        mount = env.mount(store, name=name)
+        registry = Registry(store, name, mount.staging.directory, lease=lease)
+        mount.fs.views = Views(Processes(*executors), registry, mount.remote.call)
+        return mount
+
+    m1, m2 = node("n1", a1), node("n2", a2)
+    work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
+    name = "blockmgr-10000000-0000-4000-8000-000000000000"
+    bm = await m1.fs.mkdir(await mkdirs(m1.fs, work), name, 0o755, UID, GID, caller=a1.pid)
+    await listing(m1.fs, work, a1.pid)  # the plugin's scan: told to other mounts
+    await commit(m1.fs, bm.ino, "shuffle_0_1_0.data", b"x")
+    await settle(m1)
+    assert name not in await listing(m2.fs, work, a2.pid)  # n1's lease is fresh
+    before = contents(store)
+    await trio.sleep(lease + 0.1)  # n1 is lost: its lease ran out
+    store.fail_next = 10**6
+    assert name not in await listing(m2.fs, work, a2.pid)
+    store.fail_next = 0
+    assert contents(store) == before
+    assert name in await listing(m2.fs, work, a2.pid)
+
+
 async def test_a_restarted_daemon_keeps_its_executors_lease(env):
     """The daemon restarts (an update of the DaemonSet) while its executors live on: it renews
     the node's lease from its start, not only once a new executor comes, or executors elsewhere
