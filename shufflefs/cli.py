@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     helper = commands.add_parser(
         "install-mount-helper", help="let mount(8) and /etc/fstab mount shufflefs (-t fuse.shufflefs)",
-        description="Write the mount(8) helper (mount.fuse.shufflefs, and mount.shufflefs linking to it) "
-                    "into DIR, running this Python. Then `mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o "
+        description="Write the mount(8) helper mount.fuse.shufflefs into DIR, running this Python, with "
+                    "mount.shufflefs, umount.fuse.shufflefs and umount.shufflefs (umount(8) drains through them) "
+                    "linking to it. Then `mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o "
                     "cache_size=20G,commit=async` and fstab lines of type fuse.shufflefs work.")
     helper.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default: %(default)s)")
     helper.set_defaults(run=cmd_install_mount_helper)
@@ -376,6 +377,8 @@ def mount_stats(path: str, *, sync: bool = False, timeout: float | None = 600) -
     from shufflefs.control import ControlError, request
     from shufflefs.daemon import run_file, shufflefs_mount_of
 
+    if not os.path.lexists(path):
+        raise CliError(f"{path} does not exist")
     mountpoint = shufflefs_mount_of(path)
     if mountpoint is None:
         raise CliError(f"{path} is not on a shufflefs mount")
@@ -427,6 +430,8 @@ def cmd_umount(args) -> int:
 
     mountpoint = os.path.realpath(args.mountpoint)
     pid = daemon_pid(mountpoint)
+    if pid is None and not os.path.lexists(args.mountpoint) and not is_stale_mount(mountpoint):
+        raise CliError(f"{args.mountpoint} does not exist")
     if pid is None:
         if mounted_filesystems().get(mountpoint) != "fuse.shufflefs":
             raise CliError(f"{mountpoint} is not a shufflefs mount")
@@ -449,7 +454,7 @@ def cmd_umount(args) -> int:
             time.sleep(0.1)
     cleared = 0
     try:  # daemons that died without unmounting (killed, crashed) left these, maybe stacked
-        while clear_stale_mount(mountpoint):
+        while clear_stale_mount(mountpoint, quiet=True):
             cleared += 1
     except SetupError as exc:
         raise CliError(str(exc)) from None

@@ -1341,7 +1341,9 @@ class Filesystem:
         self.journal.index_retain(pending_keys)
         removed = self.staging.remove_unreferenced(keep)
         if removed:
-            log.info("removed %d staging files of an earlier run that no upload needed", removed)
+            # local copies of files already in the store, and scratch files, not data owed to it
+            log.info("cleared %d local files of an earlier run (scratch files and copies of what the store "
+                     "already holds; nothing was waiting for upload)", removed)
         return len(ops)
 
     def _find(self, key: str) -> Node | None:

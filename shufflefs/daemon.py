@@ -201,17 +201,19 @@ def is_stale_mount(mountpoint: str) -> bool:
     return False
 
 
-def clear_stale_mount(mountpoint: str) -> bool:
+def clear_stale_mount(mountpoint: str, *, quiet: bool = False) -> bool:
     """If `mountpoint` holds a shufflefs mount whose daemon is gone, detach it lazily (processes
     still inside it keep it until they leave; copies of it in mount namespaces below a shared
-    parent go too, but bind mounts of the mountpoint itself keep it) and return True."""
+    parent go too, but bind mounts of the mountpoint itself keep it) and return True. `quiet`:
+    the caller reports it."""
     if not is_stale_mount(mountpoint):
         return False
     # umount -i: not through umount.fuse.shufflefs, which would come back here
     for command in (["fusermount3", "-u", "-z", mountpoint], ["umount", "-i", "-l", mountpoint]):
         try:
             if subprocess.run(command, capture_output=True, check=False).returncode == 0:
-                log.warning("%s was a stale mount left by a dead daemon; detached it", mountpoint)
+                if not quiet:
+                    log.warning("%s was a stale mount left by a dead daemon; detached it", mountpoint)
                 return True
         except FileNotFoundError:
             continue

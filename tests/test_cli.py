@@ -40,6 +40,7 @@ def mount_cli(store_url, mountpoint, cache_dir, *extra, env=None):
 @pytest.mark.parametrize("url, needle", [
     ("ftp://host/x", "unsupported store URL scheme 'ftp'"),
     ("just-a-path", "has no scheme"),
+    ("just-a-path", "daos://"),
     ("file://relative/dir", "file:///absolute/path"),
     ("s3://", "bucket"),
     ("s3://[bad", "malformed store URL"),
@@ -114,7 +115,10 @@ def test_next_mount_covers_a_stale_mount_and_umount_clears_them(tmp_path, file_s
         mount.kill_only()
         mount.start()
         mount.kill_only()  # two dead mounts stacked
-        assert run_cli("umount", mount.path).returncode == 0  # umount clears them all
+        result = run_cli("umount", mount.path)
+        assert result.returncode == 0  # umount clears them all, and says so once
+        assert result.stderr.strip().splitlines() == [f"shufflefs: {mount.path} was a stale mount (no daemon); "
+                                                      "unmounted it"], result.stderr
         assert not is_mounted(mount.path)
 
 
@@ -267,6 +271,22 @@ def test_mountpoints_with_escaped_characters(tmp_path, file_store, name):
 def test_umount_of_something_else(tmp_path, mnt):
     result = run_cli("umount", str(mnt))
     assert result.returncode == 1 and "is not a shufflefs mount" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["umount", "stats"])
+def test_a_path_that_does_not_exist(tmp_path, command):
+    result = run_cli(command, str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"shufflefs: error: {tmp_path / 'nowhere'} does not exist"], result.stderr
+
+
+def test_install_mount_helper_names_every_helper_it_installs(tmp_path):
+    from shufflefs.mount_helper import HELPER_NAMES
+
+    described = run_cli("install-mount-helper", "--help").stdout
+    assert run_cli("install-mount-helper", "--dir", str(tmp_path)).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(HELPER_NAMES)
+    assert all(name in " ".join(described.split()) for name in HELPER_NAMES), described
 
 
 @pytest.mark.parametrize("args", [["--cache-size", "lots"], ["--commit", "later"], ["--upload-workers", "0"]])

@@ -48,8 +48,8 @@ def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
     except ValueError as exc:
         raise StoreError(f"malformed store URL {url!r}: {exc}", transient=False) from None
     if not parsed.scheme:
-        raise StoreError(f"store URL {url!r} has no scheme; use file:///abs/dir, s3://bucket[/prefix] "
-                         "or memory://", transient=False)
+        raise StoreError(f"store URL {url!r} has no scheme; use file:///abs/dir, s3://bucket[/prefix], "
+                         "daos://pool/container or memory://", transient=False)
     if parsed.scheme not in SCHEMES:
         raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r}; supported: "
                          + ", ".join(f"{s}://" for s in SCHEMES), transient=False)
