@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -19,8 +21,19 @@ STORE, MOUNT, CACHE = (os.path.join(BASE, d) for d in ("store", "mnt", "cache"))
 SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
 
 
+BOLD, PLAIN = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+PROGRESS_EVERY = 10.0  # seconds between lines while Spark runs
+
+
 def say(text: str) -> None:
-    print(f"\n\033[1m== {text}\033[0m", flush=True)
+    print(f"\n{BOLD}== {text}{PLAIN}", flush=True)
+
+
+def report_progress(started: float, done: threading.Event, log_path: str) -> None:
+    """A line every PROGRESS_EVERY seconds while Spark runs, so that the demo is not silent."""
+    while not done.wait(PROGRESS_EVERY):
+        print(f"   ... Spark running for {time.monotonic() - started:.0f} s, "
+              f"{len(shuffle_files(MOUNT))} shuffle files committed so far (its log: {log_path})", flush=True)
 
 
 def shell(command: str) -> None:
@@ -55,7 +68,19 @@ def main() -> int:
     shell(f"shufflefs mount file://{STORE} {MOUNT} --cache-dir {CACHE} --cache-size 4G")
     try:
         say(f"run a PySpark job (RDD and DataFrame shuffles, 8 and 256 partitions) with spark.local.dir={MOUNT}")
-        result = run_spark_job(MOUNT, os.path.join(BASE, "result.json"), pause_callback=show_while_spark_runs)
+        result_path = os.path.join(BASE, "result.json")
+        spark_done = threading.Event()
+
+        def show_once_spark_ran() -> None:
+            spark_done.set()
+            show_while_spark_runs()
+
+        threading.Thread(target=report_progress, args=(time.monotonic(), spark_done, result_path + ".stderr"),
+                         daemon=True).start()
+        try:
+            result = run_spark_job(MOUNT, result_path, pause_callback=show_once_spark_ran)
+        finally:
+            spark_done.set()
         say("job results")
         for name, summary in sorted(result.items()):
             print(f"  {name:22} rows={summary.get('count')}")

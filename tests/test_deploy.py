@@ -126,6 +126,26 @@ def mount8(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env=env)
 
 
+def test_node_install_puts_shufflefs_on_the_path_with_its_runtime_dependencies_only(tmp_path):
+    """mount-helpers/install.sh: what a user installs on a node (README, "Install")."""
+    install = os.path.join(REPO, "mount-helpers", "install.sh")
+    prefix, bin_dir, helper_dir = tmp_path / "opt", tmp_path / "bin", tmp_path / "sbin"
+    result = subprocess.run(["bash", install, "--prefix", str(prefix), "--bin-dir", str(bin_dir),
+                             "--helper-dir", str(helper_dir)], capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    version = subprocess.run([str(bin_dir / "shufflefs"), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("shufflefs ")
+    assert sorted(os.listdir(helper_dir)) == sorted(mount_helper.HELPER_NAMES)
+    with open(helper_dir / mount_helper.HELPER_NAMES[0]) as f:
+        assert str(prefix / "bin" / "python") in f.read()  # the helper runs the installed copy
+    for test_tool in ("pytest", "pyspark"):
+        assert subprocess.run([str(prefix / "bin" / "python"), "-c", f"import {test_tool}"],
+                              capture_output=True).returncode != 0, f"{test_tool} is a test tool"
+    refused = subprocess.run(["bash", install, "--prefix"], capture_output=True, text=True)
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+
+
 def test_mount_t_fuse_shufflefs_and_umount(installed_helper, tmp_path, file_store):
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
