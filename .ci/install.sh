@@ -25,7 +25,11 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v WARNING || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v WARNING || true
+# pip's and the build backend's chatter (warnings of setuptools about editable installs) goes
+# to a log, shown only when the install fails
+pip_log=.venv/pip-install.log
+{ .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip \
+    && .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'; } > "$pip_log" 2>&1 \
+  || { cat "$pip_log" >&2; echo "install.sh: pip failed (log above, also in $pip_log)" >&2; exit 1; }
 .venv/bin/python -c 'import pyfuse3, trio, boto3, lmdb, pyspark, shufflefs' \
   || { echo "install.sh: the Python packages did not install" >&2; exit 1; }
