@@ -112,6 +112,15 @@ def parse_owner(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"invalid owner {text!r} (UID or UID:GID): {exc}") from None
 
 
+def parse_metrics_addr(text: str) -> tuple[str, int]:
+    """'9464', ':9464', 'HOST:9464' or '[::1]:9464' -> (host, port); no host: every address."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid metrics address {text!r} ([HOST]:PORT, PORT from 1 to 65535)")
+    return host, int(port)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors (a malformed or out-of-range option) in one line, like every other error,
     with argparse's status 2; not the usage text, which hides the line that matters."""
@@ -170,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest a file operation waits for the store: a read or listing of what only "
                             "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
                             "on in the background) (default: %(default)g)")
+    mount.add_argument("--metrics-addr", type=parse_metrics_addr, metavar="[HOST]:PORT",
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: default all "
+                            "addresses; default: not served)")
     mount.add_argument("--fuse", choices=FUSE_SESSIONS, default="own",
                        help="the FUSE session: 'own' speaks the kernel protocol itself (fast); 'pyfuse3' is "
                             "the portable one through libfuse (default: %(default)s)")
@@ -266,7 +278,7 @@ def _mount_config(args):
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
                        upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount,
                        late_window=args.late_window, store_timeout=args.store_timeout, fuse=args.fuse,
-                       executor_lease=args.executor_lease,
+                       executor_lease=args.executor_lease, metrics_addr=args.metrics_addr,
                        passthrough=args.passthrough)
 
 
@@ -350,6 +362,8 @@ def _spawn_daemon(args, config) -> int:
         command += ["--owner", "%d:%d" % config.owner]
     if config.leave_mount:
         command.append("--leave-mount")
+    if config.metrics_addr is not None:
+        command += ["--metrics-addr", "[%s]:%d" % config.metrics_addr]
     if not config.passthrough:
         command.append("--no-passthrough")
     with log:

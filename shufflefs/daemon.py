@@ -33,6 +33,7 @@ from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse.pyfuse3_adapter import Operations
 from shufflefs.fuse.session import Session
 from shufflefs.journal import Journal
+from shufflefs.metrics import MountCollector, serve as serve_metrics
 from shufflefs.registry import LEASE as EXECUTOR_LEASE, Registry
 from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
 from shufflefs.staging import StagingArea
@@ -71,6 +72,8 @@ class MountConfig:
     fuse: str = "own"
     #: whether our session may pass reads and writes of local files through to them
     passthrough: bool = True
+    #: (host, port) to serve Prometheus metrics on (shufflefs.metrics), None: not served
+    metrics_addr: tuple[str, int] | None = None
 
 
 # ---------------------------------------------------------------------------- places
@@ -492,10 +495,26 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                          # the trio thread's: requests, commits, journal (stats runs on it)
                          "loop_cpu_us_per_request": round(time.thread_time() * 1e6 / count, 1)},
                 "pending_ops": len(remote.pending),
+                "oldest_pending_seconds": round(max((time.monotonic() - op.created for op in remote.pending),
+                                                    default=0.0), 3),
                 "refused_ops": len(remote.failed), "pending_sweeps": len(remote.sweeps),
                 "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
                 "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
                 **process}
+    def metrics_snapshot() -> dict:
+        snapshot = stats()
+        snapshot["fuse"]["latency"] = session.times.snapshot() if session else {}
+        return snapshot
+
+    metrics_server, collector = None, MountCollector()
+    if config.metrics_addr is not None:
+        host, port = config.metrics_addr
+        try:
+            metrics_server = serve_metrics(host, port, collector)
+        except OSError as exc:
+            cache.close()
+            raise SetupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", host, port)
     if os.path.exists(status_file):
         os.unlink(status_file)
     # before mounting: from now on nobody takes the mount for a dead daemon's
@@ -507,6 +526,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     except (RuntimeError, OSError) as exc:
         os.unlink(pid_file)
         cache.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         raise SetupError(f"mounting {mountpoint} failed: {getattr(exc, 'strerror', None) or exc}") from None
     if over_stale:
         log.warning("mounted over the stale mount a dead daemon left on %s: whoever still saw that one "
@@ -515,6 +536,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     left_mount = False  # set when a signal ends the daemon with config.leave_mount
 
     async def main() -> None:
+        collector.attach(metrics_snapshot, trio.lowlevel.current_trio_token())
         async with trio.open_nursery() as nursery:
             await nursery.start(watch_signals)  # before the journal is resumed, which can take a while
             remote.start(nursery)
@@ -559,6 +581,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     try:
         trio.run(main)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         try:
             session.close(unmount=not left_mount)
         except OSError as exc:

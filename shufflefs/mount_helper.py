@@ -21,7 +21,8 @@ import shlex
 import subprocess
 import sys
 
-from shufflefs.cli import COMMIT_MODES, FUSE_SESSIONS, LOG_LEVELS, _positive_float, _workers, parse_id, parse_size
+from shufflefs.cli import (COMMIT_MODES, FUSE_SESSIONS, LOG_LEVELS, _positive_float, _workers, parse_id,
+                           parse_metrics_addr, parse_size)
 from shufflefs.stores import StoreError, check_endpoint_url
 
 EXIT_USAGE = 1
@@ -58,6 +59,7 @@ OPTION_FLAGS = {
     "store_timeout": ("--store-timeout", _positive_float),
     "late_window": ("--late-window", _positive_float),
     "executor_lease": ("--executor-lease", _positive_float),
+    "metrics_addr": ("--metrics-addr", parse_metrics_addr),
     "fuse": ("--fuse", _choice(*FUSE_SESSIONS)),
     "log_file": ("--log-file", str),
     "log_level": ("--log-level", _choice(*LOG_LEVELS)),

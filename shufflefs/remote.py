@@ -63,6 +63,7 @@ class Op:
         self.kind = kind
         self.key = key
         self.dst = dst
+        self.created = time.monotonic()  # the age of what waits for the store (metrics)
         #: the version each key holds, as the caller knows it (None: unknown); used where no
         #: earlier operation on the key is pending, whose outcome is known better
         self.hints = hints or {}

@@ -30,15 +30,17 @@ def test_options_become_flags_and_generic_ones_are_ignored():
     flags, env = translate_options(["rw", "defaults", "_netdev", "nofail", "auto", "noauto", "x-systemd.automount",
                                     "cache_size=20G", "commit=async", "cache_dir=/var/cache/sfs", "noatime",
                                     "s3_endpoint_url=http://h:8333", "upload_workers=4", "aws_profile=spark",
-                                    "log_level=debug", "comment=hello", "uid=185", "user=spark", "leave_mount"])
+                                    "log_level=debug", "comment=hello", "uid=185", "user=spark", "leave_mount",
+                                    "metrics_addr=:9464"])
     assert flags == ["--cache-size", "20G", "--commit", "async", "--cache-dir", "/var/cache/sfs",
                      "--s3-endpoint-url", "http://h:8333", "--upload-workers", "4", "--log-level", "debug",
-                     "--leave-mount", "--owner", "185:185"]
+                     "--leave-mount", "--metrics-addr", ":9464", "--owner", "185:185"]
     assert env == {"AWS_PROFILE": "spark"}
 
 
 @pytest.mark.parametrize("option, needle", [
     ("bogus", "unknown mount option 'bogus'"),
+    ("metrics_addr=9464x", "invalid metrics address"),
     ("cache_size", "cache_size needs a value"),
     ("cache_size=", "cache_size needs a value"),
     ("ro", "read-only mounts are not supported"),
@@ -191,7 +193,8 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
-        "cache_size, commit, executor_lease, fuse, gid, late_window, leave_mount, log_file, log_level, no_passthrough, s3_endpoint_url, store_timeout, "
+        "cache_size, commit, executor_lease, fuse, gid, late_window, leave_mount, log_file, log_level, metrics_addr, "
+            "no_passthrough, s3_endpoint_url, store_timeout, "
         "uid, upload_workers; mount(8)'s generic ones are ignored)"]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 32

@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections import Counter
 
 import pyfuse3
@@ -16,6 +17,7 @@ import trio
 from shufflefs.core import BLOCK_SIZE, Entry, Filesystem, Negative, Node, Opened, errno_of
 from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse.notify import forward_invalidations
+from shufflefs.fuse.timing import RequestTimes
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +28,15 @@ def _translated(method):
     @functools.wraps(method)
     async def handler(self, *args):
         self.requests[name] += 1
+        started = time.perf_counter()
         try:
             return await method(self, *args)
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
             raise pyfuse3.FUSEError(errno_of(exc, f"{name}{args!r}")) from None
+        finally:
+            self.times.record(name, time.perf_counter() - started)
 
     return handler
 
@@ -45,6 +50,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.requests: Counter[str] = Counter()  # by kind, for stats and bench
+        self.times = RequestTimes()
         self._mountpoint = ""
         self._made: tuple[int, str] | None = None
 

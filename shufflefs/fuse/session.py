@@ -23,6 +23,7 @@ from shufflefs.core import BLOCK_SIZE, Entry, Filesystem, FsError, Negative, Nod
 from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse import protocol as p
 from shufflefs.fuse.notify import forward_invalidations
+from shufflefs.fuse.timing import RequestTimes
 from shufflefs.waits import on_wait
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Session:
         self._mountpoint = mountpoint
         self._made = made  # see fuse_mount.open_session_fd
         self.requests: Counter[int] = Counter()  # by opcode
+        self.times = RequestTimes()
         self.negotiated: p.Negotiated | None = None
         self._reader: trio.lowlevel.Task | None = None
         self._nursery: trio.Nursery | None = None
@@ -171,11 +173,14 @@ class Session:
             else:
                 self._send(p.error_reply(unique, errno.ENOSYS))
             return
+        started = time.perf_counter()
         try:
             reply = await handler(nodeid, body, uid, gid, pid)
         except Exception as exc:
             self._send(p.error_reply(unique, errno_of(exc, p.OPCODE_NAMES.get(opcode, str(opcode)))))
             return
+        finally:
+            self.times.record(p.OPCODE_NAMES.get(opcode, str(opcode)), time.perf_counter() - started)
         if isinstance(reply, tuple):  # (header-less body parts): READ's data is not copied
             self._send_parts(unique, reply)
         else:
