@@ -225,6 +225,31 @@ def build_parser() -> argparse.ArgumentParser:
     helper.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default: %(default)s)")
     helper.set_defaults(run=cmd_install_mount_helper)
 
+    listing = commands.add_parser(
+        "ls", help="the shuffles a mount, a directory or a store holds",
+        description="List the map outputs below PATH (a mount, or any directory) or in STORE_URL (without "
+                    "mounting it), per block manager directory and shuffle: map outputs, files, bytes, "
+                    "age; on a mount, how many files still wait for the store; in a store, the "
+                    "application where Spark's recovery plugin registered it.")
+    listing.add_argument("target", metavar="PATH|STORE_URL")
+    listing.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    listing.add_argument("--limit", type=_positive_int, default=1_000_000, metavar="N",
+                         help="stop listing a store after N objects (default: %(default)s)")
+    listing.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                         help="S3 endpoint, without user:password@ (default: $AWS_ENDPOINT_URL, else AWS)")
+    listing.set_defaults(run=cmd_ls)
+
+    show = commands.add_parser(
+        "show", help="decode a map output's index file, and check it against its data and checksum files",
+        description="Print the partitions (offset, length) of a map output from its index file "
+                    "(shuffle_S_M_R.index, on a mount or anywhere), check that its data file holds as "
+                    "many bytes as the index says, and each partition against Spark's checksum file when "
+                    "there is one (ADLER32, CRC32; reads the whole data file). Exit status 1 when "
+                    "something does not match.")
+    show.add_argument("index", metavar="FILE.index")
+    show.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    show.set_defaults(run=cmd_show)
+
     journal = commands.add_parser(
         "journal", help="list (or drop) the store operations a cache dir owes or the store refused",
         description="List the remote operations recorded in CACHE_DIR: pending ones (retried by the "
@@ -383,6 +408,8 @@ def _spawn_daemon(args, config) -> int:
 
 # ---------------------------------------------------------------------------- stats
 def cmd_stats(args) -> int:
+    if not os.path.lexists(args.path):
+        raise CliError(f"{args.path} does not exist")
     print(json.dumps(mount_stats(args.path, sync=args.sync, timeout=args.timeout), indent=1, sort_keys=True))
     return 0
 
@@ -391,8 +418,6 @@ def mount_stats(path: str, *, sync: bool = False, timeout: float | None = 600) -
     from shufflefs.control import ControlError, request
     from shufflefs.daemon import run_file, shufflefs_mount_of
 
-    if not os.path.lexists(path):
-        raise CliError(f"{path} does not exist")
     mountpoint = shufflefs_mount_of(path)
     if mountpoint is None:
         raise CliError(f"{path} is not on a shufflefs mount")
@@ -435,6 +460,84 @@ def cmd_install_mount_helper(args) -> int:
     for path in paths:
         print(f"installed {path}")
     return 0
+
+
+# ---------------------------------------------------------------------------- ls
+def cmd_ls(args) -> int:
+    from shufflefs import inventory
+
+    if "://" in args.target:
+        found, truncated = _store_shuffles(args)
+    else:
+        if not os.path.isdir(args.target):
+            raise CliError(f"{args.target} {'is not a directory' if os.path.exists(args.target) else 'does not exist'}")
+        found, truncated = inventory.shuffles(inventory.walk_directory(args.target), _pending_keys(args.target))
+    if args.json:
+        now = time.time_ns()
+        print(json.dumps({"shuffles": [s.report(now) for s in found], "truncated": truncated}, indent=1))
+    else:
+        print(inventory.render(found, truncated))
+    return 0
+
+
+def _store_shuffles(args):
+    from shufflefs import inventory
+    from shufflefs.stores import StoreError, check_endpoint_url, open_store
+
+    try:
+        check_endpoint_url(args.target, "the store URL")
+        if args.s3_endpoint_url:
+            check_endpoint_url(args.s3_endpoint_url)
+        store = open_store(args.target, s3_endpoint_url=args.s3_endpoint_url)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        found, truncated = inventory.shuffles(inventory.walk_store(store, inventory.Budget(args.limit)))
+        try:
+            apps = inventory.registered_apps(store, inventory.Budget(args.limit))
+        except inventory.Truncated:
+            apps = {}
+    except StoreError as exc:
+        raise CliError(f"listing {store.url}: {exc}") from None
+    finally:
+        store.close()
+    for shuffle in found:
+        shuffle.app = apps.get(os.path.basename(shuffle.where))
+    return found, truncated
+
+
+def _pending_keys(path: str) -> set[str] | None:
+    """On a shufflefs mount, the files below `path` its journal still owes the store (their
+    paths relative to `path`); None elsewhere."""
+    from shufflefs.daemon import CacheDirBusy, open_journal, run_file, shufflefs_mount_of
+
+    mountpoint = shufflefs_mount_of(path)
+    if mountpoint is None:
+        return None
+    try:
+        with open(run_file(mountpoint, "json")) as f:
+            cache_dir = json.load(f)["cache_dir"]
+        with open_journal(cache_dir, exclusive=False) as journal:
+            keys = {record.get("dst", record["key"]) for _, record in journal.pending_ops()
+                    if record["kind"] in ("put", "move")}
+    except (OSError, ValueError, KeyError, CacheDirBusy):
+        return None  # not ours to read: pending counts unknown
+    below = os.path.relpath(os.path.realpath(path), mountpoint)
+    if below == ".":
+        return keys
+    return {key[len(below) + 1:] for key in keys if key.startswith(below + "/")}
+
+
+# ---------------------------------------------------------------------------- show
+def cmd_show(args) -> int:
+    from shufflefs.show import ShowError, inspect, render
+
+    try:
+        output = inspect(args.index)
+    except ShowError as exc:
+        raise CliError(str(exc)) from None
+    print(json.dumps(output.report(), indent=1) if args.json else render(output))
+    return 1 if output.problems else 0
 
 
 # ---------------------------------------------------------------------------- umount

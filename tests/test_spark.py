@@ -4,12 +4,13 @@ Spark still holds its shuffle files."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import pytest
 
-from mounting import Mount, bucket_objects, daos_objects, store_objects
+from mounting import Mount, bucket_objects, daos_objects, run_cli, store_objects
 from shufflefs.naming import is_durable
 from sparkrun import run_spark_job, shuffle_files
 
@@ -47,14 +48,54 @@ def check_store_mirrors_mount(mount_path: str, objects_now, wait: float = 0) -> 
     return len(expected)
 
 
+def check_show_decodes_what_spark_wrote(mount_path: str, sample: int = 4) -> None:
+    """`shufflefs show` of the biggest index files Spark wrote: every partition's range lies in
+    the data file (found in whatever subdirectory its name hashed to), and matches Spark's own
+    checksum of it."""
+    indexes = sorted((f for f in shuffle_files(mount_path) if f.endswith(".index")), key=os.path.getsize)[-sample:]
+    for index in indexes:
+        result = run_cli("show", index, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        assert report["problems"] == [] and report["algorithm"] == "ADLER32", report
+        assert len(report["partitions"]) == os.path.getsize(index) // 8 - 1
+        assert sum(p["length"] for p in report["partitions"]) == report["data_bytes"] == os.path.getsize(report["data"])
+        assert all(p["checksum_ok"] for p in report["partitions"])
+
+
+def check_ls_lists_what_spark_wrote(mount_path: str, store_url: str, env: dict) -> None:
+    """`shufflefs ls` of the mount and of the store without mounting: per block manager
+    directory and shuffle, exactly the map outputs (index files) and bytes Spark wrote."""
+    expected: dict[tuple[str, int], list[int]] = {}
+    for path in shuffle_files(mount_path):
+        relative = os.path.relpath(path, mount_path).split(os.sep)
+        holder = next(i for i, part in enumerate(relative) if part.startswith("blockmgr-"))
+        counts = expected.setdefault(("/".join(relative[:holder + 1]), int(relative[-1].split("_")[1])), [0, 0, 0])
+        counts[0] += relative[-1].endswith(".index")
+        counts[1] += 1
+        counts[2] += os.path.getsize(path)
+    for target in (mount_path, store_url):
+        result = run_cli("ls", target, "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        listed = json.loads(result.stdout)
+        assert not listed["truncated"]
+        assert {(s["block_manager"], s["shuffle"]): [s["map_outputs"], s["files"], s["bytes"]]
+                for s in listed["shuffles"]} == expected, target
+        if target == mount_path:  # a sync commit: nothing waits for the store
+            assert {s["pending_files"] for s in listed["shuffles"]} == {0}
+
+
 def test_spark_job_on_s3_mount(tmp_path, plain_result, s3_env, bucket, seaweed):
     client = seaweed.client()
     checked = []
+
+    def while_spark_holds_its_files() -> None:
+        checked.append(check_store_mirrors_mount(mount.path, lambda: bucket_objects(client, bucket, "shuffle")))
+        check_show_decodes_what_spark_wrote(mount.path)
+        check_ls_lists_what_spark_wrote(mount.path, f"s3://{bucket}/shuffle", {**os.environ, **s3_env})
+
     with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
-        result = run_spark_job(
-            mount.path, tmp_path / "result.json",
-            pause_callback=lambda: checked.append(
-                check_store_mirrors_mount(mount.path, lambda: bucket_objects(client, bucket, "shuffle"))))
+        result = run_spark_job(mount.path, tmp_path / "result.json", pause_callback=while_spark_holds_its_files)
         assert result == plain_result
         assert checked and checked[0] > 10
         assert mount.umount().returncode == 0
