@@ -445,6 +445,35 @@ def start_session(config: MountConfig, fs: Filesystem, mountpoint: str, store_ur
     return Session(fs, fd, mountpoint, made, passthrough=config.passthrough)
 
 
+#: a store operation waiting longer than this means the store does not keep up
+BEHIND_AFTER = 60.0
+BACKLOG_CHECK_EVERY = 10.0
+
+
+def backlog_warning(oldest_seconds: float, pending_ops: int, pending_bytes: int, cache_size: int) -> str | None:
+    """What to warn about the uploads, if they fall behind: the oldest waits over BEHIND_AFTER,
+    or over half the cache waits for upload (where async commits start to wait)."""
+    if oldest_seconds <= BEHIND_AFTER and pending_bytes <= cache_size // 2:
+        return None
+    return (f"uploads are falling behind: {pending_ops} store operations pending, the oldest for "
+            f"{oldest_seconds:.0f} s, {pending_bytes} bytes waiting for upload (--cache-size {cache_size}); "
+            "is the store slow or failing?")
+
+
+async def watch_backlog(remote: Remote, cache_size: int) -> None:
+    """Warn once when uploads fall behind, and say when they caught up."""
+    behind = False
+    while True:
+        await trio.sleep(BACKLOG_CHECK_EVERY)
+        oldest = max((time.monotonic() - op.created for op in remote.pending), default=0.0)
+        warning = backlog_warning(oldest, len(remote.pending), remote.pending_put_bytes, cache_size)
+        if warning is not None and not behind:
+            log.warning("%s", warning)
+        elif warning is None and behind:
+            log.info("uploads caught up: %d store operations pending", len(remote.pending))
+        behind = warning is not None
+
+
 def write_run_file(path: str, content: dict) -> None:
     """Write `path` in the (checked) run directory atomically: a fresh temporary file of our own
     (mkstemp: O_EXCL, mode 0600, an unpredictable name) renamed into place, so no file planted
@@ -542,12 +571,15 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             remote.start(nursery)
             nursery.start_soon(cache.staging.housekeep)
             nursery.start_soon(fs.views.keep_lease)
+            nursery.start_soon(watch_backlog, remote, fs.cache_size)
             resumed = fs.resume_journal()
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)
             await nursery.start(control.serve, control_socket, stats, remote.settle)
-            log.info("mounted %s on %s (commit=%s, cache %s, %d bytes)", store.url, mountpoint,
-                     config.commit, config.cache_dir, config.cache_size)
+            log.info("mounted %s on %s (commit=%s, cache %s, %d bytes, fuse=%s, %d upload workers, store "
+                     "timeout %gs, executor lease %gs)", store.url, mountpoint, config.commit, config.cache_dir,
+                     config.cache_size, config.fuse, config.upload_workers, config.store_timeout,
+                     config.executor_lease)
             ready()
             notify_service_manager(f"READY=1\nSTATUS=serving {store.url} on {mountpoint}")
             await session.serve()
