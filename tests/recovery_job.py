@@ -33,6 +33,8 @@ RECORDS = 20_000
 MAP_TASKS = 4
 KEYS = 100
 EXECUTORS_GONE_TIMEOUT = 60.0
+#: how long each warm-up task takes: long enough that every executor gets one
+WARM_UP_TASK_SECONDS = 0.5
 
 
 def executor_ids(sc) -> set[str]:
@@ -93,9 +95,12 @@ def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None, executo
             wait_for(lambda: len(executor_ids(sc)) >= executors, f"{executors} executors registered")
     if warm_up:
         # a shuffle of its own, so that every executor runs a map task (where Spark's recovery
-        # plugin runs) before job 1 needs the lost outputs
+        # plugin runs) before job 1 needs the lost outputs. Each task takes a moment: tasks
+        # that take none all go to the executors that are warm already, and the replacement,
+        # still starting its Python worker, gets none (seen on a loaded machine)
         width = 4 * len(executor_ids(sc))
-        sc.parallelize(range(width), width).map(lambda x: (x, x)).reduceByKey(add).count()
+        sc.parallelize(range(width), width).map(lambda x: (x, time.sleep(WARM_UP_TASK_SECONDS) or x)) \
+            .reduceByKey(add).count()
         log(f"warm-up done on executors {sorted(executor_ids(sc))}")
     t = time.monotonic()
     job1 = sorted(shuffled.collect())
