@@ -4,23 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(ca-certificates python3 python3-dev python3-venv gcc fuse3 libfuse3-dev pkg-config openjdk-17-jre-headless procps xxd)
-java17=no
+source mount-helpers/debian-packages.sh
+packages=(ca-certificates python3 python3-dev python3-venv gcc fuse3 libfuse3-dev pkg-config procps xxd)
 # a JDK 17 installed some other way is fine too
-if command -v java >/dev/null 2>&1 && java -version 2>&1 | grep -q 'version "17'; then
-  java17=yes
+if ! { command -v java >/dev/null 2>&1 && java -version 2>&1 | grep -q 'version "17'; }; then
+  packages+=(openjdk-17-jre-headless)
 fi
-missing=()
-for p in "${packages[@]}"; do
-  if [ "$p" = openjdk-17-jre-headless ] && [ "$java17" = yes ]; then continue; fi
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_missing "${packages[@]}"
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv

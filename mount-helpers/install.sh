@@ -21,17 +21,8 @@ done
 source_dir=$(cd "$(dirname "$0")/.." && pwd)
 
 # building pyfuse3 needs the compiler and libfuse3's headers; running needs fuse3 (fusermount3)
-packages=(ca-certificates python3 python3-dev python3-venv gcc pkg-config fuse3 libfuse3-dev)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source "$source_dir/mount-helpers/debian-packages.sh"
+install_missing ca-certificates python3 python3-dev python3-venv gcc pkg-config fuse3 libfuse3-dev
 
 [ -x "$prefix/bin/python" ] || python3 -m venv "$prefix"
 "$prefix/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip

@@ -1591,6 +1591,15 @@ class Processes:
         return executor not in self.dead
 
 
+def node_with_registry(env, store, name: str, lease: float, *executors: Executor) -> Mount:
+    """A mount of `store` as node `name`, whose views know `executors` and keep a registry in
+    the store with leases of `lease` seconds."""
+    mount = env.mount(store, name=name)
+    mount.fs.views = Views(Processes(*executors), Registry(store, name, mount.staging.directory, lease=lease),
+                           mount.remote.call)
+    return mount
+
+
 async def listing(fs: Filesystem, path: str, caller: int) -> list[str]:
     node = await resolve(fs, path) if path else fs.root
     fh = await fs.opendir(node.ino, caller=caller)
@@ -1739,10 +1748,7 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
     lease = 0.5
 
     def node(name, *executors):
-        mount = env.mount(store, name=name)
-        registry = Registry(store, name, mount.staging.directory, lease=lease)
-        mount.fs.views = Views(Processes(*executors), registry, mount.remote.call)
-        return mount
+        return node_with_registry(env, store, name, lease, *executors)
 
     m1, m2, m3 = node("n1", a1), node("n2", a2, b2), node("n3", a3, a4)
     n1_alive = trio.CancelScope()
@@ -1798,10 +1804,7 @@ async def test_while_the_store_is_unreachable_nothing_is_adopted_across_nodes_an
     lease = 0.3
 
     def node(name, *executors):
-        mount = env.mount(store, name=name)
-        registry = Registry(store, name, mount.staging.directory, lease=lease)
-        mount.fs.views = Views(Processes(*executors), registry, mount.remote.call)
-        return mount
+        return node_with_registry(env, store, name, lease, *executors)
 
     m1, m2 = node("n1", a1), node("n2", a2)
     work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
@@ -1829,10 +1832,7 @@ async def test_a_restarted_daemon_keeps_its_executors_lease(env):
     lease = 0.6
 
     def node(name, *executors):
-        mount = env.mount(store, name=name)
-        mount.fs.views = Views(Processes(*executors), Registry(store, name, mount.staging.directory, lease=lease),
-                               mount.remote.call)
-        return mount
+        return node_with_registry(env, store, name, lease, *executors)
 
     name = "blockmgr-10000000-0000-4000-8000-000000000000"
     m1 = node("n1", a1)

@@ -42,6 +42,14 @@ RECOVERY_PLUGIN = {
 }
 
 
+def node_mounts(stack: contextlib.ExitStack, tmp_path: Path, bucket: str, s3_env: dict):
+    """mount(i): node i's mount of the test's S3 store (lease LEASE), unmounted by `stack`."""
+    def mount(i: int) -> Mount:
+        return stack.enter_context(Mount(f"s3://{bucket}/shuffle", tmp_path / f"mnt{i}", tmp_path / f"cache{i}",
+                                         "--executor-lease", str(LEASE), env=s3_env))
+    return mount
+
+
 def expected_counts(records: int = RECORDS) -> list[list[int]]:
     return [[key, records // KEYS] for key in range(KEYS)]
 
@@ -180,9 +188,7 @@ def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, seaweed, warm_up, daem
     fresh), it tells the store that its executor died, and the outputs are adopted all the same."""
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
-        def mount(i: int) -> Mount:
-            return stack.enter_context(Mount(f"s3://{bucket}/shuffle", tmp_path / f"mnt{i}", tmp_path / f"cache{i}",
-                                             "--executor-lease", str(LEASE), env=s3_env))
+        mount = node_mounts(stack, tmp_path, bucket, s3_env)
         mounts = [mount(0), mount(1)]
         local_dirs = [os.path.join(tmp_path / f"mnt{i}", "local") for i in range(3)]
         (result, jobs, measured), = run_node_loss(tmp_path, local_dirs, warm_up=warm_up,
@@ -217,9 +223,7 @@ def test_two_applications_on_a_lost_node_each_adopt_their_own_outputs_only(tmp_p
     answers are right (an output adopted by the wrong application would make one wrong)."""
     applications = (RECORDS, 2 * RECORDS)
     with contextlib.ExitStack() as stack:
-        def mount(i: int) -> Mount:
-            return stack.enter_context(Mount(f"s3://{bucket}/shuffle", tmp_path / f"mnt{i}", tmp_path / f"cache{i}",
-                                             "--executor-lease", str(LEASE), env=s3_env))
+        mount = node_mounts(stack, tmp_path, bucket, s3_env)
         mounts = [mount(0), mount(1)]
         local_dirs = [os.path.join(tmp_path / f"mnt{i}", "local") for i in range(3)]
         runs = run_node_loss(tmp_path, local_dirs, warm_up=True, lose_node=mounts[1].kill,
