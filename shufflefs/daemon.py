@@ -465,8 +465,8 @@ async def watch_backlog(remote: Remote, cache_size: int) -> None:
     behind = False
     while True:
         await trio.sleep(BACKLOG_CHECK_EVERY)
-        oldest = max((time.monotonic() - op.created for op in remote.pending), default=0.0)
-        warning = backlog_warning(oldest, len(remote.pending), remote.pending_put_bytes, cache_size)
+        warning = backlog_warning(remote.oldest_pending_seconds(), len(remote.pending), remote.pending_put_bytes,
+                                  cache_size)
         if warning is not None and not behind:
             log.warning("%s", warning)
         elif warning is None and behind:
@@ -524,8 +524,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                          # the trio thread's: requests, commits, journal (stats runs on it)
                          "loop_cpu_us_per_request": round(time.thread_time() * 1e6 / count, 1)},
                 "pending_ops": len(remote.pending),
-                "oldest_pending_seconds": round(max((time.monotonic() - op.created for op in remote.pending),
-                                                    default=0.0), 3),
+                "oldest_pending_seconds": round(remote.oldest_pending_seconds(), 3),
                 "refused_ops": len(remote.failed), "pending_sweeps": len(remote.sweeps),
                 "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
                 "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,

@@ -240,6 +240,10 @@ class Remote:
         self._nursery.start_soon(self._run, op)
         return op
 
+    def oldest_pending_seconds(self) -> float:
+        """How long the oldest operation not yet done has waited (0: none)."""
+        return max((time.monotonic() - op.created for op in self.pending), default=0.0)
+
     def last_op(self, key: str) -> Op | None:
         """The newest unfinished operation on `key`, if any."""
         return self._tail.get(key)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import trio
 
 from shufflefs.daemon import BEHIND_AFTER, backlog_warning, watch_backlog
+from shufflefs.remote import Remote
 
 GiB = 1 << 30
 
@@ -29,6 +30,7 @@ class Op:
 
 async def test_the_warning_comes_once_and_the_recovery_is_said(autojump_clock, caplog):
     remote = SimpleNamespace(pending=set(), pending_put_bytes=0)
+    remote.oldest_pending_seconds = lambda: Remote.oldest_pending_seconds(remote)  # the real rule
     caplog.set_level(logging.INFO, logger="shufflefs.daemon")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_backlog, remote, 10 * GiB)
