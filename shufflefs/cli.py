@@ -51,6 +51,18 @@ def parse_size(text: str) -> int:
     return size
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '24h', '7d' -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (a number and a unit: 90s, 30m, 24h, 7d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -175,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long after this node's daemon last renewed its lease in the store its Spark "
                             "executors count as lost, and their map outputs may be adopted by executors on "
                             "other nodes (Spark's recovery plugin; docs/RECOVERY.md) (default: %(default)g)")
+    mount.add_argument("--heartbeat", type=_positive_float, default=60.0, metavar="SECONDS",
+                       help="how often this mount renews its record in the store of the Spark block manager "
+                            "directories it holds; `shufflefs gc` never removes what a mount renewed lately "
+                            "(docs/GC.md) (default: %(default)g)")
     mount.add_argument("--store-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                        help="longest a file operation waits for the store: a read or listing of what only "
                             "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
@@ -238,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
                          help="S3 endpoint, without user:password@ (default: $AWS_ENDPOINT_URL, else AWS)")
     listing.set_defaults(run=cmd_ls)
+
+    gc = commands.add_parser(
+        "gc", help="remove from a store what crashed or finished applications left and no live mount holds",
+        description="Find, in STORE_URL, the Spark block manager directories no live mount holds (each mount "
+                    "renews a heartbeat in the store naming those it holds) with nothing written below them "
+                    "for DURATION, writes begun and never finished (S3 multipart uploads) that long ago, and "
+                    "the registry records that name nothing live. A dry run by default: prints what it would "
+                    "remove and what it keeps; --delete removes it. Objects outside block manager directories "
+                    "are never removed. See docs/GC.md.")
+    gc.add_argument("store_url", metavar="STORE_URL")
+    gc.add_argument("--older-than", type=parse_duration, default=86400.0, metavar="DURATION",
+                    help="leave alone whatever was written, renewed or released less than DURATION ago "
+                         "(90s, 30m, 24h, 7d; default: 24h)")
+    gc.add_argument("--delete", action="store_true", help="remove what the dry run lists (default: only list it)")
+    gc.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    gc.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
+                    help="S3 endpoint, without user:password@ (default: $AWS_ENDPOINT_URL, else AWS)")
+    gc.set_defaults(run=cmd_gc)
 
     show = commands.add_parser(
         "show", help="decode a map output's index file, and check it against its data and checksum files",
@@ -303,7 +337,8 @@ def _mount_config(args):
                        cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
                        upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount,
                        late_window=args.late_window, store_timeout=args.store_timeout, fuse=args.fuse,
-                       executor_lease=args.executor_lease, metrics_addr=args.metrics_addr,
+                       executor_lease=args.executor_lease, heartbeat=args.heartbeat,
+                       metrics_addr=args.metrics_addr,
                        passthrough=args.passthrough)
 
 
@@ -378,7 +413,7 @@ def _spawn_daemon(args, config) -> int:
                "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
                "--commit", config.commit, "--upload-workers", str(config.upload_workers),
                "--late-window", repr(config.late_window), "--store-timeout", repr(config.store_timeout),
-               "--executor-lease", repr(config.executor_lease),
+               "--executor-lease", repr(config.executor_lease), "--heartbeat", repr(config.heartbeat),
                "--fuse", config.fuse,
                "--log-level", args.log_level, "--ready-fd", str(write_end)]
     if config.s3_endpoint_url:
@@ -480,17 +515,23 @@ def cmd_ls(args) -> int:
     return 0
 
 
-def _store_shuffles(args):
-    from shufflefs import inventory
+def _open_store(url: str, s3_endpoint_url: str | None):
     from shufflefs.stores import StoreError, check_endpoint_url, open_store
 
     try:
-        check_endpoint_url(args.target, "the store URL")
-        if args.s3_endpoint_url:
-            check_endpoint_url(args.s3_endpoint_url)
-        store = open_store(args.target, s3_endpoint_url=args.s3_endpoint_url)
+        check_endpoint_url(url, "the store URL")
+        if s3_endpoint_url:
+            check_endpoint_url(s3_endpoint_url)
+        return open_store(url, s3_endpoint_url=s3_endpoint_url)
     except StoreError as exc:
         raise CliError(str(exc)) from None
+
+
+def _store_shuffles(args):
+    from shufflefs import inventory
+    from shufflefs.stores import StoreError
+
+    store = _open_store(args.target, args.s3_endpoint_url)
     try:
         found, truncated = inventory.shuffles(inventory.walk_store(store, inventory.Budget(args.limit)))
         try:
@@ -526,6 +567,35 @@ def _pending_keys(path: str) -> set[str] | None:
     if below == ".":
         return keys
     return {key[len(below) + 1:] for key in keys if key.startswith(below + "/")}
+
+
+# ---------------------------------------------------------------------------- gc
+def cmd_gc(args) -> int:
+    import tqdm
+
+    from shufflefs import gc
+    from shufflefs.stores import StoreError
+
+    store = _open_store(args.store_url, args.s3_endpoint_url)
+    try:
+        store.check()
+        holders = gc.Holders(store, args.older_than)
+        planned = gc.plan(store, args.older_than, holders)
+        outcome = None
+        if args.delete and planned.garbage:
+            with tqdm.tqdm(total=sum(item.objects for item in planned.garbage), unit=" objects",
+                           desc="deleting", disable=not sys.stderr.isatty()) as bar:
+                outcome = gc.delete(store, planned, holders, bar.update)
+        elif args.delete:
+            outcome = gc.Outcome()
+    except StoreError as exc:
+        raise CliError(f"{store.url}: {exc}") from None
+    except gc.GcError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        store.close()
+    print(json.dumps(gc.report(planned, outcome), indent=1) if args.json else gc.render(planned, outcome))
+    return 1 if outcome is not None and outcome.failed else 0
 
 
 # ---------------------------------------------------------------------------- show

@@ -32,6 +32,7 @@ from shufflefs.core import Filesystem
 from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse.pyfuse3_adapter import Operations
 from shufflefs.fuse.session import Session
+from shufflefs.heartbeat import EVERY as HEARTBEAT_EVERY, Heartbeat, keep as keep_heartbeat
 from shufflefs.journal import Journal
 from shufflefs.metrics import MountCollector, serve as serve_metrics
 from shufflefs.registry import LEASE as EXECUTOR_LEASE, Registry
@@ -74,6 +75,8 @@ class MountConfig:
     passthrough: bool = True
     #: (host, port) to serve Prometheus metrics on (shufflefs.metrics), None: not served
     metrics_addr: tuple[str, int] | None = None
+    #: seconds between renewals of what this mount holds, for `shufflefs gc` (shufflefs.heartbeat)
+    heartbeat: float = HEARTBEAT_EVERY
 
 
 # ---------------------------------------------------------------------------- places
@@ -507,6 +510,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                     cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner,
                     views=Views(Callers(), Registry(store, remote.instance, config.cache_dir,
                                                     config.executor_lease), remote.call))
+    beat = Heartbeat(store, remote.instance, config.cache_dir, config.heartbeat)
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
     status_file = run_file(mountpoint, "status")
@@ -570,15 +574,16 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             remote.start(nursery)
             nursery.start_soon(cache.staging.housekeep)
             nursery.start_soon(fs.views.keep_lease)
+            nursery.start_soon(keep_heartbeat, beat, cache.journal.dirs, fs.views.callers.alive, remote.call)
             nursery.start_soon(watch_backlog, remote, fs.cache_size)
             resumed = fs.resume_journal()
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)
             await nursery.start(control.serve, control_socket, stats, remote.settle)
             log.info("mounted %s on %s (commit=%s, cache %s, %d bytes, fuse=%s, %d upload workers, store "
-                     "timeout %gs, executor lease %gs)", store.url, mountpoint, config.commit, config.cache_dir,
-                     config.cache_size, config.fuse, config.upload_workers, config.store_timeout,
-                     config.executor_lease)
+                     "timeout %gs, executor lease %gs, heartbeat %gs)", store.url, mountpoint, config.commit,
+                     config.cache_dir, config.cache_size, config.fuse, config.upload_workers, config.store_timeout,
+                     config.executor_lease, config.heartbeat)
             ready()
             notify_service_manager(f"READY=1\nSTATUS=serving {store.url} on {mountpoint}")
             await session.serve()
@@ -620,6 +625,11 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             log.error("cannot unmount %s: %s", mountpoint, exc.strerror)
         if not left_mount:
             cache.journal.dirs_clear()  # their users went with the mount
+            if beat.written:
+                try:  # what this mount held is now `shufflefs gc`'s, once --older-than passed
+                    beat.withdraw()
+                except StoreError as exc:
+                    log.warning("could not delete this mount's heartbeat %s (it goes stale): %s", beat.key, exc)
         cache.close()
         store.close()
         final = stats()

@@ -59,6 +59,7 @@ OPTION_FLAGS = {
     "store_timeout": ("--store-timeout", _positive_float),
     "late_window": ("--late-window", _positive_float),
     "executor_lease": ("--executor-lease", _positive_float),
+    "heartbeat": ("--heartbeat", _positive_float),
     "metrics_addr": ("--metrics-addr", parse_metrics_addr),
     "fuse": ("--fuse", _choice(*FUSE_SESSIONS)),
     "log_file": ("--log-file", str),

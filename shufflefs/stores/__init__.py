@@ -6,10 +6,10 @@ import importlib
 import urllib.parse
 
 from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
-                                   StoreError, UploadAborted)
+                                   StoreError, Unfinished, UploadAborted)
 
 __all__ = ["ABSENT", "Listing", "ObjectInfo", "ObjectMissing", "PreconditionFailed", "Store", "StoreError",
-           "UploadAborted", "check_endpoint_url", "open_store", "SCHEMES"]
+           "Unfinished", "UploadAborted", "check_endpoint_url", "open_store", "SCHEMES"]
 
 # scheme -> (module, class, what to install when the import fails)
 SCHEMES = {

@@ -73,6 +73,16 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class Unfinished:
+    """A write the store began and nobody finished: its writer died (S3: a multipart upload;
+    the file store: a temporary file). Found and aborted by `shufflefs gc`."""
+    key: str  # where it would have landed
+    started_ns: int
+    handle: str  # what abort_unfinished needs (S3: the upload id; the file store: the path)
+    size: int = 0  # bytes it holds, where the store tells
+
+
+@dataclass(frozen=True)
 class Listing:
     dirs: list[str]  # names of sub-directories (common prefixes)
     files: list[ObjectInfo]
@@ -157,6 +167,15 @@ class Store:
         """Delete the objects; keys that do not exist are not an error. `expect` maps a key to
         the only version that may be deleted. Returns the keys that were not deleted, with why
         (PreconditionFailed, or a per-key StoreError); a failure of the whole call raises."""
+        raise NotImplementedError
+
+    def unfinished_writes(self) -> list[Unfinished]:
+        """Writes begun below the store's prefix and not finished (each may be a live daemon's,
+        in progress: the caller judges by age). None where the store stages nothing."""
+        return []
+
+    def abort_unfinished(self, write: Unfinished) -> None:
+        """Remove what an unfinished write holds; one that is gone already is no error."""
         raise NotImplementedError
 
     def local_paths(self) -> list[str]:

@@ -24,7 +24,7 @@ import urllib.parse
 import uuid
 
 from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
-                                   UploadAborted)
+                                   Unfinished, UploadAborted)
 
 TEMP_PREFIX = ".shufflefs-tmp-"
 #: the temporary name: TEMP_PREFIX and 32 hex digits
@@ -53,6 +53,27 @@ class FileStore(Store):
         if not path.startswith("/"):
             raise StoreError("file:// store URL needs an absolute path: file:///abs/dir", transient=False)
         return cls(path)
+
+    def unfinished_writes(self):
+        found = []
+        try:
+            for directory, _dirs, names in os.walk(self.root, onerror=_raise):
+                for name in names:
+                    if name.startswith(TEMP_PREFIX):
+                        path = os.path.join(directory, name)
+                        try:
+                            st = os.lstat(path)
+                        except FileNotFoundError:
+                            continue  # its write just finished
+                        key = os.path.relpath(path, self.root)
+                        found.append(Unfinished(key, st.st_mtime_ns, path, st.st_size))
+        except OSError as exc:
+            raise self._os_error(exc, "looking for unfinished writes") from exc
+        return found
+
+    def abort_unfinished(self, write):
+        _remove_quietly(write.handle)
+        self._prune_empty_dirs(write.key)
 
     def local_paths(self) -> list[str]:
         return [self.root]
@@ -246,6 +267,10 @@ def _is_file(path: str, st: os.stat_result) -> bool:
         return os.path.samestat(os.lstat(path), st)
     except FileNotFoundError:
         return False
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
 
 
 def _remove_quietly(path: str) -> None:

@@ -37,7 +37,7 @@ import botocore.exceptions
 
 from shufflefs.stores import check_endpoint_url
 from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
-                                   StoreError, UploadAborted, is_utf8, join_key)
+                                   StoreError, Unfinished, UploadAborted, is_utf8, join_key)
 
 # botocore logs request details (and, at DEBUG, signed headers) through these loggers
 for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
@@ -362,6 +362,31 @@ class S3Store(Store):
         except Exception as exc:  # best effort; a bucket lifecycle rule should clean up the rest
             log.warning("could not abort the multipart upload of %s: %s", self._where(full),
                         self._error(exc, "abort").args[0])
+
+    def unfinished_writes(self):
+        top = self._key("")
+        start = top + "/" if top else ""
+        found = []
+        try:
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+                for upload in page.get("Uploads", ()):
+                    found.append(Unfinished(upload["Key"][len(start):], _mtime_ns(upload["Initiated"]),
+                                            upload["UploadId"]))
+        except Exception as exc:
+            raise self._error(exc, f"listing the multipart uploads in {self._where(start)}") from None
+        return found
+
+    def abort_unfinished(self, write):
+        full = self._key(write.key)
+        what = f"aborting the multipart upload of {self._where(full)}"
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=write.handle)
+        except botocore.exceptions.ClientError as exc:
+            if _client_error_parts(exc)[0] != "NoSuchUpload":
+                raise self._error(exc, what) from None
+        except Exception as exc:
+            raise self._error(exc, what) from None
 
     def get_range(self, key, offset, length, *, expect=None):
         full = self._key(key)
