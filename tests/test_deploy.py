@@ -193,7 +193,8 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
-        "cache_size, commit, executor_lease, fuse, gid, late_window, leave_mount, log_file, log_level, metrics_addr, "
+        "cache_size, commit, executor_lease, fuse, gid, heartbeat, late_window, leave_mount, log_file, log_level, "
+        "metrics_addr, "
             "no_passthrough, s3_endpoint_url, store_timeout, "
         "uid, upload_workers; mount(8)'s generic ones are ignored)"]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
@@ -531,6 +532,22 @@ def test_daemonset_mounts_on_the_host_and_drains_on_stop():
         local = one(consumer["volumeMounts"], name="spark-local-dir-1")
         assert local["mountPropagation"] == "HostToContainer"
     assert f" {one(wait['volumeMounts'], name='spark-local-dir-1')['mountPath']} fuse.shufflefs " in wait["command"][2]
+
+
+def test_gc_cronjob_runs_a_valid_gc_of_the_configured_store_unprivileged():
+    from shufflefs.cli import build_parser
+
+    (config, secret) = manifests("shufflefs-config.yaml")
+    (cronjob,) = manifests("gc-cronjob.yaml")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = [re.sub(r"\$\((\w+)\)", lambda m: config["data"][m.group(1)], arg) for arg in container["command"]]
+    assert command[:2] == ["shufflefs", "gc"]
+    args = build_parser().parse_args(command[1:])  # exits on anything the real parser refuses
+    assert args.store_url == config["data"]["STORE_URL"] and args.delete and args.older_than >= 86400
+    assert [r["secretRef"]["name"] for r in container["envFrom"] if "secretRef" in r] == [secret["metadata"]["name"]]
+    assert not container["securityContext"].get("privileged") and "volumes" not in pod
 
 
 def test_sidecar_template_needs_no_host_path():
