@@ -15,6 +15,7 @@ import time
 
 from shufflefs.daemon import process_alive as pid_alive, run_file
 from shufflefs.fuse.mount import unescape
+from shufflefs.registry import RESERVED
 
 SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
 
@@ -106,24 +107,31 @@ class Mount:
         self.cleanup()
 
 
-def store_objects(root: str) -> dict[str, bytes]:
-    """Every object of a file:// store, by key."""
+#: shufflefs' own records in a store (registry, heartbeats): not files of any mount
+RECORDS = RESERVED + "/"
+
+
+def store_objects(root: str, records: bool = False) -> dict[str, bytes]:
+    """Every object of a file:// store, by key (shufflefs' own records only with `records`)."""
     objects = {}
     for directory, _, files in os.walk(root):
         for name in files:
             path = os.path.join(directory, name)
-            with open(path, "rb") as f:
-                objects[os.path.relpath(path, root)] = f.read()
+            key = os.path.relpath(path, root)
+            if records or not key.startswith(RECORDS):
+                with open(path, "rb") as f:
+                    objects[key] = f.read()
     return objects
 
 
-def bucket_objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
-    """Every object under `prefix` in an S3 bucket, by key relative to the prefix."""
+def bucket_objects(client, bucket: str, prefix: str = "", records: bool = False) -> dict[str, bytes]:
+    """Every object under `prefix` in an S3 bucket, by key relative to the prefix (shufflefs'
+    own records only with `records`)."""
     objects = {}
     start = prefix.strip("/") + "/" if prefix.strip("/") else ""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
         for item in page.get("Contents", []):
-            if item["Key"].endswith("/"):
+            if item["Key"].endswith("/") or (not records and item["Key"][len(start):].startswith(RECORDS)):
                 continue
             body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
             objects[item["Key"][len(start):]] = body
@@ -131,7 +139,8 @@ def bucket_objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
 
 
 def daos_objects(url: str) -> dict[str, bytes]:
-    """Every file of a daos:// store, by key, walked through the store's own listing."""
+    """Every file of a daos:// store, by key, walked through the store's own listing (not
+    shufflefs' own records)."""
     from shufflefs.stores import open_store
 
     store = open_store(url)
@@ -142,7 +151,7 @@ def daos_objects(url: str) -> dict[str, bytes]:
         while pending:
             prefix = pending.pop()
             listing = store.list_dir(prefix)
-            pending.extend(f"{prefix}/{d}" if prefix else d for d in listing.dirs)
+            pending.extend(f"{prefix}/{d}" if prefix else d for d in listing.dirs if prefix or d != RESERVED)
             for info in listing.files:
                 key = f"{prefix}/{info.name}" if prefix else info.name
                 objects[key] = store.get_range(key, 0, info.size)

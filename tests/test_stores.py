@@ -366,6 +366,25 @@ def test_delete_many_more_than_a_batch_and_list_pagination(store):
     assert client.list_objects_v2(Bucket=store.bucket).get("KeyCount", 0) == 0
 
 
+def test_gc_removes_an_unheld_block_manager_directory_and_nothing_else(store, local):
+    """shufflefs.gc through each store's own listing and deletes (tests/test_gc.py has the rules)."""
+    from shufflefs import gc
+
+    bm = "blockmgr-10000000-0000-4000-8000-000000000000"
+    inside = [f"spark-1/executor-1/{bm}/0c/shuffle_0_0_0.data", f"spark-1/executor-1/{bm}/0d/shuffle_0_0_0.index"]
+    for key in [*inside, "spark-1/other/shuffle_0_0_0.data"]:
+        put(store, local, key, key.encode())
+    holders = gc.Holders(store, 0.0)
+    planned = gc.plan(store, 0.0, holders)
+    assert [(item.kind, item.key, item.objects) for item in planned.garbage] == [
+        (gc.DIRECTORY, f"spark-1/executor-1/{bm}", 2)]
+    assert (planned.outside_objects, planned.kept) == (1, [])
+    outcome = gc.delete(store, planned, holders, lambda count: None)
+    assert outcome.removed == planned.garbage and not outcome.failed and not outcome.spared
+    assert all(store.head(key) is None for key in inside)
+    assert read_all(store, "spark-1/other/shuffle_0_0_0.data") == b"spark-1/other/shuffle_0_0_0.data"
+
+
 def test_multipart_roundtrip(store, local):
     store.multipart_threshold = 5 * MiB
     if isinstance(store, S3Store):
