@@ -63,15 +63,21 @@ def check_show_decodes_what_spark_wrote(mount_path: str, sample: int = 4) -> Non
         assert all(p["checksum_ok"] for p in report["partitions"])
 
 
+def block_manager_dir(path: str, mount_path: str) -> str:
+    """The block manager directory (relative to the mount) a shuffle file is in."""
+    parts = os.path.relpath(path, mount_path).split(os.sep)
+    holder = next(i for i, part in enumerate(parts) if part.startswith("blockmgr-"))
+    return "/".join(parts[:holder + 1])
+
+
 def check_ls_lists_what_spark_wrote(mount_path: str, store_url: str, env: dict) -> None:
     """`shufflefs ls` of the mount and of the store without mounting: per block manager
     directory and shuffle, exactly the map outputs (index files) and bytes Spark wrote."""
     expected: dict[tuple[str, int], list[int]] = {}
     for path in shuffle_files(mount_path):
-        relative = os.path.relpath(path, mount_path).split(os.sep)
-        holder = next(i for i, part in enumerate(relative) if part.startswith("blockmgr-"))
-        counts = expected.setdefault(("/".join(relative[:holder + 1]), int(relative[-1].split("_")[1])), [0, 0, 0])
-        counts[0] += relative[-1].endswith(".index")
+        name = os.path.basename(path)
+        counts = expected.setdefault((block_manager_dir(path, mount_path), int(name.split("_")[1])), [0, 0, 0])
+        counts[0] += name.endswith(".index")
         counts[1] += 1
         counts[2] += os.path.getsize(path)
     for target in (mount_path, store_url):
@@ -85,6 +91,23 @@ def check_ls_lists_what_spark_wrote(mount_path: str, store_url: str, env: dict) 
             assert {s["pending_files"] for s in listed["shuffles"]} == {0}
 
 
+def check_gc_keeps_what_live_executors_hold(mount_path: str, store_url: str, env: dict) -> None:
+    """`shufflefs gc` while the job's executors live: every block manager directory they wrote
+    is held by the mount's heartbeat (renewed every second here), however short --older-than;
+    nothing is garbage."""
+    written = {block_manager_dir(path, mount_path) for path in shuffle_files(mount_path)}
+    deadline = time.monotonic() + 30
+    while True:
+        result = run_cli("gc", store_url, "--older-than", "1s", "--json", env=env)
+        assert result.returncode == 0, result.stderr
+        found = json.loads(result.stdout)
+        kept = {item["key"]: item["reason"].split()[0] for item in found["kept"]}
+        if kept == dict.fromkeys(written, "held") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # the first renewal that names them
+    assert kept == dict.fromkeys(written, "held") and found["garbage"] == [] and found["live_mounts"] == 1
+
+
 def test_spark_job_on_s3_mount(tmp_path, plain_result, s3_env, bucket, seaweed):
     client = seaweed.client()
     checked = []
@@ -93,8 +116,10 @@ def test_spark_job_on_s3_mount(tmp_path, plain_result, s3_env, bucket, seaweed):
         checked.append(check_store_mirrors_mount(mount.path, lambda: bucket_objects(client, bucket, "shuffle")))
         check_show_decodes_what_spark_wrote(mount.path)
         check_ls_lists_what_spark_wrote(mount.path, f"s3://{bucket}/shuffle", {**os.environ, **s3_env})
+        check_gc_keeps_what_live_executors_hold(mount.path, f"s3://{bucket}/shuffle", {**os.environ, **s3_env})
 
-    with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
+    with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", "--heartbeat", "1",
+               env=s3_env) as mount:
         result = run_spark_job(mount.path, tmp_path / "result.json", pause_callback=while_spark_holds_its_files)
         assert result == plain_result
         assert checked and checked[0] > 10
