@@ -64,7 +64,7 @@ from mounting import Mount, is_mounted  # noqa: E402
 from servers import SeaweedS3  # noqa: E402
 from sparkrun import LAST_RUN, run_spark_job, shuffle_files  # noqa: E402
 
-from shufflefs.daemon import run_file  # noqa: E402
+from shufflefs.places import run_file  # noqa: E402
 
 WORKLOAD_SCRIPT = os.path.join(HERE, "spark_workloads.py")
 WORKLOADS = ["shuffle-heavy", "mixed", "defaults"]

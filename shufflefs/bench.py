@@ -28,7 +28,9 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from shufflefs.cli import CliError, _positive_int, mount_stats, parse_size
+from shufflefs.control import mount_stats
+from shufflefs.options import CommandError, positive_int, parse_size
+from shufflefs.places import shufflefs_mount_of
 
 SPARK_WRITE_SIZE = 32 * 1024  # spark.shuffle.file.buffer: the size of Spark's writes
 SPARK_READ_SIZE = 32 * 1024
@@ -40,7 +42,7 @@ STORE_COUNTERS = ("put_requests", "put_bytes", "get_range_requests", "get_range_
                   "list_dir_requests", "delete_requests", "deleted_keys", "move_requests", "failed_requests")
 
 
-class BenchError(CliError):
+class BenchError(CommandError):
     pass
 
 
@@ -339,17 +341,17 @@ def add_bench_parser(commands) -> None:
                     "sent to the store. Works in a new subdirectory of DIR and removes it.",
         epilog="Example: shufflefs bench /mnt/shuffle --compare /var/tmp --rounds 3")
     bench.add_argument("dir", metavar="DIR", help="directory to test (a shufflefs mount or any other)")
-    bench.add_argument("--mappers", type=_positive_int, default=200, help="map outputs (default: %(default)s)")
-    bench.add_argument("--reducers", type=_positive_int, default=100,
+    bench.add_argument("--mappers", type=positive_int, default=200, help="map outputs (default: %(default)s)")
+    bench.add_argument("--reducers", type=positive_int, default=100,
                        help="partitions per map output (default: %(default)s)")
     bench.add_argument("--block-size", type=parse_size, default=32 * 1024,
                        help="bytes per partition block, e.g. 1K, 256K (default: 32K)")
-    bench.add_argument("--pool-size", type=_positive_int, default=4,
+    bench.add_argument("--pool-size", type=positive_int, default=4,
                        help="map (then reduce) tasks at once (default: %(default)s)")
     bench.add_argument("--write-only", action="store_true", help="skip the index and read phases")
     bench.add_argument("--compare", metavar="PLAIN_DIR",
                        help="also run on this plain directory, alternating, and report ratios")
-    bench.add_argument("--rounds", type=_positive_int, default=1,
+    bench.add_argument("--rounds", type=positive_int, default=1,
                        help="runs per directory, alternating with --compare; medians reported (default: %(default)s)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     bench.set_defaults(run=cmd_bench)
@@ -364,8 +366,6 @@ def _check_dir(path: str, what: str) -> str:
 
 
 def cmd_bench(args) -> int:
-    from shufflefs.daemon import shufflefs_mount_of
-
     workload = Workload(args.mappers, args.reducers, args.block_size, args.pool_size, args.write_only)
     targets = {"dir": _check_dir(args.dir, "DIR")}
     if args.compare:

@@ -7,142 +7,23 @@ Errors a user can cause print one line `shufflefs: error: ...` and exit 1 (one l
 from __future__ import annotations
 
 import argparse
-import fractions
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-from typing import Callable
 import time
 
 from shufflefs import __version__
-
-EXIT_FAILURE = 1
-
-_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$")
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-#: above this a byte count overflows the signed 64 bits of off_t, and what statfs reports of the
-#: cache (64-bit block counts) would be wrong in whatever multiplies them out (statfs answered
-#: EIO for a bigger one)
-MAX_SIZE = 2**63 - 1
-#: store requests in flight: each is a thread; more than this is a mistake, not a tuning
-MAX_WORKERS = 1024
-#: longest --store-timeout and --late-window: a day (a store request does not linger longer)
-MAX_SECONDS = 86400.0
-#: the kernel's "no id" ((uid_t) -1): no file can be owned by it
-NO_ID = 2**32 - 1
-
-
-def parse_size(text: str) -> int:
-    """'512M', '10G', '1.5GiB', '4096' -> bytes (binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512M, 10G, 1.5GiB)")
-    # exact: a float would round big numbers and turn very big ones into inf
-    size = int(fractions.Fraction(match.group(1)) * _UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    if size > MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"size {text!r} is too big (at most 2**63-1 bytes, 8 EiB)")
-    return size
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)\s*$")
-_DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '30m', '24h', '7d' -> seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (a number and a unit: 90s, 30m, 24h, 7d)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _workers(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_WORKERS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_WORKERS}, got {value}")
-    return value
-
-
-COMMIT_MODES = ("sync", "async")
-#: our own FUSE session (the default) and the portable pyfuse3 one
-FUSE_SESSIONS = ("own", "pyfuse3")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def _seconds(text: str, valid: Callable[[float], bool], rule: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not valid(value):  # comparisons with nan are false: refused too
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds {rule}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return _seconds(text, lambda v: 0 < v <= MAX_SECONDS, f"above 0 and at most {MAX_SECONDS:g} (a day)")
-
-
-def _wait_seconds(text: str) -> float:
-    """umount's --timeout: 0 or more seconds (0: no limit)."""
-    return _seconds(text, lambda v: 0 <= v < float("inf"), "0 or more, finite")
-
-
-def parse_id(text: str) -> int:
-    """A uid or gid: a number below 4294967295, the kernel's "no id"."""
-    if not text.isdigit():  # int() would take '+1', ' 1', '1_0' and '-1'
-        raise argparse.ArgumentTypeError("use a number")
-    value = int(text)
-    if value >= NO_ID:
-        raise argparse.ArgumentTypeError(f"ids are at most {NO_ID - 1} ({NO_ID} is the kernel's \"no id\")")
-    return value
-
-
-def parse_owner(text: str) -> tuple[int, int]:
-    """'185' or '185:185' -> (uid, gid); the gid defaults to the uid."""
-    uid, _, gid = text.partition(":")
-    try:
-        return parse_id(uid), parse_id(gid or uid)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"invalid owner {text!r} (UID or UID:GID): {exc}") from None
-
-
-def parse_metrics_addr(text: str) -> tuple[str, int]:
-    """'9464', ':9464', 'HOST:9464' or '[::1]:9464' -> (host, port); no host: every address."""
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"invalid metrics address {text!r} ([HOST]:PORT, PORT from 1 to 65535)")
-    return host, int(port)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors (a malformed or out-of-range option) in one line, like every other error,
-    with argparse's status 2; not the usage text, which hides the line that matters."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
+from shufflefs.places import (SetupError, clear_stale_mount, daemon_pid, default_cache_dir, is_stale_mount,
+                              mounted_filesystems, process_alive, run_file, shufflefs_mount_of)
+from shufflefs.options import (EXIT_FAILURE, CommandError, OneLineParser, add_mount_arguments, add_s3_endpoint_argument,
+                               parse_duration, positive_int, positive_seconds, wait_seconds)
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="shufflefs",
         description="Spark's local directory on FUSE: committed shuffle files are written through "
                     "to a store, scratch files stay on this node.")
@@ -156,58 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Store URLs: file:///abs/dir (any POSIX directory, e.g. NFS), "
                "s3://bucket[/prefix] (AWS credential chain; endpoint from --s3-endpoint-url or "
                "AWS_ENDPOINT_URL), daos://pool/container[/prefix] (needs pydaos), memory:// (tests).")
-    mount.add_argument("store_url", metavar="STORE_URL")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    mount.add_argument("--cache-dir", help="staging files, cache and LMDB (default: "
-                       "/var/lib/shufflefs/<mountpoint> as root, else $XDG_STATE_HOME/shufflefs/<mountpoint>)")
-    mount.add_argument("--cache-size", type=parse_size,
-                       help="bound on local bytes (staging + cache), e.g. 20G "
-                            "(default: 80%% of the free space where --cache-dir is)")
-    mount.add_argument("--commit", choices=COMMIT_MODES, default="sync",
-                       help="sync: the rename/close that commits a shuffle file returns once it is "
-                            "stored; async: returns at once, uploads continue and are drained at "
-                            "unmount (default: %(default)s)")
-    mount.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                       help="S3 endpoint, without user:password@ (default: $AWS_ENDPOINT_URL, else AWS)")
-    mount.add_argument("--upload-workers", type=_workers, default=8,
-                       help=f"store requests in flight at once, at most {MAX_WORKERS} (default: %(default)s)")
-    mount.add_argument("--owner", type=parse_owner, metavar="UID[:GID]",
-                       help="owner of the mount's root and of what is learned from the store, e.g. 185:185 "
-                            "for the user of Spark's container images (default: the daemon's user)")
-    mount.add_argument("--leave-mount", action="store_true",
-                       help="on SIGTERM/SIGINT, drain and exit but leave the mount, dead, for the next "
-                            "`shufflefs mount` here to mount over: containers that bound the mountpoint "
-                            "keep working across a restart (the Kubernetes DaemonSet uses it); "
-                            "`shufflefs umount` still removes it")
-    mount.add_argument("--late-window", type=_positive_float, default=120.0, metavar="SECONDS",
-                       help="how long after a store request failed (timed out, or its daemon died) the "
-                            "store may still apply it; a put that may land after its file was deleted is "
-                            "looked for and removed this long after the delete (default: %(default)g)")
-    mount.add_argument("--executor-lease", type=_positive_float, default=30.0, metavar="SECONDS",
-                       help="how long after this node's daemon last renewed its lease in the store its Spark "
-                            "executors count as lost, and their map outputs may be adopted by executors on "
-                            "other nodes (Spark's recovery plugin; docs/RECOVERY.md) (default: %(default)g)")
-    mount.add_argument("--heartbeat", type=_positive_float, default=60.0, metavar="SECONDS",
-                       help="how often this mount renews its record in the store of the Spark block manager "
-                            "directories it holds; `shufflefs gc` never removes what a mount renewed lately "
-                            "(docs/GC.md) (default: %(default)g)")
-    mount.add_argument("--store-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
-                       help="longest a file operation waits for the store: a read or listing of what only "
-                            "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
-                            "on in the background) (default: %(default)g)")
-    mount.add_argument("--metrics-addr", type=parse_metrics_addr, metavar="[HOST]:PORT",
-                       help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: default all "
-                            "addresses; default: not served)")
-    mount.add_argument("--fuse", choices=FUSE_SESSIONS, default="own",
-                       help="the FUSE session: 'own' speaks the kernel protocol itself (fast); 'pyfuse3' is "
-                            "the portable one through libfuse (default: %(default)s)")
-    mount.add_argument("--no-passthrough", dest="passthrough", action="store_false",
-                       help="with --fuse own: serve every read and write in the daemon, even where the kernel "
-                            "could pass them through to local files (FUSE passthrough, Linux 6.9+, as root)")
-    mount.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
-    mount.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
-    mount.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    add_mount_arguments(mount)
     mount.set_defaults(run=cmd_mount)
 
     umount = commands.add_parser(
@@ -215,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the daemon serving MOUNTPOINT to finish its pending uploads and unmount; "
                     "wait for it. Clears a stale mount left by a dead daemon.")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.add_argument("--timeout", type=_wait_seconds, default=0,
+    umount.add_argument("--timeout", type=wait_seconds, default=0,
                         help="give up waiting after this many seconds (default: wait until drained)")
     umount.add_argument("--lazy", action="store_true",
                         help="do not wait: the daemon drains and unmounts in the background")
@@ -228,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("path", metavar="PATH")
     stats.add_argument("--sync", action="store_true",
                        help="first wait until every file committed so far is in the store")
-    stats.add_argument("--timeout", type=_positive_float, default=600,
+    stats.add_argument("--timeout", type=positive_seconds, default=600,
                        help="give up waiting for an answer after this many seconds (default: %(default)s)")
     stats.set_defaults(run=cmd_stats)
 
@@ -249,10 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "application where Spark's recovery plugin registered it.")
     listing.add_argument("target", metavar="PATH|STORE_URL")
     listing.add_argument("--json", action="store_true", help="a JSON list instead of a table")
-    listing.add_argument("--limit", type=_positive_int, default=1_000_000, metavar="N",
+    listing.add_argument("--limit", type=positive_int, default=1_000_000, metavar="N",
                          help="stop listing a store after N objects (default: %(default)s)")
-    listing.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                         help="S3 endpoint, without user:password@ (default: $AWS_ENDPOINT_URL, else AWS)")
+    add_s3_endpoint_argument(listing)
     listing.set_defaults(run=cmd_ls)
 
     gc = commands.add_parser(
@@ -269,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(90s, 30m, 24h, 7d; default: 24h)")
     gc.add_argument("--delete", action="store_true", help="remove what the dry run lists (default: only list it)")
     gc.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    gc.add_argument("--s3-endpoint-url", default=os.environ.get("AWS_ENDPOINT_URL"),
-                    help="S3 endpoint, without user:password@ (default: $AWS_ENDPOINT_URL, else AWS)")
+    add_s3_endpoint_argument(gc)
     gc.set_defaults(run=cmd_gc)
 
     show = commands.add_parser(
@@ -291,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the store for good, kept here for inspection, never retried). Works while a "
                     "daemon uses the cache dir; --drop needs it stopped.")
     journal.add_argument("cache_dir", metavar="CACHE_DIR")
-    journal.add_argument("--drop", type=_positive_int, nargs="+", metavar="SEQ",
+    journal.add_argument("--drop", type=positive_int, nargs="+", metavar="SEQ",
                          help="forget these operations (a dropped upload's file is then not stored)")
     journal.set_defaults(run=cmd_journal)
 
@@ -304,20 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except CliError as exc:
+    except CommandError as exc:
         print(f"shufflefs: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
 
 
-class CliError(Exception):
-    pass
-
 
 # ---------------------------------------------------------------------------- mount
 def _mount_config(args):
-    from shufflefs.daemon import MountConfig, default_cache_dir
+    from shufflefs.daemon import MountConfig
     from shufflefs.stores import StoreError, check_endpoint_url
 
     try:  # before they reach the daemon's command line
@@ -325,7 +150,7 @@ def _mount_config(args):
         if args.s3_endpoint_url:
             check_endpoint_url(args.s3_endpoint_url)
     except StoreError as exc:
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(args.mountpoint))
     cache_size = args.cache_size
     if cache_size is None:
@@ -364,7 +189,7 @@ def _run_foreground(args, config) -> int:
     # as PID 1 of a container a signal without a handler is dropped: until the daemon listens
     # for SIGTERM itself (once mounted), it ends the setup
     signal.signal(signal.SIGTERM, _stop_during_setup)
-    from shufflefs.daemon import SetupError, run
+    from shufflefs.daemon import run
 
     _setup_logging(args.log_level, sys.stderr)
     ready_pipe = None
@@ -383,12 +208,12 @@ def _run_foreground(args, config) -> int:
         if ready_pipe is not None:
             ready_pipe.write(f"ERR {exc}\n")
             ready_pipe.close()
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 def _spawn_daemon(args, config) -> int:
     """Start `shufflefs mount --ready-fd` in a new session and wait for its verdict."""
-    from shufflefs.daemon import SetupError, check_cache_dir, check_log_file, check_outside, check_store_apart
+    from shufflefs.daemon import check_cache_dir, check_log_file, check_outside, check_store_apart
     from shufflefs.stores import StoreError, local_store_dirs
 
     log_file = os.path.abspath(args.log_file or os.path.join(config.cache_dir, "shufflefs.log"))
@@ -400,14 +225,14 @@ def _spawn_daemon(args, config) -> int:
             check_store_apart(mountpoint, config.cache_dir, store_dir)
             check_log_file(log_file, store_dir)
     except (SetupError, StoreError) as exc:
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     try:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         # private (it names every file), and never through a symlink another user planted
         log = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                                 0o600), "a")
     except OSError as exc:
-        raise CliError(f"cannot open log file {log_file}: {exc.strerror}") from None
+        raise CommandError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "shufflefs", "mount", config.store_url, config.mountpoint,
                "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
@@ -436,42 +261,31 @@ def _spawn_daemon(args, config) -> int:
         return 0
     if verdict.startswith("ERR "):
         process.wait()
-        raise CliError(verdict[4:])
+        raise CommandError(verdict[4:])
     status = process.wait()
-    raise CliError(f"the daemon exited (status {status}) before the mount was live; see {log_file}")
+    raise CommandError(f"the daemon exited (status {status}) before the mount was live; see {log_file}")
 
 
 # ---------------------------------------------------------------------------- stats
 def cmd_stats(args) -> int:
+    from shufflefs.control import mount_stats
+
     if not os.path.lexists(args.path):
-        raise CliError(f"{args.path} does not exist")
+        raise CommandError(f"{args.path} does not exist")
     print(json.dumps(mount_stats(args.path, sync=args.sync, timeout=args.timeout), indent=1, sort_keys=True))
     return 0
 
 
-def mount_stats(path: str, *, sync: bool = False, timeout: float | None = 600) -> dict:
-    from shufflefs.control import ControlError, request
-    from shufflefs.daemon import run_file, shufflefs_mount_of
-
-    mountpoint = shufflefs_mount_of(path)
-    if mountpoint is None:
-        raise CliError(f"{path} is not on a shufflefs mount")
-    try:
-        return request(run_file(mountpoint, "sock"), "sync" if sync else "stats", timeout)
-    except ControlError as exc:
-        raise CliError(f"{mountpoint}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------- install-mount-helper
+# ---------------------------------------------------------------------------- journal
 def cmd_journal(args) -> int:
-    from shufflefs.daemon import CacheDirBusy, open_journal
+    from shufflefs.journal import CacheDirBusy, open_journal
 
     try:
         with open_journal(args.cache_dir, exclusive=bool(args.drop)) as journal:
             if args.drop:
                 missing = [seq for seq in args.drop if not journal.drop_op(seq)]
                 if missing:
-                    raise CliError(f"no operation {', '.join(map(str, missing))} in {args.cache_dir} "
+                    raise CommandError(f"no operation {', '.join(map(str, missing))} in {args.cache_dir} "
                                    "(the others were dropped)")
                 return 0
             for state, ops in (("pending", journal.pending_ops()), ("failed", journal.failed_ops())):
@@ -481,7 +295,7 @@ def cmd_journal(args) -> int:
                     error = f": {record['error']}" if "error" in record else ""
                     print(f"{seq}\t{state}\t{record['kind']}\t{target}{size}{error}")
     except CacheDirBusy as exc:
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     return 0
 
 
@@ -491,7 +305,7 @@ def cmd_install_mount_helper(args) -> int:
     try:
         paths = install(args.dir, sys.executable)
     except OSError as exc:
-        raise CliError(f"cannot install the mount helper in {args.dir}: {exc.strerror}") from None
+        raise CommandError(f"cannot install the mount helper in {args.dir}: {exc.strerror}") from None
     for path in paths:
         print(f"installed {path}")
     return 0
@@ -505,7 +319,7 @@ def cmd_ls(args) -> int:
         found, truncated = _store_shuffles(args)
     else:
         if not os.path.isdir(args.target):
-            raise CliError(f"{args.target} {'is not a directory' if os.path.exists(args.target) else 'does not exist'}")
+            raise CommandError(f"{args.target} {'is not a directory' if os.path.exists(args.target) else 'does not exist'}")
         found, truncated = inventory.shuffles(inventory.walk_directory(args.target), _pending_keys(args.target))
     if args.json:
         now = time.time_ns()
@@ -524,7 +338,7 @@ def _open_store(url: str, s3_endpoint_url: str | None):
             check_endpoint_url(s3_endpoint_url)
         return open_store(url, s3_endpoint_url=s3_endpoint_url)
     except StoreError as exc:
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 def _store_shuffles(args):
@@ -539,7 +353,7 @@ def _store_shuffles(args):
         except inventory.Truncated:
             apps = {}
     except StoreError as exc:
-        raise CliError(f"listing {store.url}: {exc}") from None
+        raise CommandError(f"listing {store.url}: {exc}") from None
     finally:
         store.close()
     for shuffle in found:
@@ -550,7 +364,7 @@ def _store_shuffles(args):
 def _pending_keys(path: str) -> set[str] | None:
     """On a shufflefs mount, the files below `path` its journal still owes the store (their
     paths relative to `path`); None elsewhere."""
-    from shufflefs.daemon import CacheDirBusy, open_journal, run_file, shufflefs_mount_of
+    from shufflefs.journal import CacheDirBusy, open_journal
 
     mountpoint = shufflefs_mount_of(path)
     if mountpoint is None:
@@ -589,9 +403,9 @@ def cmd_gc(args) -> int:
         elif args.delete:
             outcome = gc.Outcome()
     except StoreError as exc:
-        raise CliError(f"{store.url}: {exc}") from None
+        raise CommandError(f"{store.url}: {exc}") from None
     except gc.GcError as exc:
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     finally:
         store.close()
     print(json.dumps(gc.report(planned, outcome), indent=1) if args.json else gc.render(planned, outcome))
@@ -605,46 +419,44 @@ def cmd_show(args) -> int:
     try:
         output = inspect(args.index)
     except ShowError as exc:
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     print(json.dumps(output.report(), indent=1) if args.json else render(output))
     return 1 if output.problems else 0
 
 
 # ---------------------------------------------------------------------------- umount
 def cmd_umount(args) -> int:
-    from shufflefs.daemon import (SetupError, clear_stale_mount, daemon_pid, is_stale_mount, mounted_filesystems,
-                                  process_alive, run_file)
 
     mountpoint = os.path.realpath(args.mountpoint)
     pid = daemon_pid(mountpoint)
     if pid is None and not os.path.lexists(args.mountpoint) and not is_stale_mount(mountpoint):
-        raise CliError(f"{args.mountpoint} does not exist")
+        raise CommandError(f"{args.mountpoint} does not exist")
     if pid is None:
         if mounted_filesystems().get(mountpoint) != "fuse.shufflefs":
-            raise CliError(f"{mountpoint} is not a shufflefs mount")
+            raise CommandError(f"{mountpoint} is not a shufflefs mount")
         if not is_stale_mount(mountpoint):
-            raise CliError(f"{mountpoint} is served by a shufflefs daemon not visible from here (another "
+            raise CommandError(f"{mountpoint} is served by a shufflefs daemon not visible from here (another "
                            "container or PID namespace): stop that one (e.g. kubectl delete pod, systemctl "
                            "stop); `umount -i -l` would detach it without draining")
     else:
         try:
             os.kill(pid, signal.SIGTERM)
         except OSError as exc:
-            raise CliError(f"cannot signal the daemon (pid {pid}) of {mountpoint}: {exc.strerror}") from None
+            raise CommandError(f"cannot signal the daemon (pid {pid}) of {mountpoint}: {exc.strerror}") from None
         if args.lazy:
             print(f"shufflefs: {mountpoint}: the daemon drains and unmounts in the background", file=sys.stderr)
             return 0
         deadline = time.monotonic() + args.timeout if args.timeout else None
         while process_alive(pid):
             if deadline is not None and time.monotonic() > deadline:
-                raise CliError(f"daemon {pid} still draining after {args.timeout:g}s; it goes on in the background")
+                raise CommandError(f"daemon {pid} still draining after {args.timeout:g}s; it goes on in the background")
             time.sleep(0.1)
     cleared = 0
     try:  # daemons that died without unmounting (killed, crashed) left these, maybe stacked
         while clear_stale_mount(mountpoint, quiet=True):
             cleared += 1
     except SetupError as exc:
-        raise CliError(str(exc)) from None
+        raise CommandError(str(exc)) from None
     if cleared:
         print(f"shufflefs: {mountpoint} was a stale mount (no daemon); unmounted it", file=sys.stderr)
         return 0
@@ -654,10 +466,10 @@ def cmd_umount(args) -> int:
     except (FileNotFoundError, ValueError):
         status = {}
     if status.get("given_up"):
-        raise CliError(f"unmounted {mountpoint}, but {status['given_up']} uploads could not be completed; "
+        raise CommandError(f"unmounted {mountpoint}, but {status['given_up']} uploads could not be completed; "
                        "they resume on the next mount with the same --cache-dir")
     if status.get("refused"):
-        raise CliError(f"unmounted {mountpoint}, but the store refused {status['refused']} operations for good; "
+        raise CommandError(f"unmounted {mountpoint}, but the store refused {status['refused']} operations for good; "
                        "`shufflefs journal CACHE_DIR` lists them")
     return 0
 

@@ -18,6 +18,9 @@ from typing import Callable
 
 import trio
 
+from shufflefs.options import CommandError
+from shufflefs.places import run_file, shufflefs_mount_of
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
@@ -27,7 +30,7 @@ IDLE_TIMEOUT = 5.0
 ACCEPT_CAPACITY_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)
 
 
-class ControlError(Exception):
+class ControlError(CommandError):
     pass
 
 
@@ -164,3 +167,15 @@ def request(path: str, command: str, timeout: float | None = 30.0) -> dict:
     if not reply.get("ok"):
         raise ControlError(reply.get("error", "request failed"))
     return reply
+
+
+def mount_stats(path: str, *, sync: bool = False, timeout: float | None = 600) -> dict:
+    """The counters of the daemon serving the mount that holds `path` (with `sync`, once
+    everything committed so far is stored); ControlError in one line otherwise."""
+    mountpoint = shufflefs_mount_of(path)
+    if mountpoint is None:
+        raise ControlError(f"{path} is not on a shufflefs mount")
+    try:
+        return request(run_file(mountpoint, "sock"), "sync" if sync else "stats", timeout)
+    except ControlError as exc:
+        raise ControlError(f"{mountpoint}: {exc}") from None

@@ -12,6 +12,8 @@ bytes (os.fsencode: a name that is not UTF-8 keeps its bytes). LMDB holds keys o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import struct
@@ -19,6 +21,8 @@ import time
 import uuid
 
 import lmdb
+
+from shufflefs.places import SetupError
 
 MAP_SIZE = 8 * 1024**3  # address space only; the file grows as needed
 
@@ -194,3 +198,31 @@ class Journal:
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()
+
+
+class CacheDirBusy(SetupError):
+    pass
+
+
+@contextlib.contextmanager
+def open_journal(path: str, *, exclusive: bool):
+    """The journal of an existing cache dir, for `shufflefs journal`; with `exclusive`, only
+    while no daemon uses the cache dir (its journal would not see the change)."""
+    if not os.path.isdir(os.path.join(path, "lmdb")):
+        raise CacheDirBusy(f"{path} is not a shufflefs cache dir (no lmdb/ in it)")
+    with open(os.path.join(path, "lock"), "a+") as lock:
+        if exclusive:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                raise CacheDirBusy(f"cache dir {path} is in use by a shufflefs daemon (pid "
+                                   f"{lock.read().strip() or '?'}): unmount it first") from None
+        try:
+            journal = Journal(os.path.join(path, "lmdb"))
+        except lmdb.Error as exc:
+            raise CacheDirBusy(f"cannot read the journal in {path}: {exc}") from None
+        try:
+            yield journal
+        finally:
+            journal.close()

@@ -21,20 +21,11 @@ import shlex
 import subprocess
 import sys
 
-from shufflefs.cli import (COMMIT_MODES, FUSE_SESSIONS, LOG_LEVELS, _positive_float, _workers, parse_id,
-                           parse_metrics_addr, parse_size)
+from shufflefs.options import add_mount_arguments, parse_id
 from shufflefs.stores import StoreError, check_endpoint_url
 
 EXIT_USAGE = 1
 EXIT_MOUNT_FAILURE = 32
-
-
-def _choice(*allowed: str):
-    def check(value: str) -> str:
-        if value not in allowed:
-            raise ValueError(f"use one of {', '.join(allowed)}")
-        return value
-    return check
 
 
 def _endpoint(value: str) -> str:
@@ -49,25 +40,25 @@ def _endpoint(value: str) -> str:
 SECRET_OPTIONS = ("s3_endpoint_url",)
 
 
-#: -o option -> (`shufflefs mount` flag, check of its value); uid/gid make --owner together
-OPTION_FLAGS = {
-    "cache_dir": ("--cache-dir", str),
-    "cache_size": ("--cache-size", parse_size),
-    "commit": ("--commit", _choice(*COMMIT_MODES)),
-    "s3_endpoint_url": ("--s3-endpoint-url", _endpoint),
-    "upload_workers": ("--upload-workers", _workers),
-    "store_timeout": ("--store-timeout", _positive_float),
-    "late_window": ("--late-window", _positive_float),
-    "executor_lease": ("--executor-lease", _positive_float),
-    "heartbeat": ("--heartbeat", _positive_float),
-    "metrics_addr": ("--metrics-addr", parse_metrics_addr),
-    "fuse": ("--fuse", _choice(*FUSE_SESSIONS)),
-    "log_file": ("--log-file", str),
-    "log_level": ("--log-level", _choice(*LOG_LEVELS)),
-}
+def _mount_flags() -> dict[str, argparse.Action]:
+    """-o option -> the `shufflefs mount` flag it stands for (`cache_size` -> --cache-size), from
+    the very parser of `shufflefs mount`: an option is checked as that flag is."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_mount_arguments(parser)
+    flags = {}
+    for action in parser._actions:
+        long_flags = [flag for flag in action.option_strings if flag.startswith("--")]
+        if long_flags:
+            flags[long_flags[0][2:].replace("-", "_")] = action
+    return flags
+
+
+OPTION_FLAGS = _mount_flags()
+#: flags that are no mount options: a mount helper must return once mounted
+NOT_OPTIONS = ("foreground", "ready_fd")
+#: checks beyond the flag's own, before the value reaches a command line
+EXTRA_CHECKS = {"s3_endpoint_url": _endpoint}
 OWNER_OPTIONS = ("uid", "gid")
-#: -o options without a value
-SWITCH_OPTIONS = {"leave_mount": "--leave-mount", "no_passthrough": "--no-passthrough"}
 #: -o options that set the daemon's environment instead of a flag
 ENV_OPTIONS = {"aws_profile": "AWS_PROFILE"}
 #: mount(8)'s and the kernel's generic options: meaningless to shufflefs, accepted and ignored
@@ -155,35 +146,50 @@ def translate_options(options: list[str], sloppy: bool = False) -> tuple[list[st
             continue
         if option == "ro":
             raise HelperError("read-only mounts are not supported (shufflefs is Spark's scratch space); drop 'ro'")
-        if name in SWITCH_OPTIONS and not has_value:
-            flags.append(SWITCH_OPTIONS[name])
+        if name in NOT_OPTIONS:
+            raise HelperError(f"mount option {name} is not allowed: a mount helper must return once mounted")
+        action = OPTION_FLAGS.get(name)
+        if action is not None and action.nargs == 0 and not has_value:  # a switch
+            flags.append(action.option_strings[0])
             continue
-        if name in OPTION_FLAGS or name in ENV_OPTIONS or name in OWNER_OPTIONS:
+        if action is not None or name in ENV_OPTIONS or name in OWNER_OPTIONS:
             if not has_value or not value:
                 raise HelperError(f"mount option {name} needs a value: {name}=...")
-            check = OPTION_FLAGS[name][1] if name in OPTION_FLAGS else parse_id if name in OWNER_OPTIONS else str
             try:
-                check(value)
+                _check(name, action, value)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 shown = name if name in SECRET_OPTIONS else repr(option)
                 raise HelperError(f"invalid value in mount option {shown}: {exc}") from None
-            if name in OPTION_FLAGS:
-                flags += [OPTION_FLAGS[name][0], value]
+            if action is not None:
+                flags += [action.option_strings[0], value]
             elif name in OWNER_OPTIONS:
                 owner[name] = value
             else:
                 env[ENV_OPTIONS[name]] = value
             continue
-        if name == "foreground" or name == "ready_fd":
-            raise HelperError(f"mount option {name} is not allowed: a mount helper must return once mounted")
         if not sloppy:
-            known = ", ".join(sorted([*OPTION_FLAGS, *ENV_OPTIONS, *OWNER_OPTIONS, *SWITCH_OPTIONS]))
+            known = ", ".join(sorted({*OPTION_FLAGS, *ENV_OPTIONS, *OWNER_OPTIONS} - set(NOT_OPTIONS)))
             raise HelperError(f"unknown mount option {option!r} (shufflefs options: {known}; "
                               "mount(8)'s generic ones are ignored)")
     if owner:
         uid = owner.get("uid", owner.get("gid"))
         flags += ["--owner", f"{uid}:{owner.get('gid', uid)}"]
     return flags, env
+
+
+def _check(name: str, action: argparse.Action | None, value: str) -> None:
+    """Check `value` as `shufflefs mount` would (ValueError or ArgumentTypeError if wrong)."""
+    if action is None:
+        if name in OWNER_OPTIONS:
+            parse_id(value)
+        return
+    if action.nargs == 0:
+        raise ValueError("takes no value")
+    converted = action.type(value) if action.type is not None else value
+    if action.choices is not None and converted not in action.choices:
+        raise ValueError(f"use one of {', '.join(action.choices)}")
+    if name in EXTRA_CHECKS:
+        EXTRA_CHECKS[name](value)
 
 
 def helper_command(program: str, argv: list[str]) -> tuple[Invocation, list[str], dict[str, str]]:

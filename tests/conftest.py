@@ -17,6 +17,7 @@ REAL_DAOS_POOL = os.environ.get("SHUFFLEFS_DAOS_POOL")
 if not REAL_DAOS_POOL:
     sys.path.insert(0, FAKE_PYDAOS)
 
+from logcheck import fail_on_logged_errors, pytest_configure  # noqa: E402,F401 (an autouse fixture, its marker)
 from mounting import Mount  # noqa: E402
 from shufflefs.fuse.mount import unescape  # noqa: E402
 from servers import SeaweedS3  # noqa: E402

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from shufflefs.daemon import process_alive as pid_alive, run_file
+from shufflefs.places import process_alive as pid_alive, run_file
 from shufflefs.fuse.mount import unescape
 from shufflefs.registry import RESERVED
 
@@ -103,8 +103,21 @@ class Mount:
             self.cleanup()
             raise
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *_) -> None:
         self.cleanup()
+        if exc_type is None:
+            self.check_log()
+
+    def check_log(self) -> None:
+        """A traceback in the daemon's log is a bug (the core answered some request with EIO
+        for it, or a task died), whatever the test saw."""
+        try:
+            with open(os.path.join(self.cache_dir, "shufflefs.log")) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return
+        at = text.find("Traceback (most recent call last)")
+        assert at < 0, f"the daemon of {self.path} logged a traceback:\n{text[max(0, at - 600):at + 3000]}"
 
 
 #: shufflefs' own records in a store (registry, heartbeats): not files of any mount

@@ -1070,6 +1070,7 @@ async def test_unlink_during_async_upload(env):
 # -- cache budget -------------------------------------------------------------------------------
 
 
+@pytest.mark.allow_logged_errors(r"a write to .* failed \(No space left on device\)")
 async def test_eviction_and_enospc(env):
     m = env.mount(cache_size=1 * MiB)
     fs = m.fs
@@ -1110,6 +1111,7 @@ async def test_eviction_and_enospc(env):
     assert contents(m.store) == {key(name): data for name, data in blobs.items()}
 
 
+@pytest.mark.allow_logged_errors(r"a write to .* failed \(No space left on device\)")
 async def test_sparse_truncate(env):
     """Extending a file with ftruncate makes a hole, which takes no disk space: it is not
     refused for the cache budget, and bytes count once they are written."""
@@ -1149,6 +1151,7 @@ def invalidated(fs: Filesystem) -> set[tuple]:
             return items
 
 
+@pytest.mark.allow_logged_errors(r"a write to .* failed \(No space left on device\)")
 @MODES
 async def test_failed_write_is_never_committed(env, mode, caplog):
     """With the writeback cache, write() succeeded in the program long before the kernel sent
@@ -1203,6 +1206,7 @@ async def test_failed_write_is_never_committed(env, mode, caplog):
     assert contents(m.store) == {key(DATA): b"whole"}
 
 
+@pytest.mark.allow_logged_errors(r"a write to .* failed \(No space left on device\)")
 async def test_failed_write_after_an_early_commit_removes_its_object(env):
     """The close of a duplicate descriptor committed the file early (a shell's `> file`); a
     later write through the other one fails: the early object goes, nothing is committed."""
@@ -1220,6 +1224,7 @@ async def test_failed_write_after_an_early_commit_removes_its_object(env):
     await m.remote.drain()
     assert not node.committed and contents(m.store) == {}
 
+@pytest.mark.allow_logged_errors(r"a write to .* failed \(No space left on device\)")
 async def test_file_evictable_again_after_its_move(env):
     """A cached file whose move is pending cannot be evicted yet, but must be once it is done."""
     m = env.mount(cache_size=1 * MiB, commit_mode="async")
@@ -1326,6 +1331,7 @@ async def test_sync_commit_waits_for_store(env):
     assert seen_at_return == [data]
 
 
+@pytest.mark.allow_logged_errors(r"could not be stored: injected failure")
 async def test_sync_commit_failure_is_eio(env):
     m = env.mount(commit_mode="sync", max_attempts=3)
     fs = m.fs
@@ -2227,6 +2233,7 @@ async def committed_while_the_store_fails(env, max_attempts: int) -> tuple[Mount
     return m, d
 
 
+@pytest.mark.allow_logged_errors(r"could not be stored: injected failure")
 async def test_sync_rename_of_committed_file_does_not_hang_on_a_failing_upload(env):
     m, d = await committed_while_the_store_fails(env, max_attempts=3)
     fs = m.fs
@@ -2241,6 +2248,7 @@ async def test_sync_rename_of_committed_file_does_not_hang_on_a_failing_upload(e
     assert contents(m.store) == {key(DATA): b"x"}
 
 
+@pytest.mark.allow_logged_errors(r"could not be stored: injected failure")
 async def test_failed_sync_rename_changes_nothing(env):
     """A sync rename that fails with EIO (the store keeps failing) was not done: the kernel keeps
     the old names, so the mount must too. A commit over a committed file and a move of a
@@ -2277,6 +2285,7 @@ async def test_failed_sync_rename_changes_nothing(env):
     assert await read_all(fs, (await fs.lookup(d, DATA)).ino) == b"new"
 
 
+@pytest.mark.allow_logged_errors(r"could not be stored: injected failure")
 async def test_failed_sync_rename_brings_back_the_upload_of_the_file_it_replaced(env):
     m, d = await committed_while_the_store_fails(env, max_attempts=3)  # DATA = b"x", upload failing
     fs = m.fs
@@ -2313,6 +2322,7 @@ async def test_failed_journal_write_leaves_the_file_uncommitted(env, monkeypatch
     await close(fs, fh)
 
 
+@pytest.mark.allow_logged_errors(r"giving up on 1 operation\(s\) while draining", r"could not be stored: injected failure")
 async def test_dependents_of_a_given_up_upload_stay_in_the_journal(env):
     m, d = await committed_while_the_store_fails(env, max_attempts=2)
     await m.fs.rename(d, DATA, d, "shuffle_0_6_0.data")
@@ -2463,6 +2473,7 @@ async def test_a_copy_with_other_bytes_is_uploaded(env):
     assert [call[1] for call in store.calls_of("put_file")][-1] == "fallback/b/shuffle_3_7_0.data"
 
 
+@pytest.mark.allow_logged_errors(r"was written as a copy, past this daemon, but holds bytes of no file read lately")
 async def test_a_predicted_copy_passes_through_and_is_committed_only_as_an_exact_copy(env):
     """A durable name opened for writing right after a committed file of that name was read is
     a predicted copy: its writes may pass the daemon by (FUSE passthrough), and since a failed

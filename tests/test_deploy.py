@@ -194,8 +194,7 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
         "cache_size, commit, executor_lease, fuse, gid, heartbeat, late_window, leave_mount, log_file, log_level, "
-        "metrics_addr, "
-            "no_passthrough, s3_endpoint_url, store_timeout, "
+        "metrics_addr, no_passthrough, owner, s3_endpoint_url, store_timeout, "
         "uid, upload_workers; mount(8)'s generic ones are ignored)"]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 32
@@ -657,7 +656,7 @@ def test_directories_survive_a_restart(tmp_path, file_store):
 
 
 def test_umount_refuses_a_live_mount_whose_daemon_it_cannot_see(tmp_path, file_store):
-    from shufflefs.daemon import run_file
+    from shufflefs.places import run_file
 
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache") as mount:
         pid_file = run_file(mount.path, "json")

@@ -182,6 +182,7 @@ class RefusingStore(RecordingMemoryStore):
         return failed
 
 
+@pytest.mark.allow_logged_errors(r"the store refused <put .* for good", r"could not be stored: .*InvalidArgument")
 async def test_a_refused_key_fails_at_once_and_holds_back_nothing(env):
     store = RefusingStore()
     env.stores.append(store)
@@ -206,6 +207,7 @@ async def test_a_refused_key_fails_at_once_and_holds_back_nothing(env):
     assert await m.remote.drain() == [] and [op.key for op in m.remote.failed] == [f"bad/{DATA}"]
 
 
+@pytest.mark.allow_logged_errors(r"the store refused <delete .* for good")
 async def test_a_refused_delete_holds_back_no_other_delete(env):
     store = RefusingStore()
     env.stores.append(store)
@@ -227,6 +229,7 @@ async def test_a_refused_delete_holds_back_no_other_delete(env):
     assert m.journal.pending_ops() == []
 
 
+@pytest.mark.allow_logged_errors(r"the store refused <put .* for good", r"could not be stored: .*InvalidArgument")
 async def test_a_sync_commit_of_a_refused_key_fails_without_retrying(env):
     store = RefusingStore()
     env.stores.append(store)
@@ -247,6 +250,7 @@ async def test_a_sync_commit_of_a_refused_key_fails_without_retrying(env):
 # -- a store that does not answer ---------------------------------------------------------------
 
 
+@pytest.mark.allow_logged_errors(r"no answer from the store within")
 async def test_a_hung_store_bounds_sync_commits_and_lookups(env):
     """Every wait for the store on a file operation is bounded by the request timeout; what
     was listed before is still answered."""

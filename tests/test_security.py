@@ -17,7 +17,7 @@ import pytest
 
 from mounting import Mount, run_cli
 from shufflefs import control
-from shufflefs.daemon import run_file
+from shufflefs.places import run_file
 
 
 def as_user(uid: int, gid: int, function) -> str:
@@ -61,7 +61,7 @@ def local_user():
 
 
 def write_pid_file(mountpoint: str):
-    from shufflefs.daemon import write_run_file
+    from shufflefs.places import write_run_file
 
     path = run_file(mountpoint, "json")
     write_run_file(path, {"pid": 1})

@@ -342,7 +342,7 @@ def test_passthrough_is_given_up_when_the_kernel_refuses_staging_files(tmp_path,
 #: round trip through the mount, its stats, then SIGTERM unmounts
 AS_USER = """
 import json, os, sys, time
-from shufflefs.cli import mount_stats
+from shufflefs.control import mount_stats
 mnt = sys.argv[1] + "/mnt"
 deadline = time.monotonic() + 60
 while not os.path.ismount(mnt) and time.monotonic() < deadline:

@@ -24,9 +24,10 @@ import array
 import ctypes
 import errno
 import os
-import re
 import socket
 import subprocess
+
+from shufflefs.places import unescape
 
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -49,16 +50,6 @@ def mount_fuse(mountpoint: str, source: str, fstype: str, options: list[str]) ->
         os.close(fd)
         raise OSError(error, os.strerror(error), mountpoint)
     return fd
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def unescape(field: str) -> str:
-    """A path field of /proc/self/mountinfo or /proc/self/mounts as it is: the kernel writes
-    some characters (space, tab, newline, backslash, ...) as a backslash and three octal
-    digits; a backslash is itself escaped (\\134), so one pass decodes them all."""
-    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
 
 
 def top_mount(mountpoint: str) -> tuple[int, str] | None:

@@ -1,0 +1,46 @@
+"""The checks the harness adds to every test can fail: an error the code under test logs, and a
+traceback in a mounted daemon's log."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from mounting import Mount
+
+pytest_plugins = ["pytester"]
+
+INNER = '''
+import logging
+import pytest
+
+def test_logs_an_unexpected_error():
+    logging.getLogger("shufflefs.core").error("internal error in read(3)")
+
+@pytest.mark.allow_logged_errors(r"injected failure")
+def test_logs_an_allowed_error():
+    logging.getLogger("shufflefs.remote").error("put failed: injected failure")
+
+def test_logs_a_warning():
+    logging.getLogger("shufflefs.remote").warning("retrying")
+'''
+
+
+def test_an_unexpected_logged_error_fails_the_test_and_an_allowed_one_does_not(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.abspath(__file__)))
+    pytester.makepyfile(test_inner=INNER)
+    result = pytester.runpytest_subprocess("-p", "logcheck", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(["*logged 1 unexpected errors*", "*ERROR shufflefs.core: internal error in read(3)*"])
+
+
+def test_a_traceback_in_a_daemons_log_fails_its_mount(tmp_path):
+    mount = Mount("file:///nowhere", tmp_path / "mnt", tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    log = tmp_path / "cache" / "shufflefs.log"
+    log.write_text("INFO shufflefs.daemon: mounted\nERROR shufflefs.core: the store refused it\n")
+    mount.check_log()  # errors are what tests inject; tracebacks are bugs
+    log.write_text(log.read_text() + "ERROR shufflefs.core: internal error in read\nTraceback (most recent call last):\n")
+    with pytest.raises(AssertionError, match="logged a traceback"):
+        mount.check_log()
