@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "shufflefs")
 DESIGN = os.path.join(ROOT, "docs", "DESIGN.md")
 #: modules merged into one row of the table
-GROUPS = ("stores",)
+GROUPS = ("stores", "testing")
 #: the package's own files, not in the table: a version string, a docstring, `python -m`
 PACKAGE_FILES = ("__init__", "fuse", "__main__")
 

@@ -22,10 +22,8 @@ import tempfile
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from mounting import Mount, run_cli  # noqa: E402
-from servers import SeaweedS3  # noqa: E402
+from shufflefs.testing.mounting import Mount, run_cli  # noqa: E402
+from shufflefs.testing.servers import SeaweedS3  # noqa: E402
 
 KiB = 1024
 

@@ -22,10 +22,8 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from mounting import Mount  # noqa: E402
-from servers import SeaweedS3  # noqa: E402
+from shufflefs.testing.mounting import Mount  # noqa: E402
+from shufflefs.testing.servers import SeaweedS3  # noqa: E402
 
 WORKLOADS = {
     "small-files": ["--mappers", "2000", "--reducers", "8", "--block-size", "1K", "--write-only"],

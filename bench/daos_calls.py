@@ -1,7 +1,7 @@
 """How many pydaos calls (each one or more network round trips on a real DAOS system) each
 store operation of the daos:// store costs, counted with the stand-in in tests/fake_pydaos.
 
-    .venv/bin/python bench/daos_calls.py [--out bench/results/daos-calls.json]
+    PYTHONPATH=tests/fake_pydaos .venv/bin/python bench/daos_calls.py [--out bench/results/daos-calls.json]
 
 Against the stand-in only wall time means nothing (SQLite, not DAOS), so this counts calls.
 """
@@ -14,12 +14,12 @@ import os
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "fake_pydaos"))
+from shufflefs.stores import open_store
 
-from pydaos import _fake  # noqa: E402
-
-from shufflefs.stores import open_store  # noqa: E402
+try:
+    from pydaos import _fake
+except ImportError:
+    sys.exit("daos_calls.py counts the calls of the pydaos stand-in: run it with PYTHONPATH=tests/fake_pydaos")
 
 CALLS = ("kv_put_calls", "kv_get_calls", "kv_iter_calls")
 KiB, MiB = 1024, 1024 * 1024

@@ -12,9 +12,7 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from sparkrun import run_spark_job, shuffle_files  # noqa: E402
+from shufflefs.testing.sparkrun import run_spark_job, shuffle_files  # noqa: E402
 
 BASE = os.environ.get("SHUFFLEFS_DEMO_DIR", "/var/tmp/shufflefs-demo")
 STORE, MOUNT, CACHE = (os.path.join(BASE, d) for d in ("store", "mnt", "cache"))

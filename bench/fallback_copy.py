@@ -20,10 +20,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from mounting import Mount, run_cli  # noqa: E402
-from test_copies import hadoop_copy  # noqa: E402
+from shufflefs.testing.mounting import Mount, run_cli  # noqa: E402
+from shufflefs.testing.mounting import hadoop_copy  # noqa: E402
 
 MiB = 1024 * 1024
 

@@ -25,9 +25,7 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from servers import SeaweedS3  # noqa: E402
+from shufflefs.testing.servers import SeaweedS3  # noqa: E402
 
 VARIANTS = {"checksums on (shufflefs)": "when_supported", "checksums off": "when_required"}
 MiB = 1024 * 1024

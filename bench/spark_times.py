@@ -1,4 +1,4 @@
-"""Wall time of the test PySpark job (tests/spark_job.py, local-cluster[2,1,1024]) on a plain
+"""Wall time of the test PySpark job (shufflefs/testing/spark_job.py, local-cluster[2,1,1024]) on a plain
 directory and on shufflefs mounts, runs interleaved, medians and ratios to the plain directory.
 
     .venv/bin/python bench/spark_times.py --rounds 3 [--configs plain,file-sync,s3-sync,s3-async]
@@ -19,11 +19,9 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from mounting import Mount  # noqa: E402
-from servers import SeaweedS3  # noqa: E402
-from sparkrun import LAST_RUN, run_spark_job  # noqa: E402
+from shufflefs.testing.mounting import Mount  # noqa: E402
+from shufflefs.testing.servers import SeaweedS3  # noqa: E402
+from shufflefs.testing.sparkrun import run_spark  # noqa: E402
 
 CONFIGS = {
     "plain": None,
@@ -48,8 +46,7 @@ def run_once(name: str, base: str, seaweed: SeaweedS3 | None) -> dict:
     if CONFIGS[name] is None:
         local = os.path.join(work, "local")
         os.makedirs(local)
-        run_spark_job(local, result_path)
-        return {"seconds": LAST_RUN["wall_s"]}
+        return {"seconds": run_spark(local, result_path).wall_s}
     kind, commit = CONFIGS[name]
     env = None
     if kind == "file":
@@ -63,9 +60,8 @@ def run_once(name: str, base: str, seaweed: SeaweedS3 | None) -> dict:
     mount = Mount(url, os.path.join(work, "mnt"), os.path.join(work, "cache"), "--commit", commit, env=env)
     with mount:
         peak = {}
-        run_spark_job(mount.path, result_path,
-                      pause_callback=lambda: peak.setdefault("rss", peak_rss_mib(mount.pid)))
-        seconds = LAST_RUN["wall_s"]
+        seconds = run_spark(mount.path, result_path,
+                            pause_callback=lambda: peak.setdefault("rss", peak_rss_mib(mount.pid))).wall_s
         rss = max(peak["rss"], peak_rss_mib(mount.pid))
         started = time.monotonic()
         assert mount.umount().returncode == 0

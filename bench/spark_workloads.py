@@ -4,7 +4,7 @@
     .venv/bin/python bench/spark_workloads.py --workload shuffle-heavy|mixed|defaults --local-dir DIR \\
         --result FILE [--scale 1.0] [--master local-cluster[2,1,1024]] [--pause]
 
-Same session setup, command line and --pause protocol as tests/spark_job.py (whose
+Same session setup, command line and --pause protocol as shufflefs/testing/spark_job.py (whose
 `drive()` and `build_session()` it uses): every local dir of the driver and the executors
 is DIR, JVM <-> Python traffic goes over unix sockets, no UI. Writes to FILE:
 
@@ -36,18 +36,15 @@ not depend on plan choices).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-import spark_job  # noqa: E402
-from spark_job import (  # noqa: E402
+from shufflefs.testing import spark_job  # noqa: E402
+from shufflefs.testing.spark_job import (  # noqa: E402
     KEEP_ALIVE, MASK64, add_driver_arguments, drive, log, mix64, row_hash, summarize_collected)
 from pyspark import cloudpickle  # noqa: E402
 
-# The executors' Python workers cannot import tests/spark_job.py: ship its helpers
+# The executors' Python workers cannot import shufflefs/testing/spark_job.py: ship its helpers
 # (mix64, row_hash) by value, as functions of this __main__ module are.
 cloudpickle.register_pickle_by_value(spark_job)
 

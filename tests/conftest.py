@@ -8,8 +8,9 @@ import sys
 import uuid
 
 import pytest
+import trio
 
-sys.path.insert(0, os.path.dirname(__file__))
+import shufflefs.remote
 
 #: the pydaos stand-in; a real pydaos is used instead when SHUFFLEFS_DAOS_POOL names a real pool
 FAKE_PYDAOS = os.path.join(os.path.dirname(__file__), "fake_pydaos")
@@ -17,10 +18,26 @@ REAL_DAOS_POOL = os.environ.get("SHUFFLEFS_DAOS_POOL")
 if not REAL_DAOS_POOL:
     sys.path.insert(0, FAKE_PYDAOS)
 
-from logcheck import fail_on_logged_errors, pytest_configure  # noqa: E402,F401 (an autouse fixture, its marker)
-from mounting import Mount  # noqa: E402
+from shufflefs.testing.corefs import Env  # noqa: E402
+from shufflefs.testing.logcheck import fail_on_logged_errors, pytest_configure  # noqa: E402,F401 (an autouse fixture, its marker)
+from shufflefs.testing.mounting import Mount  # noqa: E402
 from shufflefs.fuse.mount import unescape  # noqa: E402
-from servers import SeaweedS3  # noqa: E402
+from shufflefs.testing.servers import SeaweedS3  # noqa: E402
+
+
+@pytest.fixture
+async def env(tmp_path, monkeypatch):
+    """Filesystem cores as the daemon builds them, one per simulated node (shufflefs.testing.corefs)."""
+    # the retry schedule's shape is what matters in these tests, not its pace
+    monkeypatch.setattr(shufflefs.remote, "BACKOFF_FIRST", 0.005)
+    async with trio.open_nursery() as nursery:
+        environment = Env(tmp_path, nursery)
+        try:
+            yield environment
+        finally:
+            environment.release()
+            nursery.cancel_scope.cancel()
+    environment.close()
 
 
 @pytest.fixture(scope="session")

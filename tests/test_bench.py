@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mounting import Mount, run_cli
+from shufflefs.testing.mounting import Mount, run_cli
 from shufflefs.bench import BenchError, ShuffleRun, Workload, bucket_of, java_string_hash
 
 SMALL = ["--mappers", "12", "--reducers", "5", "--block-size", "3000", "--pool-size", "3"]

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from mounting import Mount, is_mounted, run_cli
-from servers import free_port
+from shufflefs.testing.mounting import Mount, is_mounted, run_cli
+from shufflefs.testing.servers import free_port
 
 
 def assert_refused(result, mountpoint, *needles: str) -> None:

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from faultproxy import FaultProxy
-from mounting import Mount, bucket_objects, run_cli
+from shufflefs.testing.faultproxy import FaultProxy
+from shufflefs.testing.mounting import Mount, bucket_objects, hadoop_copy, run_cli
 
 MiB = 1024 * 1024
 
@@ -22,18 +22,6 @@ MiB = 1024 * 1024
 def proxy(seaweed):
     with FaultProxy(seaweed.endpoint_url) as p:
         yield p
-
-
-def hadoop_copy(source: str, target: str, data: bytes | None = None) -> None:
-    """copyFromLocalFile as Spark's FallbackStorage runs it: read the source, create the
-    target (64 KiB writes: Spark's io.file.buffer.size)."""
-    with open(source, "rb") as f:
-        copied = f.read()
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with open(target, "wb") as f:
-        payload = copied if data is None else data
-        for start in range(0, len(payload), 64 * 1024):
-            f.write(payload[start:start + 64 * 1024])
 
 
 def fsync_error(path: str, timeout: float = 5.0) -> int:

@@ -22,8 +22,8 @@ import uuid
 
 import pytest
 
-from faultproxy import FaultProxy, delay, hold
-from mounting import Mount, bucket_objects, run_cli, store_objects
+from shufflefs.testing.faultproxy import FaultProxy, delay, hold
+from shufflefs.testing.mounting import Mount, bucket_objects, run_cli, store_objects
 
 SEED = int(os.environ.get("SHUFFLEFS_STORM_SEED", "20261201"))
 ROUNDS = int(os.environ.get("SHUFFLEFS_STORM_ROUNDS", "14"))

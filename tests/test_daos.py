@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mounting import Mount, daos_objects, is_mounted, run_cli
+from shufflefs.testing.mounting import Mount, daos_objects, is_mounted, run_cli
 from shufflefs.stores import StoreError, open_store
 from shufflefs.stores.daos import CHUNKS_DICT, DER_ERRORS, DAOSStore, daos_error, der_name
 from test_mount import commit_and_read_from_second_mount, spark_commit

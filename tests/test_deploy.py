@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mounting import Mount, daos_objects, is_mounted, run_cli, store_objects
+from shufflefs.testing.mounting import Mount, daos_objects, is_mounted, run_cli, store_objects
 from shufflefs import mount_helper
 from shufflefs.mount_helper import HelperError, helper_command, translate_options
 

@@ -1,4 +1,4 @@
-"""The fault-injecting proxy (tests/faultproxy.py) between boto3 and a real SeaweedFS."""
+"""The fault-injecting proxy (shufflefs/testing/faultproxy.py) between boto3 and a real SeaweedFS."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import botocore.credentials
 import botocore.exceptions
 import pytest
 
-from faultproxy import FaultProxy, delay, drop_after, drop_before, fail, hang, hold
+from shufflefs.testing.faultproxy import FaultProxy, delay, drop_after, drop_before, fail, hang, hold
 
 MiB = 1024 * 1024
 

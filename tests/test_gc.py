@@ -13,7 +13,7 @@ import uuid
 import pytest
 import trio
 
-from mounting import Mount, bucket_objects, run_cli
+from shufflefs.testing.mounting import Mount, bucket_objects, run_cli
 from shufflefs import gc
 from shufflefs.callers import Executor
 from shufflefs.heartbeat import MOUNTS, Heartbeat, held, keep

@@ -3,11 +3,9 @@ traceback in a mounted daemon's log."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from mounting import Mount
+from shufflefs.testing.mounting import Mount
 
 pytest_plugins = ["pytester"]
 
@@ -27,10 +25,9 @@ def test_logs_a_warning():
 '''
 
 
-def test_an_unexpected_logged_error_fails_the_test_and_an_allowed_one_does_not(pytester, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.abspath(__file__)))
+def test_an_unexpected_logged_error_fails_the_test_and_an_allowed_one_does_not(pytester):
     pytester.makepyfile(test_inner=INNER)
-    result = pytester.runpytest_subprocess("-p", "logcheck", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "shufflefs.testing.logcheck", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines(["*logged 1 unexpected errors*", "*ERROR shufflefs.core: internal error in read(3)*"])
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from mounting import run_cli
+from shufflefs.testing.mounting import run_cli
 from shufflefs.inventory import Budget, Truncated, shuffles, walk_directory, walk_store
 from shufflefs.stores.memory import MemoryStore
 

@@ -19,7 +19,7 @@ import trio
 
 from shufflefs.core import FsError
 from shufflefs.stores import StoreError
-from test_core import (BM, DATA, INDEX, RecordingMemoryStore, close, commit, contents, create, env,  # noqa: F401
+from shufflefs.testing.corefs import (BM, DATA, INDEX, RecordingMemoryStore, close, commit, contents, create,
                        errno_of, forget, key, mkdirs, read_all, resolve, settle, until, write_file)
 
 NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC

@@ -12,8 +12,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mounting import Mount, is_mounted, run_cli
-from servers import free_port
+from shufflefs.testing.mounting import Mount, is_mounted, run_cli
+from shufflefs.testing.servers import free_port
 
 BLOCK_MANAGER = "blockmgr-10000000-0000-4000-8000-000000000000"
 

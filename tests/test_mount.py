@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from mounting import Mount, bucket_objects, is_mounted, run_cli, store_objects
+from shufflefs.testing.mounting import Mount, bucket_objects, is_mounted, run_cli, store_objects
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 
@@ -358,7 +358,7 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
     the retries (and changes nothing); the close that commits a file written under its final
     name fails the same way, and that upload stays: umount cannot drain it, says so, exits 1,
     and it stays in the journal."""
-    from servers import SeaweedS3
+    from shufflefs.testing.servers import SeaweedS3
 
     server = SeaweedS3().start()
     try:

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from mounting import Mount
-from recovery_job import KEYS, MAP_TASKS, RECORDS, shuffle_files
-from sparkrun import java_home, run_spark_job
-from standalone import EventLog, StandaloneCluster, wait_exited
+from shufflefs.testing.mounting import Mount
+from shufflefs.testing.recovery_job import KEYS, MAP_TASKS, RECORDS, shuffle_files
+from shufflefs.testing.sparkrun import RECOVERY_JOB, java_home, run_spark_job
+from shufflefs.testing.standalone import EventLog, StandaloneCluster, wait_exited
 
 pytestmark = [pytest.mark.spark, pytest.mark.skipif(java_home() is None, reason="no java on PATH")]
 
-RECOVERY_JOB = Path(__file__).resolve().with_name("recovery_job.py")
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 #: --executor-lease of the mounts: a lost node's outputs are adoptable this long after its death
 LEASE = 3.0  # node 0, node 1 (lost), node 2 (joins)

@@ -1,4 +1,4 @@
-"""Issue 13 on a real Spark standalone cluster (tests/standalone.py): executors leave, map
+"""Issue 13 on a real Spark standalone cluster (shufflefs/testing/standalone.py): executors leave, map
 outputs stay. Each scenario runs on shufflefs mounts and, as the control, on plain
 directories, where Spark must show the recompute that shufflefs removes.
 
@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from mounting import Mount, run_cli
-from servers import free_port
-from recovery_job import KEYS, MAP_TASKS, RECORDS
-from sparkrun import LAST_RUN, java_home, run_spark_job, shuffle_files
-from standalone import EventLog, StandaloneCluster, decommission, in_node_namespace, wait_exited
+from shufflefs.testing.mounting import Mount, run_cli
+from shufflefs.testing.servers import free_port
+from shufflefs.testing.recovery_job import KEYS, MAP_TASKS, RECORDS
+from shufflefs.testing.sparkrun import RECOVERY_JOB, java_home, run_spark, shuffle_files
+from shufflefs.testing.standalone import EventLog, StandaloneCluster, decommission, in_node_namespace, wait_exited
 
 pytestmark = [pytest.mark.spark, pytest.mark.skipif(java_home() is None, reason="no java on PATH")]
 
-RECOVERY_JOB = Path(__file__).resolve().with_name("recovery_job.py")
 WORKERS = 2
 #: what both jobs of recovery_job.py must answer: (key, count) of x % KEYS over range(RECORDS)
 EXPECTED_COUNTS = [[key, RECORDS // KEYS] for key in range(KEYS)]
@@ -115,7 +114,7 @@ def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_
                 measured["fallback_other_files"] = len(all_files(fallback_dir)) - len(copies)
 
         try:
-            result = run_spark_job(tmp_path / "driver", tmp_path / "result.json", master=cluster.master_url,
+            run = run_spark(tmp_path / "driver", tmp_path / "result.json", master=cluster.master_url,
                                    script=RECOVERY_JOB, pause_callback=take_every_executor_away,
                                    wrapper=driver_wrapper,
                                    timeout=180,
@@ -124,7 +123,8 @@ def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_
             raise AssertionError(f"{e}\n{cluster.executor_logs()}") from None
         t_stop = time.monotonic()
     measured["cluster_stop_s"] = round(time.monotonic() - t_stop, 1)
-    measured["driver_s"] = round(LAST_RUN["wall_s"], 1)
+    result = run.result
+    measured["driver_s"] = round(run.wall_s, 1)
     event_log = EventLog.of_app(events, result["app_id"])
     measured["executors_removed"] = event_log.executors_removed()
     return result, event_log.jobs(), measured

@@ -10,9 +10,9 @@ import time
 import pytest
 import trio
 
-from mounting import Mount
+from shufflefs.testing.mounting import Mount
 from shufflefs.core import READAHEAD, FsError
-from test_core import MiB, commit, contents, env, errno_of, key, mkdirs, resolve, write_file  # noqa: F401
+from shufflefs.testing.corefs import MiB, commit, contents, errno_of, key, mkdirs, resolve, write_file
 
 DIR = "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c"
 NAME = "shuffle_0_5_0.data"

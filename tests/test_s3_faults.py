@@ -1,4 +1,4 @@
-"""The S3 store against a real SeaweedFS behind the fault-injecting proxy (tests/faultproxy.py):
+"""The S3 store against a real SeaweedFS behind the fault-injecting proxy (shufflefs/testing/faultproxy.py):
 what a flaky link or server does to its uploads."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import boto3
 import botocore.config
 import pytest
 
-from faultproxy import FaultProxy, delay, drop_after, drop_before, fail, hold
-from mounting import Mount
+from shufflefs.testing.faultproxy import FaultProxy, delay, drop_after, drop_before, fail, hold
+from shufflefs.testing.mounting import Mount
 from shufflefs.stores import StoreError, UploadAborted
 from shufflefs.stores.s3 import S3Store
 from test_stores import use_s3_env

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from faultproxy import FaultProxy, hold
-from mounting import Mount, bucket_objects, run_cli
+from shufflefs.testing.faultproxy import FaultProxy, hold
+from shufflefs.testing.mounting import Mount, bucket_objects, run_cli
 
 KEY = "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_1_0.data"
 

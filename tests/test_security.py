@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from mounting import Mount, run_cli
+from shufflefs.testing.mounting import Mount, run_cli
 from shufflefs import control
 from shufflefs.places import run_file
 

@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from faultproxy import FaultProxy, hold
-from mounting import Mount, bucket_objects, run_cli, store_objects
+from shufflefs.testing.faultproxy import FaultProxy, hold
+from shufflefs.testing.mounting import Mount, bucket_objects, run_cli, store_objects
 
 MiB = 1024 * 1024
 CHUNK = 32 * 1024  # Spark's buffered writes

@@ -11,7 +11,7 @@ import zlib
 
 import pytest
 
-from mounting import run_cli
+from shufflefs.testing.mounting import run_cli
 
 BLOCK_MANAGER = "blockmgr-10000000-0000-4000-8000-000000000000"
 

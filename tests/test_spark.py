@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from mounting import Mount, bucket_objects, daos_objects, run_cli, store_objects
+from shufflefs.testing.mounting import Mount, bucket_objects, daos_objects, run_cli, store_objects
 from shufflefs.naming import is_durable
-from sparkrun import run_spark_job, shuffle_files
+from shufflefs.testing.sparkrun import run_spark_job, shuffle_files
 
 pytestmark = pytest.mark.spark
 

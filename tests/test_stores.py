@@ -23,10 +23,7 @@ from shufflefs.stores.file import FileStore
 from shufflefs.stores.memory import MemoryStore
 from shufflefs.stores.s3 import S3Store
 
-try:  # tests/ on sys.path (rootdir-less layout) or tests as a package
-    from servers import SeaweedS3, free_port
-except ImportError:  # pragma: no cover
-    from tests.servers import SeaweedS3, free_port
+from shufflefs.testing.servers import SeaweedS3, free_port
 
 MiB = 1024 * 1024
 S3_PREFIX = "pfx/sub"

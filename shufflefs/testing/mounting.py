@@ -171,3 +171,15 @@ def daos_objects(url: str) -> dict[str, bytes]:
     finally:
         store.close()
     return objects
+
+
+def hadoop_copy(source: str, target: str, data: bytes | None = None) -> None:
+    """copyFromLocalFile as Spark's FallbackStorage runs it: read the source, create the
+    target (64 KiB writes: Spark's io.file.buffer.size)."""
+    with open(source, "rb") as f:
+        copied = f.read()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        payload = copied if data is None else data
+        for start in range(0, len(payload), 64 * 1024):
+            f.write(payload[start:start + 64 * 1024])

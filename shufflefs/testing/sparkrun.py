@@ -1,4 +1,4 @@
-"""Run tests/spark_job.py (a real PySpark workload) from tests.
+"""Run shufflefs/testing/spark_job.py (a real PySpark workload) from tests.
 
 Plain helpers, no pytest fixtures:
 
@@ -27,15 +27,31 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
 
-SPARK_JOB = Path(__file__).resolve().with_name("spark_job.py")
-DONE_MARKER = "SPARK_JOBS_DONE"
-SHUFFLE_FILE_RE = re.compile(r"shuffle_\d+_\d+_\d+\.(data|index|checksum\.\w+)$")
+from shufflefs.naming import is_durable
 
-# Filled in by run_spark_job: wall time, pid, stderr path, ... of the last run.
-LAST_RUN: dict = {}
+SPARK_JOB = Path(__file__).resolve().with_name("spark_job.py")
+RECOVERY_JOB = Path(__file__).resolve().with_name("recovery_job.py")
+DONE_MARKER = "SPARK_JOBS_DONE"
+
+
+@dataclass
+class SparkRun:
+    """What a run of a driver script found and took."""
+    result: dict  # what the script wrote to its result file
+    command: list[str]
+    stderr_path: str  # the driver's stderr (Spark's log)
+    wall_s: float  # driver start to the exit of every Spark process, the pause callback excluded
+    callback_s: float  # in the pause callback
+    jobs_done_s: float | None  # driver start to the script's DONE_MARKER (with a pause callback)
+
+
+def stderr_path_of(result_path) -> str:
+    """Where a run keeps its driver's stderr (also when it failed)."""
+    return os.path.abspath(os.fspath(result_path)) + ".stderr"
 
 _STDERR_TAIL_LINES = 60
 _STDERR_TAIL_CHARS = 8000
@@ -61,13 +77,18 @@ def shuffle_files(local_dir) -> list[str]:
     found = []
     for dirpath, _dirnames, filenames in os.walk(os.fspath(local_dir), onerror=lambda e: None):
         for name in filenames:
-            if SHUFFLE_FILE_RE.search(name):
+            if is_durable(name):
                 found.append(os.path.join(dirpath, name))
     found.sort()
     return found
 
 
-def run_spark_job(
+def run_spark_job(*args, **kwargs) -> dict:
+    """The result of run_spark (for tests, which need nothing else)."""
+    return run_spark(*args, **kwargs).result
+
+
+def run_spark(
     local_dir,
     result_path,
     *,
@@ -78,8 +99,9 @@ def run_spark_job(
     extra_args: Iterable[str] = (),
     script=SPARK_JOB,
     wrapper: Iterable[str] = (),
-) -> dict:
-    """Run tests/spark_job.py with ``spark.local.dir=local_dir``; return its result.
+) -> SparkRun:
+    """Run shufflefs/testing/spark_job.py with ``spark.local.dir=local_dir``; return its result
+    and timings.
 
     env: overrides applied to a copy of os.environ (a value of None removes the
         variable).  JAVA_HOME is derived from /usr/bin/java if missing and
@@ -99,7 +121,7 @@ def run_spark_job(
     """
     local_dir = os.path.abspath(os.fspath(local_dir))
     result_path = os.path.abspath(os.fspath(result_path))
-    stderr_path = result_path + ".stderr"
+    stderr_path = stderr_path_of(result_path)
     try:
         os.unlink(result_path)
     except FileNotFoundError:
@@ -127,9 +149,8 @@ def run_spark_job(
         cmd.append("--pause")
     cmd += list(extra_args)
 
-    LAST_RUN.clear()
-    LAST_RUN.update(cmd=cmd, stderr_path=stderr_path, local_dir=local_dir)
     t0 = time.monotonic()
+    jobs_done_s = None
     deadline = t0 + timeout
 
     with open(stderr_path, "wb") as err_file:
@@ -143,7 +164,6 @@ def run_spark_job(
             start_new_session=True,  # sid == pgid == proc.pid: covers all Spark processes
         )
     sid = proc.pid
-    LAST_RUN["pid"] = sid
 
     done = threading.Event()
     stdout_lines: list[str] = []
@@ -162,7 +182,6 @@ def run_spark_job(
     def fail(what: str) -> AssertionError:
         _kill_session(sid, proc)
         rc = proc.poll()
-        LAST_RUN["wall_s"] = time.monotonic() - t0
         msg = (
             f"{script_name} {what} (exit status {rc}, {time.monotonic() - t0:.1f}s, "
             f"local_dir={local_dir})\n"
@@ -186,7 +205,7 @@ def run_spark_job(
                 except subprocess.TimeoutExpired:
                     pass
                 raise fail(f"closed stdout before printing {DONE_MARKER}")
-            LAST_RUN["jobs_done_s"] = time.monotonic() - t0
+            jobs_done_s = time.monotonic() - t0
             tc = time.monotonic()
             try:
                 pause_callback()
@@ -221,16 +240,16 @@ def run_spark_job(
     if callback_error is not None:
         raise callback_error
 
-    LAST_RUN["wall_s"] = time.monotonic() - t0 - callback_time
-    LAST_RUN["callback_s"] = callback_time
+    wall_s = time.monotonic() - t0 - callback_time
     try:
         with open(result_path) as f:
-            return json.load(f)
+            result = json.load(f)
     except (OSError, ValueError) as e:
         raise AssertionError(
             f"{script_name} exited 0 but {result_path} is unreadable: {e}\n"
             f"--- stderr tail ---\n{_tail(stderr_path)}"
         ) from None
+    return SparkRun(result, cmd, stderr_path, wall_s, callback_time, jobs_done_s)
 
 
 # ---------------------------------------------------------------------------

@@ -28,12 +28,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from servers import free_port
-from sparkrun import _session_pids, _tail, java_home
+from shufflefs.testing.servers import free_port
+from shufflefs.testing.sparkrun import _session_pids, _tail, java_home
 
 EXECUTOR_MAIN = "org.apache.spark.executor.CoarseGrainedExecutorBackend"
 # C1 only + serial GC: short-lived JVMs on 2 cores spend most of their CPU in C2 and parallel
-# GC threads otherwise (the same choice as tests/spark_job.py).
+# GC threads otherwise (the same choice as shufflefs/testing/spark_job.py).
 DAEMON_JAVA_OPTS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 _STOP_GRACE = 15.0  # seconds between SIGTERM and SIGKILL of a daemon's session
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Deterministic PySpark workload whose local directory is DIR.
 
-    python tests/spark_job.py --local-dir DIR --result FILE
+    python shufflefs/testing/spark_job.py --local-dir DIR --result FILE
                               [--master local-cluster[2,1,1024]] [--pause]
 
 Runs several RDD and DataFrame shuffles (8 and 256 shuffle partitions) with

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PySpark driver of the recovery scenarios (tests/test_recovery.py): one shuffle, used twice.
 
-    python tests/recovery_job.py --local-dir DIR --result FILE --master spark://... [--pause]
+    python shufflefs/testing/recovery_job.py --local-dir DIR --result FILE --master spark://... [--pause]
                                  [--conf KEY=VALUE ...] [--remove-shuffle-from DIR]
 
 Job 0 collects an RDD shuffle (shuffle 0). With ``--pause`` the driver then prints ``SPARK_JOBS_DONE`` and
@@ -25,9 +25,8 @@ import sys
 import time
 from operator import add
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from spark_job import add_driver_arguments, drive, log  # noqa: E402
-from sparkrun import DONE_MARKER  # noqa: E402
+from shufflefs.testing.spark_job import add_driver_arguments, drive, log
+from shufflefs.testing.sparkrun import DONE_MARKER
 
 RECORDS = 20_000
 MAP_TASKS = 4

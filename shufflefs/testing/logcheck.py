@@ -29,7 +29,7 @@ def fail_on_logged_errors(request):
     """A test fails when the code under test (in this process) logs an error it did not
     expect (`@pytest.mark.allow_logged_errors(pattern, ...)`): a bug that the core turns into
     EIO, on a path where the test expects an error anyway, must not pass unseen. Daemons in
-    subprocesses: tests/mounting.Mount checks their logs."""
+    subprocesses: shufflefs.testing.mounting.Mount checks their logs."""
     handler = _ErrorRecords()
     root = logging.getLogger()
     root.addHandler(handler)

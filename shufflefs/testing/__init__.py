@@ -1,0 +1,1 @@
+"""The harness of the tests (tests/) and benchmarks (bench/): imported by them, never by shufflefs."""
