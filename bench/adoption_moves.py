@@ -50,8 +50,13 @@ print(json.dumps(times))
 
 
 def as_executor(code: str, executor_id: int, *args: str) -> str:
-    return subprocess.run([*AS_EXECUTOR, code, *args, "--executor-id", str(executor_id), "--app-id", APP],
-                          check=True, capture_output=True, text=True, timeout=600).stdout
+    return subprocess.run(
+        [*AS_EXECUTOR, code, *args, "--executor-id", str(executor_id), "--app-id", APP],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout
 
 
 def measure(root: str, outputs: int, size: int) -> dict:
@@ -70,15 +75,24 @@ def measure(root: str, outputs: int, size: int) -> dict:
                 f.write(body)
             os.rename(path + ".tmp", path)
     times = json.loads(as_executor(ADOPT, 2, parent, dead, own))
-    return {"renames": len(times), "total_s": round(sum(times), 4),
-            "median_ms": round(statistics.median(times) * 1000, 3), "max_ms": round(max(times) * 1000, 2)}
+    return {
+        "renames": len(times),
+        "total_s": round(sum(times), 4),
+        "median_ms": round(statistics.median(times) * 1000, 3),
+        "max_ms": round(max(times) * 1000, 2),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--outputs", type=int, default=100, help="map outputs of the dead executor (default 100)")
-    parser.add_argument("--size-kib", type=int, nargs="+", default=[64, 1024, 16384],
-                        help="sizes of a data file to try, KiB (default 64 1024 16384)")
+    parser.add_argument(
+        "--size-kib",
+        type=int,
+        nargs="+",
+        default=[64, 1024, 16384],
+        help="sizes of a data file to try, KiB (default 64 1024 16384)",
+    )
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="shufflefs-adoption-", dir="/var/tmp")
     results: dict = {}
@@ -88,11 +102,16 @@ def main() -> int:
         with SeaweedS3() as seaweed:
             bucket = seaweed.create_bucket("adoption")
             env = {**os.environ, **seaweed.env()}
-            with Mount(f"file://{base}/store", f"{base}/file-mnt", f"{base}/file-cache") as file_mount, \
-                    Mount(f"s3://{bucket}/shuffle", f"{base}/s3-mnt", f"{base}/s3-cache", env=env) as s3_mount:
+            with (
+                Mount(f"file://{base}/store", f"{base}/file-mnt", f"{base}/file-cache") as file_mount,
+                Mount(f"s3://{bucket}/shuffle", f"{base}/s3-mnt", f"{base}/s3-cache", env=env) as s3_mount,
+            ):
                 for size_kib in args.size_kib:
-                    for system, root in (("plain", f"{base}/plain"), ("file://", file_mount.path),
-                                         ("s3://", s3_mount.path)):
+                    for system, root in (
+                        ("plain", f"{base}/plain"),
+                        ("file://", file_mount.path),
+                        ("s3://", s3_mount.path),
+                    ):
                         results.setdefault(f"{size_kib} KiB", {})[system] = measure(root, args.outputs, size_kib * KiB)
                 stats = json.loads(run_cli("stats", s3_mount.path, "--sync").stdout)["store"]
     finally:

@@ -35,11 +35,24 @@ def run_once(tree: str, server: SeaweedS3, scratch: str, workload: list[str]) ->
     env = {**server.env(), "PYTHONPATH": tree}
     bucket = server.create_bucket("b" + uuid.uuid4().hex[:12])
     name = uuid.uuid4().hex[:8]
-    mount = Mount(f"s3://{bucket}", os.path.join(scratch, f"mnt-{name}"), os.path.join(scratch, f"cache-{name}"),
-                  "--commit", "async", "--s3-endpoint-url", server.endpoint_url, env=env)
+    mount = Mount(
+        f"s3://{bucket}",
+        os.path.join(scratch, f"mnt-{name}"),
+        os.path.join(scratch, f"cache-{name}"),
+        "--commit",
+        "async",
+        "--s3-endpoint-url",
+        server.endpoint_url,
+        env=env,
+    )
     with mount:
-        result = subprocess.run([sys.executable, "-m", "shufflefs", "bench", mount.path, "--json", *workload],
-                                env=mount.env, capture_output=True, text=True, cwd="/")
+        result = subprocess.run(
+            [sys.executable, "-m", "shufflefs", "bench", mount.path, "--json", *workload],
+            env=mount.env,
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
         assert result.returncode == 0, result.stderr
         assert mount.umount().returncode == 0
     return json.loads(result.stdout)
@@ -66,9 +79,12 @@ def main() -> None:
                         measured = [r["targets"]["dir"]["phases"][phase] for r in results]
                         median = sorted(measured, key=lambda m: m["seconds"])[len(measured) // 2]
                         each = ", ".join(f"{m['seconds']:.2f}" for m in measured)
-                        print(f"{label:6} {phase:6} {median['seconds']:6.2f} s (runs {each})  "
-                              f"files/s {median['files_per_s']:6.0f}  until stored {median['stored_seconds'] or 0:5.2f} s  "
-                              f"daemon CPU {median['daemon_cpu_seconds'] or 0:5.2f} s  store {median['store']}")
+                        print(
+                            f"{label:6} {phase:6} {median['seconds']:6.2f} s (runs {each})  "
+                            f"files/s {median['files_per_s']:6.0f}  "
+                            f"until stored {median['stored_seconds'] or 0:5.2f} s  "
+                            f"daemon CPU {median['daemon_cpu_seconds'] or 0:5.2f} s  store {median['store']}"
+                        )
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", before], check=False)
         shutil.rmtree(scratch, ignore_errors=True)

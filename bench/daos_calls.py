@@ -55,9 +55,14 @@ def main() -> int:
             ("read 16 bytes of the index", lambda: store.get_range(f"{d}/shuffle_0_1_0.index", 8, 16)),
             ("read 10 MiB", lambda: store.get_range(f"{d}/shuffle_0_1_0.data", 0, 10 * MiB)),
             ("list the directory", lambda: store.list_dir(d)),
-            ("move (rename a committed file)", lambda: store.move(f"{d}/shuffle_0_1_0.index", f"{d}/shuffle_0_2_0.index")),
-            ("delete both files (empties 2 directories)",
-             lambda: store.delete_many([f"{d}/shuffle_0_2_0.index", f"{d}/shuffle_0_1_0.data"])),
+            (
+                "move (rename a committed file)",
+                lambda: store.move(f"{d}/shuffle_0_1_0.index", f"{d}/shuffle_0_2_0.index"),
+            ),
+            (
+                "delete both files (empties 2 directories)",
+                lambda: store.delete_many([f"{d}/shuffle_0_2_0.index", f"{d}/shuffle_0_1_0.data"]),
+            ),
         ]
         rows = []
         for what, step in steps:
@@ -69,8 +74,10 @@ def main() -> int:
         store.close()
     print(f"{'operation':45} {'bput':>5} {'bget':>5} {'iter':>5} {'total':>6}")
     for row in rows:
-        print(f"{row['operation']:45} {row['kv_put_calls']:5} {row['kv_get_calls']:5} {row['kv_iter_calls']:5} "
-              f"{row['total']:6}")
+        print(
+            f"{row['operation']:45} {row['kv_put_calls']:5} {row['kv_get_calls']:5} {row['kv_iter_calls']:5} "
+            f"{row['total']:6}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -30,8 +30,11 @@ def say(text: str) -> None:
 def report_progress(started: float, done: threading.Event, log_path: str) -> None:
     """A line every PROGRESS_EVERY seconds while Spark runs, so that the demo is not silent."""
     while not done.wait(PROGRESS_EVERY):
-        print(f"   ... Spark running for {time.monotonic() - started:.0f} s, "
-              f"{len(shuffle_files(MOUNT))} shuffle files committed so far (its log: {log_path})", flush=True)
+        print(
+            f"   ... Spark running for {time.monotonic() - started:.0f} s, "
+            f"{len(shuffle_files(MOUNT))} shuffle files committed so far (its log: {log_path})",
+            flush=True,
+        )
 
 
 def shell(command: str) -> None:
@@ -51,8 +54,10 @@ def show_while_spark_runs() -> None:
     shell(f"find {STORE} -type f | head -n 5")
     stored = {os.path.relpath(os.path.join(d, n), STORE) for d, _, ns in os.walk(STORE) for n in ns}
     mounted = {os.path.relpath(f, MOUNT) for f in files}
-    print(f"{len(mounted)} shuffle files on the mount, {len(stored)} objects in the store, "
-          f"identical paths: {stored == mounted}")
+    print(
+        f"{len(mounted)} shuffle files on the mount, {len(stored)} objects in the store, "
+        f"identical paths: {stored == mounted}"
+    )
     shell(f"cmp {index} {os.path.join(STORE, os.path.relpath(index, MOUNT))} && echo 'index bytes identical'")
 
 
@@ -73,8 +78,9 @@ def main() -> int:
             spark_done.set()
             show_while_spark_runs()
 
-        threading.Thread(target=report_progress, args=(time.monotonic(), spark_done, result_path + ".stderr"),
-                         daemon=True).start()
+        threading.Thread(
+            target=report_progress, args=(time.monotonic(), spark_done, result_path + ".stderr"), daemon=True
+        ).start()
         try:
             result = run_spark_job(MOUNT, result_path, pause_callback=show_once_spark_ran)
         finally:

@@ -20,8 +20,11 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-from shufflefs.testing.mounting import Mount, run_cli  # noqa: E402
-from shufflefs.testing.mounting import hadoop_copy  # noqa: E402
+from shufflefs.testing.mounting import (  # noqa: E402
+    Mount,
+    hadoop_copy,  # noqa: E402
+    run_cli,
+)
 
 MiB = 1024 * 1024
 
@@ -58,16 +61,26 @@ def main() -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     gb = args.size * MiB / 1e9
-    requests = {k: v - before["fuse"]["requests"].get(k, 0) for k, v in after["fuse"]["requests"].items()
-                if v != before["fuse"]["requests"].get(k, 0)}
-    print(json.dumps({
-        "seconds_per_gb": {k: round(statistics.median(v) / gb, 2) for k, v in times.items()},
-        "runs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
-        "daemon_cpu_s": round(after["cpu_seconds"] - before["cpu_seconds"], 2),
-        "requests": requests,
-        "store": {k: after["store"].get(k, 0) - before["store"].get(k, 0)
-                  for k in ("put_bytes", "put_requests", "copy_requests", "copied_bytes")},
-    }, indent=1))
+    requests = {
+        k: v - before["fuse"]["requests"].get(k, 0)
+        for k, v in after["fuse"]["requests"].items()
+        if v != before["fuse"]["requests"].get(k, 0)
+    }
+    print(
+        json.dumps(
+            {
+                "seconds_per_gb": {k: round(statistics.median(v) / gb, 2) for k, v in times.items()},
+                "runs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+                "daemon_cpu_s": round(after["cpu_seconds"] - before["cpu_seconds"], 2),
+                "requests": requests,
+                "store": {
+                    k: after["store"].get(k, 0) - before["store"].get(k, 0)
+                    for k in ("put_bytes", "put_requests", "copy_requests", "copied_bytes")
+                },
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

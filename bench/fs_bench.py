@@ -35,8 +35,19 @@ WORKLOADS = {
 
 
 def bench(mountpoint: str, plain: str, workload: list[str], rounds: int) -> dict:
-    command = [sys.executable, "-m", "shufflefs", "bench", mountpoint, "--compare", plain,
-               "--rounds", str(rounds), "--json", *workload]
+    command = [
+        sys.executable,
+        "-m",
+        "shufflefs",
+        "bench",
+        mountpoint,
+        "--compare",
+        plain,
+        "--rounds",
+        str(rounds),
+        "--json",
+        *workload,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed: {result.stderr.strip()}")
@@ -68,8 +79,16 @@ def main() -> int:
                 url = f"s3://{seaweed.create_bucket('b-' + uuid.uuid4().hex[:8])}/shuffle"
                 env = seaweed.env()
             for session in args.sessions.split(","):
-                with Mount(url, f"{base}/mnt-{store}-{session}", f"{base}/cache-{store}-{session}",
-                           "--commit", "async", "--fuse", session, env=env) as mount:
+                with Mount(
+                    url,
+                    f"{base}/mnt-{store}-{session}",
+                    f"{base}/cache-{store}-{session}",
+                    "--commit",
+                    "async",
+                    "--fuse",
+                    session,
+                    env=env,
+                ) as mount:
                     run_workloads(args, mount.path, plain, f"{store}/{session}", results)
             if seaweed is not None:
                 seaweed.stop()
@@ -89,10 +108,13 @@ def run_workloads(args, mountpoint: str, plain: str, label: str, results: dict) 
         for phase, ratio in report["ratios"].items():
             dir_phase = report["targets"]["dir"]["phases"][phase]
             plain_phase = report["targets"]["plain"]["phases"][phase]
-            print(f"{phase:7} ratio {ratio:5.2f}  shufflefs {dir_phase['mb_per_s']:8.1f} MB/s "
-                  f"{dir_phase['files_per_s']:8.0f} files/s  plain {plain_phase['mb_per_s']:8.1f} MB/s "
-                  f"{plain_phase['files_per_s']:8.0f} files/s  daemon CPU {dir_phase['daemon_cpu_seconds']}s "
-                  f"FUSE requests {dir_phase['fuse_requests']}  store {dir_phase['store']}", flush=True)
+            print(
+                f"{phase:7} ratio {ratio:5.2f}  shufflefs {dir_phase['mb_per_s']:8.1f} MB/s "
+                f"{dir_phase['files_per_s']:8.0f} files/s  plain {plain_phase['mb_per_s']:8.1f} MB/s "
+                f"{plain_phase['files_per_s']:8.0f} files/s  daemon CPU {dir_phase['daemon_cpu_seconds']}s "
+                f"FUSE requests {dir_phase['fuse_requests']}  store {dir_phase['store']}",
+                flush=True,
+            )
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
 

@@ -4,7 +4,8 @@ shares this machine's cores with Spark in the benchmarks), with botocore's reque
 on (`AWS_REQUEST_CHECKSUM_CALCULATION=when_supported`, what shufflefs uses) and off
 (`when_required`).
 
-    cd / && /work/main/.venv/bin/python /work/main/bench/s3_upload_cpu.py --out /work/main/bench/results/s3-upload-cpu.json
+    cd / && /work/main/.venv/bin/python /work/main/bench/s3_upload_cpu.py \
+        --out /work/main/bench/results/s3-upload-cpu.json
 
 Each variant runs in its own process (botocore reads the setting once) against one SeaweedFS,
 uploading the same files; variants alternate, medians of --rounds. Not a test: run it on an
@@ -41,6 +42,7 @@ def process_cpu(pid: int) -> float:
 def upload(endpoint: str, bucket: str, paths: list[str]) -> None:
     """(child process) Upload every file once with S3Store.put_file; print CPU seconds used."""
     from shufflefs.stores import open_store
+
     store = open_store(f"s3://{bucket}/cpu", s3_endpoint_url=endpoint)
     started = resource.getrusage(resource.RUSAGE_SELF)
     for path in paths:
@@ -76,20 +78,29 @@ def main() -> int:
                 env = {**os.environ, **seaweed.env(), "AWS_REQUEST_CHECKSUM_CALCULATION": setting}
                 server_before = process_cpu(seaweed.process.pid)
                 started = time.perf_counter()
-                child = subprocess.run([sys.executable, __file__, "--out", args.out, "--child", seaweed.endpoint_url,
-                                        bucket, *paths], env=env, capture_output=True, text=True, check=True)
+                child = subprocess.run(
+                    [sys.executable, __file__, "--out", args.out, "--child", seaweed.endpoint_url, bucket, *paths],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 seconds = time.perf_counter() - started
                 client = json.loads(child.stdout)["cpu_seconds"]
                 server = process_cpu(seaweed.process.pid) - server_before
                 results[name].append({"seconds": seconds, "client_cpu": client, "server_cpu": server})
-                print(f"{name:26} {total / MiB / seconds:7.0f} MiB/s  client {total / MiB / client:6.0f} MiB per "
-                      f"CPU-s  server {total / MiB / server:6.0f} MiB per CPU-s", flush=True)
+                print(
+                    f"{name:26} {total / MiB / seconds:7.0f} MiB/s  client {total / MiB / client:6.0f} MiB per "
+                    f"CPU-s  server {total / MiB / server:6.0f} MiB per CPU-s",
+                    flush=True,
+                )
     for path in paths:
         os.unlink(path)
     os.rmdir(work)
-    summary = {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-               for name, runs in results.items()}
-    for name, median in summary.items():
+    summary = {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]} for name, runs in results.items()
+    }
+    for median in summary.values():
         median["client_mib_per_cpu_second"] = round(total / MiB / median["client_cpu"])
         median["server_mib_per_cpu_second"] = round(total / MiB / median["server_cpu"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -31,7 +31,8 @@ excluded), the wall time (driver start to the exit of every Spark process, inclu
 Spark's cleanup of its dirs), the unmount time (shufflefs --commit async: drains uploads),
 the peak RSS (VmHWM) of the shufflefs / s3fs / rclone process, Spark's shuffle write and
 spill bytes, the committed shuffle files present at the end of the jobs, shufflefs's store
-requests and FUSE session (own / pyfuse3, passthrough or not, request counts), and for S3 systems the bucket's objects at the end of the jobs.
+requests and FUSE session (own / pyfuse3, passthrough or not, request counts), and for S3
+systems the bucket's objects at the end of the jobs.
 
 Writes OUT/results.json (all runs, the summary, the reference results) after every run, and
 at the end OUT/spark_bench.png (matplotlib, from the `bench` extra). Not a test: run it on an
@@ -51,28 +52,46 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from spark_bench_report import median_of, ok_runs, plot, print_summary, summarize
 from spark_bench_runs import run_once
-from spark_bench_systems import (ALL_CONFIGS, CONFIGS, MIN_TIMEOUT, RCLONE_OPTIONS, S3FS_OPTIONS, SHUFFLEFS_CONFIGS,
-                                 SHUFFLEFS_OPTIONS, TIMEOUT_FACTOR, WORKLOADS, canonical_sha, command_version,
-                                 make_system)
+from spark_bench_systems import (
+    ALL_CONFIGS,
+    CONFIGS,
+    MIN_TIMEOUT,
+    RCLONE_OPTIONS,
+    S3FS_OPTIONS,
+    SHUFFLEFS_CONFIGS,
+    SHUFFLEFS_OPTIONS,
+    TIMEOUT_FACTOR,
+    WORKLOADS,
+    canonical_sha,
+    command_version,
+    make_system,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ============================================================================ main
 
+
 def environment_info(args) -> dict:
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "shufflefs"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", ROOT, "status", "--porcelain", "--", "shufflefs"], capture_output=True, text=True
+    ).stdout.strip()
     import pyspark
 
     return {
-        "args": vars(args), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
-        "git_commit": commit + ("+dirty" if dirty else ""), "pyspark": pyspark.__version__,
-        "java": command_version(["java", "-version"]), "s3fs": command_version(["s3fs", "--version"]),
+        "args": vars(args),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "git_commit": commit + ("+dirty" if dirty else ""),
+        "pyspark": pyspark.__version__,
+        "java": command_version(["java", "-version"]),
+        "s3fs": command_version(["s3fs", "--version"]),
         "rclone": command_version(["rclone", "version"]),
         "shufflefs_options": SHUFFLEFS_OPTIONS,
         "shufflefs_config_options": {name: options for name, (_, options) in SHUFFLEFS_CONFIGS.items()},
@@ -90,19 +109,29 @@ def parse_list(text: str, choices: list[str], what: str, parser) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--rounds", type=int, default=3, help="runs of every workload on every system (default 3)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"default {','.join(WORKLOADS)}")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"default {','.join(CONFIGS)}")
-    parser.add_argument("--scale", type=float, default=1.0, help="data size multiplier (default 1; 0.05 for a quick check)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="data size multiplier (default 1; 0.05 for a quick check)"
+    )
     parser.add_argument("--out", required=True, help="directory for results.json, spark_bench.png, failures/")
-    parser.add_argument("--timeout", type=float,
-                        help=f"seconds per run (default: max({MIN_TIMEOUT:.0f}, {TIMEOUT_FACTOR:.0f} x the plain median))")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help=f"seconds per run (default: max({MIN_TIMEOUT:.0f}, {TIMEOUT_FACTOR:.0f} x the plain median))",
+    )
     parser.add_argument("--master", default="local-cluster[2,1,1024]", help="Spark master (default %(default)s)")
-    parser.add_argument("--work-dir", default="/var/tmp",
-                        help="where each run's local dir, mounts, caches and stores live (default %(default)s)")
+    parser.add_argument(
+        "--work-dir",
+        default="/var/tmp",
+        help="where each run's local dir, mounts, caches and stores live (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     workloads = parse_list(args.workloads, WORKLOADS, "workloads", parser)
     configs = parse_list(args.configs, ALL_CONFIGS, "configs", parser)
@@ -164,10 +193,12 @@ def main(argv=None) -> int:
                             f.write(record["error"])
                     runs.append(record)
                     if record["status"] == "ok":
-                        print(f"job {record['job_s']:6.1f} s  wall {record['wall_s']:6.1f} s"
-                              + (f"  umount {record['umount_s']:5.1f} s" if "umount_s" in record else "")
-                              + (f"  RSS {record['peak_rss_mib']:.0f} MiB" if record.get("peak_rss_mib") else ""),
-                              flush=True)
+                        print(
+                            f"job {record['job_s']:6.1f} s  wall {record['wall_s']:6.1f} s"
+                            + (f"  umount {record['umount_s']:5.1f} s" if "umount_s" in record else "")
+                            + (f"  RSS {record['peak_rss_mib']:.0f} MiB" if record.get("peak_rss_mib") else ""),
+                            flush=True,
+                        )
                     else:
                         print(record["status"], flush=True)
                     save()
@@ -180,8 +211,10 @@ def main(argv=None) -> int:
     print_summary(rows)
     if runs:
         png = os.path.join(args.out, "spark_bench.png")
-        title = (f"Spark job time with the local dir on each system\n{args.master}, scale {args.scale:g}, "
-                 f"{max(r['round'] for r in runs)} round(s), {meta['cpus']} CPUs, {meta['started']}")
+        title = (
+            f"Spark job time with the local dir on each system\n{args.master}, scale {args.scale:g}, "
+            f"{max(r['round'] for r in runs)} round(s), {meta['cpus']} CPUs, {meta['started']}"
+        )
         try:
             plot(runs, rows, workloads, configs, png, title)
             print(f"plot: {png}")

@@ -9,12 +9,12 @@ import shutil
 import tempfile
 import traceback
 
-from spark_bench_systems import (RssSampler, SeaweedS3, System, WORKLOAD_SCRIPT, bucket_usage, file_sizes, tail)
+from spark_bench_systems import WORKLOAD_SCRIPT, RssSampler, SeaweedS3, System, bucket_usage, file_sizes, tail
 
 from shufflefs.testing.sparkrun import run_spark, shuffle_files, stderr_path_of
 
-
 # ============================================================================ one run
+
 
 def failure_reason(error: BaseException) -> str:
     """One line: the first line of the error plus the line that names the cause, if any."""
@@ -63,12 +63,23 @@ def run_once(workload: str, system: System, round_number: int, args, base: str, 
             if seaweed is not None:
                 at_pause["bucket"] = bucket_usage(seaweed, "spark-bench")
 
-        run = run_spark(local_dir, result_path, pause_callback=while_spark_runs, timeout=timeout,
-                        script=WORKLOAD_SCRIPT, master=args.master,
-                        extra_args=["--workload", workload, "--scale", str(args.scale)])
+        run = run_spark(
+            local_dir,
+            result_path,
+            pause_callback=while_spark_runs,
+            timeout=timeout,
+            script=WORKLOAD_SCRIPT,
+            master=args.master,
+            extra_args=["--workload", workload, "--scale", str(args.scale)],
+        )
         output = run.result
-        record.update(job_s=output["timings"]["jobs_s"], wall_s=round(run.wall_s, 3),
-                      steps=output["timings"], spark=output["metrics"], **at_pause)
+        record.update(
+            job_s=output["timings"]["jobs_s"],
+            wall_s=round(run.wall_s, 3),
+            steps=output["timings"],
+            spark=output["metrics"],
+            **at_pause,
+        )
         record["result"] = output["result"]
         record.update(system.stop())
     except Exception as e:  # noqa: BLE001 - recorded, the benchmark goes on
@@ -95,5 +106,3 @@ def run_once(workload: str, system: System, round_number: int, args, base: str, 
             shutil.rmtree(run_dir, ignore_errors=True)
             os.sync()  # the next run does not pay for this one's dirty pages
     return record
-
-

@@ -53,6 +53,7 @@ RSS_INTERVAL = 0.5
 
 # ============================================================================ helpers
 
+
 def peak_rss_mib(pid: int) -> float | None:
     """VmHWM of `pid` in MiB, None if it is gone."""
     try:
@@ -141,6 +142,7 @@ def command_version(argv: list[str]) -> str | None:
 
 # ============================================================================ systems
 
+
 class System:
     """One way to provide Spark's local dir. Per run: start() -> local dir, the job runs,
     stop() unmounts and returns its measurements; cleanup() always runs afterwards and must
@@ -193,8 +195,14 @@ class Shufflefs(System):
         else:
             url = f"s3://{seaweed.create_bucket('spark-bench')}/shuffle"
             env = seaweed.env()
-        self.mount = Mount(url, os.path.join(run_dir, "mnt"), os.path.join(run_dir, "cache"),
-                           *SHUFFLEFS_OPTIONS, *self.options, env=env)
+        self.mount = Mount(
+            url,
+            os.path.join(run_dir, "mnt"),
+            os.path.join(run_dir, "cache"),
+            *SHUFFLEFS_OPTIONS,
+            *self.options,
+            env=env,
+        )
         self.mount.start()
         return self.mount.path
 
@@ -251,16 +259,19 @@ class FusePeer(System):
         argv, env = self.command(bucket, run_dir, seaweed)
         self.log_path = os.path.join(run_dir, f"{self.name}.log")
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + self.mount_timeout
         while not is_mounted(self.mountpoint):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with status {self.proc.returncode} before mounting:\n"
-                                   f"{tail(self.log_path)}")
+                raise RuntimeError(
+                    f"{self.name} exited with status {self.proc.returncode} before mounting:\n{tail(self.log_path)}"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not mount within {self.mount_timeout:.0f} s:\n"
-                                   f"{tail(self.log_path)}")
+                raise RuntimeError(
+                    f"{self.name} did not mount within {self.mount_timeout:.0f} s:\n{tail(self.log_path)}"
+                )
             time.sleep(0.05)
         return self.mountpoint
 
@@ -302,8 +313,14 @@ class S3fs(FusePeer):
             f.write(f"{seaweed.access_key}:{seaweed.secret_key}\n")
         cache = os.path.join(run_dir, "s3fs-cache")
         os.makedirs(cache)
-        options = [f"url={seaweed.endpoint_url}", "use_path_request_style", f"passwd_file={passwd}",
-                   f"endpoint={seaweed.region}", f"use_cache={cache}", *S3FS_OPTIONS]
+        options = [
+            f"url={seaweed.endpoint_url}",
+            "use_path_request_style",
+            f"passwd_file={passwd}",
+            f"endpoint={seaweed.region}",
+            f"use_cache={cache}",
+            *S3FS_OPTIONS,
+        ]
         argv = [self.binary, bucket, self.mountpoint, "-f"]
         for option in options:
             argv += ["-o", option]
@@ -317,13 +334,26 @@ class Rclone(FusePeer):
     def command(self, bucket, run_dir, seaweed):
         env = dict(os.environ)
         env.pop("AWS_CA_BUNDLE", None)  # rclone fails while it is set
-        env.update(RCLONE_CONFIG_LOC_TYPE="s3", RCLONE_CONFIG_LOC_PROVIDER="Other",
-                   RCLONE_CONFIG_LOC_ENDPOINT=seaweed.endpoint_url,
-                   RCLONE_CONFIG_LOC_ACCESS_KEY_ID=seaweed.access_key,
-                   RCLONE_CONFIG_LOC_SECRET_ACCESS_KEY=seaweed.secret_key,
-                   RCLONE_CONFIG_LOC_FORCE_PATH_STYLE="true", RCLONE_CONFIG_LOC_REGION=seaweed.region)
-        argv = [self.binary, "mount", f"loc:{bucket}", self.mountpoint, "--config", "/dev/null",
-                "--cache-dir", os.path.join(run_dir, "rclone-cache"), *RCLONE_OPTIONS]
+        env.update(
+            RCLONE_CONFIG_LOC_TYPE="s3",
+            RCLONE_CONFIG_LOC_PROVIDER="Other",
+            RCLONE_CONFIG_LOC_ENDPOINT=seaweed.endpoint_url,
+            RCLONE_CONFIG_LOC_ACCESS_KEY_ID=seaweed.access_key,
+            RCLONE_CONFIG_LOC_SECRET_ACCESS_KEY=seaweed.secret_key,
+            RCLONE_CONFIG_LOC_FORCE_PATH_STYLE="true",
+            RCLONE_CONFIG_LOC_REGION=seaweed.region,
+        )
+        argv = [
+            self.binary,
+            "mount",
+            f"loc:{bucket}",
+            self.mountpoint,
+            "--config",
+            "/dev/null",
+            "--cache-dir",
+            os.path.join(run_dir, "rclone-cache"),
+            *RCLONE_OPTIONS,
+        ]
         return argv, env
 
 
@@ -331,5 +361,3 @@ def make_system(name: str) -> System:
     if name in SHUFFLEFS_CONFIGS:
         return Shufflefs(name, *SHUFFLEFS_CONFIGS[name])
     return {"plain": PlainDir, "s3fs": S3fs, "rclone": Rclone}[name]()
-
-

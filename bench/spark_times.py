@@ -60,8 +60,9 @@ def run_once(name: str, base: str, seaweed: SeaweedS3 | None) -> dict:
     mount = Mount(url, os.path.join(work, "mnt"), os.path.join(work, "cache"), "--commit", commit, env=env)
     with mount:
         peak = {}
-        seconds = run_spark(mount.path, result_path,
-                            pause_callback=lambda: peak.setdefault("rss", peak_rss_mib(mount.pid))).wall_s
+        seconds = run_spark(
+            mount.path, result_path, pause_callback=lambda: peak.setdefault("rss", peak_rss_mib(mount.pid))
+        ).wall_s
         rss = max(peak["rss"], peak_rss_mib(mount.pid))
         started = time.monotonic()
         assert mount.umount().returncode == 0
@@ -93,7 +94,9 @@ def main() -> int:
         if seaweed is not None:
             seaweed.stop()
     plain = statistics.median(r["seconds"] for r in runs["plain"]) if "plain" in runs else None
-    print(f"\n{'config':10} {'median s':>9} {'ratio':>6} {'umount s':>9} {'peak RSS MiB':>13}  store requests (last run)")
+    print(
+        f"\n{'config':10} {'median s':>9} {'ratio':>6} {'umount s':>9} {'peak RSS MiB':>13}  store requests (last run)"
+    )
     for name, items in runs.items():
         median = statistics.median(r["seconds"] for r in items)
         ratio = f"{median / plain:.2f}" if plain else "-"

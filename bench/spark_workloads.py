@@ -39,10 +39,19 @@ import argparse
 import sys
 import time
 
+from pyspark import cloudpickle  # noqa: E402
+
 from shufflefs.testing import spark_job  # noqa: E402
 from shufflefs.testing.spark_job import (  # noqa: E402
-    KEEP_ALIVE, MASK64, add_driver_arguments, drive, log, mix64, row_hash, summarize_collected)
-from pyspark import cloudpickle  # noqa: E402
+    KEEP_ALIVE,
+    MASK64,
+    add_driver_arguments,
+    drive,
+    log,
+    mix64,
+    row_hash,
+    summarize_collected,
+)
 
 # The executors' Python workers cannot import shufflefs/testing/spark_job.py: ship its helpers
 # (mix64, row_hash) by value, as functions of this __main__ module are.
@@ -115,8 +124,7 @@ def row_stats(df, columns, *group_by):
     from pyspark.sql import functions as F
 
     h = F.xxhash64(*columns)
-    aggs = [F.count(F.lit(1)).alias("n"), F.sum(h.bitwiseAND(MASK31)).alias("sum_h"),
-            F.bit_xor(h).alias("xor_h")]
+    aggs = [F.count(F.lit(1)).alias("n"), F.sum(h.bitwiseAND(MASK31)).alias("sum_h"), F.bit_xor(h).alias("xor_h")]
     return df.groupBy(*group_by).agg(*aggs) if group_by else df.agg(*aggs)
 
 
@@ -179,32 +187,49 @@ def mixed(spark, scale: float) -> tuple[dict, dict]:
 
     # RDD: per-user totals (map-side combine) and per-item groups (every record shuffled).
     per_user = keep(
-        events.map(lambda e: (e[0], (1, e[2])))
-        .reduceByKey(lambda a, b: (a[0] + b[0], a[1] + b[1]), MIXED_PARTITIONS))
-    users_sum = per_user.map(lambda kv: (1, kv[1][0], kv[1][1], row_hash((kv[0], kv[1][0], kv[1][1])))) \
-        .reduce(lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2], (a[3] + b[3]) & MASK64))
+        events.map(lambda e: (e[0], (1, e[2]))).reduceByKey(lambda a, b: (a[0] + b[0], a[1] + b[1]), MIXED_PARTITIONS)
+    )
+    users_sum = per_user.map(lambda kv: (1, kv[1][0], kv[1][1], row_hash((kv[0], kv[1][0], kv[1][1])))).reduce(
+        lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2], (a[3] + b[3]) & MASK64)
+    )
     result["rdd_reduceByKey"] = list(users_sum)
     steps.done("rdd_reduceByKey")
 
     per_item = keep(
         events.map(lambda e: (e[1], (e[0], e[2], e[3])))
         .groupByKey(MIXED_PARTITIONS)
-        .mapValues(lambda vs: (len(vs), len({v[0] for v in vs}), max(v[1] for v in vs), min(v[2] for v in vs))))
+        .mapValues(lambda vs: (len(vs), len({v[0] for v in vs}), max(v[1] for v in vs), min(v[2] for v in vs)))
+    )
     result["rdd_groupByKey"] = summarize_collected(per_item.map(lambda kv: (kv[0],) + kv[1]).collect())
     steps.done("rdd_groupByKey")
 
     # DataFrame over the same records (Python -> JVM), with a users dimension from the JVM.
-    schema = StructType([StructField("user", LongType()), StructField("item", LongType()),
-                         StructField("amount", LongType()), StructField("tag", StringType())])
+    schema = StructType(
+        [
+            StructField("user", LongType()),
+            StructField("item", LongType()),
+            StructField("amount", LongType()),
+            StructField("tag", StringType()),
+        ]
+    )
     events_df = spark.createDataFrame(events, schema, verifySchema=False)
     users = spark.range(0, n_users, numPartitions=4).select(
-        F.col("id").alias("user"), (F.xxhash64("id").bitwiseAND(MASK31) % MIXED_SEGMENTS).alias("segment"),
-        F.sha2(F.col("id").cast("string"), 256).alias("name"))
+        F.col("id").alias("user"),
+        (F.xxhash64("id").bitwiseAND(MASK31) % MIXED_SEGMENTS).alias("segment"),
+        F.sha2(F.col("id").cast("string"), 256).alias("name"),
+    )
 
     user_totals = events_df.groupBy("user").agg(F.count(F.lit(1)).alias("n"), F.sum("amount").alias("amount"))
-    by_segment = keep(user_totals.join(users, "user").groupBy("segment").agg(
-        F.count(F.lit(1)).alias("users"), F.sum("n").alias("n"), F.sum("amount").alias("amount"),
-        F.sum(F.xxhash64("user", "n", "amount", "name").bitwiseAND(MASK31)).alias("sum_h")))
+    by_segment = keep(
+        user_totals.join(users, "user")
+        .groupBy("segment")
+        .agg(
+            F.count(F.lit(1)).alias("users"),
+            F.sum("n").alias("n"),
+            F.sum("amount").alias("amount"),
+            F.sum(F.xxhash64("user", "n", "amount", "name").bitwiseAND(MASK31)).alias("sum_h"),
+        )
+    )
     result["df_groupBy_join"] = summarize_collected(by_segment.collect())
     steps.done("df_groupBy_join")
 
@@ -217,9 +242,14 @@ def mixed(spark, scale: float) -> tuple[dict, dict]:
     # The RDD and DataFrame paths saw the same records.
     n_rdd_users, n_rdd, amount_rdd = users_sum[0], users_sum[1], users_sum[2]
     _, seg_users, seg_n, seg_amount, _ = result["df_groupBy_join"]["column_sums"]
-    checks = {"events": result["events"] == n, "rdd_total": n_rdd == n,
-              "df_users": seg_users == n_rdd_users, "df_total": seg_n == n, "df_amount": seg_amount == amount_rdd,
-              "df_join_total": result["df_join_groupBy"]["column_sums"][1] == n}
+    checks = {
+        "events": result["events"] == n,
+        "rdd_total": n_rdd == n,
+        "df_users": seg_users == n_rdd_users,
+        "df_total": seg_n == n,
+        "df_amount": seg_amount == amount_rdd,
+        "df_join_total": result["df_join_groupBy"]["column_sums"][1] == n,
+    }
     if not all(checks.values()):
         raise RuntimeError(f"cross-checks failed: {checks}; {result}")
     return result, steps.total()
@@ -232,15 +262,20 @@ def defaults(spark, scale: float) -> tuple[dict, dict]:
     spark.conf.unset("spark.sql.shuffle.partitions")
     partitions = spark.conf.get("spark.sql.shuffle.partitions")
     if partitions != DEFAULT_SHUFFLE_PARTITIONS:
-        raise RuntimeError(f"spark.sql.shuffle.partitions is {partitions}, not Spark's default {DEFAULT_SHUFFLE_PARTITIONS}")
+        raise RuntimeError(
+            f"spark.sql.shuffle.partitions is {partitions}, not Spark's default {DEFAULT_SHUFFLE_PARTITIONS}"
+        )
     rows = max(1000, int(DEFAULTS_ROWS * scale))
     n_keys = max(100, rows // DEFAULTS_KEYS_DIVISOR)
 
     facts = spark.range(0, rows, numPartitions=DEFAULTS_MAP_PARTITIONS).select(
-        F.col("id"), (F.xxhash64("id", F.lit(-1)).bitwiseAND(MASK31) % n_keys).alias("k"),
-        *[F.xxhash64("id", F.lit(3000 + i)).alias(f"v{i}") for i in range(DEFAULTS_COLUMNS)])
+        F.col("id"),
+        (F.xxhash64("id", F.lit(-1)).bitwiseAND(MASK31) % n_keys).alias("k"),
+        *[F.xxhash64("id", F.lit(3000 + i)).alias(f"v{i}") for i in range(DEFAULTS_COLUMNS)],
+    )
     dims = spark.range(0, n_keys, numPartitions=DEFAULTS_MAP_PARTITIONS // 4).select(
-        F.col("id").alias("k"), F.sha2(F.col("id").cast("string"), 256).alias("name"))
+        F.col("id").alias("k"), F.sha2(F.col("id").cast("string"), 256).alias("name")
+    )
     steps = Steps()
     result = {"shuffle_partitions": int(partitions)}
 
@@ -248,11 +283,19 @@ def defaults(spark, scale: float) -> tuple[dict, dict]:
     # the 200-partition shuffles are the step's own, not its summary's.
     # 1. groupBy of the facts by key: partial aggregation in the map tasks, 200 reduce partitions.
     per_key = facts.groupBy("k").agg(
-        F.count(F.lit(1)).alias("n"), F.sum(F.col("v0").bitwiseAND(MASK31)).alias("v0_sum"),
-        F.bit_xor(F.xxhash64(*[f"v{i}" for i in range(DEFAULTS_COLUMNS)])).alias("v_xor"))
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.col("v0").bitwiseAND(MASK31)).alias("v0_sum"),
+        F.bit_xor(F.xxhash64(*[f"v{i}" for i in range(DEFAULTS_COLUMNS)])).alias("v_xor"),
+    )
     h = F.xxhash64(*per_key.columns)
-    stats = keep(per_key.agg(F.count(F.lit(1)).alias("keys"), F.sum("n").alias("n"),
-                             F.sum(h.bitwiseAND(MASK31)).alias("sum_h"), F.bit_xor(h).alias("xor_h"))).collect()[0]
+    stats = keep(
+        per_key.agg(
+            F.count(F.lit(1)).alias("keys"),
+            F.sum("n").alias("n"),
+            F.sum(h.bitwiseAND(MASK31)).alias("sum_h"),
+            F.bit_xor(h).alias("xor_h"),
+        )
+    ).collect()[0]
     result["groupBy"] = stats.asDict()
     steps.done("groupBy")
 
@@ -287,8 +330,15 @@ def spark_metrics(spark) -> dict:
     except Exception as e:  # noqa: BLE001
         log(f"listener bus not drained: {e}")
     store = jsc.statusStore()
-    totals = {"stages": 0, "tasks": 0, "shuffle_write_bytes": 0, "shuffle_write_records": 0,
-              "shuffle_read_bytes": 0, "spill_bytes": 0, "memory_spill_bytes": 0}
+    totals = {
+        "stages": 0,
+        "tasks": 0,
+        "shuffle_write_bytes": 0,
+        "shuffle_write_records": 0,
+        "shuffle_read_bytes": 0,
+        "spill_bytes": 0,
+        "memory_spill_bytes": 0,
+    }
     try:
         empty = jvm.java.util.ArrayList()
         no_quantiles = spark.sparkContext._gateway.new_array(jvm.double, 0)
@@ -309,9 +359,11 @@ def spark_metrics(spark) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     add_driver_arguments(ap)
     ap.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
     ap.add_argument("--scale", type=float, default=1.0, help="data size multiplier (default 1)")
@@ -319,11 +371,23 @@ def main(argv=None) -> int:
 
     def jobs(spark) -> dict:
         result, timings = WORKLOADS[args.workload](spark, args.scale)
-        return {"workload": args.workload, "scale": args.scale, "result": result, "timings": timings,
-                "metrics": spark_metrics(spark)}
+        return {
+            "workload": args.workload,
+            "scale": args.scale,
+            "result": result,
+            "timings": timings,
+            "metrics": spark_metrics(spark),
+        }
 
-    return drive(jobs, args.local_dir, args.result, args.master, args.pause,
-                 app_name=f"shufflefs-bench-{args.workload}", conf=CONF)
+    return drive(
+        jobs,
+        args.local_dir,
+        args.result,
+        args.master,
+        args.pause,
+        app_name=f"shufflefs-bench-{args.workload}",
+        conf=CONF,
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from shufflefs.control import mount_stats
-from shufflefs.options import CommandError, positive_int, parse_size
+from shufflefs.options import CommandError, parse_size, positive_int
 from shufflefs.places import shufflefs_mount_of
 
 SPARK_WRITE_SIZE = 32 * 1024  # spark.shuffle.file.buffer: the size of Spark's writes
@@ -38,8 +38,18 @@ SUBDIRS = 64  # spark.diskStore.subDirectories
 PATTERN_BYTES = 8 * 1024 * 1024
 #: the phase rate each ratio compares
 RATE_OF_PHASE = {"write": "mb_per_s", "index": "files_per_s", "read": "mb_per_s", "delete": "files_per_s"}
-STORE_COUNTERS = ("put_requests", "put_bytes", "get_range_requests", "get_range_bytes", "head_requests",
-                  "list_dir_requests", "delete_requests", "deleted_keys", "move_requests", "failed_requests")
+STORE_COUNTERS = (
+    "put_requests",
+    "put_bytes",
+    "get_range_requests",
+    "get_range_bytes",
+    "head_requests",
+    "list_dir_requests",
+    "delete_requests",
+    "deleted_keys",
+    "move_requests",
+    "failed_requests",
+)
 
 
 class BenchError(CommandError):
@@ -91,8 +101,12 @@ class Phase:
         return getattr(self, RATE_OF_PHASE[self.name])
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "mb_per_s": self.mb_per_s, "files_per_s": self.files_per_s,
-                "opens_per_s": self.opens_per_s}
+        return {
+            **asdict(self),
+            "mb_per_s": self.mb_per_s,
+            "files_per_s": self.files_per_s,
+            "opens_per_s": self.opens_per_s,
+        }
 
 
 def java_string_hash(text: str) -> int:
@@ -177,7 +191,7 @@ class ShuffleRun:
         left = self.workload.block_size
         while left:
             size = min(left, SPARK_WRITE_SIZE, PATTERN_BYTES - start)
-            yield pattern[start:start + size]
+            yield pattern[start : start + size]
             left -= size
             start = (start + size) % PATTERN_BYTES
 
@@ -228,8 +242,10 @@ class ShuffleRun:
         start, end = struct.unpack(">2q", raw)
         size = self.workload.block_size
         if (start, end) != (reducer * size, (reducer + 1) * size):
-            raise BenchError(f"index of map output {mapper} gives block {reducer} as {start}..{end}, "
-                             f"written as {reducer * size}..{(reducer + 1) * size}")
+            raise BenchError(
+                f"index of map output {mapper} gives block {reducer} as {start}..{end}, "
+                f"written as {reducer * size}..{(reducer + 1) * size}"
+            )
         return start, end
 
     def lookup_blocks(self, reducer: int, progress: Progress) -> tuple[int, int]:
@@ -265,6 +281,7 @@ class ShuffleRun:
     # -- running phases
     def _in_parallel(self, name: str, task, items: int, progress_total: int, unit_bytes: bool):
         """An action running task(item) for every item on the pool, summing (bytes, opens)."""
+
         def action() -> tuple[int, int]:
             progress = Progress(f"{self.label}: {name}", progress_total, unit_bytes)
             try:
@@ -273,6 +290,7 @@ class ShuffleRun:
             finally:
                 progress.close()
             return sum(r[0] for r in results), sum(r[1] for r in results)
+
         return action
 
     def _delete_tree(self) -> tuple[int, int]:
@@ -301,22 +319,28 @@ class ShuffleRun:
 
     def _store_counters(self, sync: bool = False) -> dict:
         stats = mount_stats(self.base, sync=sync)
-        return {**{k: stats["store"].get(k, 0) for k in STORE_COUNTERS}, "cpu_seconds": stats["cpu_seconds"],
-                "fuse_requests": sum(stats["fuse"]["requests"].values())}
+        return {
+            **{k: stats["store"].get(k, 0) for k in STORE_COUNTERS},
+            "cpu_seconds": stats["cpu_seconds"],
+            "fuse_requests": sum(stats["fuse"]["requests"].values()),
+        }
 
     def run(self) -> dict[str, Phase]:
         w = self.workload
         os.makedirs(self.blockmgr)
         phases = {}
         try:
-            phases["write"] = self._timed("write", w.mappers, self._in_parallel(
-                "write", self.write_map_output, w.mappers, w.data_bytes, True))
+            phases["write"] = self._timed(
+                "write", w.mappers, self._in_parallel("write", self.write_map_output, w.mappers, w.data_bytes, True)
+            )
             if not w.write_only:
                 lookups = w.mappers * w.reducers
-                phases["index"] = self._timed("index", lookups, self._in_parallel(
-                    "index", self.lookup_blocks, w.reducers, lookups, False))
-                phases["read"] = self._timed("read", lookups, self._in_parallel(
-                    "read", self.read_blocks, w.reducers, w.data_bytes, True))
+                phases["index"] = self._timed(
+                    "index", lookups, self._in_parallel("index", self.lookup_blocks, w.reducers, lookups, False)
+                )
+                phases["read"] = self._timed(
+                    "read", lookups, self._in_parallel("read", self.read_blocks, w.reducers, w.data_bytes, True)
+                )
             phases["delete"] = self._timed("delete", 3 * w.mappers, self._delete_tree)
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
@@ -334,25 +358,38 @@ def _write_file(path: str, data: bytes) -> None:
 # ---------------------------------------------------------------------------- command line
 def add_bench_parser(commands) -> None:
     bench = commands.add_parser(
-        "bench", help="time Spark's shuffle I/O pattern on a directory",
+        "bench",
+        help="time Spark's shuffle I/O pattern on a directory",
         description="Write map outputs the way Spark does (temp file, appends, index and checksum "
-                    "files, renames), then read them back the way reducers do, and report each "
-                    "phase's throughput. On a shufflefs mount it also reports the requests and bytes "
-                    "sent to the store. Works in a new subdirectory of DIR and removes it.",
-        epilog="Example: shufflefs bench /mnt/shuffle --compare /var/tmp --rounds 3")
+        "files, renames), then read them back the way reducers do, and report each "
+        "phase's throughput. On a shufflefs mount it also reports the requests and bytes "
+        "sent to the store. Works in a new subdirectory of DIR and removes it.",
+        epilog="Example: shufflefs bench /mnt/shuffle --compare /var/tmp --rounds 3",
+    )
     bench.add_argument("dir", metavar="DIR", help="directory to test (a shufflefs mount or any other)")
     bench.add_argument("--mappers", type=positive_int, default=200, help="map outputs (default: %(default)s)")
-    bench.add_argument("--reducers", type=positive_int, default=100,
-                       help="partitions per map output (default: %(default)s)")
-    bench.add_argument("--block-size", type=parse_size, default=32 * 1024,
-                       help="bytes per partition block, e.g. 1K, 256K (default: 32K)")
-    bench.add_argument("--pool-size", type=positive_int, default=4,
-                       help="map (then reduce) tasks at once (default: %(default)s)")
+    bench.add_argument(
+        "--reducers", type=positive_int, default=100, help="partitions per map output (default: %(default)s)"
+    )
+    bench.add_argument(
+        "--block-size",
+        type=parse_size,
+        default=32 * 1024,
+        help="bytes per partition block, e.g. 1K, 256K (default: 32K)",
+    )
+    bench.add_argument(
+        "--pool-size", type=positive_int, default=4, help="map (then reduce) tasks at once (default: %(default)s)"
+    )
     bench.add_argument("--write-only", action="store_true", help="skip the index and read phases")
-    bench.add_argument("--compare", metavar="PLAIN_DIR",
-                       help="also run on this plain directory, alternating, and report ratios")
-    bench.add_argument("--rounds", type=positive_int, default=1,
-                       help="runs per directory, alternating with --compare; medians reported (default: %(default)s)")
+    bench.add_argument(
+        "--compare", metavar="PLAIN_DIR", help="also run on this plain directory, alternating, and report ratios"
+    )
+    bench.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="runs per directory, alternating with --compare; medians reported (default: %(default)s)",
+    )
     bench.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     bench.set_defaults(run=cmd_bench)
 
@@ -400,8 +437,10 @@ def build_report(workload: Workload, targets: dict, is_mount: dict, runs: dict) 
     for name, path in targets.items():
         phase_names = runs[name][0].keys()
         report["targets"][name] = {
-            "path": path, "shufflefs": is_mount[name],
-            "phases": {p: _median_phase([run[p] for run in runs[name]]) for p in phase_names}}
+            "path": path,
+            "shufflefs": is_mount[name],
+            "phases": {p: _median_phase([run[p] for run in runs[name]]) for p in phase_names},
+        }
     if "plain" in targets:
         report["ratios"] = {}
         for phase, median in report["targets"]["dir"]["phases"].items():
@@ -413,12 +452,13 @@ def build_report(workload: Workload, targets: dict, is_mount: dict, runs: dict) 
 
 def format_report(report: dict) -> str:
     w = report["workload"]
-    lines = [f"workload: {w['mappers']} map outputs x {w['reducers']} partitions x {w['block_size']} B "
-             f"= {w['data_bytes'] / 1e6:.1f} MB, {w['pool_size']} tasks at once",
-             "",
-             f"{'phase':7} {'target':6} {'seconds':>8} {'MB/s':>8} {'files/s':>9} {'opens/s':>9} "
-             f"{'ratio':>6}  {'until stored':>12}  {'daemon CPU':>10}  {'FUSE reqs':>9}  store",
-             ]
+    lines = [
+        f"workload: {w['mappers']} map outputs x {w['reducers']} partitions x {w['block_size']} B "
+        f"= {w['data_bytes'] / 1e6:.1f} MB, {w['pool_size']} tasks at once",
+        "",
+        f"{'phase':7} {'target':6} {'seconds':>8} {'MB/s':>8} {'files/s':>9} {'opens/s':>9} "
+        f"{'ratio':>6}  {'until stored':>12}  {'daemon CPU':>10}  {'FUSE reqs':>9}  store",
+    ]
     ratios = report.get("ratios", {})
     for phase in report["targets"]["dir"]["phases"]:
         for name, target in report["targets"].items():
@@ -428,11 +468,15 @@ def format_report(report: dict) -> str:
             cpu = f"{p['daemon_cpu_seconds']:.2f}s" if p["daemon_cpu_seconds"] is not None else ""
             requests = p["fuse_requests"] if p["fuse_requests"] is not None else ""
             store = " ".join(f"{k}={v}" for k, v in p["store"].items())
-            lines.append(f"{phase:7} {name:6} {p['seconds']:8.2f} {p['mb_per_s']:8.1f} {p['files_per_s']:9.0f} "
-                         f"{p['opens_per_s']:9.0f} {ratio:>6}  {stored:>12}  {cpu:>10}  {requests:>9}  {store}")
+            lines.append(
+                f"{phase:7} {name:6} {p['seconds']:8.2f} {p['mb_per_s']:8.1f} {p['files_per_s']:9.0f} "
+                f"{p['opens_per_s']:9.0f} {ratio:>6}  {stored:>12}  {cpu:>10}  {requests:>9}  {store}"
+            )
     lines.append("")
-    lines.append("files/s: map outputs (write), block lookups (index, read), files removed (delete). "
-                 "ratio: DIR / plain of MB/s (write, read) or files/s (index, delete), medians.")
+    lines.append(
+        "files/s: map outputs (write), block lookups (index, read), files removed (delete). "
+        "ratio: DIR / plain of MB/s (write, read) or files/s (index, delete), medians."
+    )
     for name, target in report["targets"].items():
         lines.append(f"{name}: {target['path']}" + (" (shufflefs)" if target["shufflefs"] else ""))
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 class Executor:
     """One executor process: a pid, and its start time (a pid that is reused is another
     process)."""
+
     app_id: str
     executor_id: str
     pid: int
@@ -27,7 +28,7 @@ class Executor:
         return {"app": self.app_id, "executor": self.executor_id, "pid": self.pid, "start": self.start_time}
 
     @classmethod
-    def from_record(cls, record: dict) -> "Executor":
+    def from_record(cls, record: dict) -> Executor:
         return cls(record["app"], record["executor"], record["pid"], record["start"])
 
 

@@ -17,113 +17,175 @@ import sys
 import time
 
 from shufflefs import __version__
-from shufflefs.places import (SetupError, clear_stale_mount, daemon_pid, default_cache_dir, is_stale_mount,
-                              mounted_filesystems, process_alive, run_file, shufflefs_mount_of)
-from shufflefs.options import (EXIT_FAILURE, CommandError, OneLineParser, add_mount_arguments, add_s3_endpoint_argument,
-                               parse_duration, positive_int, positive_seconds, wait_seconds)
+from shufflefs.options import (
+    EXIT_FAILURE,
+    CommandError,
+    OneLineParser,
+    add_mount_arguments,
+    add_s3_endpoint_argument,
+    parse_duration,
+    positive_int,
+    positive_seconds,
+    wait_seconds,
+)
+from shufflefs.places import (
+    SetupError,
+    clear_stale_mount,
+    daemon_pid,
+    default_cache_dir,
+    is_stale_mount,
+    mounted_filesystems,
+    process_alive,
+    run_file,
+    shufflefs_mount_of,
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="shufflefs",
         description="Spark's local directory on FUSE: committed shuffle files are written through "
-                    "to a store, scratch files stay on this node.")
+        "to a store, scratch files stay on this node.",
+    )
     parser.add_argument("--version", action="version", version=f"shufflefs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mount = commands.add_parser(
-        "mount", help="mount a store on a directory",
+        "mount",
+        help="mount a store on a directory",
         description="Mount STORE_URL on MOUNTPOINT. Without --foreground, returns once the mount "
-                    "is live (exit 0) or failed (non-zero, with the reason).",
+        "is live (exit 0) or failed (non-zero, with the reason).",
         epilog="Store URLs: file:///abs/dir (any POSIX directory, e.g. NFS), "
-               "s3://bucket[/prefix] (AWS credential chain; endpoint from --s3-endpoint-url or "
-               "AWS_ENDPOINT_URL), daos://pool/container[/prefix] (needs pydaos), memory:// (tests).")
+        "s3://bucket[/prefix] (AWS credential chain; endpoint from --s3-endpoint-url or "
+        "AWS_ENDPOINT_URL), daos://pool/container[/prefix] (needs pydaos), memory:// (tests).",
+    )
     add_mount_arguments(mount)
     mount.set_defaults(run=cmd_mount)
 
     umount = commands.add_parser(
-        "umount", help="drain pending uploads, then unmount",
+        "umount",
+        help="drain pending uploads, then unmount",
         description="Ask the daemon serving MOUNTPOINT to finish its pending uploads and unmount; "
-                    "wait for it. Clears a stale mount left by a dead daemon.")
+        "wait for it. Clears a stale mount left by a dead daemon.",
+    )
     umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.add_argument("--timeout", type=wait_seconds, default=0,
-                        help="give up waiting after this many seconds (default: wait until drained)")
-    umount.add_argument("--lazy", action="store_true",
-                        help="do not wait: the daemon drains and unmounts in the background")
+    umount.add_argument(
+        "--timeout",
+        type=wait_seconds,
+        default=0,
+        help="give up waiting after this many seconds (default: wait until drained)",
+    )
+    umount.add_argument(
+        "--lazy", action="store_true", help="do not wait: the daemon drains and unmounts in the background"
+    )
     umount.set_defaults(run=cmd_umount)
 
     stats = commands.add_parser(
-        "stats", help="counters of a running mount (JSON)",
+        "stats",
+        help="counters of a running mount (JSON)",
         description="Print the counters of the daemon serving the mount that holds PATH as JSON: "
-                    "store requests and bytes, pending uploads, cache use, memory.")
+        "store requests and bytes, pending uploads, cache use, memory.",
+    )
     stats.add_argument("path", metavar="PATH")
-    stats.add_argument("--sync", action="store_true",
-                       help="first wait until every file committed so far is in the store")
-    stats.add_argument("--timeout", type=positive_seconds, default=600,
-                       help="give up waiting for an answer after this many seconds (default: %(default)s)")
+    stats.add_argument(
+        "--sync", action="store_true", help="first wait until every file committed so far is in the store"
+    )
+    stats.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=600,
+        help="give up waiting for an answer after this many seconds (default: %(default)s)",
+    )
     stats.set_defaults(run=cmd_stats)
 
     helper = commands.add_parser(
-        "install-mount-helper", help="let mount(8) and /etc/fstab mount shufflefs (-t fuse.shufflefs)",
+        "install-mount-helper",
+        help="let mount(8) and /etc/fstab mount shufflefs (-t fuse.shufflefs)",
         description="Write the mount(8) helper mount.fuse.shufflefs into DIR, running this Python, with "
-                    "mount.shufflefs, umount.fuse.shufflefs and umount.shufflefs (umount(8) drains through them) "
-                    "linking to it. Then `mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o "
-                    "cache_size=20G,commit=async` and fstab lines of type fuse.shufflefs work.")
+        "mount.shufflefs, umount.fuse.shufflefs and umount.shufflefs (umount(8) drains through them) "
+        "linking to it. Then `mount -t fuse.shufflefs STORE_URL MOUNTPOINT -o "
+        "cache_size=20G,commit=async` and fstab lines of type fuse.shufflefs work.",
+    )
     helper.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default: %(default)s)")
     helper.set_defaults(run=cmd_install_mount_helper)
 
     listing = commands.add_parser(
-        "ls", help="the shuffles a mount, a directory or a store holds",
+        "ls",
+        help="the shuffles a mount, a directory or a store holds",
         description="List the map outputs below PATH (a mount, or any directory) or in STORE_URL (without "
-                    "mounting it), per block manager directory and shuffle: map outputs, files, bytes, "
-                    "age; on a mount, how many files still wait for the store; in a store, the "
-                    "application where Spark's recovery plugin registered it.")
+        "mounting it), per block manager directory and shuffle: map outputs, files, bytes, "
+        "age; on a mount, how many files still wait for the store; in a store, the "
+        "application where Spark's recovery plugin registered it.",
+    )
     listing.add_argument("target", metavar="PATH|STORE_URL")
     listing.add_argument("--json", action="store_true", help="a JSON list instead of a table")
-    listing.add_argument("--limit", type=positive_int, default=1_000_000, metavar="N",
-                         help="stop listing a store after N objects (default: %(default)s)")
+    listing.add_argument(
+        "--limit",
+        type=positive_int,
+        default=1_000_000,
+        metavar="N",
+        help="stop listing a store after N objects (default: %(default)s)",
+    )
     add_s3_endpoint_argument(listing)
     listing.set_defaults(run=cmd_ls)
 
     gc = commands.add_parser(
-        "gc", help="remove from a store what crashed or finished applications left and no live mount holds",
+        "gc",
+        help="remove from a store what crashed or finished applications left and no live mount holds",
         description="Find, in STORE_URL, the Spark block manager directories no live mount holds (each mount "
-                    "renews a heartbeat in the store naming those it holds) with nothing written below them "
-                    "for DURATION, writes begun and never finished (S3 multipart uploads) that long ago, and "
-                    "the registry records that name nothing live. A dry run by default: prints what it would "
-                    "remove and what it keeps; --delete removes it. Objects outside block manager directories "
-                    "are never removed. See docs/GC.md.")
+        "renews a heartbeat in the store naming those it holds) with nothing written below them "
+        "for DURATION, writes begun and never finished (S3 multipart uploads) that long ago, and "
+        "the registry records that name nothing live. A dry run by default: prints what it would "
+        "remove and what it keeps; --delete removes it. Objects outside block manager directories "
+        "are never removed. See docs/GC.md.",
+    )
     gc.add_argument("store_url", metavar="STORE_URL")
-    gc.add_argument("--older-than", type=parse_duration, default=86400.0, metavar="DURATION",
-                    help="leave alone whatever was written, renewed or released less than DURATION ago "
-                         "(90s, 30m, 24h, 7d; default: 24h)")
+    gc.add_argument(
+        "--older-than",
+        type=parse_duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="leave alone whatever was written, renewed or released less than DURATION ago "
+        "(90s, 30m, 24h, 7d; default: 24h)",
+    )
     gc.add_argument("--delete", action="store_true", help="remove what the dry run lists (default: only list it)")
     gc.add_argument("--json", action="store_true", help="one JSON object instead of text")
     add_s3_endpoint_argument(gc)
     gc.set_defaults(run=cmd_gc)
 
     show = commands.add_parser(
-        "show", help="decode a map output's index file, and check it against its data and checksum files",
+        "show",
+        help="decode a map output's index file, and check it against its data and checksum files",
         description="Print the partitions (offset, length) of a map output from its index file "
-                    "(shuffle_S_M_R.index, on a mount or anywhere), check that its data file holds as "
-                    "many bytes as the index says, and each partition against Spark's checksum file when "
-                    "there is one (ADLER32, CRC32; reads the whole data file). Exit status 1 when "
-                    "something does not match.")
+        "(shuffle_S_M_R.index, on a mount or anywhere), check that its data file holds as "
+        "many bytes as the index says, and each partition against Spark's checksum file when "
+        "there is one (ADLER32, CRC32; reads the whole data file). Exit status 1 when "
+        "something does not match.",
+    )
     show.add_argument("index", metavar="FILE.index")
     show.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     show.set_defaults(run=cmd_show)
 
     journal = commands.add_parser(
-        "journal", help="list (or drop) the store operations a cache dir owes or the store refused",
+        "journal",
+        help="list (or drop) the store operations a cache dir owes or the store refused",
         description="List the remote operations recorded in CACHE_DIR: pending ones (retried by the "
-                    "daemon, and by the next mount with this cache dir) and failed ones (refused by "
-                    "the store for good, kept here for inspection, never retried). Works while a "
-                    "daemon uses the cache dir; --drop needs it stopped.")
+        "daemon, and by the next mount with this cache dir) and failed ones (refused by "
+        "the store for good, kept here for inspection, never retried). Works while a "
+        "daemon uses the cache dir; --drop needs it stopped.",
+    )
     journal.add_argument("cache_dir", metavar="CACHE_DIR")
-    journal.add_argument("--drop", type=positive_int, nargs="+", metavar="SEQ",
-                         help="forget these operations (a dropped upload's file is then not stored)")
+    journal.add_argument(
+        "--drop",
+        type=positive_int,
+        nargs="+",
+        metavar="SEQ",
+        help="forget these operations (a dropped upload's file is then not stored)",
+    )
     journal.set_defaults(run=cmd_journal)
 
     from shufflefs.bench import add_bench_parser
+
     add_bench_parser(commands)
     return parser
 
@@ -137,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
-
 
 
 # ---------------------------------------------------------------------------- mount
@@ -158,18 +219,28 @@ def _mount_config(args):
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
         cache_size = int(shutil.disk_usage(probe).free * 0.8)
-    return MountConfig(store_url=args.store_url, mountpoint=os.path.abspath(args.mountpoint), cache_dir=cache_dir,
-                       cache_size=cache_size, commit=args.commit, s3_endpoint_url=args.s3_endpoint_url,
-                       upload_workers=args.upload_workers, owner=args.owner, leave_mount=args.leave_mount,
-                       late_window=args.late_window, store_timeout=args.store_timeout, fuse=args.fuse,
-                       executor_lease=args.executor_lease, heartbeat=args.heartbeat,
-                       metrics_addr=args.metrics_addr,
-                       passthrough=args.passthrough)
+    return MountConfig(
+        store_url=args.store_url,
+        mountpoint=os.path.abspath(args.mountpoint),
+        cache_dir=cache_dir,
+        cache_size=cache_size,
+        commit=args.commit,
+        s3_endpoint_url=args.s3_endpoint_url,
+        upload_workers=args.upload_workers,
+        owner=args.owner,
+        leave_mount=args.leave_mount,
+        late_window=args.late_window,
+        store_timeout=args.store_timeout,
+        fuse=args.fuse,
+        executor_lease=args.executor_lease,
+        heartbeat=args.heartbeat,
+        metrics_addr=args.metrics_addr,
+        passthrough=args.passthrough,
+    )
 
 
 def _setup_logging(level: str, stream) -> None:
-    logging.basicConfig(stream=stream, level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(stream=stream, level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -229,31 +300,56 @@ def _spawn_daemon(args, config) -> int:
     try:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         # private (it names every file), and never through a symlink another user planted
-        log = os.fdopen(os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                0o600), "a")
+        log = os.fdopen(
+            os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "a"
+        )
     except OSError as exc:
         raise CommandError(f"cannot open log file {log_file}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "shufflefs", "mount", config.store_url, config.mountpoint,
-               "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
-               "--commit", config.commit, "--upload-workers", str(config.upload_workers),
-               "--late-window", repr(config.late_window), "--store-timeout", repr(config.store_timeout),
-               "--executor-lease", repr(config.executor_lease), "--heartbeat", repr(config.heartbeat),
-               "--fuse", config.fuse,
-               "--log-level", args.log_level, "--ready-fd", str(write_end)]
+    command = [
+        sys.executable,
+        "-m",
+        "shufflefs",
+        "mount",
+        config.store_url,
+        config.mountpoint,
+        "--cache-dir",
+        config.cache_dir,
+        "--cache-size",
+        str(config.cache_size),
+        "--commit",
+        config.commit,
+        "--upload-workers",
+        str(config.upload_workers),
+        "--late-window",
+        repr(config.late_window),
+        "--store-timeout",
+        repr(config.store_timeout),
+        "--executor-lease",
+        repr(config.executor_lease),
+        "--heartbeat",
+        repr(config.heartbeat),
+        "--fuse",
+        config.fuse,
+        "--log-level",
+        args.log_level,
+        "--ready-fd",
+        str(write_end),
+    ]
     if config.s3_endpoint_url:
         command += ["--s3-endpoint-url", config.s3_endpoint_url]
     if config.owner is not None:
-        command += ["--owner", "%d:%d" % config.owner]
+        command += ["--owner", "{}:{}".format(*config.owner)]
     if config.leave_mount:
         command.append("--leave-mount")
     if config.metrics_addr is not None:
-        command += ["--metrics-addr", "[%s]:%d" % config.metrics_addr]
+        command += ["--metrics-addr", "[{}]:{}".format(*config.metrics_addr)]
     if not config.passthrough:
         command.append("--no-passthrough")
     with log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                   pass_fds=(write_end,), start_new_session=True)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,), start_new_session=True
+        )
     os.close(write_end)
     with os.fdopen(read_end) as verdict_pipe:
         verdict = verdict_pipe.readline().strip()
@@ -285,8 +381,9 @@ def cmd_journal(args) -> int:
             if args.drop:
                 missing = [seq for seq in args.drop if not journal.drop_op(seq)]
                 if missing:
-                    raise CommandError(f"no operation {', '.join(map(str, missing))} in {args.cache_dir} "
-                                   "(the others were dropped)")
+                    raise CommandError(
+                        f"no operation {', '.join(map(str, missing))} in {args.cache_dir} (the others were dropped)"
+                    )
                 return 0
             for state, ops in (("pending", journal.pending_ops()), ("failed", journal.failed_ops())):
                 for seq, record in ops:
@@ -319,7 +416,9 @@ def cmd_ls(args) -> int:
         found, truncated = _store_shuffles(args)
     else:
         if not os.path.isdir(args.target):
-            raise CommandError(f"{args.target} {'is not a directory' if os.path.exists(args.target) else 'does not exist'}")
+            raise CommandError(
+                f"{args.target} {'is not a directory' if os.path.exists(args.target) else 'does not exist'}"
+            )
         found, truncated = inventory.shuffles(inventory.walk_directory(args.target), _pending_keys(args.target))
     if args.json:
         now = time.time_ns()
@@ -373,14 +472,17 @@ def _pending_keys(path: str) -> set[str] | None:
         with open(run_file(mountpoint, "json")) as f:
             cache_dir = json.load(f)["cache_dir"]
         with open_journal(cache_dir, exclusive=False) as journal:
-            keys = {record.get("dst", record["key"]) for _, record in journal.pending_ops()
-                    if record["kind"] in ("put", "move")}
+            keys = {
+                record.get("dst", record["key"])
+                for _, record in journal.pending_ops()
+                if record["kind"] in ("put", "move")
+            }
     except (OSError, ValueError, KeyError, CacheDirBusy):
         return None  # not ours to read: pending counts unknown
     below = os.path.relpath(os.path.realpath(path), mountpoint)
     if below == ".":
         return keys
-    return {key[len(below) + 1:] for key in keys if key.startswith(below + "/")}
+    return {key[len(below) + 1 :] for key in keys if key.startswith(below + "/")}
 
 
 # ---------------------------------------------------------------------------- gc
@@ -397,8 +499,12 @@ def cmd_gc(args) -> int:
         planned = gc.plan(store, args.older_than, holders)
         outcome = None
         if args.delete and planned.garbage:
-            with tqdm.tqdm(total=sum(item.objects for item in planned.garbage), unit=" objects",
-                           desc="deleting", disable=not sys.stderr.isatty()) as bar:
+            with tqdm.tqdm(
+                total=sum(item.objects for item in planned.garbage),
+                unit=" objects",
+                desc="deleting",
+                disable=not sys.stderr.isatty(),
+            ) as bar:
                 outcome = gc.delete(store, planned, holders, bar.update)
         elif args.delete:
             outcome = gc.Outcome()
@@ -435,9 +541,11 @@ def cmd_umount(args) -> int:
         if mounted_filesystems().get(mountpoint) != "fuse.shufflefs":
             raise CommandError(f"{mountpoint} is not a shufflefs mount")
         if not is_stale_mount(mountpoint):
-            raise CommandError(f"{mountpoint} is served by a shufflefs daemon not visible from here (another "
-                           "container or PID namespace): stop that one (e.g. kubectl delete pod, systemctl "
-                           "stop); `umount -i -l` would detach it without draining")
+            raise CommandError(
+                f"{mountpoint} is served by a shufflefs daemon not visible from here (another "
+                "container or PID namespace): stop that one (e.g. kubectl delete pod, systemctl "
+                "stop); `umount -i -l` would detach it without draining"
+            )
     else:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -466,10 +574,13 @@ def cmd_umount(args) -> int:
     except (FileNotFoundError, ValueError):
         status = {}
     if status.get("given_up"):
-        raise CommandError(f"unmounted {mountpoint}, but {status['given_up']} uploads could not be completed; "
-                       "they resume on the next mount with the same --cache-dir")
+        raise CommandError(
+            f"unmounted {mountpoint}, but {status['given_up']} uploads could not be completed; "
+            "they resume on the next mount with the same --cache-dir"
+        )
     if status.get("refused"):
-        raise CommandError(f"unmounted {mountpoint}, but the store refused {status['refused']} operations for good; "
-                       "`shufflefs journal CACHE_DIR` lists them")
+        raise CommandError(
+            f"unmounted {mountpoint}, but the store refused {status['refused']} operations for good; "
+            "`shufflefs journal CACHE_DIR` lists them"
+        )
     return 0
-

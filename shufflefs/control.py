@@ -14,7 +14,7 @@ import logging
 import os
 import resource
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
@@ -39,12 +39,16 @@ def process_memory() -> dict:
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f if ":" in line)
     kib = lambda name: int(fields[name].split()[0]) * 1024  # noqa: E731
-    return {"rss_bytes": kib("VmRSS"), "peak_rss_bytes": kib("VmHWM"),
-            "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2])}
+    return {
+        "rss_bytes": kib("VmRSS"),
+        "peak_rss_bytes": kib("VmHWM"),
+        "cpu_seconds": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
+    }
 
 
-async def serve(path: str, stats: Callable[[], dict], settle: Callable, *,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(
+    path: str, stats: Callable[[], dict], settle: Callable, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     """Answer control requests on a unix socket at `path` until cancelled. `settle()` waits
     until every remote operation issued so far has finished."""
     try:
@@ -154,7 +158,7 @@ def request(path: str, command: str, timeout: float | None = 30.0) -> dict:
                 if not chunk:
                     break
                 data += chunk
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"no answer to {command!r} within {timeout:g}s") from None
     except (FileNotFoundError, ConnectionRefusedError):
         raise ControlError("no shufflefs daemon is serving it") from None

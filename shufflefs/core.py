@@ -19,7 +19,7 @@ import os
 import stat
 import time
 from collections import Counter, OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import trio
 
@@ -80,12 +80,40 @@ class Node:
     entries. `committed` files are durable: immutable, and their bytes live (or are on their
     way) at the store key of their path."""
 
-    __slots__ = ("ino", "mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "parent", "name",
-                 "linked", "lookups", "children", "subdirs", "owned", "created_here", "listed_at", "size", "staging",
-                 "opens", "writers", "committed", "from_remote", "version", "stored_at", "write_error",
-                 "passthrough", "unseen_writes", "executor", "adopter", "registered")
+    __slots__ = (
+        "ino",
+        "mode",
+        "uid",
+        "gid",
+        "atime_ns",
+        "mtime_ns",
+        "ctime_ns",
+        "parent",
+        "name",
+        "linked",
+        "lookups",
+        "children",
+        "subdirs",
+        "owned",
+        "created_here",
+        "listed_at",
+        "size",
+        "staging",
+        "opens",
+        "writers",
+        "committed",
+        "from_remote",
+        "version",
+        "stored_at",
+        "write_error",
+        "passthrough",
+        "unseen_writes",
+        "executor",
+        "adopter",
+        "registered",
+    )
 
-    def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: "Node | None", name: str):
+    def __init__(self, ino: int, mode: int, uid: int, gid: int, parent: Node | None, name: str):
         now = time.time_ns()
         self.ino = ino
         self.mode = mode
@@ -212,9 +240,19 @@ class Handle:
 
 
 class Filesystem:
-    def __init__(self, store: Store, remote: Remote, journal: Journal, staging: StagingArea, *,
-                 commit_mode: str = "sync", cache_size: int, remote_ttl: float = 1.0,
-                 owner: tuple[int, int] | None = None, views: Views | None = None):
+    def __init__(
+        self,
+        store: Store,
+        remote: Remote,
+        journal: Journal,
+        staging: StagingArea,
+        *,
+        commit_mode: str = "sync",
+        cache_size: int,
+        remote_ttl: float = 1.0,
+        owner: tuple[int, int] | None = None,
+        views: Views | None = None,
+    ):
         self.store = store
         #: what executors listing the shared local dir see (None: every caller sees it all)
         self.views = views
@@ -419,7 +457,9 @@ class Filesystem:
                 continue  # what this mount did, or is doing, to that key wins
             child = directory.children.get(obj.name)
             if child is not None:
-                if not (child.from_remote and not child.is_dir and (obj.version, obj.size) != (child.version, child.size)):
+                if not (
+                    child.from_remote and not child.is_dir and (obj.version, obj.size) != (child.version, child.size)
+                ):
                     continue
                 # another mount replaced the object: the new one is another inode, so that
                 # nothing the kernel cached of the old one (pages, size) is taken for it
@@ -437,11 +477,11 @@ class Filesystem:
         for name, child in list(directory.children.items()):
             key = f"{prefix}/{name}" if prefix else name
             # what this mount learned from the store, or stored there before the listing began
-            known_stored = child.from_remote or (child.committed and child.stored_at is not None
-                                                 and child.stored_at < started)
+            known_stored = child.from_remote or (
+                child.committed and child.stored_at is not None and child.stored_at < started
+            )
             # a name this mount is still moving an object to is not listed yet, but it exists
-            gone = (known_stored and name not in seen and child.opens == 0
-                    and self.remote.last_op(key) is None)
+            gone = known_stored and name not in seen and child.opens == 0 and self.remote.last_op(key) is None
             if gone and not (child.is_dir and child.children):
                 if not child.from_remote:
                     log.info("%s was deleted from the store (by another mount)", key)
@@ -454,8 +494,12 @@ class Filesystem:
                 if companion is not None and not companion.committed and companion.opens == 0:
                     self._detach(companion)
                     self._maybe_free(companion)
-        if any(op.kind == "move" and op.dst.rpartition("/")[0] == prefix
-               and op.dst.rpartition("/")[2] not in directory.children for op in self.remote.pending):
+        if any(
+            op.kind == "move"
+            and op.dst.rpartition("/")[0] == prefix
+            and op.dst.rpartition("/")[2] not in directory.children
+            for op in self.remote.pending
+        ):
             # a move resumed after a crash, of a file this mount no longer holds (its upload
             # had finished), is on its way here: this listing cannot show its file; the next can
             directory.listed_at = NEVER
@@ -471,7 +515,9 @@ class Filesystem:
         else:
             self._check_length(name)
             child = parent.children.get(name)
-            if not parent.owned and (child is None or (not child.is_dir and (child.from_remote or child.stored_at is not None))):
+            if not parent.owned and (
+                child is None or (not child.is_dir and (child.from_remote or child.stored_at is not None))
+            ):
                 # a miss, or a stored file another mount may have replaced or deleted: look at
                 # the store again (at most once per remote_ttl)
                 try:
@@ -503,9 +549,17 @@ class Filesystem:
         node.lookups -= count
         self._maybe_free(node)
 
-    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
-                      gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                      mtime_ns: int | None = None) -> Node:
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Node:
         node = self.node(ino)
         if size is not None:
             if node.is_dir:
@@ -527,8 +581,11 @@ class Filesystem:
         return node
 
     def _record_dir(self, node: Node) -> None:
-        executors = {role: who.record() for role, who in (("executor", node.executor), ("adopter", node.adopter))
-                     if who is not None}
+        executors = {
+            role: who.record()
+            for role, who in (("executor", node.executor), ("adopter", node.adopter))
+            if who is not None
+        }
         if node.registered:
             executors["registered"] = True
         self.journal.dir_set(self.key_of(node), stat.S_IMODE(node.mode), node.uid, node.gid, **executors)
@@ -556,10 +613,17 @@ class Filesystem:
     def statfs(self) -> dict:
         block = 4096
         free = max(0, self.cache_size - self.staging.bytes)
-        return {"f_bsize": block, "f_frsize": block, "f_blocks": self.cache_size // block,
-                "f_bfree": free // block, "f_bavail": free // block, "f_files": 1 << 32,
-                "f_ffree": (1 << 32) - len(self.inodes), "f_favail": (1 << 32) - len(self.inodes),
-                "f_namemax": NAME_MAX}
+        return {
+            "f_bsize": block,
+            "f_frsize": block,
+            "f_blocks": self.cache_size // block,
+            "f_bfree": free // block,
+            "f_bavail": free // block,
+            "f_files": 1 << 32,
+            "f_ffree": (1 << 32) - len(self.inodes),
+            "f_favail": (1 << 32) - len(self.inodes),
+            "f_namemax": NAME_MAX,
+        }
 
     # ------------------------------------------------------------------ namespace changes
     async def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int, caller: int = 0) -> Node:
@@ -580,8 +644,7 @@ class Filesystem:
         self._record_dir(node)
         return node
 
-    async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int,
-                     gid: int) -> tuple[int, Node]:
+    async def create(self, parent_ino: int, name: str, mode: int, flags: int, uid: int, gid: int) -> tuple[int, Node]:
         parent = self._dir(parent_ino)
         self._check_name(name)
         existing = parent.children.get(name)
@@ -645,8 +708,9 @@ class Filesystem:
         self._detach(node)
         self._maybe_free(node)
 
-    async def rename(self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str,
-                     flags: int = 0) -> None:
+    async def rename(
+        self, old_parent_ino: int, old_name: str, new_parent_ino: int, new_name: str, flags: int = 0
+    ) -> None:
         if flags & RENAME_EXCHANGE:
             raise FsError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
         old_parent = self._dir(old_parent_ino)
@@ -706,8 +770,9 @@ class Filesystem:
             if target.committed:
                 target_upload_cancelled = self._put_owner.get(self.remote.last_op(target_key)) is target
                 # a put or move of `node` to the same key replaces the object: no delete needed
-                self._forget_remote(target, target_key,
-                                    delete=not (will_be_durable and (node.committed or node.writers == 0)))
+                self._forget_remote(
+                    target, target_key, delete=not (will_be_durable and (node.committed or node.writers == 0))
+                )
             self._bury(target, target_key)
             self._detach(target)
         self._bury(node, old_key)
@@ -720,8 +785,9 @@ class Filesystem:
                 return
             new_key = self.key_of(node)
             if node.committed and will_be_durable:
-                adopted, left_behind = (self.views.left_behind(old_parent, old_name, new_parent)
-                                        if self.views is not None else (None, []))
+                adopted, left_behind = (
+                    self.views.left_behind(old_parent, old_name, new_parent) if self.views is not None else (None, [])
+                )
                 op = None
                 try:
                     op = self.remote.move(old_key, new_key, version=node.version, replaces=replaced)
@@ -732,8 +798,9 @@ class Filesystem:
                     if self.commit_mode == "sync" and adopted is None:
                         await self._wait_stored(op)
                 except Exception:
-                    self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled,
-                                      was_committed=True, move=op)
+                    self._undo_rename(
+                        node, old_parent, old_name, target, target_upload_cancelled, was_committed=True, move=op
+                    )
                     raise
                 if adopted is not None:
                     await self._remove_what_adoption_leaves(adopted, left_behind, old_parent)
@@ -743,15 +810,15 @@ class Filesystem:
                 try:
                     await self._commit(node, replaces=replaced)
                 except Exception:
-                    self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled,
-                                      was_committed=False)
+                    self._undo_rename(node, old_parent, old_name, target, target_upload_cancelled, was_committed=False)
                     raise
         finally:
             if target is not None:
                 self._maybe_free(target)  # only now: a failed commit or move brings it back
 
-    async def _remove_what_adoption_leaves(self, adopted: Node, checksums: list[tuple[Node, str]],
-                                           emptied: Node) -> None:
+    async def _remove_what_adoption_leaves(
+        self, adopted: Node, checksums: list[tuple[Node, str]], emptied: Node
+    ) -> None:
         """Spark's recovery plugin moved a map output's file out of `emptied`, in a block manager
         directory `adopted` from a dead executor: the checksum files it leaves there, and the
         directories it empties, are of no use to anyone (docs/RECOVERY.md, "Leftovers"). A
@@ -773,8 +840,17 @@ class Filesystem:
                 return
             directory = parent
 
-    def _undo_rename(self, node: Node, old_parent: Node, old_name: str, target: Node | None,
-                     target_upload_cancelled: bool, *, was_committed: bool, move: Op | None = None) -> None:
+    def _undo_rename(
+        self,
+        node: Node,
+        old_parent: Node,
+        old_name: str,
+        target: Node | None,
+        target_upload_cancelled: bool,
+        *,
+        was_committed: bool,
+        move: Op | None = None,
+    ) -> None:
         """A rename whose commit or move failed (a sync one the store kept failing, or a journal
         write) changes nothing: the kernel did not rename either, and would otherwise keep
         showing the old name while this mount has the new one. The file goes back to its old
@@ -819,12 +895,15 @@ class Filesystem:
         another mount can add to)."""
         if not directory.created_here:
             return True
-        return any(child.committed or child.from_remote or (child.is_dir and self._holds_remote_data(child))
-                   for child in directory.children.values())
+        return any(
+            child.committed or child.from_remote or (child.is_dir and self._holds_remote_data(child))
+            for child in directory.children.values()
+        )
 
     # ------------------------------------------------------------------ commit
-    async def _commit(self, node: Node, close_returned: bool = False, replaces: str | None = None,
-                      copied: Node | None = None) -> None:
+    async def _commit(
+        self, node: Node, close_returned: bool = False, replaces: str | None = None, copied: Node | None = None
+    ) -> None:
         """Make `node` durable at the key of its path, replacing the object there (`replaces`:
         its version; by default the one an early commit of this file stored, see `write`).
         While draining, commits are refused, except when the writer's close() already
@@ -839,9 +918,11 @@ class Filesystem:
             source = copied or await self._copied_source(node)
             if source is None:
                 node.write_error = errno.EIO
-                log.error("%s was written as a copy, past this daemon, but holds bytes of no file "
-                          "read lately: a write may have failed unseen, it is not committed",
-                          self.key_of(node))
+                log.error(
+                    "%s was written as a copy, past this daemon, but holds bytes of no file "
+                    "read lately: a write may have failed unseen, it is not committed",
+                    self.key_of(node),
+                )
                 raise FsError(errno.EIO, "not an exact copy of the file it was predicted to copy")
             copy_of, compared = (self.key_of(source), source.version, source.staging), True
         key = self.key_of(node)
@@ -849,8 +930,9 @@ class Filesystem:
         try:
             if cached_index:
                 self.journal.index_put(key, os.pread(node.staging.fd, node.size, 0))
-            op = self.remote.put(key, node.staging, replaces=replaces or node.version, copy_of=copy_of,
-                                 compared=compared)
+            op = self.remote.put(
+                key, node.staging, replaces=replaces or node.version, copy_of=copy_of, compared=compared
+            )
         except BaseException:
             if cached_index:
                 self.journal.index_delete(key)
@@ -928,8 +1010,13 @@ class Filesystem:
         return self.staging.bytes + needed <= self.cache_size
 
     def _can_evict(self, node: Node) -> bool:
-        return (node.linked and node.committed and node.opens == 0 and node.staging is not None
-                and self.remote.last_op(self.key_of(node)) is None)
+        return (
+            node.linked
+            and node.committed
+            and node.opens == 0
+            and node.staging is not None
+            and self.remote.last_op(self.key_of(node)) is None
+        )
 
     # ------------------------------------------------------------------ open files
     async def open(self, ino: int, flags: int) -> int:
@@ -964,18 +1051,26 @@ class Filesystem:
         name, docs/RECOVERY.md), which the store can make without the bytes again."""
         now = time.monotonic()
         reads = [(other, at) for other, at in self._recent_reads.pop(node.name, ()) if other is not node]
-        self._recent_reads[node.name] = [*reads[-(RECENT_READS_PER_NAME - 1):], (node, now)]
+        self._recent_reads[node.name] = [*reads[-(RECENT_READS_PER_NAME - 1) :], (node, now)]
         while len(self._recent_reads) > RECENT_READS or (
-                now - next(iter(self._recent_reads.values()))[-1][1] > RECENT_READ_SECONDS):
+            now - next(iter(self._recent_reads.values()))[-1][1] > RECENT_READ_SECONDS
+        ):
             self._recent_reads.popitem(last=False)
 
     def _copy_sources(self, node: Node, size: int | None) -> list[Node]:
         """Committed files read lately that `node` may be a copy of, the latest read first:
         same name, a local copy, and `size` bytes (any size with None)."""
         now = time.monotonic()
-        return [source for source, read_at in reversed(self._recent_reads.get(node.name, ()))
-                if source is not node and now - read_at <= RECENT_READ_SECONDS and source.linked
-                and source.committed and source.staging is not None and size in (None, source.size)]
+        return [
+            source
+            for source, read_at in reversed(self._recent_reads.get(node.name, ()))
+            if source is not node
+            and now - read_at <= RECENT_READ_SECONDS
+            and source.linked
+            and source.committed
+            and source.staging is not None
+            and size in (None, source.size)
+        ]
 
     def _copy_candidate(self, node: Node) -> tuple[str, str | None, StagingFile] | None:
         """(key, version, local copy) of the committed file `node` is most likely a copy of
@@ -993,7 +1088,8 @@ class Filesystem:
         about_to_wait()
         copy, paths = node.staging.path, [(source, source.staging.path) for source in sources]
         return await trio.to_thread.run_sync(
-            lambda: next((source for source, path in paths if same_bytes(copy, path)), None))
+            lambda: next((source for source, path in paths if same_bytes(copy, path)), None)
+        )
 
     def opened(self, fh: int) -> Opened:
         """How the kernel is to serve an open file. Every open of an inode is served the same
@@ -1090,7 +1186,7 @@ class Filesystem:
                 self.journal.index_put(key, data)
             else:
                 self.stats["index_cache_hits"] += 1
-            return data[offset:offset + size]
+            return data[offset : offset + size]
         end = min(offset + size, node.size)  # reads past EOF (the kernel's last page) need no more
         if not (handle.buf_off <= offset and end <= handle.buf_off + len(handle.buf)):
             length = min(max(size, READAHEAD), node.size - offset)
@@ -1098,13 +1194,14 @@ class Filesystem:
             handle.buf_off = offset
             self.stats["range_gets"] += 1
         start = offset - handle.buf_off
-        return handle.buf[start:start + size]
+        return handle.buf[start : start + size]
 
     async def _get(self, handle: Handle, key: str, offset: int, length: int) -> bytes:
         """Bytes of the one object version the handle reads (ESTALE once it was replaced)."""
         try:
-            return await self.remote.call(self.store.get_range, key, offset, length, what=f"reading {key}",
-                                          expect=handle.version)
+            return await self.remote.call(
+                self.store.get_range, key, offset, length, what=f"reading {key}", expect=handle.version
+            )
         except PreconditionFailed:
             if handle.node.parent is not None:
                 handle.node.parent.listed_at -= self.remote_ttl  # the next lookup learns the new one
@@ -1164,9 +1261,12 @@ class Filesystem:
         the size from here."""
         if not node.write_error:
             node.write_error = error
-            log.error("a write to %s failed (%s): the file stays local and is never committed; "
-                      "close and fsync report the error until it is truncated to 0",
-                      self.key_of(node), os.strerror(error))
+            log.error(
+                "a write to %s failed (%s): the file stays local and is never committed; "
+                "close and fsync report the error until it is truncated to 0",
+                self.key_of(node),
+                os.strerror(error),
+            )
             if node.linked and is_durable(node.name):
                 # an early commit (see `write`) may have stored a beginning of it
                 self.remote.delete(self.key_of(node), version=node.version)
@@ -1292,8 +1392,9 @@ class Filesystem:
             # learned from the store
             node = self._materialize_dir(key)
             node.mode, node.uid, node.gid = stat.S_IFDIR | record["mode"], record["uid"], record["gid"]
-            node.executor, node.adopter = (Executor.from_record(record[role]) if role in record else None
-                                           for role in ("executor", "adopter"))
+            node.executor, node.adopter = (
+                Executor.from_record(record[role]) if role in record else None for role in ("executor", "adopter")
+            )
             node.registered = record.get("registered", False)
             if node.executor is not None and self.views is not None:
                 self.views.resumed(node, key)
@@ -1305,8 +1406,11 @@ class Filesystem:
                 try:
                     staging = self.staging.adopt(record["path"])
                 except FileNotFoundError:
-                    log.error("staging file %s of pending upload %s is gone; that file is lost",
-                              self.staging.path_of(record["path"]), key)
+                    log.error(
+                        "staging file %s of pending upload %s is gone; that file is lost",
+                        self.staging.path_of(record["path"]),
+                        key,
+                    )
                     self.journal.remove_op(seq)
                     continue
                 keep.add(staging.path)
@@ -1342,8 +1446,11 @@ class Filesystem:
         removed = self.staging.remove_unreferenced(keep)
         if removed:
             # local copies of files already in the store, and scratch files, not data owed to it
-            log.info("cleared %d local files of an earlier run (scratch files and copies of what the store "
-                     "already holds; nothing was waiting for upload)", removed)
+            log.info(
+                "cleared %d local files of an earlier run (scratch files and copies of what the store "
+                "already holds; nothing was waiting for upload)",
+                removed,
+            )
         return len(ops)
 
     def _find(self, key: str) -> Node | None:

@@ -14,8 +14,8 @@ import signal
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import lmdb
 import trio
@@ -27,12 +27,25 @@ from shufflefs.core import Filesystem
 from shufflefs.fuse import mount as fuse_mount
 from shufflefs.fuse.pyfuse3_adapter import Operations
 from shufflefs.fuse.session import Session
-from shufflefs.heartbeat import EVERY as HEARTBEAT_EVERY, Heartbeat, keep as keep_heartbeat
+from shufflefs.heartbeat import EVERY as HEARTBEAT_EVERY
+from shufflefs.heartbeat import Heartbeat
+from shufflefs.heartbeat import keep as keep_heartbeat
 from shufflefs.journal import Journal
-from shufflefs.places import (DEAD_MOUNT_ERRNOS, SetupError, clear_stale_mount, is_stale_mount, mounted_filesystems,
-                              private_dir, private_run_dir, run_file, write_run_file)
-from shufflefs.metrics import MountCollector, serve as serve_metrics
-from shufflefs.registry import LEASE as EXECUTOR_LEASE, Registry
+from shufflefs.metrics import MountCollector
+from shufflefs.metrics import serve as serve_metrics
+from shufflefs.places import (
+    DEAD_MOUNT_ERRNOS,
+    SetupError,
+    clear_stale_mount,
+    is_stale_mount,
+    mounted_filesystems,
+    private_dir,
+    private_run_dir,
+    run_file,
+    write_run_file,
+)
+from shufflefs.registry import LEASE as EXECUTOR_LEASE
+from shufflefs.registry import Registry
 from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
 from shufflefs.staging import StagingArea
 from shufflefs.stores import Store, StoreError, open_store
@@ -103,8 +116,10 @@ def check_mountpoint(mountpoint: str) -> tuple[str, bool]:
             clear_stale_mount(path)  # a user mount goes through fusermount3, which cannot
             return check_mountpoint(path)
         if exc.errno in DEAD_MOUNT_ERRNOS:
-            raise SetupError(f"{path} is a stale FUSE mount (transport endpoint is not connected) that is not "
-                             f"shufflefs'; clear it with: fusermount3 -u -z {path}") from None
+            raise SetupError(
+                f"{path} is a stale FUSE mount (transport endpoint is not connected) that is not "
+                f"shufflefs'; clear it with: fusermount3 -u -z {path}"
+            ) from None
         raise SetupError(f"cannot use mountpoint {path}: {exc.strerror}") from None
     if not os.path.isdir(path):
         raise SetupError(f"mountpoint {path} is not a directory")
@@ -158,11 +173,12 @@ def check_store_apart(mountpoint: str, cache_dir: str, store_dir: str) -> None:
     inside the cache dir: check_cache_dir.)"""
     store, cache = os.path.realpath(store_dir), os.path.realpath(cache_dir)
     if _within(cache, store) or _within(store, cache):
-        raise SetupError(f"the store directory {store_dir} and the cache dir {cache_dir} overlap "
-                         "(one is, or holds, the other); keep them apart")
+        raise SetupError(
+            f"the store directory {store_dir} and the cache dir {cache_dir} overlap "
+            "(one is, or holds, the other); keep them apart"
+        )
     if _within(mountpoint, store):
-        raise SetupError(f"the mountpoint {mountpoint} is inside the store directory {store_dir}; "
-                         "put it elsewhere")
+        raise SetupError(f"the mountpoint {mountpoint} is inside the store directory {store_dir}; put it elsewhere")
 
 
 def check_log_file(log_file: str, store_dir: str) -> None:
@@ -207,8 +223,14 @@ class CacheDir:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             private_dir(path, "cache dir", is_cache_dir_only)
             make_private(path)
-            self._lock = os.fdopen(os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_APPEND
-                                           | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "a+")
+            self._lock = os.fdopen(
+                os.open(
+                    os.path.join(path, "lock"),
+                    os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                ),
+                "a+",
+            )
         except OSError as exc:
             raise SetupError(f"cannot use cache dir {path}: {exc.strerror}") from None
         try:
@@ -235,8 +257,10 @@ class CacheDir:
         elif recorded != store_url:
             pending = len(self.journal.pending_ops())
             self.journal.close()
-            raise SetupError(f"cache dir {path} belongs to store {recorded} ({pending} pending uploads); "
-                             f"use another --cache-dir for {store_url}")
+            raise SetupError(
+                f"cache dir {path} belongs to store {recorded} ({pending} pending uploads); "
+                f"use another --cache-dir for {store_url}"
+            )
         self.staging = StagingArea(os.path.join(path, "staging"))
 
     def close(self) -> None:
@@ -275,9 +299,11 @@ def backlog_warning(oldest_seconds: float, pending_ops: int, pending_bytes: int,
     or over half the cache waits for upload (where async commits start to wait)."""
     if oldest_seconds <= BEHIND_AFTER and pending_bytes <= cache_size // 2:
         return None
-    return (f"uploads are falling behind: {pending_ops} store operations pending, the oldest for "
-            f"{oldest_seconds:.0f} s, {pending_bytes} bytes waiting for upload (--cache-size {cache_size}); "
-            "is the store slow or failing?")
+    return (
+        f"uploads are falling behind: {pending_ops} store operations pending, the oldest for "
+        f"{oldest_seconds:.0f} s, {pending_bytes} bytes waiting for upload (--cache-size {cache_size}); "
+        "is the store slow or failing?"
+    )
 
 
 async def watch_backlog(remote: Remote, cache_size: int) -> None:
@@ -285,8 +311,9 @@ async def watch_backlog(remote: Remote, cache_size: int) -> None:
     behind = False
     while True:
         await trio.sleep(BACKLOG_CHECK_EVERY)
-        warning = backlog_warning(remote.oldest_pending_seconds(), len(remote.pending), remote.pending_put_bytes,
-                                  cache_size)
+        warning = backlog_warning(
+            remote.oldest_pending_seconds(), len(remote.pending), remote.pending_put_bytes, cache_size
+        )
         if warning is not None and not behind:
             log.warning("%s", warning)
         elif warning is None and behind:
@@ -305,12 +332,25 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         check_outside(mountpoint, "the store directory", path)
         check_store_apart(mountpoint, config.cache_dir, path)
     cache = CacheDir(config.cache_dir, store.url)
-    remote = Remote(store, cache.journal, workers=config.upload_workers, max_attempts=config.max_attempts,
-                    late_window=config.late_window, request_timeout=config.store_timeout)
-    fs = Filesystem(store, remote, cache.journal, cache.staging, commit_mode=config.commit,
-                    cache_size=config.cache_size, remote_ttl=config.listing_ttl, owner=config.owner,
-                    views=Views(Callers(), Registry(store, remote.instance, config.cache_dir,
-                                                    config.executor_lease), remote.call))
+    remote = Remote(
+        store,
+        cache.journal,
+        workers=config.upload_workers,
+        max_attempts=config.max_attempts,
+        late_window=config.late_window,
+        request_timeout=config.store_timeout,
+    )
+    fs = Filesystem(
+        store,
+        remote,
+        cache.journal,
+        cache.staging,
+        commit_mode=config.commit,
+        cache_size=config.cache_size,
+        remote_ttl=config.listing_ttl,
+        owner=config.owner,
+        views=Views(Callers(), Registry(store, remote.instance, config.cache_dir, config.executor_lease), remote.call),
+    )
     beat = Heartbeat(store, remote.instance, config.cache_dir, config.heartbeat)
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
@@ -321,19 +361,30 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         process = process_memory()
         requests = session.request_counts() if session else {}
         count = max(1, sum(requests.values()))
-        return {"store": dict(remote.stats), "fs": dict(fs.stats),
-                "fuse": {"session": config.fuse, "passthrough": session.passthrough if session else False,
-                         "requests": requests,
-                         # all of the daemon's CPU (uploads, staging housekeeping) per request
-                         "cpu_us_per_request": round(process["cpu_seconds"] * 1e6 / count, 1),
-                         # the trio thread's: requests, commits, journal (stats runs on it)
-                         "loop_cpu_us_per_request": round(time.thread_time() * 1e6 / count, 1)},
-                "pending_ops": len(remote.pending),
-                "oldest_pending_seconds": round(remote.oldest_pending_seconds(), 3),
-                "refused_ops": len(remote.failed), "pending_sweeps": len(remote.sweeps),
-                "pending_put_bytes": remote.pending_put_bytes, "cached_bytes": fs.staging.bytes,
-                "cache_size": fs.cache_size, "commit": config.commit, "store_url": store.url,
-                **process}
+        return {
+            "store": dict(remote.stats),
+            "fs": dict(fs.stats),
+            "fuse": {
+                "session": config.fuse,
+                "passthrough": session.passthrough if session else False,
+                "requests": requests,
+                # all of the daemon's CPU (uploads, staging housekeeping) per request
+                "cpu_us_per_request": round(process["cpu_seconds"] * 1e6 / count, 1),
+                # the trio thread's: requests, commits, journal (stats runs on it)
+                "loop_cpu_us_per_request": round(time.thread_time() * 1e6 / count, 1),
+            },
+            "pending_ops": len(remote.pending),
+            "oldest_pending_seconds": round(remote.oldest_pending_seconds(), 3),
+            "refused_ops": len(remote.failed),
+            "pending_sweeps": len(remote.sweeps),
+            "pending_put_bytes": remote.pending_put_bytes,
+            "cached_bytes": fs.staging.bytes,
+            "cache_size": fs.cache_size,
+            "commit": config.commit,
+            "store_url": store.url,
+            **process,
+        }
+
     def metrics_snapshot() -> dict:
         snapshot = stats()
         snapshot["fuse"]["latency"] = session.times.snapshot() if session else {}
@@ -351,8 +402,9 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
     if os.path.exists(status_file):
         os.unlink(status_file)
     # before mounting: from now on nobody takes the mount for a dead daemon's
-    write_run_file(pid_file, {"pid": os.getpid(), "mountpoint": mountpoint,
-                              "store": store.url, "cache_dir": config.cache_dir})
+    write_run_file(
+        pid_file, {"pid": os.getpid(), "mountpoint": mountpoint, "store": store.url, "cache_dir": config.cache_dir}
+    )
     session = None
     try:
         session = start_session(config, fs, mountpoint, store.url)
@@ -363,8 +415,11 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             metrics_server.shutdown()
         raise SetupError(f"mounting {mountpoint} failed: {getattr(exc, 'strerror', None) or exc}") from None
     if over_stale:
-        log.warning("mounted over the stale mount a dead daemon left on %s: whoever still saw that one "
-                    "(other mount namespaces, bind mounts of it) now sees this one", mountpoint)
+        log.warning(
+            "mounted over the stale mount a dead daemon left on %s: whoever still saw that one "
+            "(other mount namespaces, bind mounts of it) now sees this one",
+            mountpoint,
+        )
 
     left_mount = False  # set when a signal ends the daemon with config.leave_mount
 
@@ -381,10 +436,20 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             if resumed:
                 log.info("resumed %d remote operations from the journal", resumed)
             await nursery.start(control.serve, control_socket, stats, remote.settle)
-            log.info("mounted %s on %s (commit=%s, cache %s, %d bytes, fuse=%s, %d upload workers, store "
-                     "timeout %gs, executor lease %gs, heartbeat %gs)", store.url, mountpoint, config.commit,
-                     config.cache_dir, config.cache_size, config.fuse, config.upload_workers, config.store_timeout,
-                     config.executor_lease, config.heartbeat)
+            log.info(
+                "mounted %s on %s (commit=%s, cache %s, %d bytes, fuse=%s, %d upload workers, store "
+                "timeout %gs, executor lease %gs, heartbeat %gs)",
+                store.url,
+                mountpoint,
+                config.commit,
+                config.cache_dir,
+                config.cache_size,
+                config.fuse,
+                config.upload_workers,
+                config.store_timeout,
+                config.executor_lease,
+                config.heartbeat,
+            )
             ready()
             notify_service_manager(f"READY=1\nSTATUS=serving {store.url} on {mountpoint}")
             await session.serve()
@@ -407,9 +472,12 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for signum in signals:
-                log.info("%s: draining %d pending remote operations, then %s", signal.Signals(signum).name,
-                         len(remote.pending), "leaving the mount for the next daemon" if config.leave_mount
-                         else "unmounting")
+                log.info(
+                    "%s: draining %d pending remote operations, then %s",
+                    signal.Signals(signum).name,
+                    len(remote.pending),
+                    "leaving the mount for the next daemon" if config.leave_mount else "unmounting",
+                )
                 await drain()
                 left_mount = config.leave_mount
                 session.terminate()
@@ -434,10 +502,17 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         cache.close()
         store.close()
         final = stats()
-        write_run_file(status_file, {"given_up": len(remote.given_up),
-                                     "refused": sum(not op.reported for op in remote.failed),
-                                     "stats": final["store"],
-                                     "fs": final["fs"], "fuse": final["fuse"], "peak_rss_bytes": final["peak_rss_bytes"]})
+        write_run_file(
+            status_file,
+            {
+                "given_up": len(remote.given_up),
+                "refused": sum(not op.reported for op in remote.failed),
+                "stats": final["store"],
+                "fs": final["fs"],
+                "fuse": final["fuse"],
+                "peak_rss_bytes": final["peak_rss_bytes"],
+            },
+        )
         try:
             os.unlink(pid_file)
         except FileNotFoundError:
@@ -447,14 +522,25 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                 pass
         except SetupError as exc:
             log.warning("%s", exc)
-    log.info("%s %s; store requests: %s", "left the mount (dead until the next daemon mounts over it) on"
-             if left_mount else "unmounted", mountpoint, final["store"])
+    log.info(
+        "%s %s; store requests: %s",
+        "left the mount (dead until the next daemon mounts over it) on" if left_mount else "unmounted",
+        mountpoint,
+        final["store"],
+    )
     if remote.given_up:
-        log.error("%d remote operations could not be completed; they stay in the journal of %s "
-                  "and resume on the next mount with that cache dir", len(remote.given_up), config.cache_dir)
+        log.error(
+            "%d remote operations could not be completed; they stay in the journal of %s "
+            "and resume on the next mount with that cache dir",
+            len(remote.given_up),
+            config.cache_dir,
+        )
     # a refusal a sync commit reported to its caller was dealt with there
     unreported = [op for op in remote.failed if not op.reported]
     if unreported:
-        log.error("the store refused %d operations for good; `shufflefs journal %s` lists them",
-                  len(unreported), config.cache_dir)
+        log.error(
+            "the store refused %d operations for good; `shufflefs journal %s` lists them",
+            len(unreported),
+            config.cache_dir,
+        )
     return 1 if remote.given_up or unreported else 0

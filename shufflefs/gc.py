@@ -15,8 +15,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from shufflefs.heartbeat import EVERY, MOUNTS
 from shufflefs.inventory import Budget, human_age, human_bytes, walk_store
@@ -55,8 +55,14 @@ class Item:
         return os.path.basename(self.key)
 
     def report(self, now_ns: int) -> dict:
-        return {"kind": self.kind, "key": self.key, "objects": self.objects, "bytes": self.bytes,
-                "age_seconds": round(max(0, now_ns - self.newest_ns) / 1e9, 1), "reason": self.reason}
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "objects": self.objects,
+            "bytes": self.bytes,
+            "age_seconds": round(max(0, now_ns - self.newest_ns) / 1e9, 1),
+            "reason": self.reason,
+        }
 
 
 @dataclass
@@ -103,8 +109,10 @@ class Holders:
                     if released is None or now - float(released) < self.older_than:
                         held[os.path.basename(key)] = obj.name
             except (KeyError, TypeError, ValueError, AttributeError):
-                raise GcError(f"{MOUNTS}/{obj.name} in {self.store.url} is not a shufflefs heartbeat; "
-                              "nothing is collected while it is there (remove it if no shufflefs wrote it)") from None
+                raise GcError(
+                    f"{MOUNTS}/{obj.name} in {self.store.url} is not a shufflefs heartbeat; "
+                    "nothing is collected while it is there (remove it if no shufflefs wrote it)"
+                ) from None
         self.held, self.stale, self.live, self.read_at = held, stale, live, time.monotonic()
 
     def holder(self, name: str) -> str | None:
@@ -133,8 +141,17 @@ def plan(store: Store, older_than: float, holders: Holders) -> Plan:
         result.kept.append(directory)
     for write in sorted(store.unfinished_writes(), key=lambda w: w.key):
         if write.started_ns <= result.cutoff_ns:
-            result.garbage.append(Item(UNFINISHED, write.key, 1, write.size, write.started_ns,
-                                       "begun before --older-than and never finished", write))
+            result.garbage.append(
+                Item(
+                    UNFINISHED,
+                    write.key,
+                    1,
+                    write.size,
+                    write.started_ns,
+                    "begun before --older-than and never finished",
+                    write,
+                )
+            )
     collected = {d.name for d in result.garbage if d.kind == DIRECTORY}
     kept = {d.name for d in result.kept}
     for key, obj in _records(store):
@@ -148,8 +165,11 @@ def plan(store: Store, older_than: float, holders: Holders) -> Plan:
         elif parts[1] == "nodes":
             reason = "executor lease not renewed within --older-than"
         elif parts[1] in NAMED_RECORDS and obj.name not in kept and obj.name not in holders.held:
-            reason = ("its block manager directory is collected" if obj.name in collected
-                      else "its block manager directory is gone")
+            reason = (
+                "its block manager directory is collected"
+                if obj.name in collected
+                else "its block manager directory is gone"
+            )
         else:
             continue
         result.garbage.append(Item(RECORD, key, 1, obj.size, obj.mtime_ns, reason))
@@ -165,7 +185,7 @@ def _directories(store: Store, result: Plan) -> dict[str, Item]:
             result.outside_objects += len(files)
             result.outside_bytes += sum(size for _name, size, _mtime in files)
             continue
-        where = "/".join(parts[:holder + 1])
+        where = "/".join(parts[: holder + 1])
         item = found.setdefault(where, Item(DIRECTORY, where))
         item.objects += len(files)
         item.bytes += sum(size for _name, size, _mtime in files)
@@ -230,8 +250,9 @@ def delete(store: Store, planned: Plan, holders: Holders, progress: Callable[[in
     return outcome
 
 
-def _delete_directory(store: Store, item: Item, cutoff_ns: int, holders: Holders,
-                      progress: Callable[[int], None]) -> bool:
+def _delete_directory(
+    store: Store, item: Item, cutoff_ns: int, holders: Holders, progress: Callable[[int], None]
+) -> bool:
     if holders.holder(item.name) is not None:
         return False
     below = list(objects_below(store, item.key))
@@ -239,7 +260,7 @@ def _delete_directory(store: Store, item: Item, cutoff_ns: int, holders: Holders
         return False
     keys = [key for key, _obj in below]
     for start in range(0, len(keys), DELETE_BATCH):
-        batch = keys[start:start + DELETE_BATCH]
+        batch = keys[start : start + DELETE_BATCH]
         _delete_keys(store, batch)
         progress(len(batch))
     return True
@@ -258,8 +279,10 @@ def _read_json(store: Store, key: str, size: int) -> dict | None:
     except ObjectMissing:
         return None
     except ValueError:
-        raise GcError(f"{key} in {store.url} is not a shufflefs record; nothing is collected while it is there "
-                      "(remove it if no shufflefs wrote it)") from None
+        raise GcError(
+            f"{key} in {store.url} is not a shufflefs record; nothing is collected while it is there "
+            "(remove it if no shufflefs wrote it)"
+        ) from None
 
 
 #: garbage items a table shows one by one (--json lists all)
@@ -268,21 +291,28 @@ SHOWN = 50
 
 def render(planned: Plan, outcome: Outcome | None = None) -> str:
     now_ns = planned.now_ns
-    lines = [f"Dry run: nothing deleted; `--delete` removes what follows (older than {human_age(planned.older_than)})."
-             if outcome is None else f"Deleted (older than {human_age(planned.older_than)}):"]
+    lines = [
+        f"Dry run: nothing deleted; `--delete` removes what follows (older than {human_age(planned.older_than)})."
+        if outcome is None
+        else f"Deleted (older than {human_age(planned.older_than)}):"
+    ]
     removed = planned.garbage if outcome is None else outcome.removed
     for item in removed[:SHOWN]:
-        lines.append(f"  {item.kind:<23}  {item.key}  {_count(item.objects, 'object')}, {human_bytes(item.bytes)}, "
-                     f"{human_age((now_ns - item.newest_ns) / 1e9)} old: {item.reason}")
+        lines.append(
+            f"  {item.kind:<23}  {item.key}  {_count(item.objects, 'object')}, {human_bytes(item.bytes)}, "
+            f"{human_age((now_ns - item.newest_ns) / 1e9)} old: {item.reason}"
+        )
     if len(removed) > SHOWN:
         lines.append(f"  ... and {len(removed) - SHOWN} more (--json lists every one)")
     for kind in KINDS:
         items = [item for item in removed if item.kind == kind]
         if items:
             oldest = min(item.newest_ns for item in items)
-            lines.append(f"{_count(len(items), kind)}: {_count(sum(item.objects for item in items), 'object')}, "
-                         f"{human_bytes(sum(item.bytes for item in items))}, oldest "
-                         f"{human_age((now_ns - oldest) / 1e9)}")
+            lines.append(
+                f"{_count(len(items), kind)}: {_count(sum(item.objects for item in items), 'object')}, "
+                f"{human_bytes(sum(item.bytes for item in items))}, oldest "
+                f"{human_age((now_ns - oldest) / 1e9)}"
+            )
     if not removed:
         lines.append("Nothing to collect.")
     if outcome is not None:
@@ -291,10 +321,12 @@ def render(planned: Plan, outcome: Outcome | None = None) -> str:
         for item, error in outcome.failed:
             lines.append(f"failed {item.key}: {error}")
     held = sum(item.reason.startswith("held") for item in planned.kept)
-    lines.append(f"Kept: {_count(len(planned.kept), DIRECTORY)} ({held} held by "
-                 f"{_count(planned.live_mounts, 'live mount')}, {len(planned.kept) - held} written to within "
-                 f"--older-than); {_count(planned.outside_objects, 'object')} outside block manager directories "
-                 f"({human_bytes(planned.outside_bytes)}), never collected.")
+    lines.append(
+        f"Kept: {_count(len(planned.kept), DIRECTORY)} ({held} held by "
+        f"{_count(planned.live_mounts, 'live mount')}, {len(planned.kept) - held} written to within "
+        f"--older-than); {_count(planned.outside_objects, 'object')} outside block manager directories "
+        f"({human_bytes(planned.outside_bytes)}), never collected."
+    )
     return "\n".join(lines)
 
 
@@ -304,11 +336,14 @@ def _count(count: int, what: str) -> str:
 
 def report(planned: Plan, outcome: Outcome | None = None) -> dict:
     now_ns = planned.now_ns
-    result = {"older_than_seconds": planned.older_than, "deleted": outcome is not None,
-              "garbage": [item.report(now_ns) for item in planned.garbage],
-              "kept": [item.report(now_ns) for item in planned.kept],
-              "outside": {"objects": planned.outside_objects, "bytes": planned.outside_bytes},
-              "live_mounts": planned.live_mounts}
+    result = {
+        "older_than_seconds": planned.older_than,
+        "deleted": outcome is not None,
+        "garbage": [item.report(now_ns) for item in planned.garbage],
+        "kept": [item.report(now_ns) for item in planned.kept],
+        "outside": {"objects": planned.outside_objects, "bytes": planned.outside_bytes},
+        "live_mounts": planned.live_mounts,
+    }
     if outcome is not None:
         result["removed"] = [item.key for item in outcome.removed]
         result["spared"] = [item.key for item in outcome.spared]

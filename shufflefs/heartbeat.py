@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -41,8 +41,9 @@ EVERY = 60.0
 Holds = dict[str, "float | None"]
 
 
-def held(dirs: Iterable[tuple[str, dict]], alive: Callable[[Executor], bool], released: dict[str, float],
-         now: float) -> Holds:
+def held(
+    dirs: Iterable[tuple[str, dict]], alive: Callable[[Executor], bool], released: dict[str, float], now: float
+) -> Holds:
     """What the directories recorded in a mount's journal hold. `released` remembers when each
     was first seen released (updated: kept for the directories still held, others dropped)."""
     holds: Holds = {}
@@ -84,8 +85,12 @@ class Heartbeat:
         self.written = False
 
 
-async def keep(heartbeat: Heartbeat, dirs: Callable[[], list[tuple[str, dict]]],
-               alive: Callable[[Executor], bool], call: Callable[..., Awaitable]) -> None:
+async def keep(
+    heartbeat: Heartbeat,
+    dirs: Callable[[], list[tuple[str, dict]]],
+    alive: Callable[[Executor], bool],
+    call: Callable[..., Awaitable],
+) -> None:
     """Renew the heartbeat every `heartbeat.every` seconds while the mount holds anything
     (`dirs`: the journal's directory records, read on this, the loop thread)."""
     released: dict[str, float] = {}
@@ -100,6 +105,9 @@ async def keep(heartbeat: Heartbeat, dirs: Callable[[], list[tuple[str, dict]]],
                     await call(heartbeat.withdraw, what=f"deleting {heartbeat.key}")
                 told = holds
             except StoreError as exc:
-                log.warning("could not renew this mount's heartbeat (%s): `shufflefs gc` leaves its map outputs "
-                            "alone only for --older-than after the last renewal", exc)
+                log.warning(
+                    "could not renew this mount's heartbeat (%s): `shufflefs gc` leaves its map outputs "
+                    "alone only for --older-than after the last renewal",
+                    exc,
+                )
         await trio.sleep(heartbeat.every)

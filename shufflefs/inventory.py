@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from shufflefs.naming import DURABLE_PATTERN, is_block_manager_dir
 from shufflefs.registry import RESERVED
@@ -35,9 +35,16 @@ class Shuffle:
     app: str | None = None
 
     def report(self, now_ns: int) -> dict:
-        return {"block_manager": self.where, "app": self.app, "shuffle": self.shuffle,
-                "map_outputs": self.map_outputs, "files": self.files, "bytes": self.bytes,
-                "pending_files": self.pending, "age_seconds": round(max(0, now_ns - self.newest_ns) / 1e9, 1)}
+        return {
+            "block_manager": self.where,
+            "app": self.app,
+            "shuffle": self.shuffle,
+            "map_outputs": self.map_outputs,
+            "files": self.files,
+            "bytes": self.bytes,
+            "pending_files": self.pending,
+            "age_seconds": round(max(0, now_ns - self.newest_ns) / 1e9, 1),
+        }
 
 
 class Truncated(Exception):
@@ -109,13 +116,14 @@ def _count(walk: Walk, found: dict[tuple[str, int], Shuffle], pending_keys: set[
         holder = next((i for i, part in enumerate(parts) if is_block_manager_dir(part)), None)
         if holder is None:
             continue
-        where = "/".join(parts[:holder + 1])
+        where = "/".join(parts[: holder + 1])
         for name, size, mtime_ns in files:
             if DURABLE_PATTERN.fullmatch(name) is None:
                 continue
             shuffle_id = int(SHUFFLE_ID.match(name).group(1))
-            entry = found.setdefault((where, shuffle_id), Shuffle(where, shuffle_id,
-                                                                  pending=0 if pending_keys is not None else None))
+            entry = found.setdefault(
+                (where, shuffle_id), Shuffle(where, shuffle_id, pending=0 if pending_keys is not None else None)
+            )
             entry.files += 1
             entry.bytes += size
             entry.map_outputs += name.endswith(".index")
@@ -139,16 +147,32 @@ def registered_apps(store: Store, budget: Budget) -> dict[str, str]:
 def render(found: list[Shuffle], truncated: bool, now_ns: int | None = None) -> str:
     now_ns = now_ns or time.time_ns()
     header = ("BLOCK MANAGER", "APP", "SHUFFLE", "MAP OUTPUTS", "FILES", "BYTES", "PENDING", "AGE")
-    rows = [header] + [(s.where, s.app or "-", str(s.shuffle), str(s.map_outputs), str(s.files), human_bytes(s.bytes),
-                        "-" if s.pending is None else str(s.pending), human_age((now_ns - s.newest_ns) / 1e9))
-                       for s in found]
+    rows = [header] + [
+        (
+            s.where,
+            s.app or "-",
+            str(s.shuffle),
+            str(s.map_outputs),
+            str(s.files),
+            human_bytes(s.bytes),
+            "-" if s.pending is None else str(s.pending),
+            human_age((now_ns - s.newest_ns) / 1e9),
+        )
+        for s in found
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in
-                       enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    ]
     total = sum(s.bytes for s in found)
-    lines.append(f"{len(found)} shuffles in {len({s.where for s in found})} block manager directories, "
-                 f"{sum(s.map_outputs for s in found)} map outputs, {human_bytes(total)}"
-                 + (" (listing stopped at --limit: there is more)" if truncated else ""))
+    lines.append(
+        f"{len(found)} shuffles in {len({s.where for s in found})} block manager directories, "
+        f"{sum(s.map_outputs for s in found)} map outputs, {human_bytes(total)}"
+        + (" (listing stopped at --limit: there is more)" if truncated else "")
+    )
     return "\n".join(lines)
 
 

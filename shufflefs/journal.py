@@ -147,7 +147,7 @@ class Journal:
             moved = [(k, v) for k, v in txn.cursor() if k == src_b or k.startswith(src_b + b"/")]
             for k, v in moved:
                 txn.delete(k)
-                txn.put(dst_b + k[len(src_b):], v)
+                txn.put(dst_b + k[len(src_b) :], v)
 
     def dirs(self) -> list[tuple[str, dict]]:
         """Every recorded directory, parents before children."""
@@ -216,8 +216,10 @@ def open_journal(path: str, *, exclusive: bool):
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 lock.seek(0)
-                raise CacheDirBusy(f"cache dir {path} is in use by a shufflefs daemon (pid "
-                                   f"{lock.read().strip() or '?'}): unmount it first") from None
+                raise CacheDirBusy(
+                    f"cache dir {path} is in use by a shufflefs daemon (pid "
+                    f"{lock.read().strip() or '?'}): unmount it first"
+                ) from None
         try:
             journal = Journal(os.path.join(path, "lmdb"))
         except lmdb.Error as exc:

@@ -6,7 +6,7 @@ come from prometheus_client's standard process collector."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -42,16 +42,24 @@ class MountCollector:
 def families(stats: dict) -> Iterator:
     """The metric families of one snapshot (`shufflefs stats`, plus `fuse.latency`)."""
     fuse, store = stats["fuse"], stats["store"]
-    yield InfoMetricFamily(f"{PREFIX}_mount", "what this mount serves, and how", value={
-        "store": stats["store_url"], "commit": stats["commit"], "fuse_session": fuse["session"],
-        "passthrough": str(fuse["passthrough"]).lower()})
+    yield InfoMetricFamily(
+        f"{PREFIX}_mount",
+        "what this mount serves, and how",
+        value={
+            "store": stats["store_url"],
+            "commit": stats["commit"],
+            "fuse_session": fuse["session"],
+            "passthrough": str(fuse["passthrough"]).lower(),
+        },
+    )
 
     requests = CounterMetricFamily(f"{PREFIX}_fuse_requests", "FUSE requests received, by kind", labels=["kind"])
     for kind, count in sorted(fuse["requests"].items()):
         requests.add_metric([kind.lower()], count)
     yield requests
-    latency = HistogramMetricFamily(f"{PREFIX}_fuse_request_seconds",
-                                    "time the filesystem took to answer a FUSE request, by kind", labels=["kind"])
+    latency = HistogramMetricFamily(
+        f"{PREFIX}_fuse_request_seconds", "time the filesystem took to answer a FUSE request, by kind", labels=["kind"]
+    )
     for kind, observed in sorted(fuse.get("latency", {}).items()):
         cumulative, buckets = 0, []
         for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], observed["buckets"]):
@@ -60,40 +68,55 @@ def families(stats: dict) -> Iterator:
         latency.add_metric([kind.lower()], buckets, observed["sum"])
     yield latency
 
-    store_requests = CounterMetricFamily(f"{PREFIX}_store_requests", "requests sent to the store, by kind",
-                                         labels=["kind"])
+    store_requests = CounterMetricFamily(
+        f"{PREFIX}_store_requests", "requests sent to the store, by kind", labels=["kind"]
+    )
     for name, count in sorted(store.items()):
         if name.endswith("_requests") and name != "failed_requests":
             store_requests.add_metric([name.removesuffix("_requests")], count)
     yield store_requests
-    yield CounterMetricFamily(f"{PREFIX}_store_failed_requests",
-                              "store requests that failed (retried, unless the store refused the operation "
-                              "for good)", value=store.get("failed_requests", 0))
+    yield CounterMetricFamily(
+        f"{PREFIX}_store_failed_requests",
+        "store requests that failed (retried, unless the store refused the operation for good)",
+        value=store.get("failed_requests", 0),
+    )
     transferred = CounterMetricFamily(f"{PREFIX}_store_bytes", "bytes to and from the store", labels=["direction"])
     transferred.add_metric(["up"], store.get("put_bytes", 0))
     transferred.add_metric(["down"], store.get("get_range_bytes", 0))
     yield transferred
-    yield CounterMetricFamily(f"{PREFIX}_store_copied_bytes",
-                              "bytes the store copied itself (no bytes through this node)",
-                              value=store.get("copied_bytes", 0))
+    yield CounterMetricFamily(
+        f"{PREFIX}_store_copied_bytes",
+        "bytes the store copied itself (no bytes through this node)",
+        value=store.get("copied_bytes", 0),
+    )
 
-    yield GaugeMetricFamily(f"{PREFIX}_pending_operations", "store operations waiting or under way "
-                            "(uploads, moves, deletes)", value=stats["pending_ops"])
-    yield GaugeMetricFamily(f"{PREFIX}_pending_upload_bytes", "bytes committed and not yet in the store",
-                            value=stats["pending_put_bytes"])
-    yield GaugeMetricFamily(f"{PREFIX}_oldest_pending_operation_seconds",
-                            "age of the oldest store operation not yet done (0: none)",
-                            value=stats["oldest_pending_seconds"])
-    yield GaugeMetricFamily(f"{PREFIX}_refused_operations",
-                            "operations the store refused for good (kept in the journal; `shufflefs journal`)",
-                            value=stats["refused_ops"])
-    cache = GaugeMetricFamily(f"{PREFIX}_cache_bytes", "bytes of local copies in the cache dir, by state",
-                              labels=["state"])
+    yield GaugeMetricFamily(
+        f"{PREFIX}_pending_operations",
+        "store operations waiting or under way (uploads, moves, deletes)",
+        value=stats["pending_ops"],
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_pending_upload_bytes", "bytes committed and not yet in the store", value=stats["pending_put_bytes"]
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_oldest_pending_operation_seconds",
+        "age of the oldest store operation not yet done (0: none)",
+        value=stats["oldest_pending_seconds"],
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_refused_operations",
+        "operations the store refused for good (kept in the journal; `shufflefs journal`)",
+        value=stats["refused_ops"],
+    )
+    cache = GaugeMetricFamily(
+        f"{PREFIX}_cache_bytes", "bytes of local copies in the cache dir, by state", labels=["state"]
+    )
     cache.add_metric(["waiting_for_upload"], stats["pending_put_bytes"])
     cache.add_metric(["stored_or_scratch"], max(0, stats["cached_bytes"] - stats["pending_put_bytes"]))
     yield cache
-    yield GaugeMetricFamily(f"{PREFIX}_cache_size_bytes", "the cache dir's limit (--cache-size)",
-                            value=stats["cache_size"])
+    yield GaugeMetricFamily(
+        f"{PREFIX}_cache_size_bytes", "the cache dir's limit (--cache-size)", value=stats["cache_size"]
+    )
 
 
 def serve(host: str, port: int, collector: MountCollector):

@@ -62,15 +62,63 @@ OWNER_OPTIONS = ("uid", "gid")
 #: -o options that set the daemon's environment instead of a flag
 ENV_OPTIONS = {"aws_profile": "AWS_PROFILE"}
 #: mount(8)'s and the kernel's generic options: meaningless to shufflefs, accepted and ignored
-GENERIC_OPTIONS = frozenset({
-    "defaults", "rw", "auto", "noauto", "user", "nouser", "users", "nousers", "owner", "noowner", "group",
-    "nogroup", "_netdev", "nofail", "async", "sync", "atime", "noatime", "diratime", "nodiratime", "relatime",
-    "norelatime", "strictatime", "nostrictatime", "lazytime", "nolazytime", "dev", "nodev", "exec", "noexec",
-    "suid", "nosuid", "loud", "silent", "mand", "nomand", "iversion", "noiversion", "allow_other",
-    "default_permissions",
-})
-GENERIC_PREFIXES = ("x-", "comment=", "fsname=", "subtype=", "helper=", "uhelper=", "user=", "context=",
-                    "fscontext=", "defcontext=", "rootcontext=")
+GENERIC_OPTIONS = frozenset(
+    {
+        "defaults",
+        "rw",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "nousers",
+        "owner",
+        "noowner",
+        "group",
+        "nogroup",
+        "_netdev",
+        "nofail",
+        "async",
+        "sync",
+        "atime",
+        "noatime",
+        "diratime",
+        "nodiratime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "lazytime",
+        "nolazytime",
+        "dev",
+        "nodev",
+        "exec",
+        "noexec",
+        "suid",
+        "nosuid",
+        "loud",
+        "silent",
+        "mand",
+        "nomand",
+        "iversion",
+        "noiversion",
+        "allow_other",
+        "default_permissions",
+    }
+)
+GENERIC_PREFIXES = (
+    "x-",
+    "comment=",
+    "fsname=",
+    "subtype=",
+    "helper=",
+    "uhelper=",
+    "user=",
+    "context=",
+    "fscontext=",
+    "defcontext=",
+    "rootcontext=",
+)
 
 
 class HelperError(Exception):
@@ -127,8 +175,11 @@ def parse_invocation(argv: list[str], positionals: int = 2) -> Invocation:
         else:
             positional.append(arg)
     if len(positional) != positionals:
-        raise HelperError("usage: mount.fuse.shufflefs STORE_URL MOUNTPOINT [-o OPTIONS]" if positionals == 2
-                          else "usage: umount.fuse.shufflefs MOUNTPOINT")
+        raise HelperError(
+            "usage: mount.fuse.shufflefs STORE_URL MOUNTPOINT [-o OPTIONS]"
+            if positionals == 2
+            else "usage: umount.fuse.shufflefs MOUNTPOINT"
+        )
     if positionals == 2:
         call.source = positional[0]
     call.mountpoint = positional[-1]
@@ -169,8 +220,9 @@ def translate_options(options: list[str], sloppy: bool = False) -> tuple[list[st
             continue
         if not sloppy:
             known = ", ".join(sorted({*OPTION_FLAGS, *ENV_OPTIONS, *OWNER_OPTIONS} - set(NOT_OPTIONS)))
-            raise HelperError(f"unknown mount option {option!r} (shufflefs options: {known}; "
-                              "mount(8)'s generic ones are ignored)")
+            raise HelperError(
+                f"unknown mount option {option!r} (shufflefs options: {known}; mount(8)'s generic ones are ignored)"
+            )
     if owner:
         uid = owner.get("uid", owner.get("gid"))
         flags += ["--owner", f"{uid}:{owner.get('gid', uid)}"]

@@ -10,7 +10,7 @@ import argparse
 import fractions
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$")
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -100,7 +100,7 @@ def parse_id(text: str) -> int:
         raise argparse.ArgumentTypeError("use a number")
     value = int(text)
     if value >= NO_ID:
-        raise argparse.ArgumentTypeError(f"ids are at most {NO_ID - 1} ({NO_ID} is the kernel's \"no id\")")
+        raise argparse.ArgumentTypeError(f'ids are at most {NO_ID - 1} ({NO_ID} is the kernel\'s "no id")')
     return value
 
 
@@ -129,6 +129,7 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+
 class CommandError(Exception):
     """A command failed for a reason the user can act on: one line, exit status 1."""
 
@@ -146,51 +147,102 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `shufflefs mount` (and of the mount(8) helper's -o options)."""
     parser.add_argument("store_url", metavar="STORE_URL")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT")
-    parser.add_argument("--cache-dir", help="staging files, cache and LMDB (default: "
-                        "/var/lib/shufflefs/<mountpoint> as root, else $XDG_STATE_HOME/shufflefs/<mountpoint>)")
-    parser.add_argument("--cache-size", type=parse_size,
-                        help="bound on local bytes (staging + cache), e.g. 20G "
-                             "(default: 80%% of the free space where --cache-dir is)")
-    parser.add_argument("--commit", choices=COMMIT_MODES, default="sync",
-                        help="sync: the rename/close that commits a shuffle file returns once it is "
-                             "stored; async: returns at once, uploads continue and are drained at "
-                             "unmount (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        help="staging files, cache and LMDB (default: "
+        "/var/lib/shufflefs/<mountpoint> as root, else $XDG_STATE_HOME/shufflefs/<mountpoint>)",
+    )
+    parser.add_argument(
+        "--cache-size",
+        type=parse_size,
+        help="bound on local bytes (staging + cache), e.g. 20G (default: 80%% of the free space where --cache-dir is)",
+    )
+    parser.add_argument(
+        "--commit",
+        choices=COMMIT_MODES,
+        default="sync",
+        help="sync: the rename/close that commits a shuffle file returns once it is "
+        "stored; async: returns at once, uploads continue and are drained at "
+        "unmount (default: %(default)s)",
+    )
     add_s3_endpoint_argument(parser)
-    parser.add_argument("--upload-workers", type=worker_count, default=8,
-                        help=f"store requests in flight at once, at most {MAX_WORKERS} (default: %(default)s)")
-    parser.add_argument("--owner", type=parse_owner, metavar="UID[:GID]",
-                        help="owner of the mount's root and of what is learned from the store, e.g. 185:185 "
-                             "for the user of Spark's container images (default: the daemon's user)")
-    parser.add_argument("--leave-mount", action="store_true",
-                        help="on SIGTERM/SIGINT, drain and exit but leave the mount, dead, for the next "
-                             "`shufflefs mount` here to mount over: containers that bound the mountpoint "
-                             "keep working across a restart (the Kubernetes DaemonSet uses it); "
-                             "`shufflefs umount` still removes it")
-    parser.add_argument("--late-window", type=positive_seconds, default=120.0, metavar="SECONDS",
-                        help="how long after a store request failed (timed out, or its daemon died) the "
-                             "store may still apply it; a put that may land after its file was deleted is "
-                             "looked for and removed this long after the delete (default: %(default)g)")
-    parser.add_argument("--executor-lease", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long after this node's daemon last renewed its lease in the store its Spark "
-                             "executors count as lost, and their map outputs may be adopted by executors on "
-                             "other nodes (Spark's recovery plugin; docs/RECOVERY.md) (default: %(default)g)")
-    parser.add_argument("--heartbeat", type=positive_seconds, default=60.0, metavar="SECONDS",
-                        help="how often this mount renews its record in the store of the Spark block manager "
-                             "directories it holds; `shufflefs gc` never removes what a mount renewed lately "
-                             "(docs/GC.md) (default: %(default)g)")
-    parser.add_argument("--store-timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
-                        help="longest a file operation waits for the store: a read or listing of what only "
-                             "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
-                             "on in the background) (default: %(default)g)")
-    parser.add_argument("--metrics-addr", type=parse_metrics_addr, metavar="[HOST]:PORT",
-                        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: default all "
-                             "addresses; default: not served)")
-    parser.add_argument("--fuse", choices=FUSE_SESSIONS, default="own",
-                        help="the FUSE session: 'own' speaks the kernel protocol itself (fast); 'pyfuse3' is "
-                             "the portable one through libfuse (default: %(default)s)")
-    parser.add_argument("--no-passthrough", dest="passthrough", action="store_false",
-                        help="with --fuse own: serve every read and write in the daemon, even where the kernel "
-                             "could pass them through to local files (FUSE passthrough, Linux 6.9+, as root)")
+    parser.add_argument(
+        "--upload-workers",
+        type=worker_count,
+        default=8,
+        help=f"store requests in flight at once, at most {MAX_WORKERS} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--owner",
+        type=parse_owner,
+        metavar="UID[:GID]",
+        help="owner of the mount's root and of what is learned from the store, e.g. 185:185 "
+        "for the user of Spark's container images (default: the daemon's user)",
+    )
+    parser.add_argument(
+        "--leave-mount",
+        action="store_true",
+        help="on SIGTERM/SIGINT, drain and exit but leave the mount, dead, for the next "
+        "`shufflefs mount` here to mount over: containers that bound the mountpoint "
+        "keep working across a restart (the Kubernetes DaemonSet uses it); "
+        "`shufflefs umount` still removes it",
+    )
+    parser.add_argument(
+        "--late-window",
+        type=positive_seconds,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long after a store request failed (timed out, or its daemon died) the "
+        "store may still apply it; a put that may land after its file was deleted is "
+        "looked for and removed this long after the delete (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--executor-lease",
+        type=positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long after this node's daemon last renewed its lease in the store its Spark "
+        "executors count as lost, and their map outputs may be adopted by executors on "
+        "other nodes (Spark's recovery plugin; docs/RECOVERY.md) (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often this mount renews its record in the store of the Spark block manager "
+        "directories it holds; `shufflefs gc` never removes what a mount renewed lately "
+        "(docs/GC.md) (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--store-timeout",
+        type=positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="longest a file operation waits for the store: a read or listing of what only "
+        "the store has, and a sync commit's upload, then fail with EIO (the upload goes "
+        "on in the background) (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--metrics-addr",
+        type=parse_metrics_addr,
+        metavar="[HOST]:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST: default all addresses; default: not served)",
+    )
+    parser.add_argument(
+        "--fuse",
+        choices=FUSE_SESSIONS,
+        default="own",
+        help="the FUSE session: 'own' speaks the kernel protocol itself (fast); 'pyfuse3' is "
+        "the portable one through libfuse (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-passthrough",
+        dest="passthrough",
+        action="store_false",
+        help="with --fuse own: serve every read and write in the daemon, even where the kernel "
+        "could pass them through to local files (FUSE passthrough, Linux 6.9+, as root)",
+    )
     parser.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
     parser.add_argument("--log-file", help="log file of the background daemon (default: <cache-dir>/shufflefs.log)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")

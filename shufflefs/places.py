@@ -16,7 +16,7 @@ import re
 import stat
 import subprocess
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ def default_cache_dir(mountpoint: str) -> str:
     if os.geteuid() == 0:
         base = "/var/lib/shufflefs"
     else:
-        base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"),
-                            "shufflefs")
+        base = os.path.join(os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "shufflefs")
     name = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
     return os.path.join(base, name)
 
@@ -62,15 +61,17 @@ def private_dir(path: str, what: str, ours: Callable[[str], bool] = lambda path:
     if not stat.S_ISDIR(info.st_mode):
         raise SetupError(f"{what} {path} is not a directory (a symlink?); remove it or use another")
     if info.st_uid != os.geteuid():
-        raise SetupError(f"{what} {path} belongs to uid {info.st_uid}, not to this user "
-                         f"({os.geteuid()}); remove it or use another")
+        raise SetupError(
+            f"{what} {path} belongs to uid {info.st_uid}, not to this user ({os.geteuid()}); remove it or use another"
+        )
     if mode & 0o022:
-        raise SetupError(f"{what} {path} is writable by other users (mode {mode:04o}); "
-                         f"remove it or use another")
+        raise SetupError(f"{what} {path} is writable by other users (mode {mode:04o}); remove it or use another")
     if mode != 0o700:
         if not ours(path):
-            raise SetupError(f"{what} {path} is readable by other users (mode {mode:04o}) and holds "
-                             f"more than shufflefs' files; use a directory of its own")
+            raise SetupError(
+                f"{what} {path} is readable by other users (mode {mode:04o}) and holds "
+                f"more than shufflefs' files; use a directory of its own"
+            )
         os.chmod(path, 0o700)
     return path
 
@@ -168,8 +169,7 @@ def clear_stale_mount(mountpoint: str, *, quiet: bool = False) -> bool:
                 return True
         except FileNotFoundError:
             continue
-    raise SetupError(f"{mountpoint} is a stale shufflefs mount and could not be detached; "
-                     f"try: umount -l {mountpoint}")
+    raise SetupError(f"{mountpoint} is a stale shufflefs mount and could not be detached; try: umount -l {mountpoint}")
 
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")

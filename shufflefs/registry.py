@@ -23,7 +23,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from shufflefs.callers import Executor
 from shufflefs.stores import ABSENT, ObjectMissing, PreconditionFailed, Store
@@ -56,8 +56,9 @@ class Registry:
         executor died."""
         if not self.leased:
             self.renew_lease()
-        self._put(_dir_key(executor.app_id, key),
-                  {"dir": key, "executor": executor.record(), "node": self.node, "dead": dead})
+        self._put(
+            _dir_key(executor.app_id, key), {"dir": key, "executor": executor.record(), "node": self.node, "dead": dead}
+        )
 
     def renew_lease(self) -> None:
         self._put(f"{RESERVED}/nodes/{self.node}", {"renewed": time.time(), "lease": self.lease})
@@ -76,12 +77,23 @@ class Registry:
             return False
         if not self.claim(key, viewer):
             return False
-        log.info("executor %s of %s adopts %s of %s executor %s of node %s", viewer.executor_id, viewer.app_id,
-                 key, "dead" if record.get("dead") else "lost", record["executor"]["executor"], record["node"])
+        log.info(
+            "executor %s of %s adopts %s of %s executor %s of node %s",
+            viewer.executor_id,
+            viewer.app_id,
+            key,
+            "dead" if record.get("dead") else "lost",
+            record["executor"]["executor"],
+            record["node"],
+        )
         return True
 
-    def claim(self, key: str, viewer: Executor, replaceable: Callable[[Executor, str], bool] = lambda *_: False,
-              ) -> bool:
+    def claim(
+        self,
+        key: str,
+        viewer: Executor,
+        replaceable: Callable[[Executor, str], bool] = lambda *_: False,
+    ) -> bool:
         """Claim the block manager directory `key` for `viewer`, unless another executor has:
         of several claiming at once, on any nodes, exactly one wins. A claim that
         `replaceable(adopter, node)` says is void (its adopter died) is taken over."""
@@ -96,8 +108,11 @@ class Registry:
         current = self._get(claim_key)
         if current == mine:
             return True
-        if info is None or current is None or not replaceable(Executor.from_record(current["adopter"]),
-                                                               current["node"]):
+        if (
+            info is None
+            or current is None
+            or not replaceable(Executor.from_record(current["adopter"]), current["node"])
+        ):
             return False
         try:
             self._put(claim_key, mine, expect=info.version)

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
@@ -57,9 +57,16 @@ class Op:
     for good, or has failed `max_attempts` times (then `error` is set and retries go on in the
     background)."""
 
-    def __init__(self, kind: str, key: str, *, dst: str | None = None,
-                 staging: StagingFile | None = None, tokens: list[str] | None = None,
-                 hints: dict[str, str | None] | None = None):
+    def __init__(
+        self,
+        kind: str,
+        key: str,
+        *,
+        dst: str | None = None,
+        staging: StagingFile | None = None,
+        tokens: list[str] | None = None,
+        hints: dict[str, str | None] | None = None,
+    ):
         self.kind = kind
         self.key = key
         self.dst = dst
@@ -125,9 +132,18 @@ class Op:
 
 
 class Remote:
-    def __init__(self, store: Store, journal: Journal, *, workers: int = 8, max_attempts: int = 6,
-                 late_window: float = LATE_WINDOW, request_timeout: float = REQUEST_TIMEOUT,
-                 on_put_done: Callable[[Op], None] | None = None, on_failed: Callable[[Op], None] | None = None):
+    def __init__(
+        self,
+        store: Store,
+        journal: Journal,
+        *,
+        workers: int = 8,
+        max_attempts: int = 6,
+        late_window: float = LATE_WINDOW,
+        request_timeout: float = REQUEST_TIMEOUT,
+        on_put_done: Callable[[Op], None] | None = None,
+        on_failed: Callable[[Op], None] | None = None,
+    ):
         self.store = store
         self.journal = journal
         self.max_attempts = max_attempts
@@ -177,8 +193,15 @@ class Remote:
         nursery.start_soon(self._delete_batcher)
 
     # -- issuing operations (synchronous: safe to call between two awaits of a handler)
-    def put(self, key: str, staging: StagingFile, *, replaces: str | None = None,
-            copy_of: tuple[str, str | None, StagingFile] | None = None, compared: bool = False) -> Op:
+    def put(
+        self,
+        key: str,
+        staging: StagingFile,
+        *,
+        replaces: str | None = None,
+        copy_of: tuple[str, str | None, StagingFile] | None = None,
+        compared: bool = False,
+    ) -> Op:
         """Store `staging` at `key`; `replaces`: the version there now, if known. `copy_of`:
         (key, version if known, local copy) of a committed file that may hold the same bytes
         (a decommission's fallback copy, docs/RECOVERY.md): if the store can copy, the local
@@ -203,8 +226,7 @@ class Remote:
     def resume(self, seq: int, record: dict, staging: StagingFile | None) -> Op:
         """Re-issue an operation found in the journal at start-up (keeps its journal entry).
         The dead daemon's attempts at it may still be on their way to the store."""
-        op = Op(record["kind"], record["key"], dst=record.get("dst"), staging=staging,
-                tokens=record.get("tokens"))
+        op = Op(record["kind"], record["key"], dst=record.get("dst"), staging=staging, tokens=record.get("tokens"))
         op.token = record.get("token", "")
         op.not_before = record.get("not_before", 0.0)
         if record.get("in_flight"):
@@ -265,8 +287,9 @@ class Remote:
                 # daemon no longer knows to look for it: until it finished here, the journal
                 # keeps its token for the next daemon, which sweeps the key a late window after
                 # it started
-                self.journal.rewrite_op(op.seq, {"kind": "sweep", "key": op.key, "tokens": [op.token],
-                                                 "in_flight": True})
+                self.journal.rewrite_op(
+                    op.seq, {"kind": "sweep", "key": op.key, "tokens": [op.token], "in_flight": True}
+                )
             else:
                 # an attempt cut short by a crash may leave what the store staged it under (the
                 # file store's temporary file): until it finished here, the journal keeps what
@@ -330,8 +353,9 @@ class Remote:
         delay = BACKOFF_FIRST
         for attempt in range(1, attempts + 1):
             try:
-                result = await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs),
-                                                       limiter=self._read_limiter, abandon_on_cancel=True)
+                result = await trio.to_thread.run_sync(
+                    functools.partial(fn, *args, **kwargs), limiter=self._read_limiter, abandon_on_cancel=True
+                )
             except ObjectMissing:
                 self.stats[f"{fn.__name__}_requests"] += 1
                 raise
@@ -379,8 +403,7 @@ class Remote:
         if op.cancelled and op.kind == "put":
             if op.uncertain:  # resumed after a crash: its interrupted attempt may have left debris
                 try:
-                    await trio.to_thread.run_sync(self.store.discard_put, op.key, op.token,
-                                                  limiter=self._limiter)
+                    await trio.to_thread.run_sync(self.store.discard_put, op.key, op.token, limiter=self._limiter)
                 except StoreError as exc:
                     log.warning("%r: %s", op, exc)
             self._finish(op)
@@ -395,8 +418,7 @@ class Remote:
             version = await self._attempt([op], self._blocking_put, op, self._write_expectation(op, op.key))
         else:
             source = op.expects.get(op.key) if self.store.conditional else None
-            version = await self._attempt([op], self._blocking_move, op, source,
-                                          self._write_expectation(op, op.dst))
+            version = await self._attempt([op], self._blocking_move, op, source, self._write_expectation(op, op.dst))
         if version is _NOT_DONE:
             return
         op.version = version
@@ -419,8 +441,9 @@ class Remote:
             try:
                 if copy:
                     try:
-                        version = self.store.copy(op.source, op.key, expect_src=source_version, expect_dst=expect,
-                                                  token=op.token)
+                        version = self.store.copy(
+                            op.source, op.key, expect_src=source_version, expect_dst=expect, token=op.token
+                        )
                         op.copied = True
                         return version
                     except ObjectMissing:
@@ -464,8 +487,7 @@ class Remote:
             expect_src = source.version if source is not None else None
         for _ in range(MAX_CONFLICTS):
             try:
-                return self.store.move(op.key, op.dst, expect_src=expect_src, expect_dst=expect_dst,
-                                       token=op.token)
+                return self.store.move(op.key, op.dst, expect_src=expect_src, expect_dst=expect_dst, token=op.token)
             except (PreconditionFailed, ObjectMissing) as exc:
                 landed = self.store.head(op.dst)
                 if landed is not None and op.token and landed.token == op.token:
@@ -478,8 +500,9 @@ class Remote:
                 if source is None:
                     raise ObjectMissing(op.key) from None
                 if expect_src not in (None, ABSENT, source.version):
-                    raise StoreError(f"not moving {op.key!r} to {op.dst!r}: another writer replaced it",
-                                     transient=False) from None
+                    raise StoreError(
+                        f"not moving {op.key!r} to {op.dst!r}: another writer replaced it", transient=False
+                    ) from None
                 expect_src = source.version if self.store.conditional else None
                 expect_dst = landed.version if landed is not None else ABSENT
         raise StoreError(f"{op.dst!r} kept changing while {op.key!r} was being moved there")
@@ -515,8 +538,9 @@ class Remote:
             failed = {}
             for key in keys:
                 try:
-                    failed.update(self.store.delete_many([key], expect={key: conditions[key]} if key in conditions
-                                                         else None))
+                    failed.update(
+                        self.store.delete_many([key], expect={key: conditions[key]} if key in conditions else None)
+                    )
                 except StoreError as single:
                     if single.transient:
                         raise
@@ -579,8 +603,11 @@ class Remote:
                 error = failed[remaining[0].key]
                 self.stats["failed_requests"] += 1
                 if self.draining and attempt >= self.max_attempts:
-                    log.error("giving up on %d deletes while draining, kept in the journal for the next "
-                              "mount: %s", len(remaining), error)
+                    log.error(
+                        "giving up on %d deletes while draining, kept in the journal for the next mount: %s",
+                        len(remaining),
+                        error,
+                    )
                     self._give_up(remaining)
                     return
                 log.warning("%d deletes failed, retrying them: %s", len(remaining), error)
@@ -599,8 +626,9 @@ class Remote:
         def sweep() -> None:
             info = self.store.head(op.key)
             if info is not None and info.token in op.tokens:
-                log.warning("removing %s: a write of this mount's that is no longer wanted reached the store "
-                            "late", op.key)
+                log.warning(
+                    "removing %s: a write of this mount's that is no longer wanted reached the store late", op.key
+                )
                 self._blocking_delete_stale(op.key, info.version)
                 self.stats["swept_keys"] += 1
 
@@ -666,8 +694,12 @@ class Remote:
                         op.error = error
                         op.settled.set()
                 if self.draining:
-                    log.error("giving up on %d operation(s) while draining, kept in the journal "
-                              "for the next mount: %r: %s", len(ops), ops[0], error)
+                    log.error(
+                        "giving up on %d operation(s) while draining, kept in the journal for the next mount: %r: %s",
+                        len(ops),
+                        ops[0],
+                        error,
+                    )
                     self._give_up(ops)
                     return _NOT_DONE
             await self._backoff(ops, delay, attempt)

@@ -45,11 +45,21 @@ class MapOutput:
     problems: list[str] = field(default_factory=list)
 
     def report(self) -> dict:
-        return {"index": self.index, "shuffle": self.shuffle, "map": self.map, "reduce": self.reduce,
-                "data": self.data, "data_bytes": self.data_size, "checksum": self.checksum,
-                "algorithm": self.algorithm, "problems": self.problems,
-                "partitions": [{"partition": n, "offset": p.offset, "length": p.length, "checksum_ok": p.checksum_ok}
-                               for n, p in enumerate(self.partitions)]}
+        return {
+            "index": self.index,
+            "shuffle": self.shuffle,
+            "map": self.map,
+            "reduce": self.reduce,
+            "data": self.data,
+            "data_bytes": self.data_size,
+            "checksum": self.checksum,
+            "algorithm": self.algorithm,
+            "problems": self.problems,
+            "partitions": [
+                {"partition": n, "offset": p.offset, "length": p.length, "checksum_ok": p.checksum_ok}
+                for n, p in enumerate(self.partitions)
+            ],
+        }
 
 
 def companions(index: str, pattern: str) -> list[str]:
@@ -113,8 +123,9 @@ def _check(output: MapOutput, path: str) -> None:
         output.problems.append(f"cannot read {path}: {exc.strerror}")
         return
     if len(raw) != 8 * len(output.partitions):
-        output.problems.append(f"the checksum file is {len(raw)} bytes, not 8 for each of "
-                               f"{len(output.partitions)} partitions")
+        output.problems.append(
+            f"the checksum file is {len(raw)} bytes, not 8 for each of {len(output.partitions)} partitions"
+        )
         return
     if output.algorithm not in CHECKSUMS:
         return  # not computable here: reported as not checked
@@ -137,20 +148,26 @@ def _check(output: MapOutput, path: str) -> None:
         return
     bad = [n for n, p in enumerate(output.partitions) if p.checksum_ok is False]
     if bad:
-        output.problems.append(f"{len(bad)} partitions do not match their {output.algorithm} checksums "
-                               f"(first: {bad[0]})")
+        output.problems.append(
+            f"{len(bad)} partitions do not match their {output.algorithm} checksums (first: {bad[0]})"
+        )
 
 
 def render(output: MapOutput) -> str:
     total = sum(p.length for p in output.partitions)
-    lines = [f"shuffle {output.shuffle}, map {output.map}, reduce {output.reduce}: "
-             f"{len(output.partitions)} partitions, {total} bytes ({output.index})"]
+    lines = [
+        f"shuffle {output.shuffle}, map {output.map}, reduce {output.reduce}: "
+        f"{len(output.partitions)} partitions, {total} bytes ({output.index})"
+    ]
     if output.data is not None:
         lines.append(f"data:      {output.data}, {output.data_size} bytes")
     if output.checksum is not None:
         checked = [p for p in output.partitions if p.checksum_ok is not None]
-        verdict = (f"{sum(p.checksum_ok for p in checked)} of {len(output.partitions)} partitions match"
-                   if checked else "not checked here")
+        verdict = (
+            f"{sum(p.checksum_ok for p in checked)} of {len(output.partitions)} partitions match"
+            if checked
+            else "not checked here"
+        )
         lines.append(f"checksums: {output.checksum} ({output.algorithm}): {verdict}")
     for problem in output.problems:
         lines.append(f"problem:   {problem}")

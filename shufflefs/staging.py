@@ -31,7 +31,7 @@ READY_FILES = 64
 class StagingFile:
     __slots__ = ("area", "path", "size", "refs", "shared", "_fd")
 
-    def __init__(self, area: "StagingArea", path: str, size: int):
+    def __init__(self, area: StagingArea, path: str, size: int):
         self.area = area
         self.path = path
         self.size = size
@@ -55,7 +55,7 @@ class StagingFile:
         self.area.bytes += new_size - self.size
         self.size = new_size
 
-    def ref(self) -> "StagingFile":
+    def ref(self) -> StagingFile:
         self.refs += 1
         return self
 

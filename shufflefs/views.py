@@ -15,7 +15,8 @@ Kernel-free: the core asks; liveness and identity come from Callers (/proc).
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 
@@ -31,7 +32,7 @@ class Dir(Protocol):
     name: str
     linked: bool
     registered: bool
-    parent: "Dir | None"
+    parent: Dir | None
     children: dict | None
     subdirs: int
     created_here: bool
@@ -113,8 +114,11 @@ class Views:
             try:
                 await self.call(self.registry.renew_lease, what="renewing the node's lease")
             except StoreError as exc:
-                log.warning("could not renew this node's lease (%s): if it runs out, executors "
-                            "elsewhere may adopt this node's map outputs", exc)
+                log.warning(
+                    "could not renew this node's lease (%s): if it runs out, executors "
+                    "elsewhere may adopt this node's map outputs",
+                    exc,
+                )
             await self._tell_deaths()
             await trio.sleep(self.registry.lease / 3)
 
@@ -131,8 +135,9 @@ class Views:
                 continue
             del self._watched[key]
 
-    async def entries(self, directory: Dir, entries: list[tuple[str, Dir]], caller: int,
-                      key_of: Callable[[Dir], str]) -> tuple[list, list[Dir]]:
+    async def entries(
+        self, directory: Dir, entries: list[tuple[str, Dir]], caller: int, key_of: Callable[[Dir], str]
+    ) -> tuple[list, list[Dir]]:
         """The entries of `directory` the caller may list, and the directories of this mount
         whose record changed (adopted, or told to other mounts) by listing them."""
         holder = _block_manager_dir_of(directory)
@@ -197,8 +202,13 @@ class Views:
                 return False
         directory.adopter = viewer
         adopted.append(directory)
-        log.info("executor %s of %s adopts %s of dead executor %s", viewer.executor_id, viewer.app_id,
-                 directory.name, owner.executor_id)
+        log.info(
+            "executor %s of %s adopts %s of dead executor %s",
+            viewer.executor_id,
+            viewer.app_id,
+            directory.name,
+            owner.executor_id,
+        )
         return True
 
     @staticmethod
@@ -214,8 +224,13 @@ class Views:
         if not (moved.endswith(".data") and is_durable(moved)):
             return holder, []
         checksums = moved.removesuffix(".data") + ".checksum."
-        return holder, [(sub, name) for sub in [holder, *holder.children.values()] if sub.children
-                        for name in sub.children if name.startswith(checksums)]
+        return holder, [
+            (sub, name)
+            for sub in [holder, *holder.children.values()]
+            if sub.children
+            for name in sub.children
+            if name.startswith(checksums)
+        ]
 
     def _died_here(self, adopter: Executor, node: str) -> bool:
         """(worker thread) Whether a claim's adopter is a dead executor of this node."""
@@ -229,4 +244,3 @@ def _block_manager_dir_of(directory: Dir) -> Dir | None:
             return node
         node = node.parent
     return None
-

@@ -10,8 +10,8 @@ A wait nobody announced is still correct: it only holds up the requests behind i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Callable
 
 # per task: trio gives each task a copy of the context of the task that started it
 _hand_off: ContextVar[Callable[[], None] | None] = ContextVar("hand_off", default=None)

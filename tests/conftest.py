@@ -18,10 +18,10 @@ REAL_DAOS_POOL = os.environ.get("SHUFFLEFS_DAOS_POOL")
 if not REAL_DAOS_POOL:
     sys.path.insert(0, FAKE_PYDAOS)
 
+from shufflefs.fuse.mount import unescape  # noqa: E402
 from shufflefs.testing.corefs import Env  # noqa: E402
 from shufflefs.testing.logcheck import fail_on_logged_errors, pytest_configure  # noqa: E402,F401 (an autouse fixture, its marker)
 from shufflefs.testing.mounting import Mount  # noqa: E402
-from shufflefs.fuse.mount import unescape  # noqa: E402
 from shufflefs.testing.servers import SeaweedS3  # noqa: E402
 
 
@@ -104,6 +104,7 @@ def daos(tmp_path_factory):
         yield DaosTarget(REAL_DAOS_POOL, container, {})
         return
     from pydaos import _fake
+
     directory = str(tmp_path_factory.mktemp("daos-system"))
     _fake.create_system(directory)
     previous = os.environ.get("FAKE_PYDAOS_DIR")
@@ -111,8 +112,10 @@ def daos(tmp_path_factory):
     try:
         _fake.create_pool("tank")
         _fake.create_container("tank", "shuffle")
-        env = {"FAKE_PYDAOS_DIR": directory,
-               "PYTHONPATH": os.pathsep.join(filter(None, [FAKE_PYDAOS, os.environ.get("PYTHONPATH")]))}
+        env = {
+            "FAKE_PYDAOS_DIR": directory,
+            "PYTHONPATH": os.pathsep.join(filter(None, [FAKE_PYDAOS, os.environ.get("PYTHONPATH")])),
+        }
         yield DaosTarget("tank", "shuffle", env, _fake)
     finally:
         if previous is None:

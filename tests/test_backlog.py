@@ -43,4 +43,5 @@ async def test_the_warning_comes_once_and_the_recovery_is_said(autojump_clock, c
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("uploads are falling behind: 1 store operations pending")
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
-        "uploads caught up: 0 store operations pending"]
+        "uploads caught up: 0 store operations pending"
+    ]

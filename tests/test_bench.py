@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from shufflefs.testing.mounting import Mount, run_cli
 from shufflefs.bench import BenchError, ShuffleRun, Workload, bucket_of, java_string_hash
+from shufflefs.testing.mounting import Mount, run_cli
 
 SMALL = ["--mappers", "12", "--reducers", "5", "--block-size", "3000", "--pool-size", "3"]
 
@@ -77,11 +77,14 @@ def test_bench_catches_bytes_that_read_back_wrong(tmp_path):
         run._timed("read", 12, run._in_parallel("read", run.read_blocks, 4, 60000, True))
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["/nonexistent-dir"], "DIR /nonexistent-dir is not a directory"),
-    (["{tmp}", "--compare", "{tmp}"], "--compare must be another directory than DIR"),
-    (["{tmp}", "--compare", "/nonexistent-dir"], "--compare /nonexistent-dir is not a directory"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["/nonexistent-dir"], "DIR /nonexistent-dir is not a directory"),
+        (["{tmp}", "--compare", "{tmp}"], "--compare must be another directory than DIR"),
+        (["{tmp}", "--compare", "/nonexistent-dir"], "--compare /nonexistent-dir is not a directory"),
+    ],
+)
 def test_bench_refuses_bad_input_in_one_line(tmp_path, args, needle):
     result = run_cli("bench", *[a.format(tmp=tmp_path) for a in args])
     assert result.returncode == 1

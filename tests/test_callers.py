@@ -26,10 +26,25 @@ time.sleep(60)
 @pytest.fixture
 def executor_process():
     process = subprocess.Popen(
-        [sys.executable, "-c", FAKE_EXECUTOR, "org.apache.spark.executor.CoarseGrainedExecutorBackend",
-         "--driver-url", "spark://CoarseGrainedScheduler@127.0.0.1:1", "--executor-id", "7",
-         "--hostname", "127.0.0.2", "--cores", "1", "--app-id", "app-20261207000000-0003"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            FAKE_EXECUTOR,
+            "org.apache.spark.executor.CoarseGrainedExecutorBackend",
+            "--driver-url",
+            "spark://CoarseGrainedScheduler@127.0.0.1:1",
+            "--executor-id",
+            "7",
+            "--hostname",
+            "127.0.0.2",
+            "--cores",
+            "1",
+            "--app-id",
+            "app-20261207000000-0003",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         thread_id = int(process.stdout.readline())
         yield process, thread_id
@@ -57,7 +72,7 @@ def test_other_processes_and_invisible_callers_are_no_executor():
     callers = Callers()
     assert callers.executor_of(os.getpid()) is None  # pytest: no executor arguments
     assert callers.executor_of(0) is None  # a caller outside the daemon's pid namespace
-    assert callers.executor_of(2 ** 22 + 12345) is None  # no such process
+    assert callers.executor_of(2**22 + 12345) is None  # no such process
     with subprocess.Popen(["sleep", "30", "--app-id", "a"]) as half:  # one of the two arguments
         try:
             time.sleep(0.05)

@@ -37,14 +37,17 @@ def mount_cli(store_url, mountpoint, cache_dir, *extra, env=None):
     return run_cli("mount", store_url, str(mountpoint), "--cache-dir", str(cache_dir), *extra, env=env)
 
 
-@pytest.mark.parametrize("url, needle", [
-    ("ftp://host/x", "unsupported store URL scheme 'ftp'"),
-    ("just-a-path", "has no scheme"),
-    ("just-a-path", "daos://"),
-    ("file://relative/dir", "file:///absolute/path"),
-    ("s3://", "bucket"),
-    ("s3://[bad", "malformed store URL"),
-])
+@pytest.mark.parametrize(
+    "url, needle",
+    [
+        ("ftp://host/x", "unsupported store URL scheme 'ftp'"),
+        ("just-a-path", "has no scheme"),
+        ("just-a-path", "daos://"),
+        ("file://relative/dir", "file:///absolute/path"),
+        ("s3://", "bucket"),
+        ("s3://[bad", "malformed store URL"),
+    ],
+)
 def test_bad_store_url(tmp_path, mnt, url, needle):
     assert_refused(mount_cli(url, mnt, tmp_path / "cache"), mnt, needle)
 
@@ -61,8 +64,12 @@ def test_unreachable_endpoint(tmp_path, mnt, s3_env):
 
 def test_missing_bucket(tmp_path, mnt, s3_env):
     env = {**os.environ, **s3_env}
-    assert_refused(mount_cli("s3://no-such-bucket-here", mnt, tmp_path / "cache", env=env), mnt,
-                   "no-such-bucket-here", "does not exist")
+    assert_refused(
+        mount_cli("s3://no-such-bucket-here", mnt, tmp_path / "cache", env=env),
+        mnt,
+        "no-such-bucket-here",
+        "does not exist",
+    )
 
 
 def test_bad_credentials(tmp_path, mnt, s3_env, bucket):
@@ -117,16 +124,18 @@ def test_next_mount_covers_a_stale_mount_and_umount_clears_them(tmp_path, file_s
         mount.kill_only()  # two dead mounts stacked
         result = run_cli("umount", mount.path)
         assert result.returncode == 0  # umount clears them all, and says so once
-        assert result.stderr.strip().splitlines() == [f"shufflefs: {mount.path} was a stale mount (no daemon); "
-                                                      "unmounted it"], result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"shufflefs: {mount.path} was a stale mount (no daemon); unmounted it"
+        ], result.stderr
         assert not is_mounted(mount.path)
 
 
 def test_cache_dir_in_use(tmp_path, file_mount, file_store):
     other = tmp_path / "other"
     other.mkdir()
-    assert_refused(mount_cli(f"file://{file_store}", other, file_mount.cache_dir), other,
-                   "in use by another shufflefs daemon")
+    assert_refused(
+        mount_cli(f"file://{file_store}", other, file_mount.cache_dir), other, "in use by another shufflefs daemon"
+    )
 
 
 def test_cache_dir_of_another_store(tmp_path, mnt, file_store):
@@ -149,8 +158,12 @@ def test_store_directory_and_cache_dir_apart(tmp_path, mnt, layout):
     staging files through the mount."""
     store = tmp_path / "cache" / "store" if layout == "cache-holds-store" else tmp_path / "store"
     store.mkdir(parents=True)
-    cache = {"same": store, "store-holds-cache": store / "cache", "cache-holds-store": tmp_path / "cache",
-             "symlink": tmp_path / "link-to-store"}[layout]
+    cache = {
+        "same": store,
+        "store-holds-cache": store / "cache",
+        "cache-holds-store": tmp_path / "cache",
+        "symlink": tmp_path / "link-to-store",
+    }[layout]
     if layout == "symlink":  # real paths are compared
         cache.symlink_to(store)
     assert_refused(mount_cli(f"file://{store}", mnt, cache), mnt, "overlap")
@@ -162,8 +175,11 @@ def test_store_directory_and_cache_dir_apart(tmp_path, mnt, layout):
 def test_log_file_inside_the_store_is_refused(tmp_path, mnt, file_store):
     """The mount would show the daemon's log, deletable through it."""
     log = file_store / "shufflefs.log"
-    assert_refused(mount_cli(f"file://{file_store}", mnt, tmp_path / "cache", "--log-file", str(log)), mnt,
-                   "inside the store directory")
+    assert_refused(
+        mount_cli(f"file://{file_store}", mnt, tmp_path / "cache", "--log-file", str(log)),
+        mnt,
+        "inside the store directory",
+    )
     assert os.listdir(file_store) == []
 
 
@@ -177,17 +193,24 @@ def test_credentials_in_the_store_url_never_reach_the_daemon(tmp_path, mnt):
 def test_mountpoint_inside_the_store_or_cache_dir(tmp_path, file_store):
     inside_store = file_store / "mnt"
     inside_store.mkdir()
-    assert_refused(mount_cli(f"file://{file_store}", inside_store, tmp_path / "cache"), inside_store,
-                   "inside the store directory")
+    assert_refused(
+        mount_cli(f"file://{file_store}", inside_store, tmp_path / "cache"), inside_store, "inside the store directory"
+    )
     cache = tmp_path / "cache"
     inside_cache = cache / "mnt"
     inside_cache.mkdir(parents=True)
     assert_refused(mount_cli(f"file://{file_store}", inside_cache, cache), inside_cache, "inside the cache dir")
 
 
-@pytest.mark.parametrize("endpoint", ["http://user:s3cr3t-pw@127.0.0.1:9",
-                                      "http://s3cr3t-pw@127.0.0.1:9", "user:s3cr3t-pw@127.0.0.1:9",
-                                      "http://user:s3cr3t-pw@[bad"])
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "http://user:s3cr3t-pw@127.0.0.1:9",
+        "http://s3cr3t-pw@127.0.0.1:9",
+        "user:s3cr3t-pw@127.0.0.1:9",
+        "http://user:s3cr3t-pw@[bad",
+    ],
+)
 @pytest.mark.parametrize("how", ["flag", "environment"])
 def test_credentials_in_the_endpoint_url_are_refused(tmp_path, mnt, bucket, s3_env, endpoint, how):
     """They would be on the daemon's command line, for every user's `ps`."""
@@ -209,21 +232,24 @@ def test_daemon_command_line_has_no_endpoint_credentials(tmp_path, s3_env, bucke
         assert endpoint == s3_env["AWS_ENDPOINT_URL"] and "@" not in endpoint
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--cache-size", "99999999999999999T"], "too big"),
-    (["--cache-size", "9" * 400], "too big"),
-    (["--cache-size", "0"], "must be positive"),
-    (["--cache-size", "0.1"], "must be positive"),
-    (["--owner", "4294967296"], "at most 4294967294"),
-    (["--owner", "4294967295"], "at most 4294967294"),
-    (["--owner", "185:4294967295"], "at most 4294967294"),
-    (["--owner", "-1"], "use a number"),
-    (["--upload-workers", "100000000"], "at most 1024"),
-    (["--store-timeout", "1e300"], "at most 86400"),
-    (["--store-timeout", "nan"], "above 0"),
-    (["--late-window", "inf"], "above 0"),
-    (["--late-window", "0"], "above 0"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--cache-size", "99999999999999999T"], "too big"),
+        (["--cache-size", "9" * 400], "too big"),
+        (["--cache-size", "0"], "must be positive"),
+        (["--cache-size", "0.1"], "must be positive"),
+        (["--owner", "4294967296"], "at most 4294967294"),
+        (["--owner", "4294967295"], "at most 4294967294"),
+        (["--owner", "185:4294967295"], "at most 4294967294"),
+        (["--owner", "-1"], "use a number"),
+        (["--upload-workers", "100000000"], "at most 1024"),
+        (["--store-timeout", "1e300"], "at most 86400"),
+        (["--store-timeout", "nan"], "above 0"),
+        (["--late-window", "inf"], "above 0"),
+        (["--late-window", "0"], "above 0"),
+    ],
+)
 def test_absurd_values_are_refused(tmp_path, mnt, file_store, args, needle):
     result = mount_cli(f"file://{file_store}", mnt, tmp_path / "cache", *args)
     assert result.returncode == 2, result.stderr
@@ -232,9 +258,14 @@ def test_absurd_values_are_refused(tmp_path, mnt, file_store, args, needle):
     assert not is_mounted(str(mnt))
 
 
-@pytest.mark.parametrize("args", [["umount", "/nowhere", "--timeout", "nan"],
-                                  ["umount", "/nowhere", "--timeout", "-1"],
-                                  ["stats", "/nowhere", "--timeout", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["umount", "/nowhere", "--timeout", "nan"],
+        ["umount", "/nowhere", "--timeout", "-1"],
+        ["stats", "/nowhere", "--timeout", "0"],
+    ],
+)
 def test_absurd_timeouts_are_refused(args):
     result = run_cli(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "--timeout" in result.stderr
@@ -242,8 +273,17 @@ def test_absurd_timeouts_are_refused(args):
 
 def test_largest_values_mount(tmp_path, file_store):
     """The bounds themselves are fine: statfs answers, the root belongs to the owner."""
-    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", str(2**63 - 1),
-               "--owner", "4294967294:4294967294", "--upload-workers", "1024") as mount:
+    with Mount(
+        f"file://{file_store}",
+        tmp_path / "mnt",
+        tmp_path / "cache",
+        "--cache-size",
+        str(2**63 - 1),
+        "--owner",
+        "4294967294:4294967294",
+        "--upload-workers",
+        "1024",
+    ) as mount:
         vfs = os.statvfs(mount.path)
         assert vfs.f_blocks * vfs.f_frsize == (2**63 - 1) // 4096 * 4096
         assert os.stat(mount.path).st_uid == 4294967294
@@ -318,11 +358,14 @@ def test_umount_waits_and_reports(tmp_path, file_store):
 
 def test_no_credentials_anywhere(tmp_path, mnt, s3_env, bucket):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"], AWS_CONFIG_FILE=s3_env["AWS_CONFIG_FILE"],
-               AWS_SHARED_CREDENTIALS_FILE=s3_env["AWS_SHARED_CREDENTIALS_FILE"],
-               AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1")
+    env.update(
+        AWS_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"],
+        AWS_CONFIG_FILE=s3_env["AWS_CONFIG_FILE"],
+        AWS_SHARED_CREDENTIALS_FILE=s3_env["AWS_SHARED_CREDENTIALS_FILE"],
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     assert_refused(mount_cli(f"s3://{bucket}", mnt, tmp_path / "cache", env=env), mnt, "credentials")
-
 
 
 def test_journal_lists_and_drops_operations(tmp_path, file_store):
@@ -341,7 +384,8 @@ def test_journal_lists_and_drops_operations(tmp_path, file_store):
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.splitlines() == [
             f"{pending}\tpending\tput\ta/shuffle_0_1_0.data (7 bytes)",
-            f"{refused}\tfailed\tput\tb\\c/shuffle_0_2_0.data: InvalidArgument"]
+            f"{refused}\tfailed\tput\tb\\c/shuffle_0_2_0.data: InvalidArgument",
+        ]
         busy = run_cli("journal", str(cache), "--drop", str(refused))
         assert busy.returncode == 1 and f"pid {mount.pid}" in busy.stderr
         assert len(busy.stderr.strip().splitlines()) == 1

@@ -40,8 +40,9 @@ def fsync_error(path: str, timeout: float = 5.0) -> int:
 
 
 def test_a_fallback_copy_is_a_copy_in_the_store(tmp_path, s3_env, bucket, seaweed, proxy):
-    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url,
-               env=s3_env) as mount:
+    with Mount(
+        f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url, env=s3_env
+    ) as mount:
         blockmgr = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/0c"
         os.makedirs(blockmgr)
         data = os.urandom(3 * MiB)
@@ -73,7 +74,9 @@ def test_a_fallback_copy_is_a_copy_in_the_store(tmp_path, s3_env, bucket, seawee
     expected = {
         "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data": data,
         "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.index": index,
-        "fallback/app-1/3/77/shuffle_3_7_0.data": data, "fallback/app-1/3/77/shuffle_3_7_0.index": index}
+        "fallback/app-1/3/77/shuffle_3_7_0.data": data,
+        "fallback/app-1/3/77/shuffle_3_7_0.index": index,
+    }
     if not passthrough:
         expected["fallback/app-1/3/78/shuffle_3_7_0.index"] = other
     assert bucket_objects(seaweed.client(), bucket) == expected

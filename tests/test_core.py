@@ -24,12 +24,37 @@ import shufflefs.remote
 import shufflefs.stores.file
 from shufflefs.callers import Executor
 from shufflefs.core import READAHEAD, ROOT_INODE, Filesystem, FsError, Negative, Node
-from shufflefs.staging import StagingArea
 from shufflefs.registry import Registry
-from shufflefs.testing.corefs import (APPEND, BM, CHECKSUM, DATA, GID, INDEX, NEW, UID, KiB, MiB, Mount,
-                                      RecordingMemoryStore, close, commit, contents, create, errno_of, forget,
-                                      index_bytes, key, mkdirs, open_staging_fds, read_all, resolve, settle, until,
-                                      write_file)
+from shufflefs.staging import StagingArea
+from shufflefs.testing.corefs import (
+    APPEND,
+    BM,
+    CHECKSUM,
+    DATA,
+    GID,
+    INDEX,
+    NEW,
+    UID,
+    KiB,
+    MiB,
+    Mount,
+    RecordingMemoryStore,
+    close,
+    commit,
+    contents,
+    create,
+    errno_of,
+    forget,
+    index_bytes,
+    key,
+    mkdirs,
+    open_staging_fds,
+    read_all,
+    resolve,
+    settle,
+    until,
+    write_file,
+)
 from shufflefs.views import Views
 
 MODES = pytest.mark.parametrize("mode", ["sync", "async"])
@@ -122,7 +147,7 @@ async def test_committed_file_is_immutable(env):
     assert errno_of(exc) == errno.EPERM
 
     assert contents(m.store) == {key(DATA): b"x" * 1000, key(INDEX): b"i" * 16, "shuffle_1_1_0.data": b"remote"}
-    assert [e for e in m.store.log[len(before):] if e[0] not in ("put_file", "list_dir")] == []
+    assert [e for e in m.store.log[len(before) :] if e[0] not in ("put_file", "list_dir")] == []
     assert len(m.store.calls_of("put_file", key(DATA))) == 1
     assert len(m.store.calls_of("put_file", key(INDEX))) == 2
 
@@ -184,14 +209,17 @@ async def test_evicted_file_read_back_with_ranged_gets(env):
     assert await read_all(fs, node.ino) == data
     gets = m.store.calls_of("get_range", key(DATA))
     assert [(offset, length) for _, _, offset, length in gets] == [
-        (0, READAHEAD), (READAHEAD, READAHEAD), (2 * READAHEAD, MiB + 3)]
+        (0, READAHEAD),
+        (READAHEAD, READAHEAD),
+        (2 * READAHEAD, MiB + 3),
+    ]
 
     # pread in the middle: one GET from there, later reads in the window are served from it
     m.store.log.clear()
     fh = await fs.open(node.ino, os.O_RDONLY)
     start = 5 * MiB + 10
-    assert await fs.read(fh, start, 100) == data[start:start + 100]
-    assert await fs.read(fh, start + 100, 4000) == data[start + 100:start + 4100]
+    assert await fs.read(fh, start, 100) == data[start : start + 100]
+    assert await fs.read(fh, start + 100, 4000) == data[start + 100 : start + 4100]
     assert await fs.read(fh, len(data) - 5, 100) == data[-5:]
     assert await fs.read(fh, len(data), 100) == b""
     assert [(e[2], e[3]) for e in m.store.log] == [(start, min(READAHEAD, len(data) - start))]
@@ -220,8 +248,8 @@ async def test_index_cache(env):
     # a reducer reads its two offsets; every open is served from LMDB, never from the store
     for reduce_id in (0, 17, 199):
         fh = await fs.open(index_node.ino, os.O_RDONLY)
-        assert await fs.read(fh, reduce_id * 8, 8) == index[reduce_id * 8:reduce_id * 8 + 8]
-        assert await fs.read(fh, reduce_id * 8 + 8, 8) == index[reduce_id * 8 + 8:reduce_id * 8 + 16]
+        assert await fs.read(fh, reduce_id * 8, 8) == index[reduce_id * 8 : reduce_id * 8 + 8]
+        assert await fs.read(fh, reduce_id * 8 + 8, 8) == index[reduce_id * 8 + 8 : reduce_id * 8 + 16]
         await fs.release(fh)
     assert m.store.calls_of("get_range", key(INDEX)) == []
     assert fs.stats["index_cache_hits"] == 6 and fs.stats["index_fetches"] == 0
@@ -361,8 +389,10 @@ async def test_rename_committed_file_moves_object(env, mode, store_kind):
     if mode == "async":
         await m.remote.drain()
     assert contents(m.store) == {key(DATA, new_dir): data, key(INDEX, new_dir): index}
-    assert sorted(m.store.calls_of("move")) == [("move", key(DATA), key(DATA, new_dir)),
-                                                ("move", key(INDEX), key(INDEX, new_dir))]
+    assert sorted(m.store.calls_of("move")) == [
+        ("move", key(DATA), key(DATA, new_dir)),
+        ("move", key(INDEX), key(INDEX, new_dir)),
+    ]
     assert m.store.calls_of("put_file") == [] and m.store.calls_of("delete_many") == []
     assert [e[1] for e in m.store.calls_of("get_range")] == [key(DATA, new_dir)]
     # the index cache entry moved along
@@ -516,10 +546,17 @@ async def test_rename_directory(env):
     await fs.write(fh, 0, b"data")
     m.store.log.clear()
 
-    await fs.rename(spark, "blockmgr-10000000-0000-4000-8000-000000000000", spark, "blockmgr-20000000-0000-4000-8000-000000000000")
+    await fs.rename(
+        spark, "blockmgr-10000000-0000-4000-8000-000000000000", spark, "blockmgr-20000000-0000-4000-8000-000000000000"
+    )
     assert await resolve(fs, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000") is None
     assert (await resolve(fs, "spark-1/blockmgr-20000000-0000-4000-8000-000000000000")) is bm
-    assert await read_all(fs, (await resolve(fs, "spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/temp_shuffle_1")).ino) == b"t" * 10
+    assert (
+        await read_all(
+            fs, (await resolve(fs, "spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/temp_shuffle_1")).ino
+        )
+        == b"t" * 10
+    )
     assert m.store.log == []
     await close(fs, fh)  # commits where the file is now
     assert contents(m.store)["spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/" + DATA] == b"data"
@@ -527,7 +564,12 @@ async def test_rename_directory(env):
 
     # holding a committed file: the objects' keys would all change, refused
     with pytest.raises(FsError) as exc:
-        await fs.rename(spark, "blockmgr-20000000-0000-4000-8000-000000000000", spark, "blockmgr-30000000-0000-4000-8000-000000000000")
+        await fs.rename(
+            spark,
+            "blockmgr-20000000-0000-4000-8000-000000000000",
+            spark,
+            "blockmgr-30000000-0000-4000-8000-000000000000",
+        )
     assert errno_of(exc) == errno.EXDEV
     assert (await resolve(fs, "spark-1/blockmgr-20000000-0000-4000-8000-000000000000")) is bm
 
@@ -552,9 +594,17 @@ async def test_rename_directory(env):
     foreign = await resolve(fs, "spark-9/blockmgr-90000000-0000-4000-8000-000000000000")
     assert foreign is not None and not foreign.owned
     with pytest.raises(FsError) as exc:
-        await fs.rename(foreign.parent.ino, "blockmgr-90000000-0000-4000-8000-000000000000", foreign.parent.ino, "blockmgr-80000000-0000-4000-8000-000000000000")
+        await fs.rename(
+            foreign.parent.ino,
+            "blockmgr-90000000-0000-4000-8000-000000000000",
+            foreign.parent.ino,
+            "blockmgr-80000000-0000-4000-8000-000000000000",
+        )
     assert errno_of(exc) == errno.EXDEV
-    assert set(contents(m.store)) == {"spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/" + DATA, "spark-9/blockmgr-90000000-0000-4000-8000-000000000000/0c/shuffle_1_1_0.data"}
+    assert set(contents(m.store)) == {
+        "spark-1/blockmgr-20000000-0000-4000-8000-000000000000/0c/" + DATA,
+        "spark-9/blockmgr-90000000-0000-4000-8000-000000000000/0c/shuffle_1_1_0.data",
+    }
 
 
 # -- names and paths ----------------------------------------------------------------------------
@@ -567,9 +617,16 @@ async def test_names_over_255_bytes_are_enametoolong(env):
     await write_file(fs, d, "f", b"x")
     long = "é" * 128  # 256 bytes
     assert await fs.lookup(d, "é" * 127) is None  # 254 bytes: just a missing name
-    calls = [fs.lookup(d, long), fs.lookup(ROOT_INODE, long), fs.unlink(d, long), fs.rmdir(d, long),
-             fs.mkdir(d, long, 0o755, UID, GID), create(fs, d, long), fs.rename(d, long, d, "g"),
-             fs.rename(d, "f", d, long)]
+    calls = [
+        fs.lookup(d, long),
+        fs.lookup(ROOT_INODE, long),
+        fs.unlink(d, long),
+        fs.rmdir(d, long),
+        fs.mkdir(d, long, 0o755, UID, GID),
+        create(fs, d, long),
+        fs.rename(d, long, d, "g"),
+        fs.rename(d, "f", d, long),
+    ]
     for call in calls:
         with pytest.raises(FsError) as exc:
             await call
@@ -580,6 +637,7 @@ async def test_names_over_255_bytes_are_enametoolong(env):
 async def test_paths_longer_than_a_key_are_refused_before_anything_changes(env):
     """Directories are recorded in LMDB and durable files are store objects, both by path: a
     path neither can hold is refused with ENAMETOOLONG and leaves nothing half done."""
+
     class ShortKeys(RecordingMemoryStore):
         max_key_bytes = 300
 
@@ -726,8 +784,15 @@ async def test_unlink_committed_deletes_object(env, store_kind):
     await m.remote.drain()
     assert contents(m.store) == {}
     deleted = [k for e in m.store.calls_of("delete_many") for k in e[1]]
-    assert sorted(deleted) == sorted([key("shuffle_0_1_0.data"), key(DATA), key(INDEX), key(CHECKSUM),
-                                      "blockmgr-00000000-0000-4000-8000-000000000000/shuffle_0_0_0.data"])
+    assert sorted(deleted) == sorted(
+        [
+            key("shuffle_0_1_0.data"),
+            key(DATA),
+            key(INDEX),
+            key(CHECKSUM),
+            "blockmgr-00000000-0000-4000-8000-000000000000/shuffle_0_0_0.data",
+        ]
+    )
     assert {e[0] for e in m.store.log} == {"delete_many"}  # no download, no upload
     assert m.staging.bytes == 500 * KiB  # only the scratch file is left locally
     assert m.journal.pending_ops() == []
@@ -848,8 +913,6 @@ async def test_sparse_truncate(env):
     assert await read_all(fs, node.ino) == b"x" * (10 * KiB)
 
 
-
-
 def invalidated(fs: Filesystem) -> set[tuple]:
     """What the core asked the kernel to forget since the last call."""
     items = set()
@@ -933,6 +996,7 @@ async def test_failed_write_after_an_early_commit_removes_its_object(env):
     await m.remote.drain()
     assert not node.committed and contents(m.store) == {}
 
+
 @pytest.mark.allow_logged_errors(r"a write to .* failed \(No space left on device\)")
 async def test_file_evictable_again_after_its_move(env):
     """A cached file whose move is pending cannot be evicted yet, but must be once it is done."""
@@ -965,10 +1029,20 @@ async def test_scratch_files_never_uploaded(env, mode):
     d = await mkdirs(fs, BM)
     py = await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/python/4242")
     m.store.log.clear()
-    local_names = [f"temp_shuffle_{uuid.uuid4()}", f"temp_local_{uuid.uuid4()}", f"{DATA}.{uuid.uuid4()}",
-                   f"{INDEX}.{uuid.uuid4()}", f"{CHECKSUM}.{uuid.uuid4()}", "rdd_3_7", "broadcast_0_python",
-                   "shuffle_0_5.data", "shuffle_0_5_0.dat", "shuffle_0_5_0.data.tmp", "xshuffle_0_5_0.data",
-                   "shuffle_a_5_0.index"]
+    local_names = [
+        f"temp_shuffle_{uuid.uuid4()}",
+        f"temp_local_{uuid.uuid4()}",
+        f"{DATA}.{uuid.uuid4()}",
+        f"{INDEX}.{uuid.uuid4()}",
+        f"{CHECKSUM}.{uuid.uuid4()}",
+        "rdd_3_7",
+        "broadcast_0_python",
+        "shuffle_0_5.data",
+        "shuffle_0_5_0.dat",
+        "shuffle_0_5_0.data.tmp",
+        "xshuffle_0_5_0.data",
+        "shuffle_a_5_0.index",
+    ]
     for name in local_names:
         await write_file(fs, d, name, os.urandom(500), flags=APPEND)
     for i in range(20):
@@ -1070,8 +1144,10 @@ async def test_sync_commit_failure_is_eio(env):
     assert contents(m.store) == {}
     # owed: the upload; and a look, later, for a failed attempt of the cancelled one that the
     # store might still apply (tests/test_late_requests.py)
-    assert sorted((r["kind"], r["key"]) for _, r in m.journal.pending_ops()) == [("put", key(INDEX)),
-                                                                                ("sweep", key(DATA))]
+    assert sorted((r["kind"], r["key"]) for _, r in m.journal.pending_ops()) == [
+        ("put", key(INDEX)),
+        ("sweep", key(DATA)),
+    ]
 
     # the store heals: the upload completes in the background, nobody has to ask again
     m.store.fail_next = 0
@@ -1179,8 +1255,12 @@ async def test_journal_resume_after_crash(env):
         node = await resolve(fs, k)
         assert node is not None and node.committed, k
         assert node.size == len(data) and await read_all(fs, node.ino) == data
-    assert await resolve(fs, key("shuffle_0_6_0.data", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
-    assert await resolve(fs, key("shuffle_0_7_0.data", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
+    assert (
+        await resolve(fs, key("shuffle_0_6_0.data", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
+    )
+    assert (
+        await resolve(fs, key("shuffle_0_7_0.data", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
+    )
     assert await resolve(fs, key("temp_shuffle_x", "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")) is None
     index_key = key(INDEX, "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c")
     assert m2.journal.index_get(index_key) == expected[index_key]
@@ -1310,8 +1390,9 @@ def node_with_registry(env, store, name: str, lease: float, *executors: Executor
     """A mount of `store` as node `name`, whose views know `executors` and keep a registry in
     the store with leases of `lease` seconds."""
     mount = env.mount(store, name=name)
-    mount.fs.views = Views(Processes(*executors), Registry(store, name, mount.staging.directory, lease=lease),
-                           mount.remote.call)
+    mount.fs.views = Views(
+        Processes(*executors), Registry(store, name, mount.staging.directory, lease=lease), mount.remote.call
+    )
     return mount
 
 
@@ -1350,7 +1431,8 @@ async def test_an_executor_lists_its_own_block_managers_and_adopts_only_dead_one
             parent, name = path.rsplit("/", 1)
             assert (name in await listing(m.fs, parent, tid)) == (executor in sees), (caller, executor)
     assert await listing(m.fs, f"{dirs[a1]}/00", a1.pid) == sorted(
-        f"shuffle_0_1_0.{suffix}" for suffix in ("data", "index", "checksum.ADLER32"))
+        f"shuffle_0_1_0.{suffix}" for suffix in ("data", "index", "checksum.ADLER32")
+    )
 
     processes.dead.add(a2)
     a2_parent, a2_name = dirs[a2].rsplit("/", 1)
@@ -1404,8 +1486,12 @@ async def test_what_the_recovery_plugin_leaves_of_an_adopted_directory_goes(env)
     for map_id in (1, 11):
         for pattern in ("shuffle_0_{}_0.data", "shuffle_0_{}_0.index"):  # as the plugin moves them
             name, sub = pattern.format(map_id), layout[pattern]
-            await m.fs.rename((await resolve(m.fs, f"{work}/{bms[dead]}/{sub}")).ino, name,
-                              (await resolve(m.fs, f"{work}/{bms[adopter]}/{sub}")).ino, name)
+            await m.fs.rename(
+                (await resolve(m.fs, f"{work}/{bms[dead]}/{sub}")).ino,
+                name,
+                (await resolve(m.fs, f"{work}/{bms[adopter]}/{sub}")).ino,
+                name,
+            )
         await settle(m)
         assert not any(f"shuffle_0_{map_id}_0." in key for key in contents(m.store) if bms[dead] in key)
     assert not {key for key in contents(m.store) if bms[dead] in key}
@@ -1417,8 +1503,12 @@ async def test_what_the_recovery_plugin_leaves_of_an_adopted_directory_goes(env)
             assert await read_all(m.fs, node.ino) == name.encode()
 
     # a person moving a live executor's map output out of its directory
-    await m.fs.rename((await resolve(m.fs, f"{work}/{bms[live]}/00")).ino, "shuffle_0_3_0.data",
-                      (await resolve(m.fs, f"{work}/{bms[adopter]}/00")).ino, "shuffle_0_3_0.data")
+    await m.fs.rename(
+        (await resolve(m.fs, f"{work}/{bms[live]}/00")).ino,
+        "shuffle_0_3_0.data",
+        (await resolve(m.fs, f"{work}/{bms[adopter]}/00")).ino,
+        "shuffle_0_3_0.data",
+    )
     await settle(m)
     assert f"{work}/{bms[live]}/3f/shuffle_0_3_0.checksum.ADLER32" in contents(m.store)
 
@@ -1435,8 +1525,19 @@ async def test_an_adoptions_renames_do_not_wait_for_the_store(env):
     work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
     parent = await mkdirs(m.fs, work)
     names = {e: f"blockmgr-{n}0000000-0000-4000-8000-000000000000" for e, n in ((dead, 1), (adopter, 2))}
-    subs = {e: (await m.fs.mkdir((await m.fs.mkdir(parent, names[e], 0o755, UID, GID, caller=e.pid)).ino,
-                                 "0c", 0o755, UID, GID, caller=e.pid)).ino for e in (dead, adopter)}
+    subs = {
+        e: (
+            await m.fs.mkdir(
+                (await m.fs.mkdir(parent, names[e], 0o755, UID, GID, caller=e.pid)).ino,
+                "0c",
+                0o755,
+                UID,
+                GID,
+                caller=e.pid,
+            )
+        ).ino
+        for e in (dead, adopter)
+    }
     await commit(m.fs, subs[dead], "shuffle_0_1_0.data", b"map output")
     await settle(m)
     processes.dead.add(dead)
@@ -1471,6 +1572,7 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
     async def n1_renews():
         with n1_alive:
             await m1.fs.views.keep_lease()
+
     env.nursery.start_soon(n1_renews)
     work = "spark-10000000-0000-4000-8000-000000000000/executor-1"
     parent = await mkdirs(m1.fs, work)
@@ -1496,8 +1598,10 @@ async def test_a_lost_nodes_block_managers_are_adopted_once_its_lease_ran_out_by
     claimed = {}
     async with trio.open_nursery() as nursery:  # two replacements, on two nodes, at once
         for mount, executor in ((m2, a2), (m3, a3)):
+
             async def claim(mount=mount, executor=executor):
                 claimed[executor] = await sees(mount, executor)
+
             nursery.start_soon(claim)
     assert sorted(claimed[a2] | claimed[a3]) == names and not claimed[a2] & claimed[a3]
     assert await sees(m3, a4) == set()  # claimed by others
@@ -1652,7 +1756,9 @@ async def test_owned_dirs_answer_locally(env):
         for i in range(5):
             nursery.start_soon(fs.lookup, ROOT_INODE, f"missing-{i}")
     assert lists() == 2
-    assert await fs.lookup(ROOT_INODE, "blockmgr-10000000-0000-4000-8000-000000000000") is bm  # a known name asks nobody
+    assert (
+        await fs.lookup(ROOT_INODE, "blockmgr-10000000-0000-4000-8000-000000000000") is bm
+    )  # a known name asks nobody
     assert lists() == 2
 
 
@@ -1663,7 +1769,9 @@ async def test_shared_namespace_between_two_filesystems(env, store_kind):
     m2 = env.mount(store, name="node2", remote_ttl=0.05)
     path = "spark-1/executor-1/blockmgr-10000000-0000-4000-8000-000000000000/0c"
     d = await mkdirs(m1.fs, path)
-    await mkdirs(m1.fs, "spark-1/executor-1/blockmgr-10000000-0000-4000-8000-000000000000/3f")  # empty: not in the store
+    await mkdirs(
+        m1.fs, "spark-1/executor-1/blockmgr-10000000-0000-4000-8000-000000000000/3f"
+    )  # empty: not in the store
     index, data, checksum = index_bytes(50), os.urandom(300 * KiB), os.urandom(400)
     for name, blob in ((INDEX, index), (DATA, data), (CHECKSUM, checksum)):
         await commit(m1.fs, d, name, blob)
@@ -1693,7 +1801,7 @@ async def test_shared_namespace_between_two_filesystems(env, store_kind):
     store.log.clear()
     for reduce_id in range(0, 50, 7):
         fh2 = await fs2.open(index_node.ino, os.O_RDONLY)
-        assert await fs2.read(fh2, reduce_id * 8, 16) == index[reduce_id * 8:reduce_id * 8 + 16]
+        assert await fs2.read(fh2, reduce_id * 8, 16) == index[reduce_id * 8 : reduce_id * 8 + 16]
         await fs2.release(fh2)
     assert store.calls_of("get_range", key(INDEX, path)) == [("get_range", key(INDEX, path), 0, len(index))]
     assert fs2.stats["index_fetches"] == 1 and fs2.stats["index_cache_hits"] == 7
@@ -2031,7 +2139,9 @@ async def test_failed_journal_write_leaves_the_file_uncommitted(env, monkeypatch
     await close(fs, fh)
 
 
-@pytest.mark.allow_logged_errors(r"giving up on 1 operation\(s\) while draining", r"could not be stored: injected failure")
+@pytest.mark.allow_logged_errors(
+    r"giving up on 1 operation\(s\) while draining", r"could not be stored: injected failure"
+)
 async def test_dependents_of_a_given_up_upload_stay_in_the_journal(env):
     m, d = await committed_while_the_store_fails(env, max_attempts=2)
     await m.fs.rename(d, DATA, d, "shuffle_0_6_0.data")
@@ -2134,8 +2244,9 @@ async def fallback_copy(fs: Filesystem, source: Node, directory: str, data: byte
     """What Spark's FallbackStorage does with Hadoop's copyFromLocalFile: read the committed file,
     write a file of the same name in another directory under that name (or other bytes)."""
     copied = await read_all(fs, source.ino)
-    return await write_file(fs, await mkdirs(fs, directory), source.name, copied if data is None else data,
-                            chunk=64 * KiB)
+    return await write_file(
+        fs, await mkdirs(fs, directory), source.name, copied if data is None else data, chunk=64 * KiB
+    )
 
 
 @pytest.mark.parametrize("kind", ["memory", "file"])
@@ -2146,11 +2257,20 @@ async def test_a_copy_of_a_committed_file_is_copied_in_the_store(env, kind):
     store = env.store(kind)
     fs = env.mount(store).fs
     data = os.urandom(300 * KiB)
-    source = await commit(fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data)
+    source = await commit(
+        fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data
+    )
     await fallback_copy(fs, source, "fallback/app-1/3/123")
-    assert store.calls_of("copy") == [("copy", "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data",
-                                       "fallback/app-1/3/123/shuffle_3_7_0.data")]
-    assert [call[1] for call in store.calls_of("put_file")] == ["blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data"]
+    assert store.calls_of("copy") == [
+        (
+            "copy",
+            "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data",
+            "fallback/app-1/3/123/shuffle_3_7_0.data",
+        )
+    ]
+    assert [call[1] for call in store.calls_of("put_file")] == [
+        "blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data"
+    ]
     assert fs.remote.stats["copy_requests"] == 1 and fs.remote.stats["copied_bytes"] == len(data)
     assert fs.remote.stats["put_bytes"] == len(data)
     await fs.unlink(source.parent.ino, source.name)
@@ -2164,7 +2284,9 @@ async def test_a_copy_with_other_bytes_is_uploaded(env):
     store = env.store()
     fs = env.mount(store, commit_mode="async").fs
     data = os.urandom(64 * KiB)
-    source = await commit(fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data)
+    source = await commit(
+        fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data
+    )
     await fs.remote.settle()
     other = bytes(reversed(data))
     await fallback_copy(fs, source, "fallback/a", other)
@@ -2175,7 +2297,9 @@ async def test_a_copy_with_other_bytes_is_uploaded(env):
     await fallback_copy(fs, source, "fallback/b")
     while not store.calls_of("copy"):
         await trio.sleep(0.01)
-    store.delete_many(["blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data"])  # gone behind the mount's back
+    store.delete_many(
+        ["blockmgr-10000000-0000-4000-8000-000000000000/0c/shuffle_3_7_0.data"]
+    )  # gone behind the mount's back
     store.copy_gate.set()
     await fs.remote.settle()
     assert contents(store)["fallback/b/shuffle_3_7_0.data"] == data
@@ -2191,7 +2315,9 @@ async def test_a_predicted_copy_passes_through_and_is_committed_only_as_an_exact
     fs = env.mount(store).fs
     fs.passthrough_possible = True  # as a root daemon on Linux >= 6.9
     data = os.urandom(200 * KiB)
-    source = await commit(fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data)
+    source = await commit(
+        fs, await mkdirs(fs, "blockmgr-10000000-0000-4000-8000-000000000000/0c"), "shuffle_3_7_0.data", data
+    )
 
     async def copy_past_the_daemon(directory: str, written: bytes) -> tuple[int, Node]:
         assert await read_all(fs, source.ino) == data
@@ -2207,15 +2333,15 @@ async def test_a_predicted_copy_passes_through_and_is_committed_only_as_an_exact
 
     # a child process closing an inherited descriptor half-way (Hadoop forks `chmod` while it
     # copies): not a copy yet, and not the writer's close either; the writer's close commits
-    fh, early = await copy_past_the_daemon("fallback/d", data[:100 * KiB])
+    fh, early = await copy_past_the_daemon("fallback/d", data[: 100 * KiB])
     await fs.flush(fh)
     assert not early.committed and not early.write_error
-    os.pwrite(early.staging.fd, data[100 * KiB:], 100 * KiB)
+    os.pwrite(early.staging.fd, data[100 * KiB :], 100 * KiB)
     await close(fs, fh)
     assert early.committed and len(store.calls_of("copy")) == 2
 
     # a write that failed unseen: the bytes are not the source's, so nothing is committed
-    fh, broken = await copy_past_the_daemon("fallback/b", data[:100 * KiB])
+    fh, broken = await copy_past_the_daemon("fallback/b", data[: 100 * KiB])
     with pytest.raises(FsError) as exc:
         await close(fs, fh)  # the last RELEASE decides (its error is the kernel's, not close's)
     assert errno_of(exc) == errno.EIO

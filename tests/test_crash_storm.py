@@ -27,7 +27,11 @@ from shufflefs.testing.mounting import Mount, bucket_objects, run_cli, store_obj
 
 SEED = int(os.environ.get("SHUFFLEFS_STORM_SEED", "20261201"))
 ROUNDS = int(os.environ.get("SHUFFLEFS_STORM_ROUNDS", "14"))
-DIRS = ("blockmgr-00000000-0000-4000-8000-000000000000/00", "blockmgr-00000000-0000-4000-8000-000000000000/01", "blockmgr-10000000-0000-4000-8000-000000000000/00")
+DIRS = (
+    "blockmgr-00000000-0000-4000-8000-000000000000/00",
+    "blockmgr-00000000-0000-4000-8000-000000000000/01",
+    "blockmgr-10000000-0000-4000-8000-000000000000/00",
+)
 #: write requests (what a late request can be)
 WRITES = ("PutObject", "CopyObject", "DeleteObject", "DeleteObjects", "CompleteMultipartUpload")
 
@@ -137,17 +141,27 @@ class Storm:
             elif key not in self.model:
                 problems.append(f"{key}: in the {where}, but unlinked or moved away (resurrected)")
             elif objects[key] != self.model[key]:
-                problems.append(f"{key}: stale bytes in the {where} ({len(objects[key])} bytes, "
-                                f"expected {len(self.model[key])})")
+                problems.append(
+                    f"{key}: stale bytes in the {where} ({len(objects[key])} bytes, expected {len(self.model[key])})"
+                )
         return problems
 
     def report(self, problems: list[str], mount: Mount, seed: int) -> str:
         keys = {p.split(":")[0] for p in problems}
         history = [e for e in self.events if any(k in e for k in keys)]
-        log = [line for line in full_log(mount).splitlines()
-               if any(k in line for k in keys) or "resumed" in line or "removing" in line]
-        return (f"seed {seed}: " + "; ".join(problems) + "\nhistory of those keys:\n  " + "\n  ".join(history)
-                + "\ndaemon log lines about them:\n  " + "\n  ".join(log[-60:]))
+        log = [
+            line
+            for line in full_log(mount).splitlines()
+            if any(k in line for k in keys) or "resumed" in line or "removing" in line
+        ]
+        return (
+            f"seed {seed}: "
+            + "; ".join(problems)
+            + "\nhistory of those keys:\n  "
+            + "\n  ".join(history)
+            + "\ndaemon log lines about them:\n  "
+            + "\n  ".join(log[-60:])
+        )
 
 
 def full_log(mount: Mount) -> str:
@@ -229,8 +243,13 @@ def test_crash_storm_s3_with_late_requests(seaweed, proxy, s3_env, tmp_path):
             # this round's faults: slow write requests, sometimes one held until the next round
             holding = rng.random() < 0.7
             if holding:  # the first matching rule decides: this one before the delays
-                proxy.add_rule(hold(), op=rng.choice(("PutObject", "PutObject", "PutObject", "DeleteObjects",
-                                                      "CopyObject", "DeleteObject")), times=1)
+                proxy.add_rule(
+                    hold(),
+                    op=rng.choice(
+                        ("PutObject", "PutObject", "PutObject", "DeleteObjects", "CopyObject", "DeleteObject")
+                    ),
+                    times=1,
+                )
             if rng.random() < 0.6:
                 delayed_rounds += 1
                 proxy.add_rule(delay(rng.uniform(0.1, 0.8)), op=WRITES, probability=0.6, seed=rng.randrange(1 << 30))
@@ -271,8 +290,10 @@ def test_crash_storm_s3_with_late_requests(seaweed, proxy, s3_env, tmp_path):
     finally:
         mount.cleanup()
     print("\n".join(e for e in storm.events if os.environ.get("STORM_ALL") or "late" in e or "dropped" in e))
-    print(f"{ROUNDS} rounds, {len(storm.model)} files at the end, {released} late requests released, "
-          f"{dropped} dropped, {delayed_rounds} rounds with slow writes, {time.monotonic() - started:.1f} s")
+    print(
+        f"{ROUNDS} rounds, {len(storm.model)} files at the end, {released} late requests released, "
+        f"{dropped} dropped, {delayed_rounds} rounds with slow writes, {time.monotonic() - started:.1f} s"
+    )
 
 
 # ---------------------------------------------------------------------------------- file://

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import os
+import re
 import time
 
 import pytest
+from test_mount import commit_and_read_from_second_mount, spark_commit
 
-from shufflefs.testing.mounting import Mount, daos_objects, is_mounted, run_cli
 from shufflefs.stores import StoreError, open_store
 from shufflefs.stores.daos import CHUNKS_DICT, DER_ERRORS, DAOSStore, daos_error, der_name
-from test_mount import commit_and_read_from_second_mount, spark_commit
+from shufflefs.testing.mounting import Mount, daos_objects, is_mounted, run_cli
 
 pytestmark = pytest.mark.daos
 MiB = 1024 * 1024
@@ -30,6 +30,7 @@ def local(tmp_path):
         path = tmp_path / f"{name}-{len(data)}-{time.monotonic_ns()}"
         path.write_bytes(data)
         return str(path)
+
     return write
 
 
@@ -55,14 +56,17 @@ def one_line_error(url: str) -> StoreError:
 # -- URLs and errors when opening ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url, needle", [
-    ("daos://", "needs a pool and a container"),
-    ("daos://tank", "needs a pool and a container"),
-    ("daos://tank/", "needs a pool and a container"),
-    ("daos://user@tank/c", "must not contain credentials"),
-    ("daos://tank/bad*label", "invalid DAOS container label 'bad*label'"),
-    ("daos://" + "p" * 128 + "/c", "invalid DAOS pool label"),
-])
+@pytest.mark.parametrize(
+    "url, needle",
+    [
+        ("daos://", "needs a pool and a container"),
+        ("daos://tank", "needs a pool and a container"),
+        ("daos://tank/", "needs a pool and a container"),
+        ("daos://user@tank/c", "must not contain credentials"),
+        ("daos://tank/bad*label", "invalid DAOS container label 'bad*label'"),
+        ("daos://" + "p" * 128 + "/c", "invalid DAOS pool label"),
+    ],
+)
 def test_url_errors(url, needle):
     with pytest.raises(StoreError) as info:
         open_store(url)
@@ -71,8 +75,12 @@ def test_url_errors(url, needle):
 
 def test_url_parts():
     store = open_store("daos://tank/shuffle/a/b/")
-    assert (store.pool, store.container, store.prefix, store.url) == ("tank", "shuffle", "a/b",
-                                                                     "daos://tank/shuffle/a/b")
+    assert (store.pool, store.container, store.prefix, store.url) == (
+        "tank",
+        "shuffle",
+        "a/b",
+        "daos://tank/shuffle/a/b",
+    )
     assert open_store("daos://5f4a3b1c-0d9e-4f6a-8b7c-1d2e3f4a5b6c/shuffle").prefix == ""
 
 
@@ -110,8 +118,7 @@ def test_mount_without_pydaos_fails_with_one_line(daos, tmp_path):
     daos.require_fake()  # a real pydaos would be found without PYTHONPATH
     (tmp_path / "mnt").mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FAKE_PYDAOS_DIR")}
-    result = run_cli("mount", "daos://tank/shuffle", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"),
-                     env=env)
+    result = run_cli("mount", "daos://tank/shuffle", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"), env=env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
@@ -121,8 +128,14 @@ def test_mount_without_pydaos_fails_with_one_line(daos, tmp_path):
 
 def test_mount_of_missing_container_fails_with_one_line(daos, tmp_path):
     (tmp_path / "mnt").mkdir()
-    result = run_cli("mount", f"daos://{daos.pool}/no-such-container", str(tmp_path / "mnt"),
-                     "--cache-dir", str(tmp_path / "c"), env={**os.environ, **daos.env})
+    result = run_cli(
+        "mount",
+        f"daos://{daos.pool}/no-such-container",
+        str(tmp_path / "mnt"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        env={**os.environ, **daos.env},
+    )
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr, result.stderr
 
@@ -225,7 +238,10 @@ def test_layout_written_by_the_first_mount(daos):
     store = opened(f"daos://{daos.pool}/fresh")
     assert (store.shards, store.chunk_size) == (1024, MiB)
     assert fake.dict_items(daos.pool, "fresh", "shufflefs.layout") == {
-        b"version": b"1", b"shards": b"1024", b"chunk_size": b"1048576"}
+        b"version": b"1",
+        b"shards": b"1024",
+        b"chunk_size": b"1048576",
+    }
     with pytest.raises(StoreError) as info:  # a later, incompatible layout is refused
         store._dict("shufflefs.layout").put("version", "2")
         opened(f"daos://{daos.pool}/fresh")
@@ -246,8 +262,11 @@ def test_layout_chunks_and_manifest(daos, local):
     store.put_file("b/00/empty", local(b""))
     assert chunk_count(daos) == before_chunks + 3  # 1 MiB, 1 MiB, 3 bytes; nothing for the empty file
     assert fake.counters()["max_value_size"] <= MiB
-    shard = next(name for name in fake.dict_names(daos.pool, daos.container)
-                 if f"{prefix}/b/00/shuffle_0_1_0.data".encode() in fake.dict_items(daos.pool, daos.container, name))
+    shard = next(
+        name
+        for name in fake.dict_names(daos.pool, daos.container)
+        if f"{prefix}/b/00/shuffle_0_1_0.data".encode() in fake.dict_items(daos.pool, daos.container, name)
+    )
     assert shard.startswith("shufflefs.names.")
     entries = fake.dict_items(daos.pool, daos.container, shard)
     manifest = json.loads(entries[f"{prefix}/b/00/shuffle_0_1_0.data".encode()])
@@ -348,15 +367,20 @@ def test_racing_deletes_at_two_levels_keep_a_new_file_listed(daos, local):
 
 def test_two_mounts_share_committed_files(daos, tmp_path):
     url = daos.url("jobs")
-    with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=daos.env) as first, \
-         Mount(url, tmp_path / "b", tmp_path / "cache-b", env=daos.env) as second:
-        written = commit_and_read_from_second_mount(first, second, "blockmgr-20000000-0000-4000-8000-000000000000/0c",
-                                                    [os.urandom(3 * MiB), os.urandom(300)])
+    with (
+        Mount(url, tmp_path / "a", tmp_path / "cache-a", env=daos.env) as first,
+        Mount(url, tmp_path / "b", tmp_path / "cache-b", env=daos.env) as second,
+    ):
+        written = commit_and_read_from_second_mount(
+            first, second, "blockmgr-20000000-0000-4000-8000-000000000000/0c", [os.urandom(3 * MiB), os.urandom(300)]
+        )
         assert daos_objects(url) == written
         os.remove(f"{first.path}/blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.data")
         assert first.umount().returncode == 0
-        assert sorted(daos_objects(url)) == ["blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.checksum.ADLER32",
-                                             "blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.index"]
+        assert sorted(daos_objects(url)) == [
+            "blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.checksum.ADLER32",
+            "blockmgr-20000000-0000-4000-8000-000000000000/0c/shuffle_0_7_0.index",
+        ]
 
 
 def test_sigkill_recovery_completes_pending_uploads(daos, tmp_path):
@@ -367,7 +391,9 @@ def test_sigkill_recovery_completes_pending_uploads(daos, tmp_path):
         os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         fake.inject("kv_put", "DER_UNREACH", times=-1)  # the servers stop answering writes
         try:
-            written = spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [os.urandom(2 * MiB + 5)])
+            written = spark_commit(
+                f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [os.urandom(2 * MiB + 5)]
+            )
             time.sleep(0.5)
             mount.kill()
         finally:
@@ -396,7 +422,9 @@ def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
             assert raised.value.errno == errno.ENOSPC
         finally:
             fake.clear_faults()
-        assert os.listdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00") == ["shuffle_0_0_0.index.tmp"]
+        assert os.listdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00") == [
+            "shuffle_0_0_0.index.tmp"
+        ]
         os.rename(temp, f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")
         assert mount.umount().returncode == 0
     assert daos_objects(url) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": b"\0" * 16}
@@ -405,7 +433,7 @@ def test_sync_commit_reports_a_full_pool_as_enospc(daos, tmp_path):
 def test_daos_doc_lists_every_error():
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "DAOS.md")) as f:
         doc = f.read()
-    table = doc[doc.index("## Errors"):doc.index("## The stand-in")]
+    table = doc[doc.index("## Errors") : doc.index("## The stand-in")]
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]

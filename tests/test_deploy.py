@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from shufflefs.testing.mounting import Mount, daos_objects, is_mounted, run_cli, store_objects
 from shufflefs import mount_helper
 from shufflefs.mount_helper import HelperError, helper_command, translate_options
+from shufflefs.testing.mounting import Mount, daos_objects, is_mounted, run_cli, store_objects
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -27,36 +27,76 @@ PY = sys.executable
 
 
 def test_options_become_flags_and_generic_ones_are_ignored():
-    flags, env = translate_options(["rw", "defaults", "_netdev", "nofail", "auto", "noauto", "x-systemd.automount",
-                                    "cache_size=20G", "commit=async", "cache_dir=/var/cache/sfs", "noatime",
-                                    "s3_endpoint_url=http://h:8333", "upload_workers=4", "aws_profile=spark",
-                                    "log_level=debug", "comment=hello", "uid=185", "user=spark", "leave_mount",
-                                    "metrics_addr=:9464"])
-    assert flags == ["--cache-size", "20G", "--commit", "async", "--cache-dir", "/var/cache/sfs",
-                     "--s3-endpoint-url", "http://h:8333", "--upload-workers", "4", "--log-level", "debug",
-                     "--leave-mount", "--metrics-addr", ":9464", "--owner", "185:185"]
+    flags, env = translate_options(
+        [
+            "rw",
+            "defaults",
+            "_netdev",
+            "nofail",
+            "auto",
+            "noauto",
+            "x-systemd.automount",
+            "cache_size=20G",
+            "commit=async",
+            "cache_dir=/var/cache/sfs",
+            "noatime",
+            "s3_endpoint_url=http://h:8333",
+            "upload_workers=4",
+            "aws_profile=spark",
+            "log_level=debug",
+            "comment=hello",
+            "uid=185",
+            "user=spark",
+            "leave_mount",
+            "metrics_addr=:9464",
+        ]
+    )
+    assert flags == [
+        "--cache-size",
+        "20G",
+        "--commit",
+        "async",
+        "--cache-dir",
+        "/var/cache/sfs",
+        "--s3-endpoint-url",
+        "http://h:8333",
+        "--upload-workers",
+        "4",
+        "--log-level",
+        "debug",
+        "--leave-mount",
+        "--metrics-addr",
+        ":9464",
+        "--owner",
+        "185:185",
+    ]
     assert env == {"AWS_PROFILE": "spark"}
 
 
-@pytest.mark.parametrize("option, needle", [
-    ("bogus", "unknown mount option 'bogus'"),
-    ("metrics_addr=9464x", "invalid metrics address"),
-    ("cache_size", "cache_size needs a value"),
-    ("cache_size=", "cache_size needs a value"),
-    ("ro", "read-only mounts are not supported"),
-    ("foreground", "not allowed"),
-    ("cache_size=lots", "invalid value in mount option 'cache_size=lots': invalid size 'lots'"),
-    ("commit=maybe", "invalid value in mount option 'commit=maybe': use one of sync, async"),
-    ("uid=spark", "invalid value in mount option 'uid=spark': use a number"),
-    ("uid=4294967295", "at most 4294967294"),
-    ("gid=99999999999", "at most 4294967294"),
-    ("cache_size=99999999999999999T", "too big"),
-    ("upload_workers=100000000", "at most 1024"),
-    ("store_timeout=inf", "above 0"),
-    ("s3_endpoint_url=http://user:s3cr3t@h:8333", "invalid value in mount option s3_endpoint_url: the S3 "
-                                                  "endpoint URL must not contain credentials"),
-    ("upload_workers=0", "must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "option, needle",
+    [
+        ("bogus", "unknown mount option 'bogus'"),
+        ("metrics_addr=9464x", "invalid metrics address"),
+        ("cache_size", "cache_size needs a value"),
+        ("cache_size=", "cache_size needs a value"),
+        ("ro", "read-only mounts are not supported"),
+        ("foreground", "not allowed"),
+        ("cache_size=lots", "invalid value in mount option 'cache_size=lots': invalid size 'lots'"),
+        ("commit=maybe", "invalid value in mount option 'commit=maybe': use one of sync, async"),
+        ("uid=spark", "invalid value in mount option 'uid=spark': use a number"),
+        ("uid=4294967295", "at most 4294967294"),
+        ("gid=99999999999", "at most 4294967294"),
+        ("cache_size=99999999999999999T", "too big"),
+        ("upload_workers=100000000", "at most 1024"),
+        ("store_timeout=inf", "above 0"),
+        (
+            "s3_endpoint_url=http://user:s3cr3t@h:8333",
+            "invalid value in mount option s3_endpoint_url: the S3 endpoint URL must not contain credentials",
+        ),
+        ("upload_workers=0", "must be at least 1"),
+    ],
+)
 def test_bad_options_are_refused(option, needle):
     with pytest.raises(HelperError) as info:
         translate_options([option])
@@ -69,8 +109,9 @@ def test_sloppy_ignores_unknown_options():
 
 
 def test_invocation_as_mount_and_as_umount():
-    call, command, env = helper_command("mount.fuse.shufflefs", ["s3://b/p", "/mnt/x", "-n", "-o", "rw,commit=async",
-                                                                 "-t", "fuse.shufflefs"])
+    call, command, env = helper_command(
+        "mount.fuse.shufflefs", ["s3://b/p", "/mnt/x", "-n", "-o", "rw,commit=async", "-t", "fuse.shufflefs"]
+    )
     assert command[1:] == ["-m", "shufflefs", "mount", "s3://b/p", "/mnt/x", "--commit", "async"]
     assert not call.fake
     call, command, _ = helper_command("mount.shufflefs", ["s3://b", "/mnt/x", "-fv", "-ocommit=sync"])
@@ -124,17 +165,22 @@ def installed_helper():
 
 
 def mount8(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-                          env=env)
+    return subprocess.run(
+        ["mount", *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env
+    )
 
 
 def test_node_install_puts_shufflefs_on_the_path_with_its_runtime_dependencies_only(tmp_path):
     """mount-helpers/install.sh: what a user installs on a node (README, "Install")."""
     install = os.path.join(REPO, "mount-helpers", "install.sh")
     prefix, bin_dir, helper_dir = tmp_path / "opt", tmp_path / "bin", tmp_path / "sbin"
-    result = subprocess.run(["bash", install, "--prefix", str(prefix), "--bin-dir", str(bin_dir),
-                             "--helper-dir", str(helper_dir)], capture_output=True, text=True, timeout=600,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        ["bash", install, "--prefix", str(prefix), "--bin-dir", str(bin_dir), "--helper-dir", str(helper_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr
     version = subprocess.run([str(bin_dir / "shufflefs"), "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("shufflefs ")
@@ -142,8 +188,12 @@ def test_node_install_puts_shufflefs_on_the_path_with_its_runtime_dependencies_o
     with open(helper_dir / mount_helper.HELPER_NAMES[0]) as f:
         assert str(prefix / "bin" / "python") in f.read()  # the helper runs the installed copy
     for test_tool in ("pytest", "pyspark"):
-        assert subprocess.run([str(prefix / "bin" / "python"), "-c", f"import {test_tool}"],
-                              capture_output=True).returncode != 0, f"{test_tool} is a test tool"
+        assert (
+            subprocess.run(
+                [str(prefix / "bin" / "python"), "-c", f"import {test_tool}"], capture_output=True
+            ).returncode
+            != 0
+        ), f"{test_tool} is a test tool"
     refused = subprocess.run(["bash", install, "--prefix"], capture_output=True, text=True)
     assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
 
@@ -151,8 +201,14 @@ def test_node_install_puts_shufflefs_on_the_path_with_its_runtime_dependencies_o
 def test_mount_t_fuse_shufflefs_and_umount(installed_helper, tmp_path, file_store):
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
-    result = mount8("-t", "fuse.shufflefs", f"file://{file_store}", str(mnt),
-                    "-o", f"cache_dir={cache},cache_size=64M,commit=async,_netdev,nofail,x-systemd.requires=x")
+    result = mount8(
+        "-t",
+        "fuse.shufflefs",
+        f"file://{file_store}",
+        str(mnt),
+        "-o",
+        f"cache_dir={cache},cache_size=64M,commit=async,_netdev,nofail,x-systemd.requires=x",
+    )
     try:
         assert result.returncode == 0, result.stderr
         assert is_mounted(str(mnt))  # live when mount returned
@@ -165,7 +221,9 @@ def test_mount_t_fuse_shufflefs_and_umount(installed_helper, tmp_path, file_stor
         assert not is_mounted(str(mnt))
         # umount went through the helper (`shufflefs umount`: SIGTERM, drain, unmount)
         assert "SIGTERM: draining" in status.log()
-        assert store_objects(str(file_store)) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": b"\1" * 16}
+        assert store_objects(str(file_store)) == {
+            "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": b"\1" * 16
+        }
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
 
@@ -174,8 +232,10 @@ def test_fstab_line(installed_helper, tmp_path, file_store):
     mnt, cache = tmp_path / "mnt", tmp_path / "cache"
     mnt.mkdir()
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"# a comment\nfile://{file_store}  {mnt}  fuse.shufflefs  "
-                     f"defaults,_netdev,nofail,noauto,cache_dir={cache},commit=sync  0 0\n")
+    fstab.write_text(
+        f"# a comment\nfile://{file_store}  {mnt}  fuse.shufflefs  "
+        f"defaults,_netdev,nofail,noauto,cache_dir={cache},commit=sync  0 0\n"
+    )
     result = mount8("-T", str(fstab), str(mnt))
     try:
         assert result.returncode == 0, result.stderr
@@ -195,7 +255,8 @@ def test_mount_errors_are_one_line(installed_helper, tmp_path):
         "mount.fuse.shufflefs: unknown mount option 'bogus=1' (shufflefs options: aws_profile, cache_dir, "
         "cache_size, commit, executor_lease, fuse, gid, heartbeat, late_window, leave_mount, log_file, log_level, "
         "metrics_addr, no_passthrough, owner, s3_endpoint_url, store_timeout, "
-        "uid, upload_workers; mount(8)'s generic ones are ignored)"]
+        "uid, upload_workers; mount(8)'s generic ones are ignored)"
+    ]
     result = mount8("-t", "fuse.shufflefs", "nosuch://x", str(mnt), "-o", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 32
     assert len(result.stderr.strip().splitlines()) == 1 and "unsupported store URL scheme" in result.stderr
@@ -243,8 +304,10 @@ def read_log(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.parametrize("view, ending", [("slave-namespace", "sigkill"), ("bind-of-mountpoint", "sigkill"),
-                                        ("bind-of-mountpoint", "sigterm-leave-mount")])
+@pytest.mark.parametrize(
+    "view, ending",
+    [("slave-namespace", "sigkill"), ("bind-of-mountpoint", "sigkill"), ("bind-of-mountpoint", "sigterm-leave-mount")],
+)
 def test_consumer_survives_daemon_restart(view, ending, shared_dir, tmp_path, file_store):
     """slave-namespace: a process in its own mount namespace that copied the tree as slave
     (`unshare --propagation slave`). bind-of-mountpoint: in such a namespace, a bind mount of
@@ -255,7 +318,10 @@ def test_consumer_survives_daemon_restart(view, ending, shared_dir, tmp_path, fi
     mount = Mount(f"file://{file_store}", mnt, cache, *(["--leave-mount"] if ending != "sigkill" else []))
     consumer = None
     stop, log_path = tmp_path / "stop", tmp_path / "consumer.log"
-    names = ["blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"]
+    names = [
+        "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data",
+        "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index",
+    ]
     with mount:
         os.makedirs(mnt / "blockmgr-10000000-0000-4000-8000-000000000000" / "00")
         (mnt / names[0]).write_bytes(os.urandom(100_000))
@@ -267,8 +333,13 @@ def test_consumer_survives_daemon_restart(view, ending, shared_dir, tmp_path, fi
                 bound = tmp_path / "bound"
                 bound.mkdir()
                 consume[3] = str(bound)
-                consume = ["sh", "-c", f"mount --rbind {mnt} {bound} && mount --make-rslave {bound} && "
-                                       'exec "$@"', "consumer", *consume]
+                consume = [
+                    "sh",
+                    "-c",
+                    f'mount --rbind {mnt} {bound} && mount --make-rslave {bound} && exec "$@"',
+                    "consumer",
+                    *consume,
+                ]
             consumer = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", *consume], cwd="/")
             deadline = time.monotonic() + 30
             while not any("ok" in r for r in (read_log(log_path) if log_path.exists() else [])):
@@ -325,10 +396,28 @@ def test_entrypoint_as_pid1_drains_on_sigterm(daos, tmp_path):
     fake = daos.require_fake()
     url, mnt = daos.url(), tmp_path / "mnt"
     mnt.mkdir()
-    entry = subprocess.Popen(["unshare", "--pid", "--fork", PY, "-m", "shufflefs", "mount", "--foreground", url,
-                              str(mnt), "--cache-dir", str(tmp_path / "cache"), "--commit", "async"],
-                             env={**os.environ, **daos.env}, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    entry = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            PY,
+            "-m",
+            "shufflefs",
+            "mount",
+            "--foreground",
+            url,
+            str(mnt),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--commit",
+            "async",
+        ],
+        env={**os.environ, **daos.env},
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not is_mounted(str(mnt)):
@@ -383,8 +472,11 @@ def test_systemd_unit_is_ready_when_mounted_and_drains_on_stop(tmp_path, file_st
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    env = {"SHUFFLEFS_STORE": f"file://{file_store}", "SHUFFLEFS_MOUNTPOINT": str(mnt),
-           "SHUFFLEFS_OPTIONS": "--commit async --cache-size 64M"}
+    env = {
+        "SHUFFLEFS_STORE": f"file://{file_store}",
+        "SHUFFLEFS_MOUNTPOINT": str(mnt),
+        "SHUFFLEFS_OPTIONS": "--commit async --cache-size 64M",
+    }
     command = systemd_exec_start(os.path.join(REPO, "mount-helpers", "shufflefs@.service"), "test", env)
     assert command[:3] == ["/usr/local/bin/shufflefs", "mount", "--foreground"]
     assert set(a for a in command if a.startswith("--")) <= mount_flags()
@@ -394,8 +486,9 @@ def test_systemd_unit_is_ready_when_mounted_and_drains_on_stop(tmp_path, file_st
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
         sock.settimeout(30)
-        daemon = subprocess.Popen(command, env={**os.environ, "NOTIFY_SOCKET": address}, stdin=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+        daemon = subprocess.Popen(
+            command, env={**os.environ, "NOTIFY_SOCKET": address}, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             ready = sock.recv(4096).decode()
             assert ready.startswith("READY=1\n") and is_mounted(str(mnt))
@@ -429,7 +522,8 @@ def public_dir():
 def test_owner_lets_spark_user_write_the_root(tmp_path, public_dir, file_store):
     """Spark's container images run executors as uid 185, not root: --owner gives them the
     mount's root (and what is learned from the store)."""
-    write = 'mkdir -p "$1/blockmgr-10000000-0000-4000-8000-000000000000/00" && head -c 16 /dev/zero > "$1/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"'
+    directory = '"$1/blockmgr-10000000-0000-4000-8000-000000000000/00"'
+    write = f"mkdir -p {directory} && head -c 16 /dev/zero > {directory}/shuffle_0_0_0.index"
     user = dict(user=65534, group=65534, capture_output=True, text=True, cwd="/")
     with Mount(f"file://{file_store}", f"{public_dir}/a", tmp_path / "cache-a") as mount:
         refused = subprocess.run(["sh", "-c", write, "sh", mount.path], **user)
@@ -439,7 +533,9 @@ def test_owner_lets_spark_user_write_the_root(tmp_path, public_dir, file_store):
         written = subprocess.run(["sh", "-c", write, "sh", mount.path], **user)
         assert written.returncode == 0, written.stderr
     with Mount(f"file://{file_store}", tmp_path / "c", tmp_path / "cache-c", "--owner", "65534") as mount:
-        learned = os.stat(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")  # from the store
+        learned = os.stat(
+            f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"
+        )  # from the store
         assert (learned.st_uid, learned.st_gid) == (65534, 65534)
     result = run_cli("mount", f"file://{file_store}", str(tmp_path / "d"), "--owner", "spark")
     assert result.returncode == 2 and "invalid owner 'spark'" in result.stderr
@@ -489,7 +585,9 @@ def check_mounter(container: dict, volumes: list[dict], config: dict) -> tuple[s
     assert set(flags) <= mount_flags(), "every flag exists"
     for variable in re.findall(r"\$\((\w+)\)", " ".join(args)):
         assert variable in config["data"], f"$({variable}) is not in the ConfigMap"
-    assert [r["configMapRef"]["name"] for r in container["envFrom"] if "configMapRef" in r] == [config["metadata"]["name"]]
+    assert [r["configMapRef"]["name"] for r in container["envFrom"] if "configMapRef" in r] == [
+        config["metadata"]["name"]
+    ]
     mounts = container["volumeMounts"]
     shared = next(m for m in mounts if mountpoint == m["mountPath"] or mountpoint.startswith(m["mountPath"] + "/"))
     assert shared["mountPropagation"] == "Bidirectional"
@@ -521,7 +619,7 @@ def test_daemonset_mounts_on_the_host_and_drains_on_stop():
     assert pod["hostPID"] is True  # executors' thread ids, for the recovery plugin's views
     # the executors' template points at this mountpoint on the host
     host_dir = one(pod["volumes"], name=shared["name"])["hostPath"]["path"]
-    host_mountpoint = host_dir + mountpoint[len(shared["mountPath"]):]
+    host_mountpoint = host_dir + mountpoint[len(shared["mountPath"]) :]
     (template,) = manifests("executor-pod-template.yaml")
     volume = one(template["spec"]["volumes"], name="spark-local-dir-1")
     assert volume["hostPath"] == {"path": host_mountpoint}, "no type: kubelet must not stat a dead mount"
@@ -563,7 +661,7 @@ def test_sidecar_template_needs_no_host_path():
     executor = one(pod["containers"], name="spark-kubernetes-executor")
     local = one(executor["volumeMounts"], name="spark-local-dir-1")
     assert local["mountPropagation"] == "HostToContainer"
-    assert local["subPath"] == mountpoint[len(shared["mountPath"]) + 1:]
+    assert local["subPath"] == mountpoint[len(shared["mountPath"]) + 1 :]
     assert not [v for v in pod["volumes"] if "hostPath" in v]
     assert pod["terminationGracePeriodSeconds"] >= 300
 
@@ -605,7 +703,7 @@ def test_dockerfile():
         text = f.read()
     bases = re.findall(r"^FROM (\S+)", text, re.M)
     assert bases and all(re.fullmatch(r"debian:\d+-slim", b) for b in bases)
-    final = text[text.rindex("\nFROM "):]
+    final = text[text.rindex("\nFROM ") :]
     assert re.search(r"apt-get install[^\n]*\bfuse3\b", final), "the final image has fuse3 (fusermount3)"
     assert "pip install --no-cache-dir /src" in text
     assert re.search(r'^ENTRYPOINT \["shufflefs", "mount", "--foreground"\]$', text, re.M)
@@ -638,12 +736,16 @@ def test_directories_survive_a_restart(tmp_path, file_store):
         os.rename(f"{mnt}/spark-2", f"{mnt}/spark-9")
         os.makedirs(f"{mnt}/gone")
         os.rmdir(f"{mnt}/gone")
-        (tmp_path / "mnt" / "blockmgr-10000000-0000-4000-8000-000000000000" / "0c" / "temp_shuffle_1").write_bytes(b"scratch")  # local only
+        (tmp_path / "mnt" / "blockmgr-10000000-0000-4000-8000-000000000000" / "0c" / "temp_shuffle_1").write_bytes(
+            b"scratch"
+        )  # local only
         mount.kill_only()
         mount.start()
         assert sorted(os.listdir(mnt)) == ["blockmgr-10000000-0000-4000-8000-000000000000", "spark-9"]
         assert sorted(os.listdir(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000")) == ["0c", "3f"]
-        assert os.listdir(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/0c") == []  # scratch files do not survive a crash
+        assert (
+            os.listdir(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/0c") == []
+        )  # scratch files do not survive a crash
         assert os.stat(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/3f").st_mode & 0o777 == 0o700
         assert os.listdir(f"{mnt}/spark-9") == ["userFiles-3"]
         with open(f"{mnt}/blockmgr-10000000-0000-4000-8000-000000000000/3f/shuffle_0_0_0.index", "wb") as f:

@@ -38,12 +38,18 @@ def bucket(seaweed):
 def client_of(seaweed, proxy, read_timeout: float = 10, **config):
     """A boto3 client that talks to SeaweedFS through the proxy, with short timeouts and no
     retries by botocore."""
-    options = dict(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1},
-                   connect_timeout=2, read_timeout=read_timeout)
+    options = dict(
+        s3={"addressing_style": "path"}, retries={"total_max_attempts": 1}, connect_timeout=2, read_timeout=read_timeout
+    )
     options.update(config)
     return boto3.session.Session().client(
-        "s3", endpoint_url=proxy.url, region_name=seaweed.region, aws_access_key_id=seaweed.access_key,
-        aws_secret_access_key=seaweed.secret_key, config=botocore.config.Config(**options))
+        "s3",
+        endpoint_url=proxy.url,
+        region_name=seaweed.region,
+        aws_access_key_id=seaweed.access_key,
+        aws_secret_access_key=seaweed.secret_key,
+        config=botocore.config.Config(**options),
+    )
 
 
 def stored(seaweed, bucket, key) -> bytes | None:
@@ -68,8 +74,13 @@ def test_forwards_every_kind_of_request(seaweed, proxy, bucket):
     upload = s3.create_multipart_upload(Bucket=bucket, Key="a/big")["UploadId"]
     parts = []
     for number, start in enumerate(range(0, len(big), 5 * MiB), start=1):
-        response = s3.upload_part(Bucket=bucket, Key="a/big", UploadId=upload, PartNumber=number,
-                                  Body=io.BytesIO(big[start:start + 5 * MiB]))
+        response = s3.upload_part(
+            Bucket=bucket,
+            Key="a/big",
+            UploadId=upload,
+            PartNumber=number,
+            Body=io.BytesIO(big[start : start + 5 * MiB]),
+        )
         parts.append({"ETag": response["ETag"], "PartNumber": number})
     s3.complete_multipart_upload(Bucket=bucket, Key="a/big", UploadId=upload, MultipartUpload={"Parts": parts})
 
@@ -81,9 +92,20 @@ def test_forwards_every_kind_of_request(seaweed, proxy, bucket):
     assert stored(seaweed, bucket, "a/small") is None and stored(seaweed, bucket, "a/big") == big
 
     ops = [r.op for r in proxy.requests]
-    assert ops == ["PutObject", "PutObject", "CreateMultipartUpload", "UploadPart", "UploadPart", "UploadPart",
-                   "CompleteMultipartUpload", "GetObject", "GetObject", "HeadObject", "ListObjectsV2",
-                   "DeleteObjects"]
+    assert ops == [
+        "PutObject",
+        "PutObject",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "UploadPart",
+        "UploadPart",
+        "CompleteMultipartUpload",
+        "GetObject",
+        "GetObject",
+        "HeadObject",
+        "ListObjectsV2",
+        "DeleteObjects",
+    ]
     assert all(r.action == "forward" for r in proxy.requests)
     assert {r.status for r in proxy.requests} == {200, 206}
     puts = proxy.select("PutObject")
@@ -101,10 +123,11 @@ def test_forwards_chunked_bodies(seaweed, proxy, bucket):
     credentials = botocore.credentials.Credentials(seaweed.access_key, seaweed.secret_key)
     botocore.auth.S3SigV4Auth(credentials, "s3", seaweed.region).add_auth(request)
     pieces = [os.urandom(size) for size in (1, 70000, 5, 300000)]
-    connection = http.client.HTTPConnection(*proxy.url[len("http://"):].split(":"), timeout=10)
+    connection = http.client.HTTPConnection(*proxy.url[len("http://") :].split(":"), timeout=10)
     try:
-        connection.request("PUT", f"/{bucket}/chunked", body=iter(pieces), headers=dict(request.headers.items()),
-                           encode_chunked=True)
+        connection.request(
+            "PUT", f"/{bucket}/chunked", body=iter(pieces), headers=dict(request.headers.items()), encode_chunked=True
+        )
         response = connection.getresponse()
         assert response.status == 200, response.read()
     finally:
@@ -140,8 +163,13 @@ def test_fail_answers_without_forwarding(seaweed, proxy, bucket):
     assert stored(seaweed, bucket, "k") == b"two"
 
     assert [(r.op, r.action, r.status) for r in proxy.requests] == [
-        ("PutObject", "fail", 503), ("PutObject", "fail", 503), ("PutObject", "forward", 200),
-        ("GetObject", "fail", 400), ("HeadObject", "forward", 200), ("DeleteObjects", "fail", 500)]
+        ("PutObject", "fail", 503),
+        ("PutObject", "fail", 503),
+        ("PutObject", "forward", 200),
+        ("GetObject", "fail", 400),
+        ("HeadObject", "forward", 200),
+        ("DeleteObjects", "fail", 500),
+    ]
     assert proxy.connections == 1  # an injected error keeps the connection alive
     s3.close()
 

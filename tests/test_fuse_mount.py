@@ -20,8 +20,16 @@ import threading
 
 import pytest
 
-from shufflefs.fuse.mount import (FUSERMOUNT, FusermountError, mount_with_fusermount, open_session_fd, top_mount,
-                                  unescape, unmount, unmount_with_fusermount)
+from shufflefs.fuse.mount import (
+    FUSERMOUNT,
+    FusermountError,
+    mount_with_fusermount,
+    open_session_fd,
+    top_mount,
+    unescape,
+    unmount,
+    unmount_with_fusermount,
+)
 
 FSTYPE = "fuse.shufflefs-test"
 SOURCE = "shufflefs-test"
@@ -34,21 +42,37 @@ def user_pythonpath(base: str) -> str:
     this module: the checkout may be in a directory private to root. Skips the test when
     NOBODY cannot run this interpreter with its packages (a virtualenv under /root)."""
     path = os.path.join(base, "pythonpath")
-    shutil.copytree(os.path.join(REPO, "shufflefs"), os.path.join(path, "shufflefs"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        os.path.join(REPO, "shufflefs"), os.path.join(path, "shufflefs"), ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(os.path.abspath(__file__), path)
     os.chmod(path, 0o755)
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
             os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
-    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-                            "-c", "import trio, lmdb, shufflefs.daemon, test_fuse_mount"],
-                           env={**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"}, cwd=base,
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            "import trio, lmdb, shufflefs.daemon, test_fuse_mount",
+        ],
+        env={**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd=base,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+    )
     if probe.returncode != 0:
-        pytest.skip(f"uid {NOBODY} cannot run {sys.executable} with shufflefs's packages here: "
-                    f"{probe.stderr.strip().splitlines()[-1:]}")
+        pytest.skip(
+            f"uid {NOBODY} cannot run {sys.executable} with shufflefs's packages here: "
+            f"{probe.stderr.strip().splitlines()[-1:]}"
+        )
     return path
+
 
 # ------------------------------------------------------------ a minimal server (include/uapi/linux/fuse.h)
 IN_HEADER = struct.Struct("<IIQQIIIHH")
@@ -58,7 +82,17 @@ ATTR_OUT = struct.Struct("<QII")
 OPEN_OUT = struct.Struct("<QIi")
 INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
 LOOKUP, FORGET, GETATTR, INIT, OPENDIR, READDIR, RELEASEDIR, DESTROY, BATCH_FORGET, READDIRPLUS = (
-    1, 2, 3, 26, 27, 28, 29, 38, 42, 44)
+    1,
+    2,
+    3,
+    26,
+    27,
+    28,
+    29,
+    38,
+    42,
+    44,
+)
 ROOT = 1
 #: the kernel refuses reads smaller than a request carrying max_write bytes
 READ_SIZE = (1 << 20) + 4096
@@ -100,8 +134,9 @@ class MinimalServer:
                 major, minor, readahead, flags = struct.unpack_from("<IIII", request, IN_HEADER.size)
                 self._reply(unique, INIT_OUT.pack(7, 31, readahead, 0, 16, 12, 1 << 17, 1, 32, 0, 0, 0))
             elif opcode == GETATTR and node == ROOT:
-                root = ATTR.pack(ROOT, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(),
-                                 0, 4096, 0)
+                root = ATTR.pack(
+                    ROOT, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, 4096, 0
+                )
                 self._reply(unique, ATTR_OUT.pack(1, 0, 0) + root)
             elif opcode == OPENDIR:
                 self._reply(unique, OPEN_OUT.pack(1, 0, 0))
@@ -242,9 +277,15 @@ def serve_as_user(mountpoint: str) -> dict:
     server = MinimalServer(fd)
     try:
         info = os.stat(mountpoint)
-        report = {"made": made, "dev_fuse": is_dev_fuse(fd), "inheritable": os.get_inheritable(fd),
-                  "entry": mount_entry(mountpoint), "is_dir": stat.S_ISDIR(info.st_mode), "owner": info.st_uid,
-                  "listing": os.listdir(mountpoint)}
+        report = {
+            "made": made,
+            "dev_fuse": is_dev_fuse(fd),
+            "inheritable": os.get_inheritable(fd),
+            "entry": mount_entry(mountpoint),
+            "is_dir": stat.S_ISDIR(info.st_mode),
+            "owner": info.st_uid,
+            "listing": os.listdir(mountpoint),
+        }
     finally:
         unmount(mountpoint, made)
         server.stop()
@@ -277,22 +318,38 @@ def test_unprivileged_user_mounts_through_fusermount():
         os.chmod(base, 0o755)
         os.mkdir(mountpoint)
         os.chown(mountpoint, NOBODY, NOBODY)
-        child = [sys.executable, "-c", "import json, sys, test_fuse_mount; "
-                 "print(json.dumps(test_fuse_mount.serve_as_user(sys.argv[1])))", mountpoint]
+        child = [
+            sys.executable,
+            "-c",
+            "import json, sys, test_fuse_mount; print(json.dumps(test_fuse_mount.serve_as_user(sys.argv[1])))",
+            mountpoint,
+        ]
         command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *child]
         device = os.stat("/dev/fuse")
         if not device.st_mode & stat.S_IROTH or not device.st_mode & stat.S_IWOTH:
             if shutil.which("unshare") is None:
-                pytest.skip(f"/dev/fuse (mode {stat.filemode(device.st_mode)}) is not open to uid {NOBODY}, "
-                            "and unshare(1) is missing to give it a private one")
+                pytest.skip(
+                    f"/dev/fuse (mode {stat.filemode(device.st_mode)}) is not open to uid {NOBODY}, "
+                    "and unshare(1) is missing to give it a private one"
+                )
             device_dir = os.path.join(base, "dev")
             os.mkdir(device_dir)
-            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV_FUSE, "sh",
-                       device_dir, *command]
-        env = {**os.environ, "PYTHONPATH": user_pythonpath(base),
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        done = subprocess.run(command, env=env, cwd=base, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=120)
+            command = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                PRIVATE_DEV_FUSE,
+                "sh",
+                device_dir,
+                *command,
+            ]
+        env = {**os.environ, "PYTHONPATH": user_pythonpath(base), "PYTHONDONTWRITEBYTECODE": "1"}
+        done = subprocess.run(
+            command, env=env, cwd=base, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         assert report["made"] is None

@@ -13,12 +13,12 @@ import uuid
 import pytest
 import trio
 
-from shufflefs.testing.mounting import Mount, bucket_objects, run_cli
 from shufflefs import gc
 from shufflefs.callers import Executor
 from shufflefs.heartbeat import MOUNTS, Heartbeat, held, keep
 from shufflefs.stores.file import TEMP_PREFIX, FileStore
 from shufflefs.stores.memory import MemoryStore
+from shufflefs.testing.mounting import Mount, bucket_objects, run_cli
 
 DAY = 86400.0
 LIVE, DEAD = Executor("app-1", "1", 100, 1), Executor("app-1", "2", 200, 2)
@@ -35,12 +35,16 @@ def alive(executor: Executor) -> bool:
 # ---------------------------------------------------------------------------- what a mount holds
 def test_a_mount_holds_its_block_managers_until_their_executors_and_adopters_are_dead():
     made_by_a_person, live, dead, adopted = (f"spark-1/{bm()}" for _ in range(4))
-    dirs = [("spark-1", {}), (made_by_a_person, {}), (f"{made_by_a_person}/0c", {}),
-            (live, {"executor": LIVE.record()}), (dead, {"executor": DEAD.record()}),
-            (adopted, {"executor": DEAD.record(), "adopter": LIVE.record()})]
+    dirs = [
+        ("spark-1", {}),
+        (made_by_a_person, {}),
+        (f"{made_by_a_person}/0c", {}),
+        (live, {"executor": LIVE.record()}),
+        (dead, {"executor": DEAD.record()}),
+        (adopted, {"executor": DEAD.record(), "adopter": LIVE.record()}),
+    ]
     released: dict[str, float] = {}
-    assert held(dirs, alive, released, now=1000.0) == {made_by_a_person: None, live: None, dead: 1000.0,
-                                                      adopted: None}
+    assert held(dirs, alive, released, now=1000.0) == {made_by_a_person: None, live: None, dead: 1000.0, adopted: None}
     # released stays when it was first seen; a directory gone is forgotten
     assert held(dirs[:5], alive, released, now=2000.0)[dead] == 1000.0
     assert held(dirs[:4], alive, released, now=3000.0) == {made_by_a_person: None, live: None}
@@ -114,11 +118,14 @@ def test_a_run_collects_exactly_what_no_live_mount_holds_and_nobody_wrote_lately
     layout.object(f"{young}/0c/shuffle_0_0_0.data", 3 * DAY)
     layout.object(f"{young}/0d/shuffle_0_0_0.index", 60)
     outside = layout.object("fallback/app-1/0/shuffle_0_0_0.data", 5 * DAY)
-    live_beat = layout.heartbeat("live", 30, {held_dir: None, released_long_ago: layout.now - 2 * DAY,
-                                              released_lately: layout.now - 3600})
+    live_beat = layout.heartbeat(
+        "live", 30, {held_dir: None, released_long_ago: layout.now - 2 * DAY, released_lately: layout.now - 3600}
+    )
     stale_beat = layout.heartbeat("crashed", 2 * DAY, {stale_held: None})
-    records = {name: layout.object(f".shufflefs/dirs/app-1/{os.path.basename(name)}", 3 * DAY)
-               for name in (held_dir, unheld, young)}
+    records = {
+        name: layout.object(f".shufflefs/dirs/app-1/{os.path.basename(name)}", 3 * DAY)
+        for name in (held_dir, unheld, young)
+    }
     lost_node = layout.object(".shufflefs/nodes/lost-node", 2 * DAY)
     live_node = layout.object(".shufflefs/nodes/live-node", 5)
     old_temp = layout.object(f"{unheld}/0c/{TEMP_PREFIX}{'a' * 32}", 2 * DAY)
@@ -126,10 +133,20 @@ def test_a_run_collects_exactly_what_no_live_mount_holds_and_nobody_wrote_lately
 
     holders = gc.Holders(layout.store, DAY)
     planned = gc.plan(layout.store, DAY, holders)
-    assert garbage_keys(planned) == {unheld, stale_held, released_long_ago, old_temp, stale_beat,
-                                     records[unheld], lost_node}
+    assert garbage_keys(planned) == {
+        unheld,
+        stale_held,
+        released_long_ago,
+        old_temp,
+        stale_beat,
+        records[unheld],
+        lost_node,
+    }
     assert {item.key: item.reason.split()[0] for item in planned.kept} == {
-        held_dir: "held", released_lately: "held", young: "written"}
+        held_dir: "held",
+        released_lately: "held",
+        young: "written",
+    }
     assert (planned.outside_objects, planned.live_mounts) == (1, 1)
     assert next(i for i in planned.garbage if i.key == unheld).objects == 2  # the temp file is counted apart
 
@@ -138,7 +155,10 @@ def test_a_run_collects_exactly_what_no_live_mount_holds_and_nobody_wrote_lately
     assert not outcome.failed and not outcome.spared
     gone = before - layout.keys()
     assert gone == {key for key in before if key.startswith((unheld, stale_held, released_long_ago))} | {
-        stale_beat, records[unheld], lost_node}
+        stale_beat,
+        records[unheld],
+        lost_node,
+    }
     assert {outside, live_beat, live_node, records[held_dir], records[young]} <= layout.keys()
     again = gc.plan(layout.store, DAY, gc.Holders(layout.store, DAY))
     assert again.garbage == []
@@ -169,12 +189,15 @@ def test_a_heartbeat_that_is_not_one_stops_the_run(tmp_path):
     assert "is not a shufflefs record; nothing is collected" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["gc", "nope://x"], "unsupported store URL scheme 'nope'"),
-    (["gc", "file:///nonexistent-store"], "does not exist"),
-    (["gc", "file:///tmp", "--older-than", "5"], "invalid duration '5'"),
-    (["gc", "file:///tmp", "--older-than", "a day"], "invalid duration"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["gc", "nope://x"], "unsupported store URL scheme 'nope'"),
+        (["gc", "file:///nonexistent-store"], "does not exist"),
+        (["gc", "file:///tmp", "--older-than", "5"], "invalid duration '5'"),
+        (["gc", "file:///tmp", "--older-than", "a day"], "invalid duration"),
+    ],
+)
 def test_bad_input_is_one_line_and_a_failure(args, message):
     result = run_cli(*args)
     assert result.returncode in (1, 2) and result.stdout == ""
@@ -188,13 +211,17 @@ def test_an_unreachable_store_is_one_line(s3_env):
 
 # ---------------------------------------------------------------------------- real mounts, S3
 def test_gc_removes_a_crashed_mounts_tree_and_an_abandoned_upload_and_never_a_live_mounts(
-        tmp_path, seaweed, s3_env, bucket):
+    tmp_path, seaweed, s3_env, bucket
+):
     url = f"s3://{bucket}/pre"
     endpoint = ["--s3-endpoint-url", seaweed.endpoint_url]
     client = seaweed.client()
     crashed_dir, live_dir = f"spark-{uuid.uuid4()}/{bm()}", f"spark-{uuid.uuid4()}/{bm()}"
-    files = {f"{directory}/{sub}/shuffle_0_{n}_0.{kind}": os.urandom(1000 + n)
-             for directory in (crashed_dir, live_dir) for n, (sub, kind) in enumerate([("0c", "data"), ("1f", "index")])}
+    files = {
+        f"{directory}/{sub}/shuffle_0_{n}_0.{kind}": os.urandom(1000 + n)
+        for directory in (crashed_dir, live_dir)
+        for n, (sub, kind) in enumerate([("0c", "data"), ("1f", "index")])
+    }
 
     def write_files(mount: Mount, directory: str) -> None:
         for key, body in files.items():
@@ -204,8 +231,11 @@ def test_gc_removes_a_crashed_mounts_tree_and_an_abandoned_upload_and_never_a_li
                     f.write(body)
 
     def heartbeats() -> dict[str, dict]:
-        return {key: json.loads(body) for key, body in bucket_objects(client, bucket, "pre", records=True).items()
-                if key.startswith(MOUNTS)}
+        return {
+            key: json.loads(body)
+            for key, body in bucket_objects(client, bucket, "pre", records=True).items()
+            if key.startswith(MOUNTS)
+        }
 
     def wait_held(directory: str) -> None:
         deadline = time.monotonic() + 30
@@ -213,16 +243,20 @@ def test_gc_removes_a_crashed_mounts_tree_and_an_abandoned_upload_and_never_a_li
             assert time.monotonic() < deadline, f"no heartbeat holds {directory}"
             time.sleep(0.2)
 
-    crashed = Mount(url, tmp_path / "crashed", tmp_path / "crashed-cache", *endpoint, "--heartbeat", "1",
-                    env=s3_env)
+    crashed = Mount(url, tmp_path / "crashed", tmp_path / "crashed-cache", *endpoint, "--heartbeat", "1", env=s3_env)
     with crashed:
         write_files(crashed, crashed_dir)
         wait_held(crashed_dir)
         crashed.kill()  # its application never cleans up
     (crashed_beat,) = heartbeats()
     upload = client.create_multipart_upload(Bucket=bucket, Key=f"pre/{crashed_dir}/0c/shuffle_1_0_0.data")
-    client.upload_part(Bucket=bucket, Key=f"pre/{crashed_dir}/0c/shuffle_1_0_0.data", PartNumber=1,
-                       UploadId=upload["UploadId"], Body=b"p" * 1000)
+    client.upload_part(
+        Bucket=bucket,
+        Key=f"pre/{crashed_dir}/0c/shuffle_1_0_0.data",
+        PartNumber=1,
+        UploadId=upload["UploadId"],
+        Body=b"p" * 1000,
+    )
     with Mount(url, tmp_path / "live", tmp_path / "live-cache", *endpoint, "--heartbeat", "1", env=s3_env) as live:
         write_files(live, live_dir)
         wait_held(live_dir)
@@ -232,8 +266,10 @@ def test_gc_removes_a_crashed_mounts_tree_and_an_abandoned_upload_and_never_a_li
         assert dry.returncode == 0, dry.stderr
         found = json.loads(dry.stdout)
         assert {(item["kind"], item["key"]) for item in found["garbage"]} == {
-            (gc.DIRECTORY, crashed_dir), (gc.UNFINISHED, f"{crashed_dir}/0c/shuffle_1_0_0.data"),
-            (gc.RECORD, crashed_beat)}
+            (gc.DIRECTORY, crashed_dir),
+            (gc.UNFINISHED, f"{crashed_dir}/0c/shuffle_1_0_0.data"),
+            (gc.RECORD, crashed_beat),
+        }
         assert [(item["key"], item["reason"].split()[0]) for item in found["kept"]] == [(live_dir, "held")]
         assert set(bucket_objects(client, bucket, "pre", records=True)) == set(files) | {crashed_beat, *heartbeats()}
 

@@ -9,7 +9,7 @@ from shufflefs.testing.mounting import Mount
 
 pytest_plugins = ["pytester"]
 
-INNER = '''
+INNER = """
 import logging
 import pytest
 
@@ -22,7 +22,7 @@ def test_logs_an_allowed_error():
 
 def test_logs_a_warning():
     logging.getLogger("shufflefs.remote").warning("retrying")
-'''
+"""
 
 
 def test_an_unexpected_logged_error_fails_the_test_and_an_allowed_one_does_not(pytester):
@@ -38,6 +38,8 @@ def test_a_traceback_in_a_daemons_log_fails_its_mount(tmp_path):
     log = tmp_path / "cache" / "shufflefs.log"
     log.write_text("INFO shufflefs.daemon: mounted\nERROR shufflefs.core: the store refused it\n")
     mount.check_log()  # errors are what tests inject; tracebacks are bugs
-    log.write_text(log.read_text() + "ERROR shufflefs.core: internal error in read\nTraceback (most recent call last):\n")
+    log.write_text(
+        log.read_text() + "ERROR shufflefs.core: internal error in read\nTraceback (most recent call last):\n"
+    )
     with pytest.raises(AssertionError, match="logged a traceback"):
         mount.check_log()

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from shufflefs.testing.mounting import run_cli
 from shufflefs.inventory import Budget, Truncated, shuffles, walk_directory, walk_store
 from shufflefs.stores.memory import MemoryStore
+from shufflefs.testing.mounting import run_cli
 
 BM = "blockmgr-10000000-0000-4000-8000-000000000000"
 OTHER = "blockmgr-20000000-0000-4000-8000-000000000000"
@@ -83,8 +83,14 @@ def test_ls_of_a_file_store_url_names_the_registered_application(tmp_path):
     assert apps == {BM: "app-1", OTHER: None}
 
 
-@pytest.mark.parametrize("target, needle", [("/no/such/dir", "does not exist"), ("ftp://x/y", "unsupported store URL"),
-                                            ("s3://user:secret@bucket/x", "credentials")])
+@pytest.mark.parametrize(
+    "target, needle",
+    [
+        ("/no/such/dir", "does not exist"),
+        ("ftp://x/y", "unsupported store URL"),
+        ("s3://user:secret@bucket/x", "credentials"),
+    ],
+)
 def test_bad_targets_are_refused_in_one_line(target, needle):
     result = run_cli("ls", target)
     assert result.returncode == 1, result.stderr

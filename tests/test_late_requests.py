@@ -19,8 +19,25 @@ import trio
 
 from shufflefs.core import FsError
 from shufflefs.stores import StoreError
-from shufflefs.testing.corefs import (BM, DATA, INDEX, RecordingMemoryStore, close, commit, contents, create,
-                       errno_of, forget, key, mkdirs, read_all, resolve, settle, until, write_file)
+from shufflefs.testing.corefs import (
+    BM,
+    DATA,
+    INDEX,
+    RecordingMemoryStore,
+    close,
+    commit,
+    contents,
+    create,
+    errno_of,
+    forget,
+    key,
+    mkdirs,
+    read_all,
+    resolve,
+    settle,
+    until,
+    write_file,
+)
 
 NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 
@@ -177,8 +194,9 @@ class RefusingStore(RecordingMemoryStore):
     def delete_many(self, keys, **conditions):
         failed = super().delete_many([k for k in keys if self.refused not in k], **conditions)
         self.log.append(("delete_many", tuple(keys)))
-        failed.update({k: StoreError(f"deleting {k}: InvalidArgument", transient=False)
-                       for k in keys if self.refused in k})
+        failed.update(
+            {k: StoreError(f"deleting {k}: InvalidArgument", transient=False) for k in keys if self.refused in k}
+        )
         return failed
 
 
@@ -244,7 +262,6 @@ async def test_a_sync_commit_of_a_refused_key_fails_without_retrying(env):
     # one attempt at close(2) (FLUSH), and one more at RELEASE, where a file written under its
     # final name commits when FLUSH did not: no retries
     assert len(store.calls_of("put_file")) <= 2
-
 
 
 # -- a store that does not answer ---------------------------------------------------------------

@@ -33,13 +33,17 @@ def test_the_checker_finds_circles_and_imports_the_table_does_not_allow():
     assert checker.circles(edges) == [["a", "b", "c"]]
     rules = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "e": set()}
     assert checker.violations(edges, rules) == [
-        "a imports trio: not allowed by docs/DESIGN.md", "d: not in docs/DESIGN.md's module table",
-        "e: in docs/DESIGN.md's module table, but no such module"]
+        "a imports trio: not allowed by docs/DESIGN.md",
+        "d: not in docs/DESIGN.md's module table",
+        "e: in docs/DESIGN.md's module table, but no such module",
+    ]
     assert checker.table()["options"] == set() and "lmdb" in checker.table()["journal"]
 
 
 def test_commands_that_only_look_load_none_of_the_daemon():
-    code = ("import sys; from shufflefs import cli, control, bench, places; cli.build_parser(); "
-            "print(sorted(m for m in ('shufflefs.daemon', 'shufflefs.core', 'lmdb', 'pyfuse3') if m in sys.modules))")
+    code = (
+        "import sys; from shufflefs import cli, control, bench, places; cli.build_parser(); "
+        "print(sorted(m for m in ('shufflefs.daemon', 'shufflefs.core', 'lmdb', 'pyfuse3') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -44,8 +44,9 @@ def commit_files(root: str, count: int, size: int) -> None:
 
 def test_metrics_move_with_a_workload_and_match_stats(tmp_path, file_store):
     port = free_port()
-    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--metrics-addr",
-               f"127.0.0.1:{port}") as mount:
+    with Mount(
+        f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--metrics-addr", f"127.0.0.1:{port}"
+    ) as mount:
         before = scrape(port)
         commit_files(mount.path, 10, 100_000)
         stats = json.loads(run_cli("stats", mount.path, "--sync").stdout)
@@ -54,14 +55,18 @@ def test_metrics_move_with_a_workload_and_match_stats(tmp_path, file_store):
     def value(samples, name, **labels) -> float:
         return samples.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
 
-    assert value(after, "shufflefs_fuse_requests_total", kind="create") - \
-        value(before, "shufflefs_fuse_requests_total", kind="create") == 10
+    assert (
+        value(after, "shufflefs_fuse_requests_total", kind="create")
+        - value(before, "shufflefs_fuse_requests_total", kind="create")
+        == 10
+    )
     assert value(after, "shufflefs_fuse_requests_total", kind="rename") >= 10
     # every request answered is in the latency histogram of its kind
     for kind in ("create", "rename"):  # (writes are passed through: no WRITE request)
         assert value(after, "shufflefs_fuse_request_seconds_count", kind=kind) >= 10
-        assert value(after, "shufflefs_fuse_request_seconds_bucket", kind=kind, le="+Inf") == \
-            value(after, "shufflefs_fuse_request_seconds_count", kind=kind)
+        assert value(after, "shufflefs_fuse_request_seconds_bucket", kind=kind, le="+Inf") == value(
+            after, "shufflefs_fuse_request_seconds_count", kind=kind
+        )
         assert value(after, "shufflefs_fuse_request_seconds_sum", kind=kind) > 0
     # the store's counters are the ones `shufflefs stats` reports
     assert value(after, "shufflefs_store_requests_total", kind="put") == stats["store"]["put_requests"] == 10
@@ -81,11 +86,19 @@ def test_a_taken_metrics_port_is_refused_before_mounting(tmp_path, file_store):
         port = taken.getsockname()[1]
         mountpoint = tmp_path / "mnt"
         mountpoint.mkdir()
-        result = run_cli("mount", f"file://{file_store}", str(mountpoint), "--cache-dir", str(tmp_path / "cache"),
-                         "--metrics-addr", f"127.0.0.1:{port}")
+        result = run_cli(
+            "mount",
+            f"file://{file_store}",
+            str(mountpoint),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
+        )
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"shufflefs: error: cannot serve metrics on 127.0.0.1:{port}: "
-                                          "Address already in use"], result.stderr
+    assert result.stderr.splitlines() == [
+        f"shufflefs: error: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+    ], result.stderr
     assert not is_mounted(str(mountpoint))
 
 

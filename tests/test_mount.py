@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -36,7 +36,7 @@ def spark_commit(directory: str, shuffle: int, map_id: int, partitions: list[byt
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if suffix == ".data" else os.O_TRUNC)
         fd = os.open(temp, flags, 0o644)
         for start in range(0, len(content), 32 * 1024):
-            os.write(fd, content[start:start + 32 * 1024])
+            os.write(fd, content[start : start + 32 * 1024])
             os.fstat(fd)  # FileChannel.position() on an append channel
         os.close(fd)
         assert not os.path.exists(base + suffix)
@@ -80,7 +80,9 @@ def test_rename_commits_and_sizes_are_exact(file_mount):
         assert os.stat(os.path.join(bucket_dir, name)).st_size == len(content)
     objects = store_objects(file_mount.store_root)
     # sync commit: the objects are there when rename returns, and nothing else is
-    assert objects == {f"blockmgr-10000000-0000-4000-8000-000000000000/0c/{name}": content for name, content in written.items()}
+    assert objects == {
+        f"blockmgr-10000000-0000-4000-8000-000000000000/0c/{name}": content for name, content in written.items()
+    }
 
 
 def test_rename_semantics(file_mount):
@@ -160,8 +162,15 @@ def test_names_and_paths(file_mount):
     os.mkdir(f"{m}/d")
     open(f"{m}/d/f", "wb").close()
     long = f"{m}/d/" + "n" * 256
-    for call in (os.stat, os.mkdir, os.unlink, os.rmdir, lambda path: open(path, "wb"),
-                 lambda path: os.rename(f"{m}/d/f", path), lambda path: os.rename(path, f"{m}/d/g")):
+    for call in (
+        os.stat,
+        os.mkdir,
+        os.unlink,
+        os.rmdir,
+        lambda path: open(path, "wb"),
+        lambda path: os.rename(f"{m}/d/f", path),
+        lambda path: os.rename(path, f"{m}/d/g"),
+    ):
         with pytest.raises(OSError) as raised:
             call(long)
         assert raised.value.errno == errno.ENAMETOOLONG, call
@@ -190,7 +199,10 @@ def test_concurrent_rm_rf(file_mount):
                 f.write(b"t" * 100)
         spark_commit(directory, 0, b, [b"d" * 50])
     assert len(store_objects(file_mount.store_root)) == 8 * 3
-    removers = [subprocess.Popen(["rm", "-rf", f"{m}/blockmgr-a0000000-0000-4000-8000-000000000000"], stderr=subprocess.PIPE) for _ in range(2)]
+    removers = [
+        subprocess.Popen(["rm", "-rf", f"{m}/blockmgr-a0000000-0000-4000-8000-000000000000"], stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=60), p.stderr.read()) for p in removers]
     assert not os.path.exists(f"{m}/blockmgr-a0000000-0000-4000-8000-000000000000")
     assert any(code == 0 for code, _ in results), results
@@ -231,8 +243,10 @@ def test_fsync_and_locks(file_mount):
     os.fsync(fd)
     os.fdatasync(fd)
     fcntl.lockf(fd, fcntl.LOCK_EX)
-    probe = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
-             "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+    probe = (
+        "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n"
+    )
     assert subprocess.run([sys.executable, "-c", probe, path]).returncode == 3  # held by us
     fcntl.lockf(fd, fcntl.LOCK_UN)
     assert subprocess.run([sys.executable, "-c", probe, path]).returncode == 0
@@ -256,8 +270,9 @@ def test_unsupported_operations(file_mount):
     assert raised.value.errno == errno.EOPNOTSUPP
 
 
-def commit_and_read_from_second_mount(first: Mount, second: Mount, directory: str,
-                                      partitions: list[bytes]) -> dict[str, bytes]:
+def commit_and_read_from_second_mount(
+    first: Mount, second: Mount, directory: str, partitions: list[bytes]
+) -> dict[str, bytes]:
     """Commit one map output (and a scratch file) in `directory` of the first mount; the second
     mount, of the same store, lists and reads exactly the committed files, also the way a
     reducer reads an index (seek, two 8-byte reads). Returns key -> bytes."""
@@ -278,10 +293,16 @@ def commit_and_read_from_second_mount(first: Mount, second: Mount, directory: st
 
 def test_second_mount_sees_committed_files(tmp_path, s3_env, bucket, seaweed):
     url = f"s3://{bucket}/jobs"
-    with Mount(url, tmp_path / "a", tmp_path / "cache-a", env=s3_env) as first, \
-         Mount(url, tmp_path / "b", tmp_path / "cache-b", env=s3_env) as second:
-        written = commit_and_read_from_second_mount(first, second, "spark-1/executor-0/blockmgr-20000000-0000-4000-8000-000000000000/0c",
-                                                    [os.urandom(5000), os.urandom(300)])
+    with (
+        Mount(url, tmp_path / "a", tmp_path / "cache-a", env=s3_env) as first,
+        Mount(url, tmp_path / "b", tmp_path / "cache-b", env=s3_env) as second,
+    ):
+        written = commit_and_read_from_second_mount(
+            first,
+            second,
+            "spark-1/executor-0/blockmgr-20000000-0000-4000-8000-000000000000/0c",
+            [os.urandom(5000), os.urandom(300)],
+        )
         assert sorted(os.listdir(second.path)) == ["spark-1"]
         assert bucket_objects(seaweed.client(), bucket, "jobs") == written
 
@@ -294,7 +315,9 @@ def test_sigkill_recovery_completes_pending_uploads(tmp_path, s3_env, bucket, se
         os.kill(seaweed.process.pid, signal.SIGSTOP)  # the store stops answering
         try:
             started = time.monotonic()
-            written = spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [os.urandom(20000)])
+            written = spark_commit(
+                f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [os.urandom(20000)]
+            )
             assert time.monotonic() - started < 5, "async commit must not wait for the store"
             mount.kill()
         finally:
@@ -304,7 +327,9 @@ def test_sigkill_recovery_completes_pending_uploads(tmp_path, s3_env, bucket, se
     with Mount(url, tmp_path / "mnt", tmp_path / "cache", "--commit", "async", env=s3_env) as again:
         assert sorted(os.listdir(f"{again.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")) == sorted(written)
         assert again.umount().returncode == 0
-    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-10000000-0000-4000-8000-000000000000/00/{n}": c for n, c in written.items()}
+    assert bucket_objects(seaweed.client(), bucket) == {
+        f"blockmgr-10000000-0000-4000-8000-000000000000/00/{n}": c for n, c in written.items()
+    }
 
 
 def test_sigterm_drains_pending_uploads(tmp_path, s3_env, bucket, seaweed):
@@ -312,7 +337,9 @@ def test_sigterm_drains_pending_uploads(tmp_path, s3_env, bucket, seaweed):
         os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         os.kill(seaweed.process.pid, signal.SIGSTOP)
         try:
-            written = spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 2, 3, [os.urandom(100000)])
+            written = spark_commit(
+                f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 2, 3, [os.urandom(100000)]
+            )
             os.kill(mount.pid, signal.SIGTERM)
             time.sleep(1)
             assert is_mounted(mount.path), "the mount must stay until the uploads are drained"
@@ -321,7 +348,9 @@ def test_sigterm_drains_pending_uploads(tmp_path, s3_env, bucket, seaweed):
         mount.wait_exit(120)
         assert not is_mounted(mount.path)
         assert mount.status()["given_up"] == 0
-    assert bucket_objects(seaweed.client(), bucket) == {f"blockmgr-10000000-0000-4000-8000-000000000000/00/{n}": c for n, c in written.items()}
+    assert bucket_objects(seaweed.client(), bucket) == {
+        f"blockmgr-10000000-0000-4000-8000-000000000000/00/{n}": c for n, c in written.items()
+    }
 
 
 def test_small_cache_reads_back_evicted_files(tmp_path, file_store):
@@ -330,7 +359,14 @@ def test_small_cache_reads_back_evicted_files(tmp_path, file_store):
         os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         blobs = {}
         for map_id in range(6):
-            blobs.update(spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, map_id, [os.urandom(3 * 1024 * 1024)]))
+            blobs.update(
+                spark_commit(
+                    f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00",
+                    0,
+                    map_id,
+                    [os.urandom(3 * 1024 * 1024)],
+                )
+            )
         staged = sum(e.stat().st_size for e in os.scandir(f"{mount.cache_dir}/staging"))
         assert staged <= 10 * 1024 * 1024 < sum(map(len, blobs.values()))
         for name, content in blobs.items():
@@ -338,7 +374,7 @@ def test_small_cache_reads_back_evicted_files(tmp_path, file_store):
                 assert f.read() == content
         with open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data", "rb") as f:
             f.seek(1024 * 1024)
-            assert f.read(100) == blobs["shuffle_0_0_0.data"][1024 * 1024:1024 * 1024 + 100]
+            assert f.read(100) == blobs["shuffle_0_0_0.data"][1024 * 1024 : 1024 * 1024 + 100]
 
 
 def test_large_file_uses_multipart_upload(tmp_path, s3_env, bucket, seaweed):
@@ -346,10 +382,18 @@ def test_large_file_uses_multipart_upload(tmp_path, s3_env, bucket, seaweed):
     with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
         os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 4, 4, [big])
-        head = seaweed.client().head_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_4_4_0.data")
+        head = seaweed.client().head_object(
+            Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_4_4_0.data"
+        )
         assert head["ContentLength"] == len(big)
         assert "-" in head["ETag"], "a 40 MiB file must go up in parts"
-        body = seaweed.client().get_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_4_4_0.data")["Body"].read()
+        body = (
+            seaweed.client()
+            .get_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_4_4_0.data")[
+                "Body"
+            ]
+            .read()
+        )
         assert body == big
 
 
@@ -375,8 +419,14 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
                 os.rename(temp, f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")
             assert raised.value.errno == errno.EIO
             assert time.monotonic() - started < 60
-            assert os.listdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00") == ["shuffle_0_0_0.index.tmp"]
-            fd = os.open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index", os.O_WRONLY | os.O_CREAT, 0o644)
+            assert os.listdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00") == [
+                "shuffle_0_0_0.index.tmp"
+            ]
+            fd = os.open(
+                f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index",
+                os.O_WRONLY | os.O_CREAT,
+                0o644,
+            )
             os.write(fd, b"\0" * 16)
             with pytest.raises(OSError) as raised:
                 os.close(fd)
@@ -393,7 +443,9 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
     try:
         # the upload; and a look, later, for what the cancelled upload of the rename may leave
         assert sorted((r["kind"], r["key"]) for _, r in journal.pending_ops()) == [
-            ("put", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"), ("sweep", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index")]
+            ("put", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"),
+            ("sweep", "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"),
+        ]
     finally:
         journal.close()
 
@@ -401,6 +453,7 @@ def test_store_failure_reaches_the_writer_and_umount_reports_it(tmp_path, s3_env
 def test_page_cache_kept_across_opens_and_coherent(file_mount):
     """Every open keeps the kernel's cached pages (no READ reaches the daemon for bytes
     written through the mount), and what is read is always what was last written."""
+
     def fuse_reads() -> int:
         result = run_cli("stats", file_mount.path)
         assert result.returncode == 0, result.stderr
@@ -435,7 +488,9 @@ def test_shell_redirection_into_a_durable_name(file_mount):
     with open(path, "rb") as f:
         content = f.read()
     assert len(content) == 24
-    assert store_objects(file_mount.store_root) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": content}
+    assert store_objects(file_mount.store_root) == {
+        "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index": content
+    }
 
 
 def test_sigterm_waits_for_open_shuffle_files(tmp_path, file_store):
@@ -471,8 +526,16 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
     a writer), the mount shows what is held, and a rewrite from empty makes it whole again."""
     # with passthrough there is no writeback cache: test_failed_write_fails_at_write_with_passthrough
     passthrough_off = [] if os.environ.get("SHUFFLEFS_TEST_FUSE") == "pyfuse3" else ["--no-passthrough"]
-    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M",
-               "--commit", commit, *passthrough_off) as mount:
+    with Mount(
+        f"file://{file_store}",
+        tmp_path / "mnt",
+        tmp_path / "cache",
+        "--cache-size",
+        "8M",
+        "--commit",
+        commit,
+        *passthrough_off,
+    ) as mount:
         directory = half_full_directory(mount)
         data = os.urandom(16 * 1024 * 1024)
         path = f"{directory}/shuffle_0_0_0.data"
@@ -480,15 +543,16 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
         for name in (path, temp):  # written under its final name; written for a rename
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             for start in range(0, len(data), 32 * 1024):
-                assert os.write(fd, data[start:start + 32 * 1024]) == 32 * 1024
+                assert os.write(fd, data[start : start + 32 * 1024]) == 32 * 1024
             with pytest.raises(OSError) as raised:
                 os.close(fd)
             assert raised.value.errno == errno.ENOSPC
         with pytest.raises(OSError) as raised:
             os.rename(temp, f"{directory}/shuffle_0_1_0.data")
         assert raised.value.errno == errno.EIO
-        assert sorted(os.listdir(directory)) == sorted(["temp_local_blocker", "shuffle_0_0_0.data",
-                                                         os.path.basename(temp)])
+        assert sorted(os.listdir(directory)) == sorted(
+            ["temp_local_blocker", "shuffle_0_0_0.data", os.path.basename(temp)]
+        )
         for name in (path, temp):
             # what the mount shows is what is held (once the kernel has let go of its own size)
             deadline = time.monotonic() + 10
@@ -496,7 +560,7 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
                 time.sleep(0.05)
             with open(name, "rb") as f:
                 held = f.read()
-            assert len(held) == os.stat(name).st_size < len(data) and held == data[:len(held)]
+            assert len(held) == os.stat(name).st_size < len(data) and held == data[: len(held)]
             fd = os.open(name, os.O_WRONLY | os.O_APPEND)
             for _ in range(2):
                 with pytest.raises(OSError) as raised:
@@ -515,7 +579,9 @@ def test_failed_write_is_never_committed(tmp_path, file_store, commit):
         with open(path, "wb") as f:  # O_TRUNC: rewritten from empty
             f.write(b"whole")
         assert mount.umount().returncode == 0
-    assert store_objects(str(file_store)) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data": b"whole"}
+    assert store_objects(str(file_store)) == {
+        "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data": b"whole"
+    }
 
 
 @pytest.mark.parametrize("commit", ["sync", "async"])
@@ -525,8 +591,9 @@ def test_failed_write_fails_at_write_with_passthrough(tmp_path, file_store, comm
     never committed, fsync keeps reporting the error, and what the mount shows is what is held."""
     if os.environ.get("SHUFFLEFS_TEST_FUSE") == "pyfuse3":
         pytest.skip("pyfuse3 cannot pass files through")
-    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M",
-               "--commit", commit) as mount:
+    with Mount(
+        f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--cache-size", "8M", "--commit", commit
+    ) as mount:
         assert json.loads(run_cli("stats", mount.path).stdout)["fuse"]["passthrough"]
         directory = half_full_directory(mount)
         data = os.urandom(16 * 1024 * 1024)
@@ -535,7 +602,7 @@ def test_failed_write_fails_at_write_with_passthrough(tmp_path, file_store, comm
         written = 0
         with pytest.raises(OSError) as raised:
             while True:
-                written += os.write(fd, data[written:written + 32 * 1024])
+                written += os.write(fd, data[written : written + 32 * 1024])
         assert raised.value.errno == errno.ENOSPC
         assert written == 4 * 1024 * 1024
         with pytest.raises(OSError) as raised:
@@ -586,7 +653,8 @@ def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
         os.rename(final, moved)
         assert open(moved, "rb").read() == b"new" and not os.path.exists(final)
         assert sorted(os.listdir(directory)) == sorted(
-            ["shuffle_0_0_0.index", "shuffle_0_0_0.checksum.ADLER32", "shuffle_0_9_0.data"])
+            ["shuffle_0_0_0.index", "shuffle_0_0_0.checksum.ADLER32", "shuffle_0_9_0.data"]
+        )
         assert mount.umount().returncode == 0
     objects = store_objects(str(file_store))
     assert objects["blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_9_0.data"] == b"new"
@@ -596,8 +664,7 @@ def test_failed_sync_rename_changes_nothing(tmp_path, file_store):
 def test_a_stopped_store_bounds_file_operations(tmp_path, s3_env, bucket, seaweed):
     """--store-timeout bounds what waits for the store: `ls` answers from the last listing and
     a sync commit fails with EIO, both within the bound, while the store does not answer."""
-    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--store-timeout", "2",
-               env=s3_env) as mount:
+    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--store-timeout", "2", env=s3_env) as mount:
         os.makedirs(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00")
         spark_commit(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00", 0, 1, [b"before"])
         assert os.listdir(mount.path) == ["blockmgr-10000000-0000-4000-8000-000000000000"]
@@ -609,13 +676,16 @@ def test_a_stopped_store_bounds_file_operations(tmp_path, s3_env, bucket, seawee
             time.sleep(1.5)  # the root's listing is older than remote_ttl
             started = time.monotonic()
             listed = subprocess.run(["ls", mount.path], capture_output=True, text=True, timeout=30)
-            assert listed.stdout.split() == ["blockmgr-10000000-0000-4000-8000-000000000000"] and time.monotonic() - started < 5
+            assert (
+                listed.stdout.split() == ["blockmgr-10000000-0000-4000-8000-000000000000"]
+                and time.monotonic() - started < 5
+            )
             started = time.monotonic()
             with pytest.raises(OSError) as raised:
-                os.rename(temp, temp[:-len(".tmp")])
+                os.rename(temp, temp[: -len(".tmp")])
             assert raised.value.errno == errno.EIO and time.monotonic() - started < 5
         finally:
             os.kill(seaweed.process.pid, signal.SIGCONT)
         assert os.path.exists(temp)  # the rename changed nothing
-        os.rename(temp, temp[:-len(".tmp")])
+        os.rename(temp, temp[: -len(".tmp")])
         assert mount.umount().returncode == 0

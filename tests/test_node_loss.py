@@ -43,9 +43,19 @@ RECOVERY_PLUGIN = {
 
 def node_mounts(stack: contextlib.ExitStack, tmp_path: Path, bucket: str, s3_env: dict):
     """mount(i): node i's mount of the test's S3 store (lease LEASE), unmounted by `stack`."""
+
     def mount(i: int) -> Mount:
-        return stack.enter_context(Mount(f"s3://{bucket}/shuffle", tmp_path / f"mnt{i}", tmp_path / f"cache{i}",
-                                         "--executor-lease", str(LEASE), env=s3_env))
+        return stack.enter_context(
+            Mount(
+                f"s3://{bucket}/shuffle",
+                tmp_path / f"mnt{i}",
+                tmp_path / f"cache{i}",
+                "--executor-lease",
+                str(LEASE),
+                env=s3_env,
+            )
+        )
+
     return mount
 
 
@@ -61,16 +71,25 @@ def job0_outputs(local_dir: str, applications: int = 1, timeout: float = 20.0) -
     while True:
         found = shuffle_files(local_dir)
         names = [name for files in found.values() for name in files]
-        kinds = [sum(1 for name in names if name.endswith(suffix) or f"{suffix}." in name)
-                 for suffix in (".data", ".index", ".checksum")]
+        kinds = [
+            sum(1 for name in names if name.endswith(suffix) or f"{suffix}." in name)
+            for suffix in (".data", ".index", ".checksum")
+        ]
         if kinds == [MAP_TASKS * applications] * 3 or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
 
 
-def run_node_loss(tmp_path: Path, local_dirs: list[str], *, warm_up: bool, lose_node=lambda: None,
-                  add_node=lambda: None, shared_store: bool = True,
-                  applications: tuple[int, ...] = (RECORDS,)) -> list[tuple[dict, list[dict], dict]]:
+def run_node_loss(
+    tmp_path: Path,
+    local_dirs: list[str],
+    *,
+    warm_up: bool,
+    lose_node=lambda: None,
+    add_node=lambda: None,
+    shared_store: bool = True,
+    applications: tuple[int, ...] = (RECORDS,),
+) -> list[tuple[dict, list[dict], dict]]:
     """Nodes 0 and 1 run job 0 of each application (one per entry of `applications`: the
     records it counts), at once; once all of them are done, node 1 is lost (its Worker and
     executors killed, then `lose_node()`), `add_node()`, then node 2 joins; job 1. Returns per
@@ -78,25 +97,37 @@ def run_node_loss(tmp_path: Path, local_dirs: list[str], *, warm_up: bool, lose_
     them), the jobs from the event log, and what was measured (with the files after job 0)."""
     events = tmp_path / "events"
     events.mkdir()
-    conf = {**RECOVERY_PLUGIN, "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{events}",
-            "spark.eventLog.compress": "false"}
+    conf = {
+        **RECOVERY_PLUGIN,
+        "spark.eventLog.enabled": "true",
+        "spark.eventLog.dir": f"file://{events}",
+        "spark.eventLog.compress": "false",
+    }
     if len(applications) > 1:  # each application gets one executor on every node
         conf.update({"spark.cores.max": "2", "spark.executor.cores": "1", "spark.executor.memory": "512m"})
     shared: dict = {}
     lost: dict[str, list[str]] = {}
-    with StandaloneCluster(tmp_path / "cluster", local_dirs[:2], worker_hosts=HOSTS[:2],
-                           worker_cores=len(applications), worker_memory=f"{len(applications)}G") as cluster:
+    with StandaloneCluster(
+        tmp_path / "cluster",
+        local_dirs[:2],
+        worker_hosts=HOSTS[:2],
+        worker_cores=len(applications),
+        worker_memory=f"{len(applications)}G",
+    ) as cluster:
+
         def lose_a_node_and_add_one() -> None:
             app_ids = [app["id"] for app in cluster.master_state()["activeapps"]]
             before = {app_id: cluster.executor_pids(app_id) for app_id in app_ids}
             # a plain local dir holds its node's files only
-            shared["files_job0"] = (job0_outputs(local_dirs[0], len(applications)) if shared_store
-                                    else shuffle_files(local_dirs[0]))
+            shared["files_job0"] = (
+                job0_outputs(local_dirs[0], len(applications)) if shared_store else shuffle_files(local_dirs[0])
+            )
             t0 = time.monotonic()
             cluster.kill_worker(1)
             lose_node()
-            lost.update({app_id: sorted(set(pids) - set(cluster.executor_pids(app_id)))
-                         for app_id, pids in before.items()})
+            lost.update(
+                {app_id: sorted(set(pids) - set(cluster.executor_pids(app_id))) for app_id, pids in before.items()}
+            )
             add_node()
             cluster.add_worker(local_dirs[2], HOSTS[2])
             shared["node_replaced_s"] = round(time.monotonic() - t0, 1)
@@ -106,18 +137,32 @@ def run_node_loss(tmp_path: Path, local_dirs: list[str], *, warm_up: bool, lose_
 
         def run(i: int, records: int) -> dict:
             try:
-                return run_spark_job(tmp_path / f"driver{i}", tmp_path / f"result{i}.json", master=cluster.master_url,
-                                     script=RECOVERY_JOB, pause_callback=all_paused.wait, timeout=240,
-                                     extra_args=["--executors", "2", *(["--warm-up"] if warm_up else []),
-                                                 "--files-under", local_dirs[0], "--records", str(records),
-                                                 *(f"--conf={k}={v}" for k, v in conf.items())])
+                return run_spark_job(
+                    tmp_path / f"driver{i}",
+                    tmp_path / f"result{i}.json",
+                    master=cluster.master_url,
+                    script=RECOVERY_JOB,
+                    pause_callback=all_paused.wait,
+                    timeout=240,
+                    extra_args=[
+                        "--executors",
+                        "2",
+                        *(["--warm-up"] if warm_up else []),
+                        "--files-under",
+                        local_dirs[0],
+                        "--records",
+                        str(records),
+                        *(f"--conf={k}={v}" for k, v in conf.items()),
+                    ],
+                )
             except BaseException:
                 all_paused.abort()  # no application waits for one that failed
                 raise
 
         with ThreadPoolExecutor(len(applications)) as pool:
-            results = [future.result() for future in [pool.submit(run, i, records)
-                                                      for i, records in enumerate(applications)]]
+            results = [
+                future.result() for future in [pool.submit(run, i, records) for i, records in enumerate(applications)]
+            ]
     runs = []
     for result in results:
         log = EventLog.of_app(events, result["app_id"])
@@ -138,7 +183,7 @@ def assert_only_the_dead_executors_outputs_moved(before: dict, after: dict) -> s
     assert len(before) == 2, before.keys()
     untouched = [d for d, files in before.items() if after.get(d) == files]
     assert len(untouched) == 1, "the live executor's files stay where they are, and only its"
-    dead_dir, = set(before) - set(untouched)
+    (dead_dir,) = set(before) - set(untouched)
     outputs = {name: digest for name, digest in before[dead_dir].items() if ".checksum." not in name}
     assert outputs and not set(outputs) & set(after.get(dead_dir, {})), "the dead executor's outputs were adopted"
     new_dirs = set(after) - set(before)
@@ -152,32 +197,40 @@ def assert_nothing_left_of(client, bucket: str, directory: str, timeout: float =
     its checksum files go with the adoption (docs/RECOVERY.md, "Leftovers"). The removals are
     queued on the adopter's mount: they land soon after."""
     deadline = time.monotonic() + timeout
-    while left := [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                   for o in page.get("Contents", []) if f"/{directory}/" in o["Key"]]:
+    while left := [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+        if f"/{directory}/" in o["Key"]
+    ]:
         assert time.monotonic() < deadline, left
         time.sleep(0.2)
 
 
 def describe(jobs: list[dict]) -> str:
-    return "; ".join(f"job {j['job']}: {j['map_tasks']} map tasks, skipped stages {j['skipped_stages']}"
-                     for j in jobs)
+    return "; ".join(f"job {j['job']}: {j['map_tasks']} map tasks, skipped stages {j['skipped_stages']}" for j in jobs)
 
 
 def test_node_loss_on_plain_dirs_recomputes(tmp_path):
     """Control: the lost node's map outputs went with its disk."""
     t0 = time.monotonic()
     local_dirs = [str(tmp_path / f"node{i}" / "local") for i in range(3)]
-    (result, jobs, measured), = run_node_loss(tmp_path, local_dirs, warm_up=True, shared_store=False)
-    print(f"\nplain dirs, node lost, warm-up: {describe(jobs)}; "
-          f"{ {k: v for k, v in measured.items() if k != 'files_job0'} }; test {time.monotonic() - t0:.1f}s")
+    ((result, jobs, measured),) = run_node_loss(tmp_path, local_dirs, warm_up=True, shared_store=False)
+    print(
+        f"\nplain dirs, node lost, warm-up: {describe(jobs)}; "
+        f"{ {k: v for k, v in measured.items() if k != 'files_job0'} }; test {time.monotonic() - t0:.1f}s"
+    )
     assert result["job0"] == result["job1"] == expected_counts()
     assert jobs[0]["map_tasks"] == MAP_TASKS
     assert measured["lost_map_outputs"] > 0, measured
     assert measured["rerun_map_tasks"] == measured["lost_map_outputs"], measured
 
 
-@pytest.mark.parametrize("warm_up,daemon_lost", [(True, True), (False, True), (True, False)],
-                         ids=["warm-up", "no-warm-up", "warm-up-daemon-lives"])
+@pytest.mark.parametrize(
+    "warm_up,daemon_lost",
+    [(True, True), (False, True), (True, False)],
+    ids=["warm-up", "no-warm-up", "warm-up-daemon-lives"],
+)
 def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, seaweed, warm_up, daemon_lost):
     """A lost node's map outputs are all in the store. With a warm-up shuffle on the new node,
     its executor runs Spark's recovery plugin before job 1, adopts them once the lost node's
@@ -190,12 +243,18 @@ def test_node_loss_on_s3_mounts(tmp_path, s3_env, bucket, seaweed, warm_up, daem
         mount = node_mounts(stack, tmp_path, bucket, s3_env)
         mounts = [mount(0), mount(1)]
         local_dirs = [os.path.join(tmp_path / f"mnt{i}", "local") for i in range(3)]
-        (result, jobs, measured), = run_node_loss(tmp_path, local_dirs, warm_up=warm_up,
-                                               lose_node=mounts[1].kill if daemon_lost else lambda: None,
-                                               add_node=lambda: mount(2))
-    print(f"\nshufflefs s3://, node lost{'' if daemon_lost else ' (its daemon lives)'}, "
-          f"{'warm-up' if warm_up else 'no warm-up'}: {describe(jobs)}; "
-          f"{ {k: v for k, v in measured.items() if k != 'files_job0'} }; test {time.monotonic() - t0:.1f}s")
+        ((result, jobs, measured),) = run_node_loss(
+            tmp_path,
+            local_dirs,
+            warm_up=warm_up,
+            lose_node=mounts[1].kill if daemon_lost else lambda: None,
+            add_node=lambda: mount(2),
+        )
+    print(
+        f"\nshufflefs s3://, node lost{'' if daemon_lost else ' (its daemon lives)'}, "
+        f"{'warm-up' if warm_up else 'no warm-up'}: {describe(jobs)}; "
+        f"{ {k: v for k, v in measured.items() if k != 'files_job0'} }; test {time.monotonic() - t0:.1f}s"
+    )
     assert result["job0"] == result["job1"] == expected_counts()
     if warm_up:
         assert measured["rerun_map_tasks"] == 0, "job 1 skipped the map stage"
@@ -209,7 +268,7 @@ def registered_owners(client, bucket: str, prefix: str) -> dict[str, str]:
     owners = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
         for item in page.get("Contents", []):
-            app_id, name = item["Key"][len(start):].split("/")
+            app_id, name = item["Key"][len(start) :].split("/")
             owners[name] = app_id
     return owners
 
@@ -225,18 +284,30 @@ def test_two_applications_on_a_lost_node_each_adopt_their_own_outputs_only(tmp_p
         mount = node_mounts(stack, tmp_path, bucket, s3_env)
         mounts = [mount(0), mount(1)]
         local_dirs = [os.path.join(tmp_path / f"mnt{i}", "local") for i in range(3)]
-        runs = run_node_loss(tmp_path, local_dirs, warm_up=True, lose_node=mounts[1].kill,
-                             add_node=lambda: mount(2), applications=applications)
+        runs = run_node_loss(
+            tmp_path,
+            local_dirs,
+            warm_up=True,
+            lose_node=mounts[1].kill,
+            add_node=lambda: mount(2),
+            applications=applications,
+        )
     owners = registered_owners(seaweed.client(), bucket, "shuffle")
     files_job0 = runs[0][2]["files_job0"]
     assert len(files_job0) == 4 and set(files_job0) <= set(owners), (files_job0.keys(), owners)
     for (result, jobs, measured), records in zip(runs, applications):
-        print(f"\n{result['app_id']} ({records} records): {describe(jobs)}; lost executors {measured['lost_executors']}")
+        print(
+            f"\n{result['app_id']} ({records} records): {describe(jobs)}; lost executors {measured['lost_executors']}"
+        )
         assert result["job0"] == result["job1"] == expected_counts(records)
         assert measured["lost_map_outputs"] > 0 and measured["rerun_map_tasks"] == 0, "job 1 skipped the map stage"
-        def its_own(files: dict) -> dict:
-            return {d: names for d, names in files.items() if owners.get(d) == result["app_id"]}
-        dead_dir = assert_only_the_dead_executors_outputs_moved(its_own(files_job0), its_own(result["files_after_job1"]))
+
+        def its_own(files: dict, app_id: str = result["app_id"]) -> dict:
+            return {d: names for d, names in files.items() if owners.get(d) == app_id}
+
+        dead_dir = assert_only_the_dead_executors_outputs_moved(
+            its_own(files_job0), its_own(result["files_after_job1"])
+        )
         assert_nothing_left_of(seaweed.client(), bucket, dead_dir)
 
 
@@ -251,23 +322,40 @@ def test_an_executor_crash_beside_a_live_executor_is_recovered_from_the_dead_one
     map stage. Without the views the plugin took every executor's files it found."""
     events = tmp_path / "events"
     events.mkdir()
-    conf = {**RECOVERY_PLUGIN, "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{events}",
-            "spark.eventLog.compress": "false"}
+    conf = {
+        **RECOVERY_PLUGIN,
+        "spark.eventLog.enabled": "true",
+        "spark.eventLog.dir": f"file://{events}",
+        "spark.eventLog.compress": "false",
+    }
     seen: dict = {}
     with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
         local_dir = os.path.join(mount.path, "local")
         with StandaloneCluster(tmp_path / "cluster", [local_dir, local_dir], worker_hosts=HOSTS[:2]) as cluster:
+
             def kill_one_executor() -> None:
                 seen["job0"] = job0_outputs(local_dir)
                 app_id = cluster.master_state()["activeapps"][0]["id"]
-                (seen["killed"], pid), = cluster.executor_pids(app_id, worker=1).items()
+                ((seen["killed"], pid),) = cluster.executor_pids(app_id, worker=1).items()
                 os.kill(pid, signal.SIGKILL)
                 wait_exited([pid])
 
-            result = run_spark_job(tmp_path / "driver", tmp_path / "result.json", master=cluster.master_url,
-                                   script=RECOVERY_JOB, pause_callback=kill_one_executor, timeout=240,
-                                   extra_args=["--executors", "2", "--warm-up", "--files-under", local_dir,
-                                               *(f"--conf={k}={v}" for k, v in conf.items())])
+            result = run_spark_job(
+                tmp_path / "driver",
+                tmp_path / "result.json",
+                master=cluster.master_url,
+                script=RECOVERY_JOB,
+                pause_callback=kill_one_executor,
+                timeout=240,
+                extra_args=[
+                    "--executors",
+                    "2",
+                    "--warm-up",
+                    "--files-under",
+                    local_dir,
+                    *(f"--conf={k}={v}" for k, v in conf.items()),
+                ],
+            )
             after = result["files_after_job1"]
         adoptions = [line for line in mount.log().splitlines() if " adopts " in line]
     jobs = EventLog.of_app(events, result["app_id"]).jobs()

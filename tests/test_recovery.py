@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from shufflefs.testing.mounting import Mount, run_cli
-from shufflefs.testing.servers import free_port
 from shufflefs.testing.recovery_job import KEYS, MAP_TASKS, RECORDS
+from shufflefs.testing.servers import free_port
 from shufflefs.testing.sparkrun import RECOVERY_JOB, java_home, run_spark, shuffle_files
 from shufflefs.testing.standalone import EventLog, StandaloneCluster, decommission, in_node_namespace, wait_exited
 
@@ -75,19 +75,31 @@ def idle(pids) -> None:
     """Dynamic allocation releases idle executors by itself."""
 
 
-def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_away=sigpwr, *,
-                 fallback_dir: str | None = None, worker_env: list[dict] | None = None,
-                 driver_args: list[str] = (), driver_wrapper: list[str] = (),
-                 **nodes) -> tuple[dict, list[dict], dict]:
+def run_scenario(
+    tmp_path: Path,
+    worker_local_dirs: list[str],
+    conf: dict,
+    take_away=sigpwr,
+    *,
+    fallback_dir: str | None = None,
+    worker_env: list[dict] | None = None,
+    driver_args: list[str] = (),
+    driver_wrapper: list[str] = (),
+    **nodes,
+) -> tuple[dict, list[dict], dict]:
     """Job 0 shuffles; every executor of the app is taken away (`take_away(pids)`) and exits;
     job 1 reuses the shuffle. Returns the driver's result, the jobs read from the event log,
     and what was measured while the executors left. `nodes`: StandaloneCluster's node_path
     and node_mounts; `fallback_dir` is where this process sees the fallback path."""
     events = tmp_path / "events"
     events.mkdir()
-    conf = {**conf, "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{events}",
-            # the JSON lines are read back by EventLog
-            "spark.eventLog.compress": "false"}
+    conf = {
+        **conf,
+        "spark.eventLog.enabled": "true",
+        "spark.eventLog.dir": f"file://{events}",
+        # the JSON lines are read back by EventLog
+        "spark.eventLog.compress": "false",
+    }
     measured: dict = {}
 
     t0 = time.monotonic()
@@ -99,7 +111,8 @@ def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_
             pids = cluster.executor_pids(app_id)
             assert pids, f"no executor of {app_id} found\n{cluster.executor_logs(app_id)}"
             measured["committed_shuffle_bytes"] = committed_bytes(
-                [cluster.host_path(i, d) for i, d in enumerate(worker_local_dirs)])
+                [cluster.host_path(i, d) for i, d in enumerate(worker_local_dirs)]
+            )
             # every executor: which of them hold map outputs depends on scheduling
             take_away(pids.values())
             try:
@@ -114,11 +127,16 @@ def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_
                 measured["fallback_other_files"] = len(all_files(fallback_dir)) - len(copies)
 
         try:
-            run = run_spark(tmp_path / "driver", tmp_path / "result.json", master=cluster.master_url,
-                                   script=RECOVERY_JOB, pause_callback=take_every_executor_away,
-                                   wrapper=driver_wrapper,
-                                   timeout=180,
-                                   extra_args=[*driver_args, *(f"--conf={k}={v}" for k, v in conf.items())])
+            run = run_spark(
+                tmp_path / "driver",
+                tmp_path / "result.json",
+                master=cluster.master_url,
+                script=RECOVERY_JOB,
+                pause_callback=take_every_executor_away,
+                wrapper=driver_wrapper,
+                timeout=180,
+                extra_args=[*driver_args, *(f"--conf={k}={v}" for k, v in conf.items())],
+            )
         except AssertionError as e:
             raise AssertionError(f"{e}\n{cluster.executor_logs()}") from None
         t_stop = time.monotonic()
@@ -131,8 +149,11 @@ def run_scenario(tmp_path: Path, worker_local_dirs: list[str], conf: dict, take_
 
 
 def describe(jobs: list[dict]) -> str:
-    return "; ".join(f"job {j['job']}: {j['map_tasks']} map tasks, {j['result_tasks']} result tasks, "
-                     f"skipped stages {j['skipped_stages']}" for j in jobs)
+    return "; ".join(
+        f"job {j['job']}: {j['map_tasks']} map tasks, {j['result_tasks']} result tasks, "
+        f"skipped stages {j['skipped_stages']}"
+        for j in jobs
+    )
 
 
 def store_counters(mount: Mount) -> dict:
@@ -153,8 +174,9 @@ def test_decommission_on_plain_dirs_recomputes(tmp_path):
     assert jobs[1]["map_tasks"] > 0, f"the map stage was not recomputed: {describe(jobs)}"
 
 
-def leave_onto_mounts(tmp_path: Path, store_url: str, conf: dict, take_away, env: dict | None = None,
-                      clean_up: bool = False) -> str:
+def leave_onto_mounts(
+    tmp_path: Path, store_url: str, conf: dict, take_away, env: dict | None = None, clean_up: bool = False
+) -> str:
     """Two mounts of one store, two "nodes": each worker runs in a mount namespace where its own
     mount is at the same path (as on separate machines), with its local dir and the fallback
     path on it. With `clean_up`, the driver runs on node 0 too, and removes the application's
@@ -163,19 +185,29 @@ def leave_onto_mounts(tmp_path: Path, store_url: str, conf: dict, take_away, env
     node_path = str(tmp_path / "node")
     os.mkdir(node_path)
     with contextlib.ExitStack() as stack:
-        mounts = [stack.enter_context(Mount(store_url, tmp_path / f"mnt{i}", tmp_path / f"cache{i}", env=env))
-                  for i in range(WORKERS)]
-        conf = {**conf,
-                # trailing "/": Spark appends "{appId}/..." to the path as it is
-                "spark.storage.decommission.fallbackStorage.path": f"file://{node_path}/fallback/",
-                # both "nodes" are 127.0.0.1: Spark would read the other's files by path
-                "spark.shuffle.readHostLocalDisk": "false",
-                "spark.storage.decommission.fallbackStorage.cleanUp": str(clean_up).lower()}
+        mounts = [
+            stack.enter_context(Mount(store_url, tmp_path / f"mnt{i}", tmp_path / f"cache{i}", env=env))
+            for i in range(WORKERS)
+        ]
+        conf = {
+            **conf,
+            # trailing "/": Spark appends "{appId}/..." to the path as it is
+            "spark.storage.decommission.fallbackStorage.path": f"file://{node_path}/fallback/",
+            # both "nodes" are 127.0.0.1: Spark would read the other's files by path
+            "spark.shuffle.readHostLocalDisk": "false",
+            "spark.storage.decommission.fallbackStorage.cleanUp": str(clean_up).lower(),
+        }
         fallback_dir = os.path.join(mounts[0].path, "fallback")
         result, jobs, measured = run_scenario(
-            tmp_path, [os.path.join(node_path, "local")] * WORKERS, conf, take_away,
-            fallback_dir=fallback_dir, node_path=node_path, node_mounts=[m.path for m in mounts],
-            driver_wrapper=in_node_namespace(mounts[0].path, node_path) if clean_up else [])
+            tmp_path,
+            [os.path.join(node_path, "local")] * WORKERS,
+            conf,
+            take_away,
+            fallback_dir=fallback_dir,
+            node_path=node_path,
+            node_mounts=[m.path for m in mounts],
+            driver_wrapper=in_node_namespace(mounts[0].path, node_path) if clean_up else [],
+        )
         counters = [store_counters(m) for m in mounts]
         time.sleep(1.1)  # the next listing of fallback/ asks the store again (remote_ttl)
         fallback_left = os.listdir(fallback_dir)
@@ -184,9 +216,12 @@ def leave_onto_mounts(tmp_path: Path, store_url: str, conf: dict, take_away, env
     put_bytes = [c.get("put_bytes", 0) for c in counters]
     copies = [c.get("copy_requests", 0) for c in counters]
     read_back = [c.get("get_range_bytes", 0) for c in counters]
-    line = (f"{describe(jobs)}; store put_bytes per mount {put_bytes} (sum {sum(put_bytes)}) for "
-            f"{measured['committed_shuffle_bytes']} committed shuffle bytes, copies per mount {copies}, "
-            f"bytes read from the store per mount {read_back}, fallback/ at the end {fallback_left}, files left on node 1 {left_on_node1}; {measured}")
+    line = (
+        f"{describe(jobs)}; store put_bytes per mount {put_bytes} (sum {sum(put_bytes)}) for "
+        f"{measured['committed_shuffle_bytes']} committed shuffle bytes, copies per mount {copies}, "
+        f"bytes read from the store per mount {read_back}, fallback/ at the end {fallback_left}, "
+        f"files left on node 1 {left_on_node1}; {measured}"
+    )
     assert result["job0"] == EXPECTED_COUNTS
     assert result["job1"] == result["job0"]
     assert len(jobs) == 2 and jobs[0]["map_tasks"] == MAP_TASKS, line
@@ -268,13 +303,21 @@ def test_external_shuffle_service_on_an_s3_mount(tmp_path, s3_env, bucket):
     with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", env=s3_env) as mount:
         local_dir = os.path.join(mount.path, "local")
         conf, worker_env = external_shuffle_service(free_port())
-        result, jobs, measured = run_scenario(tmp_path, [local_dir], conf, sigkill, worker_env=worker_env,
-                                              driver_args=["--remove-shuffle-from", local_dir])
+        result, jobs, measured = run_scenario(
+            tmp_path,
+            [local_dir],
+            conf,
+            sigkill,
+            worker_env=worker_env,
+            driver_args=["--remove-shuffle-from", local_dir],
+        )
         counters = store_counters(mount)
     with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt2", tmp_path / "cache2", env=s3_env) as fresh:
         stored = shuffle_files(fresh.path)
-    line = (f"{describe(jobs)}; left after removal {result['left_after_removal']}; stored at the end "
-            f"{stored}; store {counters}; {measured}")
+    line = (
+        f"{describe(jobs)}; left after removal {result['left_after_removal']}; stored at the end "
+        f"{stored}; store {counters}; {measured}"
+    )
     print(f"\nshufflefs s3://, shuffle service, kill -9: {line}; test {time.monotonic() - t0:.1f}s")
     assert result["job1"] == result["job0"] == EXPECTED_COUNTS
     assert jobs[1]["map_tasks"] == 0, f"map tasks re-ran: {line}"

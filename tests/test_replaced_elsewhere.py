@@ -10,9 +10,9 @@ import time
 import pytest
 import trio
 
-from shufflefs.testing.mounting import Mount
 from shufflefs.core import READAHEAD, FsError
 from shufflefs.testing.corefs import MiB, commit, contents, errno_of, key, mkdirs, resolve, write_file
+from shufflefs.testing.mounting import Mount
 
 DIR = "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c"
 NAME = "shuffle_0_5_0.data"
@@ -48,7 +48,7 @@ async def test_a_reader_sees_the_new_version_and_never_a_mix(env):
     assert errno_of(exc) == errno.ESTALE
     await reader.fs.release(fh)
     fh = await reader.fs.open(again.ino, os.O_RDONLY)
-    assert await reader.fs.read(fh, READAHEAD + 2 * MiB, 4096) == new[READAHEAD + 2 * MiB:][:4096]
+    assert await reader.fs.read(fh, READAHEAD + 2 * MiB, 4096) == new[READAHEAD + 2 * MiB :][:4096]
     assert await reader.fs.read(fh, 0, 4096) == new[:4096]
     await reader.fs.release(fh)
     assert reader.fs.stats["remote_replacements"] == 1

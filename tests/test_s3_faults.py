@@ -11,12 +11,12 @@ import uuid
 import boto3
 import botocore.config
 import pytest
+from test_stores import use_s3_env
 
-from shufflefs.testing.faultproxy import FaultProxy, delay, drop_after, drop_before, fail, hold
-from shufflefs.testing.mounting import Mount
 from shufflefs.stores import StoreError, UploadAborted
 from shufflefs.stores.s3 import S3Store
-from test_stores import use_s3_env
+from shufflefs.testing.faultproxy import FaultProxy, delay, drop_after, drop_before, fail, hold
+from shufflefs.testing.mounting import Mount
 
 MiB = 1024 * 1024
 PART = 5 * MiB  # S3's smallest part
@@ -61,10 +61,12 @@ def test_failed_parts_are_sent_again_within_the_upload(seaweed, proxy, store, tm
     again, within one multipart upload, and the object is whole."""
     path, data = local_file(tmp_path, 64 * MiB)
     # seeds picked so that, with the parts sent in order, each rule fires at least once
-    rules = [proxy.add_rule(fail(500, "InternalError"), op="UploadPart", probability=0.08, seed=260),
-             proxy.add_rule(fail(503, "SlowDown"), op="UploadPart", probability=0.06, seed=261),
-             proxy.add_rule(drop_before(), op="UploadPart", probability=0.04, seed=262),
-             proxy.add_rule(drop_after(), op="UploadPart", probability=0.04, seed=263)]
+    rules = [
+        proxy.add_rule(fail(500, "InternalError"), op="UploadPart", probability=0.08, seed=260),
+        proxy.add_rule(fail(503, "SlowDown"), op="UploadPart", probability=0.06, seed=261),
+        proxy.add_rule(drop_before(), op="UploadPart", probability=0.04, seed=262),
+        proxy.add_rule(drop_after(), op="UploadPart", probability=0.04, seed=263),
+    ]
     store.put_file("big", path)
     assert stored(seaweed, store, "big") == data
 
@@ -86,7 +88,8 @@ def test_a_part_applied_after_it_was_sent_again(seaweed, proxy, store, tmp_path)
     path, data = local_file(tmp_path, 12 * MiB)
     # the store's client with a short read timeout (S3Store waits 60 s for an answer)
     store._client = boto3.session.Session().client(
-        "s3", endpoint_url=proxy.url, config=store._client.meta.config.merge(botocore.config.Config(read_timeout=2)))
+        "s3", endpoint_url=proxy.url, config=store._client.meta.config.merge(botocore.config.Config(read_timeout=2))
+    )
     # SeaweedFS's first write to a bucket takes about a second (it creates volumes): not in the upload
     seaweed.client().put_object(Bucket=store.bucket, Key="warm-up", Body=b"x")
     proxy.add_rule(hold(), op="UploadPart", query=r"partNumber=2(&|$)", times=1)
@@ -167,14 +170,22 @@ def test_daemon_sends_failed_parts_again(seaweed, proxy, s3_env, tmp_path):
     data = os.urandom(40 * MiB)
     proxy.add_rule(fail(503, "SlowDown"), op="UploadPart", query=r"partNumber=2(&|$)", times=2)
     proxy.add_rule(drop_before(), op="UploadPart", query=r"partNumber=4(&|$)", times=1)
-    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url,
-               env=s3_env) as mount:
+    with Mount(
+        f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--s3-endpoint-url", proxy.url, env=s3_env
+    ) as mount:
         directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         with open(f"{directory}/shuffle_0_0_0.data.tmp", "wb") as f:
             f.write(data)
         os.rename(f"{directory}/shuffle_0_0_0.data.tmp", f"{directory}/shuffle_0_0_0.data")
-        assert seaweed.client().get_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data")["Body"].read() == data
+        assert (
+            seaweed.client()
+            .get_object(Bucket=bucket, Key="blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data")[
+                "Body"
+            ]
+            .read()
+            == data
+        )
         assert [r.params["partNumber"] for r in proxy.select("UploadPart")] == ["1", "2", "2", "2", "3", "4", "4", "5"]
         assert proxy.count("CreateMultipartUpload") == proxy.count("CompleteMultipartUpload") == 1
         assert mount.umount().returncode == 0

@@ -15,9 +15,9 @@ import uuid
 
 import pytest
 
-from shufflefs.testing.mounting import Mount, run_cli
 from shufflefs import control
 from shufflefs.places import run_file
+from shufflefs.testing.mounting import Mount, run_cli
 
 
 def as_user(uid: int, gid: int, function) -> str:
@@ -116,7 +116,9 @@ def test_cache_dir_and_what_is_learned_from_the_store_are_private(tmp_path, file
         os.mkdir(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000", 0o700)
         os.chmod(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000", 0o700)
         for name in ("shuffle_0_0_0.index", "shuffle_0_0_0.data"):
-            fd = os.open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/{name}", os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = os.open(
+                f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/{name}", os.O_WRONLY | os.O_CREAT, 0o600
+            )
             os.write(fd, b"private")
             os.close(fd)
         assert mount.umount().returncode == 0
@@ -129,27 +131,34 @@ def test_cache_dir_and_what_is_learned_from_the_store_are_private(tmp_path, file
     with Mount(f"file://{file_store}", tmp_path / "mnt", cache) as mount:
         modes = modes_under(str(cache))
         assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
-        assert {name: mode for name, mode in modes.items()
-                if mode != (0o700 if os.path.isdir(cache / name) else 0o600)} == {}
+        assert {
+            name: mode for name, mode in modes.items() if mode != (0o700 if os.path.isdir(cache / name) else 0o600)
+        } == {}
         assert "lmdb/data.mdb" in modes and "shufflefs.log" in modes
-        assert as_user(nobody.pw_uid, nobody.pw_gid, lambda: open(cache / "lmdb/data.mdb").close()) \
-            .startswith("PermissionError")
+        assert as_user(nobody.pw_uid, nobody.pw_gid, lambda: open(cache / "lmdb/data.mdb").close()).startswith(
+            "PermissionError"
+        )
         # the store keeps no modes: what the new daemon learns from it is the owner's
         learned = os.stat(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000")
         index = os.stat(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/shuffle_0_0_0.index")
         assert (stat.S_IMODE(learned.st_mode), learned.st_uid) == (0o750, os.getuid())
         assert (stat.S_IMODE(index.st_mode), index.st_uid) == (0o640, os.getuid())
-        assert as_user(nobody.pw_uid, nobody.pw_gid,
-                       lambda: open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/shuffle_0_0_0.index").read()) \
-            .startswith("PermissionError")
+        assert as_user(
+            nobody.pw_uid,
+            nobody.pw_gid,
+            lambda: open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/shuffle_0_0_0.index").read(),
+        ).startswith("PermissionError")
         with open(f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/shuffle_0_0_0.index") as f:
             assert f.read() == "private"
 
 
-@pytest.mark.parametrize("mode, other, needle", [
-    (0o777, False, "is writable by other users (mode 0777)"),
-    (0o755, True, "holds more than shufflefs' files"),
-])
+@pytest.mark.parametrize(
+    "mode, other, needle",
+    [
+        (0o777, False, "is writable by other users (mode 0777)"),
+        (0o755, True, "holds more than shufflefs' files"),
+    ],
+)
 def test_a_cache_dir_others_can_reach_is_refused(tmp_path, file_store, mode, other, needle):
     cache = tmp_path / "shared"
     cache.mkdir()
@@ -210,14 +219,20 @@ def test_idle_control_connections_cannot_starve_the_mount(file_mount):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # connecting takes write access
 
 
-
 def test_log_file_is_private_and_never_followed(tmp_path, file_store):
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     planted = tmp_path / "planted.log"
     planted.symlink_to(victim)
-    result = run_cli("mount", f"file://{file_store}", str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "c"),
-                     "--log-file", str(planted))
+    result = run_cli(
+        "mount",
+        f"file://{file_store}",
+        str(tmp_path / "mnt"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--log-file",
+        str(planted),
+    )
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "cannot open log file" in result.stderr and victim.read_text() == "precious\n"
     log = tmp_path / "own.log"

@@ -38,7 +38,7 @@ def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
 
 def write_chunks(fd: int, data: bytes, check_size: bool = False) -> None:
     for start in range(0, len(data), CHUNK):
-        assert os.write(fd, data[start:start + CHUNK]) == min(CHUNK, len(data) - start)
+        assert os.write(fd, data[start : start + CHUNK]) == min(CHUNK, len(data) - start)
         if check_size:
             assert os.fstat(fd).st_size == min(start + CHUNK, len(data))
 
@@ -73,7 +73,9 @@ def test_local_files_pass_through(own_mount):
     assert read(temp) == data
     os.rename(temp, f"{directory}/shuffle_0_0_0.data")
     assert read(f"{directory}/shuffle_0_0_0.data") == data  # committed, still local: passed through
-    assert store_objects(own_mount.store_root) == {"blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data": data}
+    assert store_objects(own_mount.store_root) == {
+        "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.data": data
+    }
     after = stats(own_mount)
     assert after["fuse"]["passthrough"] is True
     assert delta(before, after["fuse"]["requests"], "write") == 0
@@ -93,8 +95,9 @@ def test_durable_name_written_directly_is_daemon_served(own_mount):
 
 
 def test_evicted_committed_file_is_daemon_served(tmp_path, file_store):
-    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own",
-               "--cache-size", "10M") as mount:
+    with Mount(
+        f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own", "--cache-size", "10M"
+    ) as mount:
         directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         blobs = {}
@@ -115,8 +118,9 @@ def test_evicted_committed_file_is_daemon_served(tmp_path, file_store):
 
 
 def test_no_passthrough_serves_every_write(tmp_path, file_store):
-    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own",
-               "--no-passthrough") as mount:
+    with Mount(
+        f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own", "--no-passthrough"
+    ) as mount:
         assert stats(mount)["fuse"]["passthrough"] is False
         data = os.urandom(2 * MiB)
         before = requests(mount)
@@ -133,8 +137,9 @@ def test_budget_admission_refuses_passthrough_when_nearly_full(tmp_path, file_st
     budget is exceeded by at most what they wrote; what an open writer wrote counts before
     the next writer is admitted."""
     budget = 8 * MiB
-    with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own",
-               "--cache-size", str(budget)) as mount:
+    with Mount(
+        f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own", "--cache-size", str(budget)
+    ) as mount:
         fill = int(7.5 * MiB)
         before = requests(mount)
         with open(f"{mount.path}/temp_fill", "wb") as f:  # scratch: never evictable
@@ -207,8 +212,18 @@ def timed(what: str, call, bound: float = 1.0):
 
 
 def test_a_waiting_commit_does_not_hold_up_other_requests(tmp_path, s3_env, bucket, seaweed, proxy):
-    with Mount(f"s3://{bucket}", tmp_path / "mnt", tmp_path / "cache", "--fuse", "own",
-               "--s3-endpoint-url", proxy.url, "--store-timeout", "60", env=s3_env) as mount:
+    with Mount(
+        f"s3://{bucket}",
+        tmp_path / "mnt",
+        tmp_path / "cache",
+        "--fuse",
+        "own",
+        "--s3-endpoint-url",
+        proxy.url,
+        "--store-timeout",
+        "60",
+        env=s3_env,
+    ) as mount:
         directory = f"{mount.path}/blockmgr-10000000-0000-4000-8000-000000000000/00"
         os.makedirs(directory)
         key = "blockmgr-10000000-0000-4000-8000-000000000000/00/shuffle_0_0_0.index"
@@ -238,7 +253,8 @@ def test_a_waiting_commit_does_not_hold_up_other_requests(tmp_path, s3_env, buck
         timed("close", lambda: os.close(fd))
         assert timed("stat", lambda: os.stat(temp)).st_size == len(data)
         assert sorted(timed("listdir", lambda: os.listdir(directory))) == sorted(
-            ["shuffle_0_0_0.index", os.path.basename(temp)])
+            ["shuffle_0_0_0.index", os.path.basename(temp)]
+        )
         assert timed("stats", lambda: stats(mount), bound=5)["fuse"]["session"] == "own"
         assert closer.is_alive(), "close() returned before its upload was stored"
 
@@ -314,8 +330,12 @@ def test_passthrough_is_given_up_when_the_kernel_refuses_staging_files(tmp_path,
     for layer in layers.values():
         layer.mkdir()
     options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
-    if subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount overlayfs here")
     try:
         with Mount(f"file://{file_store}", tmp_path / "mnt", layers["merged"] / "cache", "--fuse", "own") as mount:
@@ -374,7 +394,9 @@ def test_an_unprivileged_daemon_runs_our_session_through_fusermount():
     import subprocess
     import sys
     import tempfile
+
     from test_fuse_mount import NOBODY, PRIVATE_DEV_FUSE, has_fusermount, user_pythonpath
+
     if os.geteuid() != 0 or has_fusermount() is not None or not (shutil.which("setpriv") and shutil.which("unshare")):
         pytest.skip("needs root (to switch users), a setuid fusermount3, setpriv and unshare")
     base = tempfile.mkdtemp(prefix="shufflefs-user-session-")
@@ -385,12 +407,35 @@ def test_an_unprivileged_daemon_runs_our_session_through_fusermount():
             if name != "dev":
                 os.chown(os.path.join(base, name), NOBODY, NOBODY)
         os.chmod(os.path.join(base, "mnt"), 0o755)
-        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_DEV_FUSE, "sh",
-                   os.path.join(base, "dev"), "sh", "-c", SESSION, "sh", str(NOBODY), sys.executable, base, AS_USER]
-        env = {**os.environ, "PYTHONPATH": user_pythonpath(base), "PYTHONDONTWRITEBYTECODE": "1", "HOME": base,
-               "XDG_RUNTIME_DIR": os.path.join(base, "run")}
-        done = subprocess.run(command, env=env, cwd=base, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, timeout=120)
+        command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            PRIVATE_DEV_FUSE,
+            "sh",
+            os.path.join(base, "dev"),
+            "sh",
+            "-c",
+            SESSION,
+            "sh",
+            str(NOBODY),
+            sys.executable,
+            base,
+            AS_USER,
+        ]
+        env = {
+            **os.environ,
+            "PYTHONPATH": user_pythonpath(base),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HOME": base,
+            "XDG_RUNTIME_DIR": os.path.join(base, "run"),
+        }
+        done = subprocess.run(
+            command, env=env, cwd=base, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120
+        )
         with open(os.path.join(base, "daemon.log")) as f:
             log = f.read()
         assert done.returncode == 0, f"{done.stderr}\ndaemon log:\n{log}"

@@ -16,18 +16,22 @@ from shufflefs.testing.mounting import run_cli
 BLOCK_MANAGER = "blockmgr-10000000-0000-4000-8000-000000000000"
 
 
-def map_output(root, partitions: list[bytes], *, index_sub="0c", data_sub="1f", checksum_sub="3a",
-               algorithm="ADLER32") -> str:
+def map_output(
+    root, partitions: list[bytes], *, index_sub="0c", data_sub="1f", checksum_sub="3a", algorithm="ADLER32"
+) -> str:
     """shuffle_0_5_0 as Spark lays it out: each file in the subdirectory its name hashes to."""
     offsets = [0]
     for part in partitions:
         offsets.append(offsets[-1] + len(part))
-    files = {(index_sub, "shuffle_0_5_0.index"): struct.pack(f">{len(offsets)}q", *offsets),
-             (data_sub, "shuffle_0_5_0.data"): b"".join(partitions)}
+    files = {
+        (index_sub, "shuffle_0_5_0.index"): struct.pack(f">{len(offsets)}q", *offsets),
+        (data_sub, "shuffle_0_5_0.data"): b"".join(partitions),
+    }
     if algorithm is not None:
         function = {"ADLER32": zlib.adler32, "CRC32": zlib.crc32}[algorithm]
         files[(checksum_sub, f"shuffle_0_5_0.checksum.{algorithm}")] = struct.pack(
-            f">{len(partitions)}q", *(function(part) for part in partitions))
+            f">{len(partitions)}q", *(function(part) for part in partitions)
+        )
     for (sub, name), body in files.items():
         os.makedirs(os.path.join(root, BLOCK_MANAGER, sub), exist_ok=True)
         with open(os.path.join(root, BLOCK_MANAGER, sub, name), "wb") as f:
@@ -81,8 +85,9 @@ def test_damage_is_reported(tmp_path):
     assert status == 1 and report["problems"] == ["no data file shuffle_0_5_0.data beside it"]
 
 
-@pytest.mark.parametrize("name, needle", [("shuffle_0_5_0.data", "not a map output's index file"),
-                                          ("shuffle_0_5_0.index", "cannot read")])
+@pytest.mark.parametrize(
+    "name, needle", [("shuffle_0_5_0.data", "not a map output's index file"), ("shuffle_0_5_0.index", "cannot read")]
+)
 def test_what_is_not_an_index_file_is_refused_in_one_line(tmp_path, name, needle):
     path = tmp_path / name
     if name.endswith(".data"):

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from shufflefs.testing.mounting import Mount, bucket_objects, daos_objects, run_cli, store_objects
 from shufflefs.naming import is_durable
+from shufflefs.testing.mounting import Mount, bucket_objects, daos_objects, run_cli, store_objects
 from shufflefs.testing.sparkrun import run_spark_job, shuffle_files
 
 pytestmark = pytest.mark.spark
@@ -67,7 +67,7 @@ def block_manager_dir(path: str, mount_path: str) -> str:
     """The block manager directory (relative to the mount) a shuffle file is in."""
     parts = os.path.relpath(path, mount_path).split(os.sep)
     holder = next(i for i, part in enumerate(parts) if part.startswith("blockmgr-"))
-    return "/".join(parts[:holder + 1])
+    return "/".join(parts[: holder + 1])
 
 
 def check_ls_lists_what_spark_wrote(mount_path: str, store_url: str, env: dict) -> None:
@@ -85,8 +85,9 @@ def check_ls_lists_what_spark_wrote(mount_path: str, store_url: str, env: dict) 
         assert result.returncode == 0, result.stderr
         listed = json.loads(result.stdout)
         assert not listed["truncated"]
-        assert {(s["block_manager"], s["shuffle"]): [s["map_outputs"], s["files"], s["bytes"]]
-                for s in listed["shuffles"]} == expected, target
+        assert {
+            (s["block_manager"], s["shuffle"]): [s["map_outputs"], s["files"], s["bytes"]] for s in listed["shuffles"]
+        } == expected, target
         if target == mount_path:  # a sync commit: nothing waits for the store
             assert {s["pending_files"] for s in listed["shuffles"]} == {0}
 
@@ -118,8 +119,7 @@ def test_spark_job_on_s3_mount(tmp_path, plain_result, s3_env, bucket, seaweed):
         check_ls_lists_what_spark_wrote(mount.path, f"s3://{bucket}/shuffle", {**os.environ, **s3_env})
         check_gc_keeps_what_live_executors_hold(mount.path, f"s3://{bucket}/shuffle", {**os.environ, **s3_env})
 
-    with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", "--heartbeat", "1",
-               env=s3_env) as mount:
+    with Mount(f"s3://{bucket}/shuffle", tmp_path / "mnt", tmp_path / "cache", "--heartbeat", "1", env=s3_env) as mount:
         result = run_spark_job(mount.path, tmp_path / "result.json", pause_callback=while_spark_holds_its_files)
         assert result == plain_result
         assert checked and checked[0] > 10
@@ -133,9 +133,12 @@ def test_spark_job_on_file_mount_async(tmp_path, plain_result, file_store):
     checked = []
     with Mount(f"file://{file_store}", tmp_path / "mnt", tmp_path / "cache", "--commit", "async") as mount:
         result = run_spark_job(
-            mount.path, tmp_path / "result.json",
+            mount.path,
+            tmp_path / "result.json",
             pause_callback=lambda: checked.append(
-                check_store_mirrors_mount(mount.path, lambda: store_objects(str(file_store)), wait=60)))
+                check_store_mirrors_mount(mount.path, lambda: store_objects(str(file_store)), wait=60)
+            ),
+        )
         assert result == plain_result
         assert checked and checked[0] > 10
         assert mount.umount().returncode == 0
@@ -150,8 +153,10 @@ def test_spark_job_on_daos_mount(tmp_path, plain_result, daos):
     checked = []
     with Mount(url, tmp_path / "mnt", tmp_path / "cache", env=daos.env) as mount:
         result = run_spark_job(
-            mount.path, tmp_path / "result.json",
-            pause_callback=lambda: checked.append(check_store_mirrors_mount(mount.path, lambda: daos_objects(url))))
+            mount.path,
+            tmp_path / "result.json",
+            pause_callback=lambda: checked.append(check_store_mirrors_mount(mount.path, lambda: daos_objects(url))),
+        )
         assert result == plain_result
         assert checked and checked[0] > 10
         assert mount.umount().returncode == 0

@@ -17,21 +17,33 @@ import uuid
 import pytest
 
 import shufflefs.stores.s3
-
 from shufflefs.stores import ABSENT, ObjectMissing, PreconditionFailed, StoreError, UploadAborted, open_store
 from shufflefs.stores.file import FileStore
 from shufflefs.stores.memory import MemoryStore
 from shufflefs.stores.s3 import S3Store
-
 from shufflefs.testing.servers import SeaweedS3, free_port
 
 MiB = 1024 * 1024
 S3_PREFIX = "pfx/sub"
 # every environment variable boto3 reads credentials or endpoints from
-AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
-           "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-           "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-           "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+AWS_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
 
 
 # -- fixtures ----------------------------------------------------------------------------------
@@ -354,8 +366,7 @@ def test_delete_many_more_than_a_batch_and_list_pagination(store):
     client = s3_client(store)
     names = [f"f{i:05d}" for i in range(1001)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda n: client.put_object(Bucket=store.bucket, Key=f"{S3_PREFIX}/many/{n}", Body=b""),
-                      names))
+        list(pool.map(lambda n: client.put_object(Bucket=store.bucket, Key=f"{S3_PREFIX}/many/{n}", Body=b""), names))
     listing = store.list_dir("many")
     assert [f.name for f in listing.files] == names  # more than one ListObjectsV2 page
     store.delete_many([f"many/{n}" for n in names] + ["many/missing"])
@@ -374,7 +385,8 @@ def test_gc_removes_an_unheld_block_manager_directory_and_nothing_else(store, lo
     holders = gc.Holders(store, 0.0)
     planned = gc.plan(store, 0.0, holders)
     assert [(item.kind, item.key, item.objects) for item in planned.garbage] == [
-        (gc.DIRECTORY, f"spark-1/executor-1/{bm}", 2)]
+        (gc.DIRECTORY, f"spark-1/executor-1/{bm}", 2)
+    ]
     assert (planned.outside_objects, planned.kept) == (1, [])
     outcome = gc.delete(store, planned, holders, lambda count: None)
     assert outcome.removed == planned.garbage and not outcome.failed and not outcome.spared
@@ -390,7 +402,7 @@ def test_multipart_roundtrip(store, local):
     put(store, local, "big/file", data)
     assert store.head("big/file").size == len(data)
     assert store.get_range("big/file", 0, len(data)) == data
-    assert store.get_range("big/file", 5 * MiB - 10, 20) == data[5 * MiB - 10:5 * MiB + 10]
+    assert store.get_range("big/file", 5 * MiB - 10, 20) == data[5 * MiB - 10 : 5 * MiB + 10]
     assert store.get_range("big/file", len(data) - 5, 100) == data[-5:]
     if isinstance(store, S3Store):
         etag = s3_client(store).head_object(Bucket=store.bucket, Key=f"{S3_PREFIX}/big/file")["ETag"]
@@ -530,9 +542,25 @@ def test_conditional_writes(store, local):
 # -- names and key lengths -----------------------------------------------------------------------
 
 #: path components worth a doubt somewhere (every name here is one a Linux file may have)
-DOUBTFUL_NAMES = ["a\\b", "..\\x", "\\", "tab\tx", "nl\nx", "cr\rx", "ctl\x01x", "del\x7fx", "nc\ufffe",
-                  os.fsdecode(b"latin1-\xe9"), "é😀", " sp ", "a+b%2F?#*:;&<>\"'|", "...", "~", ".shufflefs-tmp-1",
-                  "n" * 255]
+DOUBTFUL_NAMES = [
+    "a\\b",
+    "..\\x",
+    "\\",
+    "tab\tx",
+    "nl\nx",
+    "cr\rx",
+    "ctl\x01x",
+    "del\x7fx",
+    "nc\ufffe",
+    os.fsdecode(b"latin1-\xe9"),
+    "é😀",
+    " sp ",
+    "a+b%2F?#*:;&<>\"'|",
+    "...",
+    "~",
+    ".shufflefs-tmp-1",
+    "n" * 255,
+]
 #: the ones each store refuses, and why: see docs/SEMANTICS.md "Names"
 REFUSED = {
     "memory": set(),
@@ -613,17 +641,24 @@ def test_file_write_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, lo
     other_source = local.file(b"theirs")
 
     def write_in_child(call: str, at_replace: str) -> subprocess.Popen:
-        code = (f"import os, signal, sys\n"
-                f"from shufflefs.stores.file import FileStore\n"
-                f"replace = os.replace\n"
-                f"def stop(src, dst):\n"
-                f"    print(src, flush=True)\n"
-                f"    {at_replace}\n"
-                f"    replace(src, dst)\n"
-                f"os.replace = stop\n"
-                f"FileStore({str(root)!r}).{call}\n")
-        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                                stdin=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        code = (
+            f"import os, signal, sys\n"
+            f"from shufflefs.stores.file import FileStore\n"
+            f"replace = os.replace\n"
+            f"def stop(src, dst):\n"
+            f"    print(src, flush=True)\n"
+            f"    {at_replace}\n"
+            f"    replace(src, dst)\n"
+            f"os.replace = stop\n"
+            f"FileStore({str(root)!r}).{call}\n"
+        )
+        return subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )
 
     def killed_at_replace(call: str) -> str:
         child = write_in_child(call, "os.kill(os.getpid(), signal.SIGKILL)")
@@ -632,8 +667,7 @@ def test_file_write_cut_short_by_a_crash_is_cleaned_up_by_its_retry(tmp_path, lo
         return orphan
 
     orphan = killed_at_replace(f"put_file('d/shuffle_0_0_0.data', {source!r}, token='w.1')")
-    running = write_in_child(f"put_file('d/shuffle_0_1_0.data', {other_source!r}, token='v.1')",
-                             "sys.stdin.readline()")
+    running = write_in_child(f"put_file('d/shuffle_0_1_0.data', {other_source!r}, token='v.1')", "sys.stdin.readline()")
     theirs = running.stdout.readline().strip()
     try:
         assert sorted(os.listdir(root / "d")) == sorted([os.path.basename(orphan), os.path.basename(theirs)])
@@ -687,8 +721,9 @@ def test_s3_multipart_copy(store, local):
     data = os.urandom(11 * MiB)
     put(store, local, "c/src", data)
     store.copy_part_size = 5 * MiB
-    version = store._copy_in_parts(f"{S3_PREFIX}/c/src", f"{S3_PREFIX}/c/dst", len(data), "test copy",
-                                   expect=ABSENT, token="t-1")
+    version = store._copy_in_parts(
+        f"{S3_PREFIX}/c/src", f"{S3_PREFIX}/c/dst", len(data), "test copy", expect=ABSENT, token="t-1"
+    )
     assert store.get_range("c/dst", 0, len(data)) == data
     head = s3_client(store).head_object(Bucket=store.bucket, Key=f"{S3_PREFIX}/c/dst")
     assert head["ETag"] == version and version.strip('"').endswith("-3")
@@ -716,8 +751,12 @@ def check_error(url, endpoint, *needles) -> StoreError:
 
 def test_s3_check_missing_bucket(seaweed, monkeypatch, tmp_path):
     use_s3_env(monkeypatch, tmp_path, seaweed)
-    check_error("s3://no-such-bucket-here/p", seaweed.endpoint_url,
-                "bucket 'no-such-bucket-here' does not exist", seaweed.endpoint_url)
+    check_error(
+        "s3://no-such-bucket-here/p",
+        seaweed.endpoint_url,
+        "bucket 'no-such-bucket-here' does not exist",
+        seaweed.endpoint_url,
+    )
 
 
 def test_s3_check_wrong_secret(seaweed, monkeypatch, tmp_path, local):
@@ -787,8 +826,12 @@ def test_s3_one_attempt_per_call(monkeypatch, tmp_path, local):
     thread.start()
     store = open_store("s3://bucket/p", s3_endpoint_url=f"http://127.0.0.1:{listener.getsockname()[1]}")
     try:
-        for call in (lambda: store.head("k"), lambda: store.get_range("k", 0, 10),
-                     lambda: store.put_file("k", local.file(b"x" * 1000)), lambda: store.list_dir("")):
+        for call in (
+            lambda: store.head("k"),
+            lambda: store.get_range("k", 0, 10),
+            lambda: store.put_file("k", local.file(b"x" * 1000)),
+            lambda: store.list_dir(""),
+        ):
             before = len(connections)
             with pytest.raises(StoreError) as info:
                 call()
@@ -812,8 +855,18 @@ def test_s3_endpoint_from_environment(seaweed, monkeypatch, tmp_path, local):
     store.close()
 
 
-@pytest.mark.parametrize("url", ["s3://", "s3:///prefix", "ftp://x", "file://relative", "nothing",
-                                 "s3://bucket/p?x=1", "s3://user:hunter2@bucket/p"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://",
+        "s3:///prefix",
+        "ftp://x",
+        "file://relative",
+        "nothing",
+        "s3://bucket/p?x=1",
+        "s3://user:hunter2@bucket/p",
+    ],
+)
 def test_bad_store_urls(url):
     with pytest.raises(StoreError) as info:
         open_store(url, s3_endpoint_url="http://127.0.0.1:1")
@@ -828,7 +881,6 @@ def test_s3_url_and_prefix_parsing(monkeypatch, tmp_path):
     assert (store.bucket, store.prefix, store.url) == ("bkt", "a/b", "s3://bkt/a/b")
     store = open_store("s3://bkt", s3_endpoint_url="http://127.0.0.1:1")
     assert (store.prefix, store.url) == ("", "s3://bkt")
-
 
 
 def test_s3_put_file_local_errors(store, tmp_path):

@@ -43,8 +43,7 @@ def mount_fuse(mountpoint: str, source: str, fstype: str, options: list[str]) ->
     /dev/fuse descriptor that serves it; OSError on failure."""
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     # rootmode: the root is a directory (the mountpoint itself may not answer a stat)
-    data = ",".join([f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}",
-                     *options])
+    data = ",".join([f"fd={fd}", "rootmode=40000", f"user_id={os.getuid()}", f"group_id={os.getgid()}", *options])
     if _libc.mount(source.encode(), mountpoint.encode(), fstype.encode(), MS_NOSUID | MS_NODEV, data.encode()) != 0:
         error = ctypes.get_errno()
         os.close(fd)
@@ -108,7 +107,7 @@ def _receive_fds(sock: socket.socket) -> list[int]:
     _, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(4 * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
     return list(fds)
 
 
@@ -122,8 +121,13 @@ def mount_with_fusermount(mountpoint: str, options: list[str]) -> int:
         try:
             process = subprocess.Popen(
                 [FUSERMOUNT, "-o", ",".join(_fusermount_option(o) for o in options), "--", mountpoint],
-                env=env, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True)
+                env=env,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         except OSError as exc:
             raise FusermountError(f"cannot run {FUSERMOUNT} (is fuse3 installed?): {exc.strerror}") from None
         # only fusermount3 may hold its end: when it exits without sending, we read end-of-file
@@ -155,8 +159,13 @@ def unmount_with_fusermount(mountpoint: str) -> None:
     """Lazily unmount `mountpoint` through fusermount3 (which refuses mounts the user did not
     make); FusermountError on failure."""
     try:
-        done = subprocess.run([FUSERMOUNT, "-u", "-z", "--", mountpoint], stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=FUSERMOUNT_TIMEOUT)
+        done = subprocess.run(
+            [FUSERMOUNT, "-u", "-z", "--", mountpoint],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=FUSERMOUNT_TIMEOUT,
+        )
     except subprocess.TimeoutExpired:
         raise FusermountError(f"{FUSERMOUNT} could not unmount {mountpoint}: timed out") from None
     except OSError as exc:
@@ -166,8 +175,9 @@ def unmount_with_fusermount(mountpoint: str) -> None:
         raise FusermountError(f"{FUSERMOUNT} could not unmount {mountpoint}: {message}")
 
 
-def open_session_fd(mountpoint: str, source: str, fstype: str,
-                    options: list[str]) -> tuple[int, tuple[int, str] | None]:
+def open_session_fd(
+    mountpoint: str, source: str, fstype: str, options: list[str]
+) -> tuple[int, tuple[int, str] | None]:
     """Mount `fstype` ("fuse" or "fuse.<subtype>") from `source` on `mountpoint` with the kernel
     `options` (allow_other, default_permissions) and return the /dev/fuse descriptor and, as
     root, the mount made (top_mount, for unmount_if_ours); None when fusermount3 mounted it."""

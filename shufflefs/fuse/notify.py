@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 
@@ -14,8 +14,9 @@ from shufflefs.core import Filesystem
 log = logging.getLogger(__name__)
 
 
-async def forward_invalidations(fs: Filesystem, invalidate_inode: Callable[[int], None],
-                                invalidate_entry: Callable[[int, str], None]) -> None:
+async def forward_invalidations(
+    fs: Filesystem, invalidate_inode: Callable[[int], None], invalidate_entry: Callable[[int, str], None]
+) -> None:
     """For the life of the mount. Each notification goes from a worker thread: the kernel
     first waits for the inode's writeback, i.e. for WRITE requests that the session must still
     be free to answer, or for the reply of the request that queued it."""

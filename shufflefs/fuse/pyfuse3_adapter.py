@@ -58,8 +58,7 @@ class Operations(pyfuse3.Operations):
         """As root: mount(2) ourselves (see shufflefs.fuse.mount) and hand libfuse the
         descriptor; other users: libfuse mounts (through fusermount3)."""
         self._mountpoint = mountpoint
-        options = {*pyfuse3.default_options, *kernel_options, f"subtype={fstype.partition('.')[2]}",
-                   f"fsname={source}"}
+        options = {*pyfuse3.default_options, *kernel_options, f"subtype={fstype.partition('.')[2]}", f"fsname={source}"}
         if os.geteuid() != 0:
             pyfuse3.init(self, mountpoint, options)
             return
@@ -92,8 +91,9 @@ class Operations(pyfuse3.Operations):
         return dict(self.requests)
 
     async def send_invalidations(self) -> None:
-        await forward_invalidations(self.fs, pyfuse3.invalidate_inode,
-                                    lambda parent, name: pyfuse3.invalidate_entry(parent, os.fsencode(name)))
+        await forward_invalidations(
+            self.fs, pyfuse3.invalidate_inode, lambda parent, name: pyfuse3.invalidate_entry(parent, os.fsencode(name))
+        )
 
     @staticmethod
     def _attrs(node: Node, entry_ttl: float, attr_ttl: float) -> pyfuse3.EntryAttributes:
@@ -164,8 +164,9 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._node_attrs(await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid,
-                                                     caller=ctx.pid))
+        return self._node_attrs(
+            await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid, caller=ctx.pid)
+        )
 
     @_translated
     async def rmdir(self, parent_inode, name, ctx):
@@ -177,8 +178,7 @@ class Operations(pyfuse3.Operations):
 
     @_translated
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.fs.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
-                             os.fsdecode(name_new), flags)
+        await self.fs.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new), flags)
 
     @_translated
     async def link(self, inode, new_parent_inode, new_name, ctx):

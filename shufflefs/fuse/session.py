@@ -33,9 +33,19 @@ MAX_WRITE = 1 << 20
 #: what the session asks for in INIT; the kernel grants what it supports. Then either
 #: passthrough or, where the kernel or our privileges do not allow it, the writeback cache:
 #: the kernel refuses the two together
-WANTED = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES | p.EXPORT_SUPPORT | p.AUTO_INVAL_DATA
-          | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.ASYNC_DIO | p.PARALLEL_DIROPS | p.MAX_PAGES
-          | p.INIT_EXT)
+WANTED = (
+    p.ASYNC_READ
+    | p.ATOMIC_O_TRUNC
+    | p.BIG_WRITES
+    | p.EXPORT_SUPPORT
+    | p.AUTO_INVAL_DATA
+    | p.DO_READDIRPLUS
+    | p.READDIRPLUS_AUTO
+    | p.ASYNC_DIO
+    | p.PARALLEL_DIROPS
+    | p.MAX_PAGES
+    | p.INIT_EXT
+)
 #: requests between two trio checkpoints while requests keep coming: the store's uploads and
 #: the control socket must get their turn
 FAIR_SHARE = 32
@@ -43,8 +53,19 @@ FAIR_SHARE = 32
 
 def _attr(node: Node) -> bytes:
     size = node.st_size
-    return p.attr(node.ino, size, (size + 511) // 512, node.atime_ns, node.mtime_ns, node.ctime_ns,
-                  node.mode, node.nlink, node.uid, node.gid, BLOCK_SIZE)
+    return p.attr(
+        node.ino,
+        size,
+        (size + 511) // 512,
+        node.atime_ns,
+        node.mtime_ns,
+        node.ctime_ns,
+        node.mode,
+        node.nlink,
+        node.uid,
+        node.gid,
+        BLOCK_SIZE,
+    )
 
 
 def _entry_out(entry: Entry | Negative) -> bytes:
@@ -56,8 +77,9 @@ def _entry_out(entry: Entry | Negative) -> bytes:
 class Session:
     kind = "own"
 
-    def __init__(self, fs: Filesystem, fd: int, mountpoint: str, made: tuple[int, str] | None, *,
-                 passthrough: bool = True):
+    def __init__(
+        self, fs: Filesystem, fd: int, mountpoint: str, made: tuple[int, str] | None, *, passthrough: bool = True
+    ):
         self.fs = fs
         self.fd = fd
         # registering a backing file needs CAP_SYS_ADMIN: root's, as the daemon runs
@@ -76,14 +98,31 @@ class Session:
         self._stopping = False
         self._stopped = trio.Event()
         self._handlers = {
-            p.LOOKUP: self._lookup, p.GETATTR: self._getattr, p.SETATTR: self._setattr,
-            p.MKDIR: self._mkdir, p.UNLINK: self._unlink, p.RMDIR: self._rmdir,
-            p.RENAME: self._rename, p.RENAME2: self._rename2, p.LINK: self._refusing(fs.link),
-            p.SYMLINK: self._refusing(fs.symlink), p.MKNOD: self._refusing(fs.mknod), p.CREATE: self._create,
-            p.OPEN: self._open, p.READ: self._read, p.WRITE: self._write, p.FLUSH: self._flush,
-            p.FSYNC: self._fsync, p.RELEASE: self._release, p.STATFS: self._statfs,
-            p.OPENDIR: self._opendir, p.READDIR: self._readdir, p.READDIRPLUS: self._readdirplus,
-            p.RELEASEDIR: self._releasedir, p.FSYNCDIR: self._nothing, p.INIT: self._init,
+            p.LOOKUP: self._lookup,
+            p.GETATTR: self._getattr,
+            p.SETATTR: self._setattr,
+            p.MKDIR: self._mkdir,
+            p.UNLINK: self._unlink,
+            p.RMDIR: self._rmdir,
+            p.RENAME: self._rename,
+            p.RENAME2: self._rename2,
+            p.LINK: self._refusing(fs.link),
+            p.SYMLINK: self._refusing(fs.symlink),
+            p.MKNOD: self._refusing(fs.mknod),
+            p.CREATE: self._create,
+            p.OPEN: self._open,
+            p.READ: self._read,
+            p.WRITE: self._write,
+            p.FLUSH: self._flush,
+            p.FSYNC: self._fsync,
+            p.RELEASE: self._release,
+            p.STATFS: self._statfs,
+            p.OPENDIR: self._opendir,
+            p.READDIR: self._readdir,
+            p.READDIRPLUS: self._readdirplus,
+            p.RELEASEDIR: self._releasedir,
+            p.FSYNCDIR: self._nothing,
+            p.INIT: self._init,
         }
 
     def request_counts(self) -> dict[str, int]:
@@ -152,7 +191,7 @@ class Session:
     async def _dispatch(self, request: memoryview) -> None:
         _, opcode, unique, nodeid, uid, gid, pid, _, _ = p.IN_HEADER.unpack_from(request)
         self.requests[opcode] += 1
-        body = request[p.IN_HEADER.size:]
+        body = request[p.IN_HEADER.size :]
         if opcode == p.FORGET:
             self._forget(nodeid, p.FORGET_IN.unpack_from(body)[0])
             return
@@ -217,16 +256,21 @@ class Session:
 
     # ------------------------------------------------------------------ requests
     async def _init(self, nodeid, body, uid, gid, pid) -> bytes:
-        reply, self.negotiated = p.negotiate(body, want=WANTED | p.PASSTHROUGH * self._try_passthrough,
-                                             max_write=MAX_WRITE)
+        reply, self.negotiated = p.negotiate(
+            body, want=WANTED | p.PASSTHROUGH * self._try_passthrough, max_write=MAX_WRITE
+        )
         self.passthrough = bool(self.negotiated.flags & p.PASSTHROUGH)
         if not self.passthrough:
             reply, self.negotiated = p.negotiate(body, want=WANTED | p.WRITEBACK_CACHE, max_write=MAX_WRITE)
         self.fs.passthrough_possible = self.passthrough
-        log.info("FUSE protocol 7.%d; %s", self.negotiated.minor,
-                 "local files are passed through to their staging files" if self.passthrough else
-                 "all reads and writes go through the daemon, with the kernel's writeback cache"
-                 + ("" if self._try_passthrough else " (passthrough needs root)"))
+        log.info(
+            "FUSE protocol 7.%d; %s",
+            self.negotiated.minor,
+            "local files are passed through to their staging files"
+            if self.passthrough
+            else "all reads and writes go through the daemon, with the kernel's writeback cache"
+            + ("" if self._try_passthrough else " (passthrough needs root)"),
+        )
         return reply
 
     async def _lookup(self, parent, body, uid, gid, pid) -> bytes:
@@ -237,8 +281,9 @@ class Session:
         return p.attr_out(self.fs.attr_ttl(node), _attr(node))
 
     async def _setattr(self, nodeid, body, uid, gid, pid) -> bytes:
-        (valid, _, _, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, new_uid, new_gid,
-         _) = p.SETATTR_IN.unpack_from(body)
+        (valid, _, _, size, _, atime, mtime, _, atimensec, mtimensec, _, mode, _, new_uid, new_gid, _) = (
+            p.SETATTR_IN.unpack_from(body)
+        )
         now = time.time_ns()
         node = await self.fs.setattr(
             nodeid,
@@ -247,9 +292,11 @@ class Session:
             gid=new_gid if valid & p.FATTR_GID else None,
             size=size if valid & p.FATTR_SIZE else None,
             atime_ns=(now if valid & p.FATTR_ATIME_NOW else atime * 10**9 + atimensec)
-            if valid & p.FATTR_ATIME else None,
+            if valid & p.FATTR_ATIME
+            else None,
             mtime_ns=(now if valid & p.FATTR_MTIME_NOW else mtime * 10**9 + mtimensec)
-            if valid & p.FATTR_MTIME else None,
+            if valid & p.FATTR_MTIME
+            else None,
         )
         return p.attr_out(self.fs.attr_ttl(node), _attr(node))
 
@@ -267,7 +314,7 @@ class Session:
         return b""
 
     async def _rename(self, parent, body, uid, gid, pid) -> bytes:
-        new_parent, = p.RENAME_IN.unpack_from(body)
+        (new_parent,) = p.RENAME_IN.unpack_from(body)
         old, new = p.decode_two_names(body, p.RENAME_IN.size)
         await self.fs.rename(parent, os.fsdecode(old), new_parent, os.fsdecode(new))
         return b""
@@ -282,6 +329,7 @@ class Session:
     def _refusing(refuse):
         async def handler(nodeid, body, uid, gid, pid) -> bytes:
             refuse()
+
         return handler
 
     async def _create(self, parent, body, uid, gid, pid) -> bytes:
@@ -311,11 +359,16 @@ class Session:
             backing[1] += 1
             return backing[0]
         try:
-            backing_id = fcntl.ioctl(self.fd, p.FUSE_DEV_IOC_BACKING_OPEN, bytearray(p.BACKING_MAP.pack(backing_fd, 0, 0)))
+            backing_id = fcntl.ioctl(
+                self.fd, p.FUSE_DEV_IOC_BACKING_OPEN, bytearray(p.BACKING_MAP.pack(backing_fd, 0, 0))
+            )
         except OSError as exc:
             # e.g. ELOOP: the staging directory is itself on a stacked file system (overlayfs)
-            log.warning("passthrough given up: the kernel does not take staging files as backing files (%s); "
-                        "from now on the daemon serves all reads and writes", exc.strerror)
+            log.warning(
+                "passthrough given up: the kernel does not take staging files as backing files (%s); "
+                "from now on the daemon serves all reads and writes",
+                exc.strerror,
+            )
             self.passthrough = self.fs.passthrough_possible = False
             return None
         self._backing[ino] = [backing_id, 1]
@@ -341,7 +394,7 @@ class Session:
     async def _write(self, nodeid, body, uid, gid, pid) -> bytes:
         fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
         start = p.WRITE_IN.size
-        return p.write_out(await self.fs.write(fh, offset, body[start:start + size]))
+        return p.write_out(await self.fs.write(fh, offset, body[start : start + size]))
 
     async def _flush(self, nodeid, body, uid, gid, pid) -> bytes:
         if not self.fs.commits_at_flush:
@@ -364,8 +417,16 @@ class Session:
 
     async def _statfs(self, nodeid, body, uid, gid, pid) -> bytes:
         s = self.fs.statfs()
-        return p.kstatfs(s["f_blocks"], s["f_bfree"], s["f_bavail"], s["f_files"], s["f_ffree"],
-                         s["f_bsize"], s["f_namemax"], s["f_frsize"])
+        return p.kstatfs(
+            s["f_blocks"],
+            s["f_bfree"],
+            s["f_bavail"],
+            s["f_files"],
+            s["f_ffree"],
+            s["f_bsize"],
+            s["f_namemax"],
+            s["f_frsize"],
+        )
 
     async def _opendir(self, nodeid, body, uid, gid, pid) -> bytes:
         return p.open_out(await self.fs.opendir(nodeid, caller=pid), 0)

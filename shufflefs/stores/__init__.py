@@ -5,21 +5,45 @@ from __future__ import annotations
 import importlib
 import urllib.parse
 
-from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
-                                   StoreError, Unfinished, UploadAborted)
+from shufflefs.stores.base import (
+    ABSENT,
+    Listing,
+    ObjectInfo,
+    ObjectMissing,
+    PreconditionFailed,
+    Store,
+    StoreError,
+    Unfinished,
+    UploadAborted,
+)
 
-__all__ = ["ABSENT", "Listing", "ObjectInfo", "ObjectMissing", "PreconditionFailed", "Store", "StoreError",
-           "Unfinished", "UploadAborted", "check_endpoint_url", "open_store", "SCHEMES"]
+__all__ = [
+    "ABSENT",
+    "Listing",
+    "ObjectInfo",
+    "ObjectMissing",
+    "PreconditionFailed",
+    "Store",
+    "StoreError",
+    "Unfinished",
+    "UploadAborted",
+    "check_endpoint_url",
+    "open_store",
+    "SCHEMES",
+]
 
 # scheme -> (module, class, what to install when the import fails)
 SCHEMES = {
     "file": ("shufflefs.stores.file", "FileStore", None),
     "s3": ("shufflefs.stores.s3", "S3Store", "pip install boto3"),
     "memory": ("shufflefs.stores.memory", "MemoryStore", None),
-    "daos": ("shufflefs.stores.daos", "DAOSStore",
-             "it is not on PyPI; install the DAOS client (package daos-client, which puts pydaos in the "
-             "system Python) or run `pip install <daos-prefix>/lib/daos/python` in this environment; see "
-             "README 'Deploying on DAOS'"),
+    "daos": (
+        "shufflefs.stores.daos",
+        "DAOSStore",
+        "it is not on PyPI; install the DAOS client (package daos-client, which puts pydaos in the "
+        "system Python) or run `pip install <daos-prefix>/lib/daos/python` in this environment; see "
+        "README 'Deploying on DAOS'",
+    ),
 }
 
 
@@ -30,9 +54,12 @@ def check_endpoint_url(url: str, what: str = "the S3 endpoint URL") -> None:
     # (user:secret@host:9000) would otherwise slip through as a scheme and a path
     rest = url.partition("//")[2] if "//" in url else url
     if "@" in rest.split("/", 1)[0]:
-        raise StoreError(f"{what} must not contain credentials (user:password@); the AWS credential chain "
-                         "provides them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role), "
-                         "the DAOS agent for daos://", transient=False)
+        raise StoreError(
+            f"{what} must not contain credentials (user:password@); the AWS credential chain "
+            "provides them (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, an instance role), "
+            "the DAOS agent for daos://",
+            transient=False,
+        )
 
 
 def local_store_dirs(url: str) -> list[str]:
@@ -48,11 +75,17 @@ def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
     except ValueError as exc:
         raise StoreError(f"malformed store URL {url!r}: {exc}", transient=False) from None
     if not parsed.scheme:
-        raise StoreError(f"store URL {url!r} has no scheme; use file:///abs/dir, s3://bucket[/prefix], "
-                         "daos://pool/container or memory://", transient=False)
+        raise StoreError(
+            f"store URL {url!r} has no scheme; use file:///abs/dir, s3://bucket[/prefix], "
+            "daos://pool/container or memory://",
+            transient=False,
+        )
     if parsed.scheme not in SCHEMES:
-        raise StoreError(f"unsupported store URL scheme {parsed.scheme!r} in {url!r}; supported: "
-                         + ", ".join(f"{s}://" for s in SCHEMES), transient=False)
+        raise StoreError(
+            f"unsupported store URL scheme {parsed.scheme!r} in {url!r}; supported: "
+            + ", ".join(f"{s}://" for s in SCHEMES),
+            transient=False,
+        )
     if parsed.query or parsed.fragment:
         raise StoreError(f"store URL {url!r} must not have a query or fragment", transient=False)
     module_name, class_name, install_hint = SCHEMES[parsed.scheme]
@@ -60,7 +93,6 @@ def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         missing = exc.name if exc.name and "." not in exc.name else f"{exc.name or '?'} ({exc})"
-        raise StoreError(f"the {parsed.scheme}:// store needs {missing}: {install_hint}",
-                         transient=False) from None
+        raise StoreError(f"the {parsed.scheme}:// store needs {missing}: {install_hint}", transient=False) from None
     store_class = getattr(module, class_name)
     return store_class.from_url(parsed, s3_endpoint_url=s3_endpoint_url)

@@ -76,6 +76,7 @@ class ObjectInfo:
 class Unfinished:
     """A write the store began and nobody finished: its writer died (S3: a multipart upload;
     the file store: a temporary file). Found and aborted by `shufflefs gc`."""
+
     key: str  # where it would have landed
     started_ns: int
     handle: str  # what abort_unfinished needs (S3: the upload id; the file store: the path)
@@ -120,8 +121,15 @@ class Store:
         with a one-line message for the user."""
         raise NotImplementedError
 
-    def put_file(self, key: str, path: str, abort: threading.Event | None = None, *,
-                 expect: str | None = None, token: str | None = None) -> str | None:
+    def put_file(
+        self,
+        key: str,
+        path: str,
+        abort: threading.Event | None = None,
+        *,
+        expect: str | None = None,
+        token: str | None = None,
+    ) -> str | None:
         """Store the bytes of local file `path` at `key`, replacing any object there, and
         return the new object's version. Atomic: readers see the old object or the whole new
         one. If `abort` is set while the upload runs, the store stops as early as it can,
@@ -148,15 +156,29 @@ class Store:
         trailing '/')."""
         raise NotImplementedError
 
-    def move(self, src: str, dst: str, *, expect_src: str | None = None,
-             expect_dst: str | None = None, token: str | None = None) -> str | None:
+    def move(
+        self,
+        src: str,
+        dst: str,
+        *,
+        expect_src: str | None = None,
+        expect_dst: str | None = None,
+        token: str | None = None,
+    ) -> str | None:
         """Make the object at `src` appear at `dst` (replacing it) and remove `src`, without
         the bytes passing through this process when the store can do that; return the version
         at `dst`. With `expect_src`, only that version of `src` is copied and removed."""
         raise NotImplementedError
 
-    def copy(self, src: str, dst: str, *, expect_src: str | None = None,
-             expect_dst: str | None = None, token: str | None = None) -> str | None:
+    def copy(
+        self,
+        src: str,
+        dst: str,
+        *,
+        expect_src: str | None = None,
+        expect_dst: str | None = None,
+        token: str | None = None,
+    ) -> str | None:
         """Make the bytes of the object at `src` appear at `dst` too (replacing it), without
         them passing through this process; return the version at `dst`. With `expect_src`,
         only that version of `src` is copied (else PreconditionFailed); ObjectMissing if `src`

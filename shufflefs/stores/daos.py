@@ -37,8 +37,17 @@ import zlib
 
 import pydaos
 
-from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
-                                   UploadAborted, is_utf8, join_key)
+from shufflefs.stores.base import (
+    Listing,
+    ObjectInfo,
+    ObjectMissing,
+    PreconditionFailed,
+    Store,
+    StoreError,
+    UploadAborted,
+    is_utf8,
+    join_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +146,26 @@ class _Manifest:
         self.size, self.mtime_ns, self.data, self.chunk_size = size, mtime_ns, data, chunk_size
 
     def encode(self) -> bytes:
-        return json.dumps({"v": LAYOUT_VERSION, "size": self.size, "mtime_ns": self.mtime_ns, "data": self.data,
-                           "chunk": self.chunk_size}, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "v": LAYOUT_VERSION,
+                "size": self.size,
+                "mtime_ns": self.mtime_ns,
+                "data": self.data,
+                "chunk": self.chunk_size,
+            },
+            separators=(",", ":"),
+        ).encode()
 
     @classmethod
-    def decode(cls, raw: bytes, where: str) -> "_Manifest":
+    def decode(cls, raw: bytes, where: str) -> _Manifest:
         try:
             fields = json.loads(raw)
             return cls(int(fields["size"]), int(fields["mtime_ns"]), str(fields["data"]), int(fields["chunk"]))
         except (ValueError, KeyError, TypeError):
-            raise StoreError(f"{where} is not a shufflefs manifest (another program wrote this container?)",
-                             transient=False) from None
+            raise StoreError(
+                f"{where} is not a shufflefs manifest (another program wrote this container?)", transient=False
+            ) from None
 
     def chunk_keys(self, first: int = 0, last: int | None = None) -> list[str]:
         if last is None:
@@ -161,7 +179,7 @@ def _parent(path: str) -> str:
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 class DAOSStore(Store):
@@ -177,7 +195,7 @@ class DAOSStore(Store):
         self.chunk_size = DEFAULT_CHUNK_SIZE
 
     @classmethod
-    def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> "DAOSStore":
+    def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> DAOSStore:
         usage = "daos://<pool>/<container>[/prefix]"
         pool = parsed.netloc
         container, _, prefix = urllib.parse.unquote(parsed.path).lstrip("/").partition("/")
@@ -186,12 +204,17 @@ class DAOSStore(Store):
         if not pool or not container:
             raise StoreError(f"daos:// store URL needs a pool and a container: {usage}", transient=False)
         if not hasattr(pydaos, "DCont"):
-            raise StoreError(f"the pydaos found at {pydaos.__file__} has no DCont/DDict API: it needs the "
-                             "pydaos of DAOS 2.0 or later", transient=False)
+            raise StoreError(
+                f"the pydaos found at {pydaos.__file__} has no DCont/DDict API: it needs the "
+                "pydaos of DAOS 2.0 or later",
+                transient=False,
+            )
         for what, name in (("pool", pool), ("container", container)):
             if not _LABEL.fullmatch(name):
-                raise StoreError(f"invalid DAOS {what} label {name!r}: use a UUID or 1-127 letters, digits "
-                                 "and '_.:-'", transient=False)
+                raise StoreError(
+                    f"invalid DAOS {what} label {name!r}: use a UUID or 1-127 letters, digits and '_.:-'",
+                    transient=False,
+                )
         return cls(pool, container, prefix)
 
     # -- connection ----------------------------------------------------------------------------
@@ -210,19 +233,30 @@ class DAOSStore(Store):
         where = f"DAOS container {self.container!r} in pool {self.pool!r}"
         if "initialize" in str(exc).lower():
             pydaos.DaosClient.cleanup()  # else pydaos keeps the failed client and never retries daos_init
-            return StoreError(f"cannot initialize the DAOS client ({name}): is daos_agent running on this "
-                              "node, and its socket (default /var/run/daos_agent) visible here?",
-                              transient=name in ("DER_AGENT_COMM", "DER_TIMEDOUT", "DER_UNREACH"))
+            return StoreError(
+                f"cannot initialize the DAOS client ({name}): is daos_agent running on this "
+                "node, and its socket (default /var/run/daos_agent) visible here?",
+                transient=name in ("DER_AGENT_COMM", "DER_TIMEDOUT", "DER_UNREACH"),
+            )
         if name == "DER_NONEXIST":
-            return StoreError(f"{where} does not exist (list them with `daos container list {self.pool}`)",
-                              transient=False, errno=errno.ENOENT)
+            return StoreError(
+                f"{where} does not exist (list them with `daos container list {self.pool}`)",
+                transient=False,
+                errno=errno.ENOENT,
+            )
         if name == "DER_NO_PERM":
-            return StoreError(f"access denied to {where}: check its ACL (`daos container get-acl`)",
-                              transient=False, errno=errno.EACCES)
+            return StoreError(
+                f"access denied to {where}: check its ACL (`daos container get-acl`)",
+                transient=False,
+                errno=errno.EACCES,
+            )
         if name == "DER_INVAL":
-            return StoreError(f"cannot open {where} ({name}): it must be a PYTHON container; create one with "
-                              f"`daos container create {self.pool} <label> --type PYTHON`", transient=False,
-                              errno=errno.EINVAL)
+            return StoreError(
+                f"cannot open {where} ({name}): it must be a PYTHON container; create one with "
+                f"`daos container create {self.pool} <label> --type PYTHON`",
+                transient=False,
+                errno=errno.EINVAL,
+            )
         return daos_error(exc, f"cannot open {where}")
 
     def _dict(self, name: str):
@@ -268,8 +302,11 @@ class DAOSStore(Store):
         try:
             full.encode()
         except UnicodeEncodeError:  # pydaos lists keys as str: one such key would break a whole shard
-            raise StoreError(f"{key.encode(errors='surrogateescape')!r}: DAOS keys must be UTF-8",
-                             transient=False, errno=errno.EILSEQ) from None
+            raise StoreError(
+                f"{key.encode(errors='surrogateescape')!r}: DAOS keys must be UTF-8",
+                transient=False,
+                errno=errno.EILSEQ,
+            ) from None
         return full
 
     def _where(self, full: str) -> str:
@@ -298,8 +335,9 @@ class DAOSStore(Store):
             values = dict.fromkeys(batch)
             self._call(f"reading {self._where(directory)}", names.bget, values, MANIFEST_BUFFER)
             found.update(values)
-        return {full: (_Manifest.decode(raw, self._where(full)) if raw is not None else None)
-                for full, raw in found.items()}
+        return {
+            full: (_Manifest.decode(raw, self._where(full)) if raw is not None else None) for full, raw in found.items()
+        }
 
     def _manifest(self, full: str) -> _Manifest | None:
         return self._manifests([full])[full]
@@ -378,8 +416,11 @@ class DAOSStore(Store):
         if values["version"] is None:  # a new container (or a mount that died while creating it)
             # the version last, in its own call: the keys of one bput land independently, so a
             # version present means the rest is (every mount writes the same values)
-            self._call(f"writing the layout of {self.url}", layout.bput,
-                       {"shards": str(DEFAULT_SHARDS), "chunk_size": str(DEFAULT_CHUNK_SIZE)})
+            self._call(
+                f"writing the layout of {self.url}",
+                layout.bput,
+                {"shards": str(DEFAULT_SHARDS), "chunk_size": str(DEFAULT_CHUNK_SIZE)},
+            )
             self._call(f"writing the layout of {self.url}", layout.bput, {"version": str(LAYOUT_VERSION)})
             values = dict.fromkeys(values)
             self._call(f"reading the layout of {self.url}", layout.bget, values, MANIFEST_BUFFER)
@@ -388,8 +429,10 @@ class DAOSStore(Store):
         except (TypeError, ValueError):
             raise StoreError(f"{self.url} has a damaged shufflefs layout: {values}", transient=False) from None
         if version != LAYOUT_VERSION:
-            raise StoreError(f"{self.url} uses shufflefs layout version {version}; this shufflefs reads "
-                             f"version {LAYOUT_VERSION}", transient=False)
+            raise StoreError(
+                f"{self.url} uses shufflefs layout version {version}; this shufflefs reads version {LAYOUT_VERSION}",
+                transient=False,
+            )
         self.shards, self.chunk_size = shards, chunk_size
 
     def put_file(self, key, path, abort=None, *, expect=None, token=None):
@@ -407,8 +450,7 @@ class DAOSStore(Store):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise StoreError(f"{what}: local path {path} is not a regular file", transient=False)
-            manifest = _Manifest(st.st_size, time.time_ns(), uuid.uuid4().hex if st.st_size else "",
-                                 self.chunk_size)
+            manifest = _Manifest(st.st_size, time.time_ns(), uuid.uuid4().hex if st.st_size else "", self.chunk_size)
             chunk_keys = manifest.chunk_keys()
             chunks = self._dict(CHUNKS_DICT) if chunk_keys else None
             for batch_keys in _batches(chunk_keys, BATCH):
@@ -451,7 +493,7 @@ class DAOSStore(Store):
     def get_range(self, key, offset, length, *, expect=None):
         full = self._full(key)
         what = f"reading {self._where(full)}"
-        for attempt in (1, 2):
+        for _attempt in (1, 2):
             manifest = self._manifest(full)
             if manifest is None:
                 raise ObjectMissing(key)
@@ -471,7 +513,7 @@ class DAOSStore(Store):
             if all(values[k] is not None for k in keys):
                 data = b"".join(values[k] for k in keys)
                 start = offset - first * manifest.chunk_size
-                return data[start:start + end - offset]
+                return data[start : start + end - offset]
             # replaced or deleted while we read: look at the manifest again, once
         missing = next(k for k in keys if values[k] is None)
         raise StoreError(f"{what}: data chunk {missing} is missing (the file keeps being replaced?)")
@@ -491,15 +533,18 @@ class DAOSStore(Store):
             for name in self._names(directory):
                 if not name.startswith(start):
                     continue  # another directory sharing the shard
-                rest = name[len(start):]
+                rest = name[len(start) :]
                 if rest.endswith("/") and "/" not in rest[:-1] and len(rest) > 1:
                     dirs.append(rest[:-1])
                 elif rest and "/" not in rest:
                     files.append(name)
         except pydaos.PyDError as exc:
             raise self._error(exc, f"listing {self._where(directory)}") from None
-        infos = [ObjectInfo(full[len(start):], manifest.size, manifest.mtime_ns, manifest.data)
-                 for full, manifest in self._manifests(files).items() if manifest is not None]
+        infos = [
+            ObjectInfo(full[len(start) :], manifest.size, manifest.mtime_ns, manifest.data)
+            for full, manifest in self._manifests(files).items()
+            if manifest is not None
+        ]
         return Listing(sorted(dirs), sorted(infos, key=lambda o: o.name))
 
     def move(self, src, dst, *, expect_src=None, expect_dst=None, token=None):
@@ -546,5 +591,6 @@ class DAOSStore(Store):
             now = self._manifests([full for full, manifest in manifests.items() if manifest is not None])
         except StoreError:
             return  # only space leaks
-        self._remove_data(manifests[full] for full, current in now.items()
-                          if current is None or current.data != manifests[full].data)
+        self._remove_data(
+            manifests[full] for full, current in now.items() if current is None or current.data != manifests[full].data
+        )

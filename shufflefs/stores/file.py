@@ -23,8 +23,16 @@ import os
 import urllib.parse
 import uuid
 
-from shufflefs.stores.base import (Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store, StoreError,
-                                   Unfinished, UploadAborted)
+from shufflefs.stores.base import (
+    Listing,
+    ObjectInfo,
+    ObjectMissing,
+    PreconditionFailed,
+    Store,
+    StoreError,
+    Unfinished,
+    UploadAborted,
+)
 
 TEMP_PREFIX = ".shufflefs-tmp-"
 #: the temporary name: TEMP_PREFIX and 32 hex digits
@@ -45,10 +53,11 @@ class FileStore(Store):
         self.max_key_bytes = PATH_MAX - 1 - len(os.fsencode(self.root)) - 1 - TEMP_NAME_BYTES
 
     @classmethod
-    def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> "FileStore":
+    def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> FileStore:
         if parsed.netloc not in ("", "localhost"):
-            raise StoreError(f"file:// store URL must be file:///absolute/path, got host {parsed.netloc!r}",
-                             transient=False)
+            raise StoreError(
+                f"file:// store URL must be file:///absolute/path, got host {parsed.netloc!r}", transient=False
+            )
         path = urllib.parse.unquote(parsed.path)
         if not path.startswith("/"):
             raise StoreError("file:// store URL needs an absolute path: file:///abs/dir", transient=False)
@@ -278,5 +287,3 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-

@@ -11,8 +11,16 @@ import time
 import urllib.parse
 from typing import NamedTuple
 
-from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
-                                   StoreError, UploadAborted)
+from shufflefs.stores.base import (
+    ABSENT,
+    Listing,
+    ObjectInfo,
+    ObjectMissing,
+    PreconditionFailed,
+    Store,
+    StoreError,
+    UploadAborted,
+)
 
 
 class _Object(NamedTuple):
@@ -21,7 +29,8 @@ class _Object(NamedTuple):
     version: str
     token: str | None
 
-_named_stores: dict[str, "MemoryStore"] = {}
+
+_named_stores: dict[str, MemoryStore] = {}
 _named_lock = threading.Lock()
 
 
@@ -38,7 +47,7 @@ class MemoryStore(Store):
         self.calls: dict[str, int] = {}
 
     @classmethod
-    def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> "MemoryStore":
+    def from_url(cls, parsed: urllib.parse.SplitResult, **_options) -> MemoryStore:
         name = parsed.netloc + parsed.path
         if not name:
             return cls()
@@ -79,7 +88,7 @@ class MemoryStore(Store):
             if key not in self.objects:
                 raise ObjectMissing(key)
             self._check(key, expect)
-            return self.objects[key].data[offset:offset + length]
+            return self.objects[key].data[offset : offset + length]
 
     def head(self, key):
         self._enter("head")
@@ -97,7 +106,7 @@ class MemoryStore(Store):
             for key, obj in self.objects.items():
                 if not key.startswith(start):
                     continue
-                rest = key[len(start):]
+                rest = key[len(start) :]
                 if "/" in rest:
                     dirs.add(rest.split("/", 1)[0])
                 else:

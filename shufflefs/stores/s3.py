@@ -36,8 +36,19 @@ import botocore.config
 import botocore.exceptions
 
 from shufflefs.stores import check_endpoint_url
-from shufflefs.stores.base import (ABSENT, Listing, ObjectInfo, ObjectMissing, PreconditionFailed, Store,
-                                   StoreError, Unfinished, UploadAborted, is_utf8, join_key)
+from shufflefs.stores.base import (
+    ABSENT,
+    Listing,
+    ObjectInfo,
+    ObjectMissing,
+    PreconditionFailed,
+    Store,
+    StoreError,
+    Unfinished,
+    UploadAborted,
+    is_utf8,
+    join_key,
+)
 
 # botocore logs request details (and, at DEBUG, signed headers) through these loggers
 for _name in ("botocore", "boto3", "urllib3", "s3transfer"):
@@ -62,24 +73,58 @@ MAX_KEY_BYTES = 1024
 _REFUSED_IN_NAMES = re.compile(r"[\\\x00-\x1f\ufffe\uffff]")
 
 # error codes worth retrying even though their HTTP status is a 4xx (or absent)
-_TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestThrottledException", "RequestLimitExceeded", "TooManyRequests", "TooManyRequestsException",
-    "BandwidthLimitExceeded", "ProvisionedThroughputExceededException", "RequestTimeout",
-    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "OperationAborted",
-    "PriorRequestNotComplete", "EC2ThrottledException", "IDPCommunicationError",
-    "ConditionalRequestConflict",  # AWS: a concurrent conditional write on the key; try again
-})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "BandwidthLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+        "IDPCommunicationError",
+        "ConditionalRequestConflict",  # AWS: a concurrent conditional write on the key; try again
+    }
+)
 _PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 _MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-_DENIED_CODES = frozenset({"403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                           "InvalidToken", "ExpiredToken", "TokenRefreshRequired", "AllAccessDisabled",
-                           "AccountProblem", "InvalidSecurity"})
-_CREDENTIAL_ERRORS = (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError,
-                      botocore.exceptions.CredentialRetrievalError)
+_DENIED_CODES = frozenset(
+    {
+        "403",
+        "AccessDenied",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidSecurity",
+    }
+)
+_CREDENTIAL_ERRORS = (
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.CredentialRetrievalError,
+)
 # raised while sending or receiving bytes: the request may or may not have happened
-_CONNECTION_ERRORS = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError,
-                      botocore.exceptions.IncompleteReadError)
+_CONNECTION_ERRORS = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.IncompleteReadError,
+)
 
 
 class _Aborted(Exception):
@@ -135,11 +180,11 @@ class S3Store(Store):
             max_pool_connections=32,
         )
         try:
-            self._client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region,
-                                          config=config)
+            self._client = session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
         except ValueError as exc:  # botocore: "Invalid endpoint: ..."
-            raise StoreError(f"invalid S3 endpoint URL {_redact_url(endpoint_url or '')!r}: "
-                             f"{_one_line(str(exc))}", transient=False) from None
+            raise StoreError(
+                f"invalid S3 endpoint URL {_redact_url(endpoint_url or '')!r}: {_one_line(str(exc))}", transient=False
+            ) from None
         except botocore.exceptions.BotoCoreError as exc:
             raise StoreError(f"cannot set up the S3 client: {_one_line(str(exc))}", transient=False) from None
         self.region = region
@@ -150,24 +195,31 @@ class S3Store(Store):
         # them even over http, where SigV4 also hashes the body: without the checksum SeaweedFS
         # stored an empty object for a PUT cut short by a SIGKILL of the daemon
         # (test_sigkill_recovery_completes_pending_uploads)
-        self._part_checksums = (getattr(self._client.meta.config, "request_checksum_calculation", None)
-                                == "when_supported")
+        self._part_checksums = (
+            getattr(self._client.meta.config, "request_checksum_calculation", None) == "when_supported"
+        )
 
     @classmethod
-    def from_url(cls, parsed: urllib.parse.SplitResult, s3_endpoint_url: str | None = None,
-                 **_options) -> "S3Store":
+    def from_url(cls, parsed: urllib.parse.SplitResult, s3_endpoint_url: str | None = None, **_options) -> S3Store:
         bucket = parsed.netloc
         if not bucket:
             raise StoreError("s3:// store URL needs a bucket: s3://bucket[/prefix]", transient=False)
         if "@" in bucket:  # never echo it: it may hold credentials
-            raise StoreError("s3:// store URL must not contain credentials; use AWS_ACCESS_KEY_ID/"
-                             "AWS_SECRET_ACCESS_KEY or a profile", transient=False)
+            raise StoreError(
+                "s3:// store URL must not contain credentials; use AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or a profile",
+                transient=False,
+            )
         if ":" in bucket:
-            raise StoreError(f"s3:// store URL has an invalid bucket name {bucket!r}; set the endpoint "
-                             "with --s3-endpoint-url or AWS_ENDPOINT_URL", transient=False)
+            raise StoreError(
+                f"s3:// store URL has an invalid bucket name {bucket!r}; set the endpoint "
+                "with --s3-endpoint-url or AWS_ENDPOINT_URL",
+                transient=False,
+            )
         prefix = urllib.parse.unquote(parsed.path).strip("/")
-        endpoint = (s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                    or os.environ.get("AWS_ENDPOINT_URL") or None)
+        endpoint = (
+            s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+        )
         if endpoint:
             check_endpoint_url(endpoint)
         return cls(bucket, prefix, endpoint)
@@ -197,8 +249,11 @@ class S3Store(Store):
         condition of a write to `key` becomes PreconditionFailed."""
         if isinstance(exc, StoreError):
             return exc
-        if (key is not None and isinstance(exc, botocore.exceptions.ClientError)
-                and _client_error_parts(exc)[0] in _PRECONDITION_CODES):
+        if (
+            key is not None
+            and isinstance(exc, botocore.exceptions.ClientError)
+            and _client_error_parts(exc)[0] in _PRECONDITION_CODES
+        ):
             return PreconditionFailed(key)
         local = next((e for e in _exception_chain(exc) if isinstance(e, _LocalReadError)), None)
         if local is not None:
@@ -212,8 +267,9 @@ class S3Store(Store):
             text = f"{what}: {code}" + (f" ({message})" if message and message != code else "")
             return StoreError(text, transient=_is_transient(code, status))
         if isinstance(exc, _CONNECTION_ERRORS):
-            return StoreError(f"{what}: cannot reach S3 endpoint {self.endpoint}: {_connection_reason(exc)}",
-                              transient=True)
+            return StoreError(
+                f"{what}: cannot reach S3 endpoint {self.endpoint}: {_connection_reason(exc)}", transient=True
+            )
         if isinstance(exc, botocore.exceptions.ParamValidationError):
             return StoreError(f"{what}: {_one_line(str(exc))}", transient=False)
         if isinstance(exc, OSError):  # the local file being uploaded
@@ -232,8 +288,9 @@ class S3Store(Store):
         except _CREDENTIAL_ERRORS:
             raise StoreError(_NO_CREDENTIALS, transient=False) from None
         except _CONNECTION_ERRORS as exc:
-            raise StoreError(f"cannot reach S3 endpoint {self.endpoint}: {_connection_reason(exc)}",
-                             transient=False) from None
+            raise StoreError(
+                f"cannot reach S3 endpoint {self.endpoint}: {_connection_reason(exc)}", transient=False
+            ) from None
         except botocore.exceptions.ClientError as exc:
             code, status, message = _client_error_parts(exc)
             if code in ("404", "NoSuchBucket", "NotFound"):
@@ -241,20 +298,25 @@ class S3Store(Store):
             elif code in _DENIED_CODES or status == 403:
                 msg = f"access denied to bucket {bucket!r}: check the AWS credentials"
             elif status in (301, 307) or code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
-                region = (exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-                          .get("x-amz-bucket-region"))
-                msg = (f"bucket {bucket!r} is in region {region}, not {self.region}: set AWS_DEFAULT_REGION={region}"
-                       if region else f"bucket {bucket!r} is not in region {self.region}: set AWS_DEFAULT_REGION")
+                region = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+                msg = (
+                    f"bucket {bucket!r} is in region {region}, not {self.region}: set AWS_DEFAULT_REGION={region}"
+                    if region
+                    else f"bucket {bucket!r} is not in region {self.region}: set AWS_DEFAULT_REGION"
+                )
             else:  # e.g. 5xx or throttling: worth trying again later
-                raise StoreError(f"S3 bucket {bucket!r} at {self.endpoint} is not usable: {code}"
-                                 + (f" ({message})" if message and message != code else ""),
-                                 transient=_is_transient(code, status)) from None
+                raise StoreError(
+                    f"S3 bucket {bucket!r} at {self.endpoint} is not usable: {code}"
+                    + (f" ({message})" if message and message != code else ""),
+                    transient=_is_transient(code, status),
+                ) from None
             raise StoreError(msg, transient=False) from None
         except botocore.exceptions.ParamValidationError as exc:
             raise StoreError(f"invalid S3 bucket name {bucket!r}: {_one_line(str(exc))}", transient=False) from None
         except botocore.exceptions.BotoCoreError as exc:
-            raise StoreError(f"S3 bucket {bucket!r} at {self.endpoint} is not usable: {_one_line(str(exc))}",
-                             transient=False) from None
+            raise StoreError(
+                f"S3 bucket {bucket!r} at {self.endpoint} is not usable: {_one_line(str(exc))}", transient=False
+            ) from None
 
     def put_file(self, key, path, abort=None, *, expect=None, token=None):
         full = self._key(key)
@@ -274,8 +336,14 @@ class S3Store(Store):
                 return self._put_multipart(key, full, fd, size, abort, what, expect, token)
             body = _FileSlice(fd, 0, size, abort)
             try:
-                response = self._client.put_object(Bucket=self.bucket, Key=full, Body=body, ContentLength=size,
-                                                   **_write_conditions(expect), **_token_metadata(token))
+                response = self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=full,
+                    Body=body,
+                    ContentLength=size,
+                    **_write_conditions(expect),
+                    **_token_metadata(token),
+                )
             except Exception as exc:
                 if _is_abort(exc):
                     raise UploadAborted(key) from None
@@ -293,16 +361,21 @@ class S3Store(Store):
         try:
             parts = send_parts(upload_id)
             response = self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts},
-                **_write_conditions(expect))
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **_write_conditions(expect),
+            )
             completed = True
         finally:
             if not completed:
                 self._abort_multipart(full, upload_id)
         return response.get("ETag")
 
-    def _put_multipart(self, key: str, full: str, fd: int, size: int, abort, what: str, expect: str | None,
-                       token: str | None) -> str | None:
+    def _put_multipart(
+        self, key: str, full: str, fd: int, size: int, abort, what: str, expect: str | None, token: str | None
+    ) -> str | None:
         part_size = _part_size(size, self.part_size)
         extra = {"ChecksumAlgorithm": "CRC32"} if self._part_checksums else {}
 
@@ -326,8 +399,9 @@ class S3Store(Store):
         except Exception as exc:
             raise self._error(exc, what, key) from None
 
-    def _upload_part(self, key: str, full: str, upload_id: str, number: int, fd: int, offset: int, length: int,
-                     abort, extra: dict) -> dict:
+    def _upload_part(
+        self, key: str, full: str, upload_id: str, number: int, fd: int, offset: int, length: int, abort, extra: dict
+    ) -> dict:
         """Send one part; a transient failure sends it again within the same upload, so a flaky
         link costs that part, not the whole file (which the caller would upload again). Sending
         a part number again replaces it with the same bytes, so an attempt that failed but was
@@ -339,9 +413,15 @@ class S3Store(Store):
             if abort is not None and abort.is_set():
                 raise UploadAborted(key)
             try:
-                return self._client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number,
-                                                 Body=_FileSlice(fd, offset, length, abort), ContentLength=length,
-                                                 **extra)
+                return self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=_FileSlice(fd, offset, length, abort),
+                    ContentLength=length,
+                    **extra,
+                )
             except Exception as exc:
                 if _is_abort(exc):
                     raise UploadAborted(key) from None
@@ -360,8 +440,9 @@ class S3Store(Store):
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
         except Exception as exc:  # best effort; a bucket lifecycle rule should clean up the rest
-            log.warning("could not abort the multipart upload of %s: %s", self._where(full),
-                        self._error(exc, "abort").args[0])
+            log.warning(
+                "could not abort the multipart upload of %s: %s", self._where(full), self._error(exc, "abort").args[0]
+            )
 
     def unfinished_writes(self):
         top = self._key("")
@@ -371,8 +452,9 @@ class S3Store(Store):
             paginator = self._client.get_paginator("list_multipart_uploads")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
                 for upload in page.get("Uploads", ()):
-                    found.append(Unfinished(upload["Key"][len(start):], _mtime_ns(upload["Initiated"]),
-                                            upload["UploadId"]))
+                    found.append(
+                        Unfinished(upload["Key"][len(start) :], _mtime_ns(upload["Initiated"]), upload["UploadId"])
+                    )
         except Exception as exc:
             raise self._error(exc, f"listing the multipart uploads in {self._where(start)}") from None
         return found
@@ -400,8 +482,9 @@ class S3Store(Store):
             return b""
         condition = {"IfMatch": expect} if expect is not None else {}
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=full,
-                                               Range=f"bytes={offset}-{offset + length - 1}", **condition)
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + length - 1}", **condition
+            )
             with response["Body"] as body:
                 data = body.read()
         except botocore.exceptions.ClientError as exc:
@@ -414,7 +497,7 @@ class S3Store(Store):
         except Exception as exc:
             raise self._error(exc, what) from None
         if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200 and "ContentRange" not in response:
-            data = data[offset:offset + length]  # the server ignored the Range header
+            data = data[offset : offset + length]  # the server ignored the Range header
         return data[:length]
 
     def head(self, key):
@@ -427,8 +510,13 @@ class S3Store(Store):
             raise self._error(exc, f"stat {self._where(full)}") from None
         except Exception as exc:
             raise self._error(exc, f"stat {self._where(full)}") from None
-        return ObjectInfo(key.rsplit("/", 1)[-1], response["ContentLength"], _mtime_ns(response["LastModified"]),
-                          response.get("ETag"), (response.get("Metadata") or {}).get(TOKEN_METADATA))
+        return ObjectInfo(
+            key.rsplit("/", 1)[-1],
+            response["ContentLength"],
+            _mtime_ns(response["LastModified"]),
+            response.get("ETag"),
+            (response.get("Metadata") or {}).get(TOKEN_METADATA),
+        )
 
     def list_dir(self, prefix):
         full = self._key(prefix)
@@ -438,11 +526,11 @@ class S3Store(Store):
             paginator = self._client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/"):
                 for common in page.get("CommonPrefixes", ()):
-                    name = common["Prefix"][len(start):].rstrip("/")
+                    name = common["Prefix"][len(start) :].rstrip("/")
                     if name and "/" not in name:
                         dirs.add(name)
                 for obj in page.get("Contents", ()):
-                    name = obj["Key"][len(start):]
+                    name = obj["Key"][len(start) :]
                     if name and "/" not in name:  # skip a 'dir/' marker object
                         files.append(ObjectInfo(name, obj["Size"], _mtime_ns(obj["LastModified"]), obj.get("ETag")))
         except Exception as exc:
@@ -471,16 +559,22 @@ class S3Store(Store):
         what = f"copying {self._where(self._key(src))} to {self._where(self._key(dst))}"
         return self._copy_object(src, dst, what, expect_src, expect_dst, token)
 
-    def _copy_object(self, src: str, dst: str, what: str, expect_src: str | None,
-                     expect_dst: str | None, token: str | None) -> str | None:
+    def _copy_object(
+        self, src: str, dst: str, what: str, expect_src: str | None, expect_dst: str | None, token: str | None
+    ) -> str | None:
         """CopyObject (UploadPartCopy above its limit) of one version of `src` to `dst`."""
         src_full, dst_full = self._key(src), self._key(dst)
         source = {"CopySourceIfMatch": expect_src} if expect_src not in (None, ABSENT) else {}
         metadata = {"MetadataDirective": "REPLACE", **_token_metadata(token)} if token else {}
         try:
-            response = self._client.copy_object(Bucket=self.bucket, Key=dst_full,
-                                                CopySource={"Bucket": self.bucket, "Key": src_full},
-                                                **source, **_write_conditions(expect_dst), **metadata)
+            response = self._client.copy_object(
+                Bucket=self.bucket,
+                Key=dst_full,
+                CopySource={"Bucket": self.bucket, "Key": src_full},
+                **source,
+                **_write_conditions(expect_dst),
+                **metadata,
+            )
             version = response.get("CopyObjectResult", {}).get("ETag")
         except botocore.exceptions.ClientError as exc:
             code = _client_error_parts(exc)[0]
@@ -500,8 +594,9 @@ class S3Store(Store):
             version = f'"{version}"'  # CopyObjectResult's ETag comes unquoted from some servers
         return version
 
-    def _copy_in_parts(self, src_full: str, dst_full: str, size: int, what: str, expect: str | None,
-                       token: str | None) -> str | None:
+    def _copy_in_parts(
+        self, src_full: str, dst_full: str, size: int, what: str, expect: str | None, token: str | None
+    ) -> str | None:
         """Copy an object server-side with UploadPartCopy (for objects above CopyObject's limit)."""
         part_size = _part_size(size, self.copy_part_size)
 
@@ -510,8 +605,13 @@ class S3Store(Store):
             for number, offset in enumerate(range(0, size, part_size), start=1):
                 last = min(offset + part_size, size) - 1
                 response = self._client.upload_part_copy(
-                    Bucket=self.bucket, Key=dst_full, UploadId=upload_id, PartNumber=number,
-                    CopySource={"Bucket": self.bucket, "Key": src_full}, CopySourceRange=f"bytes={offset}-{last}")
+                    Bucket=self.bucket,
+                    Key=dst_full,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": src_full},
+                    CopySourceRange=f"bytes={offset}-{last}",
+                )
                 parts.append({"ETag": response["CopyPartResult"]["ETag"], "PartNumber": number})
             return parts
 
@@ -519,8 +619,8 @@ class S3Store(Store):
             return self._multipart(dst_full, send_parts, expect, **_token_metadata(token))
         except botocore.exceptions.ClientError as exc:
             if _client_error_parts(exc)[0] in _MISSING_KEY_CODES:
-                raise ObjectMissing(src_full[len(self.prefix):].lstrip("/")) from None
-            raise self._error(exc, what, dst_full[len(self.prefix):].lstrip("/")) from None
+                raise ObjectMissing(src_full[len(self.prefix) :].lstrip("/")) from None
+            raise self._error(exc, what, dst_full[len(self.prefix) :].lstrip("/")) from None
         except Exception as exc:
             raise self._error(exc, what) from None
 
@@ -531,13 +631,12 @@ class S3Store(Store):
         failed = {}
         for start in range(0, len(keys), DELETE_BATCH):
             batch = []
-            for key in keys[start:start + DELETE_BATCH]:
+            for key in keys[start : start + DELETE_BATCH]:
                 version = expect.get(key)
                 batch.append({"Key": self._key(key), **({"ETag": version} if version not in (None, ABSENT) else {})})
             what = f"deleting {len(batch)} objects in s3://{self.bucket}"
             try:
-                response = self._client.delete_objects(Bucket=self.bucket,
-                                                       Delete={"Objects": batch, "Quiet": True})
+                response = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except Exception as exc:
                 raise self._error(exc, what) from None
             for error in response.get("Errors", ()):
@@ -551,7 +650,8 @@ class S3Store(Store):
                     failed[key] = StoreError(
                         f"deleting {self._where(self._key(key))}: {code}"
                         + (f" ({_one_line(error['Message'])})" if error.get("Message") else ""),
-                        transient=_is_transient(code, None))
+                        transient=_is_transient(code, None),
+                    )
         return failed
 
 
@@ -651,15 +751,17 @@ def _connection_reason(exc: BaseException) -> str:
     if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
         return "connection timed out"
     lowered = text.lower()
-    for needle, reason in (("connection refused", "connection refused"),
-                           ("name or service not known", "host name not found"),
-                           ("nodename nor servname", "host name not found"),
-                           ("temporary failure in name resolution", "host name not found (DNS failure)"),
-                           ("no route to host", "no route to host"),
-                           ("network is unreachable", "network is unreachable"),
-                           ("connection reset", "connection reset by peer"),
-                           ("certificate verify failed", "TLS certificate verification failed"),
-                           ("timed out", "connection timed out")):
+    for needle, reason in (
+        ("connection refused", "connection refused"),
+        ("name or service not known", "host name not found"),
+        ("nodename nor servname", "host name not found"),
+        ("temporary failure in name resolution", "host name not found (DNS failure)"),
+        ("no route to host", "no route to host"),
+        ("network is unreachable", "network is unreachable"),
+        ("connection reset", "connection reset by peer"),
+        ("certificate verify failed", "TLS certificate verification failed"),
+        ("timed out", "connection timed out"),
+    ):
         if needle in lowered:
             return reason
     if isinstance(exc, botocore.exceptions.ConnectionClosedError):
@@ -679,8 +781,8 @@ def _exception_chain(exc: BaseException):
 def _mtime_ns(value) -> int:
     if isinstance(value, datetime.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=datetime.timezone.utc)
-        delta = value - datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+            value = value.replace(tzinfo=datetime.UTC)
+        delta = value - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
         return (delta // datetime.timedelta(microseconds=1)) * 1000
     return int(value * 1e9)
 

@@ -122,16 +122,35 @@ def contents(store) -> dict[str, bytes]:
 
 
 class Mount:
-    def __init__(self, store, cache_dir: str, nursery: trio.Nursery, *, commit_mode: str, cache_size: int,
-                 remote_ttl: float, max_attempts: int, workers: int, views: Views | None):
+    def __init__(
+        self,
+        store,
+        cache_dir: str,
+        nursery: trio.Nursery,
+        *,
+        commit_mode: str,
+        cache_size: int,
+        remote_ttl: float,
+        max_attempts: int,
+        workers: int,
+        views: Views | None,
+    ):
         os.makedirs(cache_dir, exist_ok=True)
         self.store = store
         self.cache_dir = cache_dir
         self.journal = Journal(os.path.join(cache_dir, "lmdb"))
         self.staging = StagingArea(os.path.join(cache_dir, "staging"))
         self.remote = Remote(store, self.journal, workers=workers, max_attempts=max_attempts)
-        self.fs = Filesystem(store, self.remote, self.journal, self.staging, commit_mode=commit_mode,
-                             cache_size=cache_size, remote_ttl=remote_ttl, views=views)
+        self.fs = Filesystem(
+            store,
+            self.remote,
+            self.journal,
+            self.staging,
+            commit_mode=commit_mode,
+            cache_size=cache_size,
+            remote_ttl=remote_ttl,
+            views=views,
+        )
         self.remote.start(nursery)
         self.closed = False
 
@@ -163,14 +182,32 @@ class Env:
         path.write_bytes(data)
         store.put_file(key, str(path))
 
-    def mount(self, store=None, *, name: str = "node1", nursery: trio.Nursery | None = None,
-              commit_mode: str = "sync", cache_size: int = 64 * MiB, remote_ttl: float = 1.0,
-              max_attempts: int = 3, workers: int = 8, views: Views | None = None) -> Mount:
+    def mount(
+        self,
+        store=None,
+        *,
+        name: str = "node1",
+        nursery: trio.Nursery | None = None,
+        commit_mode: str = "sync",
+        cache_size: int = 64 * MiB,
+        remote_ttl: float = 1.0,
+        max_attempts: int = 3,
+        workers: int = 8,
+        views: Views | None = None,
+    ) -> Mount:
         if store is None:
             store = self.store()
-        mount = Mount(store, str(self.tmp_path / name), nursery or self.nursery, commit_mode=commit_mode,
-                      cache_size=cache_size, remote_ttl=remote_ttl, max_attempts=max_attempts, workers=workers,
-                      views=views)
+        mount = Mount(
+            store,
+            str(self.tmp_path / name),
+            nursery or self.nursery,
+            commit_mode=commit_mode,
+            cache_size=cache_size,
+            remote_ttl=remote_ttl,
+            max_attempts=max_attempts,
+            workers=workers,
+            views=views,
+        )
         self.mounts.append(mount)
         return mount
 
@@ -205,12 +242,13 @@ async def close(fs: Filesystem, fh: int) -> None:
         await fs.release(fh)
 
 
-async def write_file(fs: Filesystem, parent: int, name: str, data: bytes, *, flags: int = NEW,
-                     chunk: int = 256 * KiB) -> Node:
+async def write_file(
+    fs: Filesystem, parent: int, name: str, data: bytes, *, flags: int = NEW, chunk: int = 256 * KiB
+) -> Node:
     fh, node = await create(fs, parent, name, flags)
     try:
         for offset in range(0, len(data), chunk):
-            assert await fs.write(fh, offset, data[offset:offset + chunk]) == len(data[offset:offset + chunk])
+            assert await fs.write(fh, offset, data[offset : offset + chunk]) == len(data[offset : offset + chunk])
     finally:
         await close(fs, fh)
     return node

@@ -184,7 +184,7 @@ class FaultProxy:
 
     # -- life cycle
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._accept_thread = threading.Thread(target=self._accept_loop, name="faultproxy-accept", daemon=True)
@@ -211,7 +211,7 @@ class FaultProxy:
         if alive:
             raise RuntimeError(f"faultproxy threads still running after stop: {alive}")
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc_info) -> bool:
@@ -220,9 +220,18 @@ class FaultProxy:
 
     # -- rules and records
 
-    def add_rule(self, action: Action, *, op: str | tuple[str, ...] | None = None, method: str | None = None,
-                 path: str | None = None, query: str | None = None, times: int | None = None,
-                 probability: float = 1.0, seed: int = 0) -> Rule:
+    def add_rule(
+        self,
+        action: Action,
+        *,
+        op: str | tuple[str, ...] | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        query: str | None = None,
+        times: int | None = None,
+        probability: float = 1.0,
+        seed: int = 0,
+    ) -> Rule:
         """Apply `action` to matching requests: all of them, the first `times`, or each with
         `probability` (a coin seeded with `seed`, so a run is repeatable when requests come
         in a repeatable order)."""
@@ -244,14 +253,26 @@ class FaultProxy:
         with self._lock:
             return list(self._requests)
 
-    def select(self, op: str | None = None, method: str | None = None, *, action: str | None = None,
-               status: int | None = None, query: str | None = None) -> list[Request]:
+    def select(
+        self,
+        op: str | None = None,
+        method: str | None = None,
+        *,
+        action: str | None = None,
+        status: int | None = None,
+        query: str | None = None,
+    ) -> list[Request]:
         """The recorded requests that match every given filter (`query` is a regex)."""
         pattern = re.compile(query) if query is not None else None
-        return [r for r in self.requests
-                if (op is None or r.op == op) and (method is None or r.method == method.upper())
-                and (action is None or r.action == action) and (status is None or r.status == status)
-                and (pattern is None or pattern.search(r.query))]
+        return [
+            r
+            for r in self.requests
+            if (op is None or r.op == op)
+            and (method is None or r.method == method.upper())
+            and (action is None or r.action == action)
+            and (status is None or r.status == status)
+            and (pattern is None or pattern.search(r.query))
+        ]
 
     def count(self, op: str | None = None, method: str | None = None, **filters) -> int:
         return len(self.select(op, method, **filters))
@@ -486,9 +507,16 @@ def _read_request(reader, client: socket.socket) -> tuple[Request, bytes] | None
     raw_path, _, query = target.partition("?")
     path = urllib.parse.unquote(raw_path)
     params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
-    request = Request(method=method.upper(), path=path, query=query, op=s3_operation(method.upper(), path, params,
-                                                                                   headers),
-                      headers=headers, body_bytes=len(raw) - head_size, started=time.monotonic(), params=params)
+    request = Request(
+        method=method.upper(),
+        path=path,
+        query=query,
+        op=s3_operation(method.upper(), path, params, headers),
+        headers=headers,
+        body_bytes=len(raw) - head_size,
+        started=time.monotonic(),
+        params=params,
+    )
     return request, bytes(raw)
 
 
@@ -520,13 +548,24 @@ def _wants_close(headers: dict[str, str]) -> bool:
 
 def _error_response(request: Request, action: Action) -> bytes:
     request_id = f"faultproxy-{id(request):x}"
-    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{action.code}</Code>'
-            f"<Message>{action.message}</Message><Resource>{_xml_escape(request.path)}</Resource>"
-            f"<RequestId>{request_id}</RequestId></Error>").encode()
-    reason = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed",
-              500: "Internal Server Error", 503: "Service Unavailable"}.get(action.status, "Error")
-    head = (f"HTTP/1.1 {action.status} {reason}\r\nContent-Type: application/xml\r\n"
-            f"Content-Length: {len(body)}\r\nx-amz-request-id: {request_id}\r\n\r\n").encode()
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{action.code}</Code>'
+        f"<Message>{action.message}</Message><Resource>{_xml_escape(request.path)}</Resource>"
+        f"<RequestId>{request_id}</RequestId></Error>"
+    ).encode()
+    reason = {
+        400: "Bad Request",
+        403: "Forbidden",
+        404: "Not Found",
+        409: "Conflict",
+        412: "Precondition Failed",
+        500: "Internal Server Error",
+        503: "Service Unavailable",
+    }.get(action.status, "Error")
+    head = (
+        f"HTTP/1.1 {action.status} {reason}\r\nContent-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\nx-amz-request-id: {request_id}\r\n\r\n"
+    ).encode()
     return head if request.method == "HEAD" else head + body
 
 

@@ -10,8 +10,11 @@ import pytest
 
 
 def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "allow_logged_errors(*patterns): errors the code under test may log "
-                                       "(regular expressions searched in the message); any other fails the test")
+    config.addinivalue_line(
+        "markers",
+        "allow_logged_errors(*patterns): errors the code under test may log "
+        "(regular expressions searched in the message); any other fails the test",
+    )
 
 
 class _ErrorRecords(logging.Handler):
@@ -39,9 +42,13 @@ def fail_on_logged_errors(request):
         root.removeHandler(handler)
     marker = request.node.get_closest_marker("allow_logged_errors")
     allowed = [re.compile(pattern) for pattern in (marker.args if marker else ())]
-    unexpected = [record for record in handler.records
-                  if not any(pattern.search(record.getMessage()) for pattern in allowed)]
+    unexpected = [
+        record for record in handler.records if not any(pattern.search(record.getMessage()) for pattern in allowed)
+    ]
     if unexpected:
-        shown = "\n".join(f"{record.levelname} {record.name}: {record.getMessage()}"
-                          + (" (with a traceback)" if record.exc_info else "") for record in unexpected[:10])
+        shown = "\n".join(
+            f"{record.levelname} {record.name}: {record.getMessage()}"
+            + (" (with a traceback)" if record.exc_info else "")
+            for record in unexpected[:10]
+        )
         pytest.fail(f"the code under test logged {len(unexpected)} unexpected errors:\n{shown}", pytrace=False)

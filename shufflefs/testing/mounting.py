@@ -13,8 +13,9 @@ import subprocess
 import sys
 import time
 
-from shufflefs.places import process_alive as pid_alive, run_file
 from shufflefs.fuse.mount import unescape
+from shufflefs.places import process_alive as pid_alive
+from shufflefs.places import run_file
 from shufflefs.registry import RESERVED
 
 SHUFFLEFS = [sys.executable, "-m", "shufflefs"]
@@ -27,8 +28,9 @@ def is_mounted(path: str) -> bool:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*SHUFFLEFS, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [*SHUFFLEFS, *args], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Mount:
@@ -43,9 +45,8 @@ class Mount:
         self.pid: int | None = None
         os.makedirs(self.path, exist_ok=True)
 
-    def start(self) -> "Mount":
-        result = run_cli("mount", self.store_url, self.path, "--cache-dir", self.cache_dir, *self.args,
-                         env=self.env)
+    def start(self) -> Mount:
+        result = run_cli("mount", self.store_url, self.path, "--cache-dir", self.cache_dir, *self.args, env=self.env)
         assert result.returncode == 0, f"mount failed: {result.stderr}\nlog:\n{self.log()}"
         assert is_mounted(self.path)
         with open(run_file(self.path, "json")) as f:
@@ -96,7 +97,7 @@ class Mount:
             os.kill(self.pid, signal.SIGKILL)
             self.wait_exit()
 
-    def __enter__(self) -> "Mount":
+    def __enter__(self) -> Mount:
         try:
             return self.start()
         except BaseException:
@@ -117,7 +118,7 @@ class Mount:
         except FileNotFoundError:
             return
         at = text.find("Traceback (most recent call last)")
-        assert at < 0, f"the daemon of {self.path} logged a traceback:\n{text[max(0, at - 600):at + 3000]}"
+        assert at < 0, f"the daemon of {self.path} logged a traceback:\n{text[max(0, at - 600) : at + 3000]}"
 
 
 #: shufflefs' own records in a store (registry, heartbeats): not files of any mount
@@ -144,10 +145,10 @@ def bucket_objects(client, bucket: str, prefix: str = "", records: bool = False)
     start = prefix.strip("/") + "/" if prefix.strip("/") else ""
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=start):
         for item in page.get("Contents", []):
-            if item["Key"].endswith("/") or (not records and item["Key"][len(start):].startswith(RECORDS)):
+            if item["Key"].endswith("/") or (not records and item["Key"][len(start) :].startswith(RECORDS)):
                 continue
             body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-            objects[item["Key"][len(start):]] = body
+            objects[item["Key"][len(start) :]] = body
     return objects
 
 
@@ -182,4 +183,4 @@ def hadoop_copy(source: str, target: str, data: bytes | None = None) -> None:
     with open(target, "wb") as f:
         payload = copied if data is None else data
         for start in range(0, len(payload), 64 * 1024):
-            f.write(payload[start:start + 64 * 1024])
+            f.write(payload[start : start + 64 * 1024])

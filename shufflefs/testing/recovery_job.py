@@ -74,8 +74,15 @@ def wait_for(condition, what: str, timeout: float = EXECUTORS_GONE_TIMEOUT) -> N
         time.sleep(0.2)
 
 
-def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None, executors: int | None,
-                            warm_up: bool, files_under: str | None, records: int = RECORDS) -> dict:
+def two_jobs_on_one_shuffle(
+    spark,
+    pause: bool,
+    remove_from: str | None,
+    executors: int | None,
+    warm_up: bool,
+    files_under: str | None,
+    records: int = RECORDS,
+) -> dict:
     sc = spark.sparkContext
     shuffled = sc.parallelize(range(records), MAP_TASKS).map(lambda x: (x % KEYS, 1)).reduceByKey(add)
     job0 = sorted(shuffled.collect())
@@ -98,14 +105,20 @@ def two_jobs_on_one_shuffle(spark, pause: bool, remove_from: str | None, executo
         # that take none all go to the executors that are warm already, and the replacement,
         # still starting its Python worker, gets none (seen on a loaded machine)
         width = 4 * len(executor_ids(sc))
-        sc.parallelize(range(width), width).map(lambda x: (x, time.sleep(WARM_UP_TASK_SECONDS) or x)) \
-            .reduceByKey(add).count()
+        sc.parallelize(range(width), width).map(lambda x: (x, time.sleep(WARM_UP_TASK_SECONDS) or x)).reduceByKey(
+            add
+        ).count()
         log(f"warm-up done on executors {sorted(executor_ids(sc))}")
     t = time.monotonic()
     job1 = sorted(shuffled.collect())
     log(f"job 1 done in {time.monotonic() - t:.1f}s")
-    result = {"app_id": sc.applicationId, "job0": job0, "job1": job1,
-              "executors_job0": sorted(before), "executors_job1": sorted(executor_ids(sc))}
+    result = {
+        "app_id": sc.applicationId,
+        "job0": job0,
+        "job1": job1,
+        "executors_job0": sorted(before),
+        "executors_job1": sorted(executor_ids(sc)),
+    }
     if files_under:
         result["files_after_job1"] = shuffle_files(files_under)
     if remove_from:
@@ -117,29 +130,48 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_driver_arguments(ap)
     ap.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--remove-shuffle-from", metavar="DIR",
-                    help="after job 1, remove the shuffle and wait until its files left DIR")
-    ap.add_argument("--executors", type=int, metavar="N",
-                    help="after the pause, wait until one executor of job 0 is gone and N are "
-                         "registered (default: wait until every executor of job 0 is gone)")
+    ap.add_argument(
+        "--remove-shuffle-from", metavar="DIR", help="after job 1, remove the shuffle and wait until its files left DIR"
+    )
+    ap.add_argument(
+        "--executors",
+        type=int,
+        metavar="N",
+        help="after the pause, wait until one executor of job 0 is gone and N are "
+        "registered (default: wait until every executor of job 0 is gone)",
+    )
     ap.add_argument("--warm-up", action="store_true", help="run a small shuffle job before job 1")
-    ap.add_argument("--files-under", metavar="DIR",
-                    help="after job 1, report the shuffle's files below DIR (a Worker's local dir), "
-                         "before the Worker removes them with the application")
-    ap.add_argument("--records", type=int, default=RECORDS, metavar="N",
-                    help=f"records to count by key (default {RECORDS}): applications that differ in it "
-                         "write map outputs of the same names and other bytes")
+    ap.add_argument(
+        "--files-under",
+        metavar="DIR",
+        help="after job 1, report the shuffle's files below DIR (a Worker's local dir), "
+        "before the Worker removes them with the application",
+    )
+    ap.add_argument(
+        "--records",
+        type=int,
+        default=RECORDS,
+        metavar="N",
+        help=f"records to count by key (default {RECORDS}): applications that differ in it "
+        "write map outputs of the same names and other bytes",
+    )
     args = ap.parse_args(argv)
     conf = dict(item.split("=", 1) for item in args.conf)
     # Each standalone worker gives its executors its own SPARK_LOCAL_DIRS (through
     # SPARK_EXECUTOR_DIRS); the driver's local dir must not replace them.
     conf.setdefault("spark.executorEnv.SPARK_LOCAL_DIRS", None)
     # the driver pauses between its jobs itself, not after them
-    return drive(lambda spark: two_jobs_on_one_shuffle(spark, args.pause, args.remove_shuffle_from,
-                                                       args.executors, args.warm_up, args.files_under,
-                                                       args.records),
-                 args.local_dir, args.result,
-                 args.master, False, app_name="shufflefs-recovery", conf=conf)
+    return drive(
+        lambda spark: two_jobs_on_one_shuffle(
+            spark, args.pause, args.remove_shuffle_from, args.executors, args.warm_up, args.files_under, args.records
+        ),
+        args.local_dir,
+        args.result,
+        args.master,
+        False,
+        app_name="shufflefs-recovery",
+        conf=conf,
+    )
 
 
 if __name__ == "__main__":

@@ -134,19 +134,27 @@ class _S3Server:
 
     def client(self, **config):
         """A boto3 S3 client for this server (path-style, no retries unless `config` says so)."""
-        options = {"s3": {"addressing_style": "path"}, "retries": {"max_attempts": 1, "mode": "standard"},
-                   "connect_timeout": 5, "read_timeout": 60}
+        options = {
+            "s3": {"addressing_style": "path"},
+            "retries": {"max_attempts": 1, "mode": "standard"},
+            "connect_timeout": 5,
+            "read_timeout": 60,
+        }
         options.update(config)
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=botocore.config.Config(**options))
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=botocore.config.Config(**options),
+        )
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def start(self) -> "_S3Server":
+    def start(self) -> _S3Server:
         self.data_dir = tempfile.mkdtemp(prefix=f"shufflefs-{self.name.split()[0].lower()}-")
         try:
             self.port = free_port()
@@ -155,8 +163,14 @@ class _S3Server:
             self._log_file = open(self.log_path, "ab")
             started = time.monotonic()
             self.process = subprocess.Popen(
-                self._command(), cwd=self.data_dir, env=self._process_env(), stdin=subprocess.DEVNULL,
-                stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                self._command(),
+                cwd=self.data_dir,
+                env=self._process_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             self._wait_ready(started)
         except BaseException:
             self.stop()
@@ -169,16 +183,20 @@ class _S3Server:
         last_error: Exception | None = None
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with status {self.process.returncode} while starting; "
-                                   f"log tail:\n{_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"{self.name} exited with status {self.process.returncode} while starting; "
+                    f"log tail:\n{_tail(self.log_path)}"
+                )
             try:
                 client.list_buckets()
                 break
             except Exception as exc:  # not up yet
                 last_error = exc
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not answer ListBuckets within {self.startup_timeout:.0f} s "
-                                   f"(last error: {last_error}); log tail:\n{_tail(self.log_path)}")
+                raise RuntimeError(
+                    f"{self.name} did not answer ListBuckets within {self.startup_timeout:.0f} s "
+                    f"(last error: {last_error}); log tail:\n{_tail(self.log_path)}"
+                )
             time.sleep(0.05)
         client.close()
         self.startup_seconds = time.monotonic() - started
@@ -233,12 +251,22 @@ class SeaweedS3(_S3Server):
             ports[name] = free_port()
         self.ports = ports
         # global options (-logtostderr: no glog files in /tmp) must come before the command name
-        return [self.binary, "-logtostderr", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0",
-                f"-s3.localSocket={os.path.join(self.data_dir, 's3.sock')}",
-                f"-filer.localSocket={os.path.join(self.data_dir, 'filer.sock')}",
-                *(f"-{name}={port}" for name, port in ports.items())]
+        return [
+            self.binary,
+            "-logtostderr",
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.localSocket={os.path.join(self.data_dir, 's3.sock')}",
+            f"-filer.localSocket={os.path.join(self.data_dir, 'filer.sock')}",
+            *(f"-{name}={port}" for name, port in ports.items()),
+        ]
 
     def stop(self) -> None:
         try:
@@ -248,8 +276,10 @@ class SeaweedS3(_S3Server):
             # weed does not always remove; they carry our (unique) ports, so they are ours
             for name, port in getattr(self, "ports", {}).items():
                 server = name.split(".")[0]
-                for path in (f"/tmp/seaweedfs-{server}-grpc-{port + GRPC_OFFSET}.sock",
-                             f"/tmp/seaweedfs-{server}-{port}.sock"):
+                for path in (
+                    f"/tmp/seaweedfs-{server}-grpc-{port + GRPC_OFFSET}.sock",
+                    f"/tmp/seaweedfs-{server}-{port}.sock",
+                ):
                     try:
                         if stat.S_ISSOCK(os.lstat(path).st_mode):
                             os.unlink(path)
@@ -261,8 +291,9 @@ class SeaweedS3(_S3Server):
         for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
             env.pop(name, None)
         # credentials in the environment turn on SigV4 auth with this one identity
-        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key,
-                   TMPDIR=self.data_dir)  # its unix sockets and any log files go in the data dir
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key, TMPDIR=self.data_dir
+        )  # its unix sockets and any log files go in the data dir
         return env
 
 
@@ -281,7 +312,11 @@ class MotoS3(_S3Server):
 
     def _process_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key,
-                   AWS_DEFAULT_REGION=self.region, TMPDIR=self.data_dir)
+        env.update(
+            AWS_ACCESS_KEY_ID=self.access_key,
+            AWS_SECRET_ACCESS_KEY=self.secret_key,
+            AWS_DEFAULT_REGION=self.region,
+            TMPDIR=self.data_dir,
+        )
         env.pop("AWS_ENDPOINT_URL", None)
         return env

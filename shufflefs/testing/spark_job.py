@@ -45,9 +45,7 @@ FORCE_SPILL_RECORDS = 32_768
 # Three short-lived JVMs share two cores: most of their CPU time went to the
 # C2 JIT and parallel GC threads.  C1 only + serial GC cut the run time a lot
 # and change nothing in what Spark does in DIR.
-JVM_OPTS = os.environ.get(
-    "SPARK_JOB_JAVA_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-)
+JVM_OPTS = os.environ.get("SPARK_JOB_JAVA_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC")
 
 # Every RDD / DataFrame whose shuffle ran is kept referenced until the end, so
 # that Spark's ContextCleaner does not delete shuffle files depending on when
@@ -91,14 +89,12 @@ def payload(i: int, n: int) -> str:
     x = i
     while len(out) * 16 < n:
         x = mix64(x)
-        out.append("%016x" % x)
+        out.append(f"{x:016x}")
     return "".join(out)[:n]
 
 
 def row_hash(row) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(repr(row).encode(), digest_size=8).digest(), "big"
-    )
+    return int.from_bytes(hashlib.blake2b(repr(row).encode(), digest_size=8).digest(), "big")
 
 
 def partition_summary(index, rows):
@@ -150,7 +146,7 @@ def combine_sorted(parts) -> dict:
     return {
         "count": total,
         "sorted": sorted_ok,
-        "ordered_hash": "%016x" % h,
+        "ordered_hash": f"{h:016x}",
         "first": _jsonable(first),
         "last": _jsonable(last),
         "partitions": len(parts),
@@ -196,9 +192,7 @@ def keep(x):
 
 def rdd_jobs(sc, nparts: int) -> dict:
     n_keys = N_KEYS
-    base = sc.range(0, N_RDD, numSlices=MAP_SLICES).map(
-        lambda i: (mix64(i) % n_keys, i)
-    )
+    base = sc.range(0, N_RDD, numSlices=MAP_SLICES).map(lambda i: (mix64(i) % n_keys, i))
     res = {}
 
     # reduceByKey: map-side combine, small shuffle.
@@ -257,15 +251,12 @@ def df_jobs(spark, nparts: int) -> dict:
     )
 
     # groupBy + agg (partial aggregation, small shuffle).
-    agg_df = (
-        df.groupBy((F.col("h") % N_KEYS).alias("g"))
-        .agg(
-            F.count(F.lit(1)).alias("n"),
-            F.sum("id").alias("sum_id"),
-            F.min("id").alias("min_id"),
-            F.max("id").alias("max_id"),
-            F.sum(F.xxhash64("pay").bitwiseAND(mask31)).alias("sum_pay_hash"),
-        )
+    agg_df = df.groupBy((F.col("h") % N_KEYS).alias("g")).agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum("id").alias("sum_id"),
+        F.min("id").alias("min_id"),
+        F.max("id").alias("max_id"),
+        F.sum(F.xxhash64("pay").bitwiseAND(mask31)).alias("sum_pay_hash"),
     )
     rows = keep(agg_df).collect()
     res[f"df_groupBy_{nparts}"] = summarize_collected(rows)
@@ -280,14 +271,16 @@ def df_jobs(spark, nparts: int) -> dict:
     joined = left.join(right, (left["h"] % (N_RIGHT + 10_000)) == right["rk"], "inner")
     cols = ["id", "h", "pay", "rk", "rpay"]
     row = F.struct(*cols)
-    stats = keep(joined.agg(
-        F.count(F.lit(1)).alias("n"),
-        F.sum("id").alias("sum_id"),
-        F.sum("rk").alias("sum_rk"),
-        F.sum(F.xxhash64(*cols).bitwiseAND(mask31)).alias("sum_row_hash"),
-        F.min(row).alias("first"),  # id is unique in the join output
-        F.max(row).alias("last"),
-    )).collect()[0]
+    stats = keep(
+        joined.agg(
+            F.count(F.lit(1)).alias("n"),
+            F.sum("id").alias("sum_id"),
+            F.sum("rk").alias("sum_rk"),
+            F.sum(F.xxhash64(*cols).bitwiseAND(mask31)).alias("sum_row_hash"),
+            F.min(row).alias("first"),  # id is unique in the join output
+            F.max(row).alias("last"),
+        )
+    ).collect()[0]
     res[f"df_join_{nparts}"] = {
         "count": stats["n"],
         "sum_id": stats["sum_id"],
@@ -325,8 +318,7 @@ def _ensure_java_home(env) -> None:
         env["JAVA_HOME"] = os.path.dirname(os.path.dirname(real))
 
 
-def build_session(local_dir: str, master: str, *, app_name: str = "shufflefs-spark-job",
-                  conf: dict | None = None):
+def build_session(local_dir: str, master: str, *, app_name: str = "shufflefs-spark-job", conf: dict | None = None):
     """A SparkSession whose local dirs (driver and executors) are all local_dir.
 
     conf: settings that replace this job's defaults below (a value of None drops
@@ -413,12 +405,21 @@ def add_driver_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--local-dir", required=True, help="spark.local.dir (must exist or be creatable)")
     ap.add_argument("--result", required=True, help="write the result JSON here")
     ap.add_argument("--master", default="local-cluster[2,1,1024]")
-    ap.add_argument("--pause", action="store_true",
-                    help="print SPARK_JOBS_DONE and wait for a stdin line before spark.stop()")
+    ap.add_argument(
+        "--pause", action="store_true", help="print SPARK_JOBS_DONE and wait for a stdin line before spark.stop()"
+    )
 
 
-def drive(jobs, local_dir: str, result_path: str, master: str, pause: bool, *,
-          app_name: str = "shufflefs-spark-job", conf: dict | None = None) -> int:
+def drive(
+    jobs,
+    local_dir: str,
+    result_path: str,
+    master: str,
+    pause: bool,
+    *,
+    app_name: str = "shufflefs-spark-job",
+    conf: dict | None = None,
+) -> int:
     """Run `jobs(spark) -> dict` in a session on local_dir, write its dict as JSON to
     result_path, optionally pause (see --pause), then stop Spark and reap every process
     it started.  Returns the exit status: 0, or 1 if Spark or a check failed."""
@@ -437,8 +438,7 @@ def drive(jobs, local_dir: str, result_path: str, master: str, pause: bool, *,
         sc.setLogLevel("WARN")
         app_id = sc.applicationId
         spark_home = _spark_home()
-        log(f"session up in {time.monotonic() - t0:.1f}s: master={sc.master} app={app_id} "
-            f"local_dir={local_dir}")
+        log(f"session up in {time.monotonic() - t0:.1f}s: master={sc.master} app={app_id} local_dir={local_dir}")
 
         results = jobs(spark)
 
@@ -517,9 +517,7 @@ def _cross_check(results: dict) -> None:
             problems.append(f"{base}{b} missing")
             continue
         strip = ("partitions", "non_empty_partitions")
-        if {k: v for k, v in ra.items() if k not in strip} != {
-            k: v for k, v in rb.items() if k not in strip
-        }:
+        if {k: v for k, v in ra.items() if k not in strip} != {k: v for k, v in rb.items() if k not in strip}:
             problems.append(f"{base}{a} != {base}{b}")
     if problems:
         raise RuntimeError("results differ between partition counts: " + ", ".join(problems))

@@ -27,9 +27,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional
 
 from shufflefs.naming import is_durable
 
@@ -41,6 +41,7 @@ DONE_MARKER = "SPARK_JOBS_DONE"
 @dataclass
 class SparkRun:
     """What a run of a driver script found and took."""
+
     result: dict  # what the script wrote to its result file
     command: list[str]
     stderr_path: str  # the driver's stderr (Spark's log)
@@ -53,12 +54,13 @@ def stderr_path_of(result_path) -> str:
     """Where a run keeps its driver's stderr (also when it failed)."""
     return os.path.abspath(os.fspath(result_path)) + ".stderr"
 
+
 _STDERR_TAIL_LINES = 60
 _STDERR_TAIL_CHARS = 8000
 _EXIT_GRACE = 60.0  # seconds for Spark's JVMs to go away after the driver exited
 
 
-def java_home() -> Optional[str]:
+def java_home() -> str | None:
     """JAVA_HOME derived from the java on PATH (``readlink -f /usr/bin/java``)."""
     java = shutil.which("java") or "/usr/bin/java"
     if not os.path.exists(java):
@@ -92,10 +94,10 @@ def run_spark(
     local_dir,
     result_path,
     *,
-    env: Optional[Mapping[str, Optional[str]]] = None,
-    pause_callback: Optional[Callable[[], None]] = None,
+    env: Mapping[str, str | None] | None = None,
+    pause_callback: Callable[[], None] | None = None,
     timeout: float = 600,
-    master: Optional[str] = None,
+    master: str | None = None,
     extra_args: Iterable[str] = (),
     script=SPARK_JOB,
     wrapper: Iterable[str] = (),
@@ -194,7 +196,7 @@ def run_spark(
         return AssertionError(msg)
 
     callback_time = 0.0
-    callback_error: Optional[BaseException] = None
+    callback_error: BaseException | None = None
     try:
         if pause_callback is not None:
             if not done.wait(max(0.0, deadline - time.monotonic())):
@@ -246,8 +248,7 @@ def run_spark(
             result = json.load(f)
     except (OSError, ValueError) as e:
         raise AssertionError(
-            f"{script_name} exited 0 but {result_path} is unreadable: {e}\n"
-            f"--- stderr tail ---\n{_tail(stderr_path)}"
+            f"{script_name} exited 0 but {result_path} is unreadable: {e}\n--- stderr tail ---\n{_tail(stderr_path)}"
         ) from None
     return SparkRun(result, cmd, stderr_path, wall_s, callback_time, jobs_done_s)
 

@@ -53,10 +53,19 @@ class StandaloneCluster:
     """One Master and len(worker_local_dirs) Workers on 127.0.0.1, 1 core and 1 GB each (or
     `worker_cores` and `worker_memory`)."""
 
-    def __init__(self, base, worker_local_dirs, *, worker_env: list[dict] | None = None,
-                 node_path: str | None = None, node_mounts: list[str] | None = None,
-                 worker_hosts: list[str] | None = None, start_timeout: float = 90,
-                 worker_cores: int = 1, worker_memory: str = "1G"):
+    def __init__(
+        self,
+        base,
+        worker_local_dirs,
+        *,
+        worker_env: list[dict] | None = None,
+        node_path: str | None = None,
+        node_mounts: list[str] | None = None,
+        worker_hosts: list[str] | None = None,
+        start_timeout: float = 90,
+        worker_cores: int = 1,
+        worker_memory: str = "1G",
+    ):
         """With `node_path` and `node_mounts`, every Worker (and every executor it starts) runs
         in a mount namespace of its own where node_mounts[i] is bound at node_path: each "node"
         sees its own shufflefs mount at the same path, as Spark expects of a fallback path.
@@ -79,10 +88,21 @@ class StandaloneCluster:
         self.processes: list[tuple[str, subprocess.Popen]] = []
 
     # ------------------------------------------------------------------ life cycle
-    def start(self) -> "StandaloneCluster":
+    def start(self) -> StandaloneCluster:
         self.base.mkdir(parents=True, exist_ok=True)
-        self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                               "--port", str(self.master_port), "--webui-port", str(self.master_ui_port)], {})
+        self._spawn(
+            "master",
+            [
+                "org.apache.spark.deploy.master.Master",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.master_port),
+                "--webui-port",
+                str(self.master_ui_port),
+            ],
+            {},
+        )
         # A Worker that finds no Master waits 5-15 s before it retries: start them once it answers.
         self._wait_until(lambda: self.master_state() is not None, "the master answered")
         for i in range(len(self.worker_local_dirs)):
@@ -96,18 +116,40 @@ class StandaloneCluster:
         work_dir.mkdir(exist_ok=True)
         os.makedirs(self.host_path(i, local_dir), exist_ok=True)
         self.worker_dirs.append(str(work_dir))
-        env = {"SPARK_LOCAL_DIRS": local_dir, "SPARK_WORKER_DIR": str(work_dir), "SPARK_LOCAL_IP": host,
-               **self.worker_env[i]}
+        env = {
+            "SPARK_LOCAL_DIRS": local_dir,
+            "SPARK_WORKER_DIR": str(work_dir),
+            "SPARK_LOCAL_IP": host,
+            **self.worker_env[i],
+        }
         wrapper = []
         if self.node_path is not None:
             wrapper = in_node_namespace(self.node_mounts[i], self.node_path)
-        self._spawn(f"worker{i}", ["org.apache.spark.deploy.worker.Worker", self.master_url,
-                                   "--cores", str(self.worker_cores), "--memory", self.worker_memory, "--host", host,
-                                   "--port", str(free_port()), "--webui-port", str(free_port()),
-                                   "--work-dir", str(work_dir)], env, wrapper)
+        self._spawn(
+            f"worker{i}",
+            [
+                "org.apache.spark.deploy.worker.Worker",
+                self.master_url,
+                "--cores",
+                str(self.worker_cores),
+                "--memory",
+                self.worker_memory,
+                "--host",
+                host,
+                "--port",
+                str(free_port()),
+                "--webui-port",
+                str(free_port()),
+                "--work-dir",
+                str(work_dir),
+            ],
+            env,
+            wrapper,
+        )
 
-    def add_worker(self, local_dir: str, host: str = "127.0.0.1", env: dict | None = None,
-                   node_mount: str | None = None) -> int:
+    def add_worker(
+        self, local_dir: str, host: str = "127.0.0.1", env: dict | None = None, node_mount: str | None = None
+    ) -> int:
         """Start one more Worker (a new node joining); returns its index."""
         self.worker_local_dirs.append(os.fspath(local_dir))
         self.worker_hosts.append(host)
@@ -143,16 +185,23 @@ class StandaloneCluster:
         # a user's configuration must not change the cluster
         for var in ("SPARK_CONF_DIR", "PYSPARK_SUBMIT_ARGS", "SPARK_EXECUTOR_DIRS", "SPARK_LOCAL_DIRS"):
             env.pop(var, None)
-        env.update(SPARK_HOME=home, SPARK_LOCAL_IP="127.0.0.1", SPARK_DAEMON_JAVA_OPTS=DAEMON_JAVA_OPTS,
-                   SPARK_NO_DAEMONIZE="1")
+        env.update(
+            SPARK_HOME=home, SPARK_LOCAL_IP="127.0.0.1", SPARK_DAEMON_JAVA_OPTS=DAEMON_JAVA_OPTS, SPARK_NO_DAEMONIZE="1"
+        )
         if java_home():
             env.setdefault("JAVA_HOME", java_home())
         env.update(extra_env)
         log = open(self.base / f"{name}.log", "wb")
         with log:
-            process = subprocess.Popen([*wrapper, os.path.join(home, "bin", "spark-class"), *args], env=env,
-                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=self.base, start_new_session=True)
+            process = subprocess.Popen(
+                [*wrapper, os.path.join(home, "bin", "spark-class"), *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.base,
+                start_new_session=True,
+            )
         self.processes.append((name, process))
 
     def master_state(self) -> dict:
@@ -162,6 +211,7 @@ class StandaloneCluster:
         def all_alive() -> bool:
             workers = self.master_state()["workers"]
             return sum(w["state"] == "ALIVE" for w in workers) == self.live_workers
+
         self._wait_until(all_alive, f"{self.live_workers} workers ALIVE")
 
     @property
@@ -173,8 +223,9 @@ class StandaloneCluster:
         while time.monotonic() < deadline:
             for name, process in self.processes:
                 if process.poll() is not None and name not in {f"worker{i}" for i in self.killed_workers}:
-                    raise AssertionError(f"{name} exited with {process.returncode}\n"
-                                         f"{_tail(str(self.base / f'{name}.log'))}")
+                    raise AssertionError(
+                        f"{name} exited with {process.returncode}\n{_tail(str(self.base / f'{name}.log'))}"
+                    )
             try:
                 if condition():
                     return
@@ -203,7 +254,7 @@ class StandaloneCluster:
             except subprocess.TimeoutExpired:
                 pass
 
-    def __enter__(self) -> "StandaloneCluster":
+    def __enter__(self) -> StandaloneCluster:
         try:
             return self.start()
         except BaseException:
@@ -245,8 +296,18 @@ class StandaloneCluster:
 def in_node_namespace(mount: str, node_path: str) -> list[str]:
     """The command prefix that runs a command in a mount namespace of its own where `mount` is
     bound at `node_path`: a "node" seeing its own shufflefs mount at the path all nodes share."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$1" "$2" && shift 2 && exec "$@"', "node", mount, node_path]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+        "node",
+        mount,
+        node_path,
+    ]
 
 
 def decommission(pid: int) -> None:
@@ -284,7 +345,7 @@ class EventLog:
                 self.events += [json.loads(line) for line in f if line.strip()]
 
     @classmethod
-    def of_app(cls, log_dir, app_id: str) -> "EventLog":
+    def of_app(cls, log_dir, app_id: str) -> EventLog:
         """The log as one file <dir>/<app id>, or (rolling logs, Spark 4's default) the files
         <dir>/eventlog_v2_<app id>/events_<n>_<app id> in order of n."""
         single = os.path.join(log_dir, app_id)
@@ -305,8 +366,13 @@ class EventLog:
         for event in self.events:
             kind = event["Event"]
             if kind == "SparkListenerJobStart":
-                current = {"job": event["Job ID"], "stages": sorted(event["Stage IDs"]),
-                           "map_tasks": 0, "result_tasks": 0, "failed_tasks": 0}
+                current = {
+                    "job": event["Job ID"],
+                    "stages": sorted(event["Stage IDs"]),
+                    "map_tasks": 0,
+                    "result_tasks": 0,
+                    "failed_tasks": 0,
+                }
                 jobs.append(current)
                 submitted = set()
             elif kind == "SparkListenerStageSubmitted":
@@ -334,12 +400,19 @@ class EventLog:
                 current = event["Job ID"]
             elif kind == "SparkListenerJobEnd":
                 current = None
-            elif (kind == "SparkListenerTaskEnd" and current == job and event["Task Type"] == "ShuffleMapTask"
-                  and event["Task End Reason"]["Reason"] == "Success"):
+            elif (
+                kind == "SparkListenerTaskEnd"
+                and current == job
+                and event["Task Type"] == "ShuffleMapTask"
+                and event["Task End Reason"]["Reason"] == "Success"
+            ):
                 executor = event["Task Info"]["Executor ID"]
                 counts[executor] = counts.get(executor, 0) + 1
         return counts
 
     def executors_removed(self) -> list[dict]:
-        return [{"id": e["Executor ID"], "reason": e.get("Removed Reason")}
-                for e in self.events if e["Event"] == "SparkListenerExecutorRemoved"]
+        return [
+            {"id": e["Executor ID"], "reason": e.get("Removed Reason")}
+            for e in self.events
+            if e["Event"] == "SparkListenerExecutorRemoved"
+        ]
