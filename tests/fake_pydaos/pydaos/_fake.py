@@ -17,26 +17,112 @@ DER_SUCCESS = 0
 PYDAOS_DICT, PYDAOS_ARRAY = 0, 1
 
 # DER_* numbers as in daos_errno.h (GURT errors from 1000, DAOS errors from 2000)
-_GURT = ["NO_PERM", "NO_HDL", "INVAL", "EXIST", "NONEXIST", "UNREACH", "NOSPACE", "ALREADY", "NOMEM",
-         "NOSYS", "TIMEDOUT", "BUSY", "AGAIN", "PROTO", "UNINIT", "TRUNC", "OVERFLOW", "CANCELED", "OOG", "HG",
-         "UNREG", "ADDRSTR_GEN", "PMIX", "IVCB_FORWARD", "MISC", "BADPATH", "NOTDIR", "CORPC_INCOMPLETE",
-         "NO_RAS_RANK", "NOTATTACH", "MISMATCH", "EXCLUDED", "NOREPLY", "DOS", "BAD_TARGET", "GRPVER",
-         "HLC_SYNC", "NO_SHMEM", "ADD_METRIC_FAILED", "DURATION_MISMATCH", "OP_NOT_PERMITTED",
-         "EXCEEDS_PATH_LEN", "METRIC_NOT_FOUND", "SHMEM_PERMS", "HG_FATAL"]
-_DAOS = ["IO", "FREE_MEM", "ENOENT", "NOTYPE", "NOSCHEMA", "NOLOCAL", "STALE", "NOTLEADER", "TGT_CREATE",
-         "EP_RO", "EP_OLD", "KEY2BIG", "REC2BIG", "IO_INVAL", "EQ_BUSY", "DOMAIN", "SHUTDOWN", "INPROGRESS",
-         "NOTAPPLICABLE", "NOTREPLICA", "CSUM", "DF_INVAL", "DF_INCOMPT", "REC_SIZE", "TX_RESTART",
-         "DATA_LOSS", "OP_CANCELED", "TX_BUSY", "AGENT_INCOMPAT", "NEED_TX", "RF", "FETCH_AGAIN",
-         "TX_UNCERTAIN", "AGENT_COMM", "ID_MISMATCH", "TGT_RETRY", "NOTSUPPORTED", "CONTROL_INCOMPAT",
-         "NO_SERVICE", "TX_ID_REUSED", "UPDATE_AGAIN", "NVME_IO", "NO_CERT", "BAD_CERT",
-         "VOS_PARTIAL_UPDATE", "CHKPT_BUSY", "DIV_BY_ZERO"]
-ERRORS = {**{f"DER_{name}": 1001 + i for i, name in enumerate(_GURT)},
-          **{f"DER_{name}": 2001 + i for i, name in enumerate(_DAOS)}}
+_GURT = [
+    "NO_PERM",
+    "NO_HDL",
+    "INVAL",
+    "EXIST",
+    "NONEXIST",
+    "UNREACH",
+    "NOSPACE",
+    "ALREADY",
+    "NOMEM",
+    "NOSYS",
+    "TIMEDOUT",
+    "BUSY",
+    "AGAIN",
+    "PROTO",
+    "UNINIT",
+    "TRUNC",
+    "OVERFLOW",
+    "CANCELED",
+    "OOG",
+    "HG",
+    "UNREG",
+    "ADDRSTR_GEN",
+    "PMIX",
+    "IVCB_FORWARD",
+    "MISC",
+    "BADPATH",
+    "NOTDIR",
+    "CORPC_INCOMPLETE",
+    "NO_RAS_RANK",
+    "NOTATTACH",
+    "MISMATCH",
+    "EXCLUDED",
+    "NOREPLY",
+    "DOS",
+    "BAD_TARGET",
+    "GRPVER",
+    "HLC_SYNC",
+    "NO_SHMEM",
+    "ADD_METRIC_FAILED",
+    "DURATION_MISMATCH",
+    "OP_NOT_PERMITTED",
+    "EXCEEDS_PATH_LEN",
+    "METRIC_NOT_FOUND",
+    "SHMEM_PERMS",
+    "HG_FATAL",
+]
+_DAOS = [
+    "IO",
+    "FREE_MEM",
+    "ENOENT",
+    "NOTYPE",
+    "NOSCHEMA",
+    "NOLOCAL",
+    "STALE",
+    "NOTLEADER",
+    "TGT_CREATE",
+    "EP_RO",
+    "EP_OLD",
+    "KEY2BIG",
+    "REC2BIG",
+    "IO_INVAL",
+    "EQ_BUSY",
+    "DOMAIN",
+    "SHUTDOWN",
+    "INPROGRESS",
+    "NOTAPPLICABLE",
+    "NOTREPLICA",
+    "CSUM",
+    "DF_INVAL",
+    "DF_INCOMPT",
+    "REC_SIZE",
+    "TX_RESTART",
+    "DATA_LOSS",
+    "OP_CANCELED",
+    "TX_BUSY",
+    "AGENT_INCOMPAT",
+    "NEED_TX",
+    "RF",
+    "FETCH_AGAIN",
+    "TX_UNCERTAIN",
+    "AGENT_COMM",
+    "ID_MISMATCH",
+    "TGT_RETRY",
+    "NOTSUPPORTED",
+    "CONTROL_INCOMPAT",
+    "NO_SERVICE",
+    "TX_ID_REUSED",
+    "UPDATE_AGAIN",
+    "NVME_IO",
+    "NO_CERT",
+    "BAD_CERT",
+    "VOS_PARTIAL_UPDATE",
+    "CHKPT_BUSY",
+    "DIV_BY_ZERO",
+]
+ERRORS = {
+    **{f"DER_{name}": 1001 + i for i, name in enumerate(_GURT)},
+    **{f"DER_{name}": 2001 + i for i, name in enumerate(_DAOS)},
+}
 _NAMES = {number: name for name, number in ERRORS.items()}
 # the ones the shim and pydaos use by name (exported positive, like the shim's constants)
 DER_NO_PERM, DER_INVAL, DER_EXIST, DER_NONEXIST, DER_NOSYS, DER_UNINIT, DER_KEY2BIG, DER_AGENT_COMM = (
-    ERRORS[f"DER_{name}"] for name in ("NO_PERM", "INVAL", "EXIST", "NONEXIST", "NOSYS", "UNINIT", "KEY2BIG",
-                                       "AGENT_COMM"))
+    ERRORS[f"DER_{name}"]
+    for name in ("NO_PERM", "INVAL", "EXIST", "NONEXIST", "NOSYS", "UNINIT", "KEY2BIG", "AGENT_COMM")
+)
 
 
 def err_to_str(rc: int) -> str:
@@ -90,18 +176,23 @@ class _Transaction:
 
 def _count(conn: sqlite3.Connection, name: str, amount: int = 1, maximum: bool = False) -> None:
     if maximum:
-        conn.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = "
-                     "max(value, excluded.value)", (name, amount))
+        conn.execute(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+            (name, amount),
+        )
     else:
-        conn.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = "
-                     "value + excluded.value", (name, amount))
+        conn.execute(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, amount),
+        )
 
 
 def _fault(conn: sqlite3.Connection, op: str, key: bytes | None = None) -> tuple[int, bool]:
     """The rc of an injected failure of `op` (on `key`), consuming it, and whether the operation
     is applied before it fails (an error that arrives after the server did the work); rc 0 if none."""
     for fault_id, rc, remaining, match, applied, skip in conn.execute(
-            "SELECT id, rc, remaining, match, applied, skip FROM faults WHERE op = ? ORDER BY id", (op,)).fetchall():
+        "SELECT id, rc, remaining, match, applied, skip FROM faults WHERE op = ? ORDER BY id", (op,)
+    ).fetchall():
         if match is not None and (key is None or match not in key):
             continue
         if skip:
@@ -183,8 +274,9 @@ def cont_get(hdl: str, name):
         rc, _ = _fault(conn, "cont_get")
         if rc:
             return rc, None, None
-        row = conn.execute("SELECT oid, otype FROM objects WHERE cont = ? AND name = ?",
-                           (hdl, _key_bytes(name))).fetchone()
+        row = conn.execute(
+            "SELECT oid, otype FROM objects WHERE cont = ? AND name = ?", (hdl, _key_bytes(name))
+        ).fetchone()
         if row is None:
             return -DER_NONEXIST, None, None
         return DER_SUCCESS, row[0], row[1]
@@ -196,8 +288,9 @@ def cont_newobj(hdl: str, name, otype: int):
         if rc:
             return rc, None
         try:
-            cursor = conn.execute("INSERT INTO objects (cont, name, otype) VALUES (?, ?, ?)",
-                                  (hdl, _key_bytes(name), otype))
+            cursor = conn.execute(
+                "INSERT INTO objects (cont, name, otype) VALUES (?, ?, ?)", (hdl, _key_bytes(name), otype)
+            )
         except sqlite3.IntegrityError:
             return -DER_EXIST, None
         return DER_SUCCESS, cursor.lastrowid
@@ -215,8 +308,9 @@ def kv_get(oh: int, d: dict, value_size: int) -> int:
             rc, _ = _fault(conn, "kv_get", raw)
             if rc:
                 return rc
-            row = conn.execute("SELECT value FROM kv WHERE oid = ? AND h = ? AND key = ?",
-                               (oh, _hash(raw), raw)).fetchone()
+            row = conn.execute(
+                "SELECT value FROM kv WHERE oid = ? AND h = ? AND key = ?", (oh, _hash(raw), raw)
+            ).fetchone()
             _count(conn, "kv_get_values")
             if row is not None and len(row[0]) > value_size:
                 _count(conn, "kv_get_refetches")  # DER_REC2BIG inside the shim: a second round trip
@@ -257,8 +351,10 @@ def kv_iter(oh: int, entries: list, nr: int, size: int, anchor):
         if rc:
             return rc, nr, size, None
         after = anchor or (-1, b"")
-        rows = conn.execute("SELECT h, key FROM kv WHERE oid = ? AND (h > ? OR (h = ? AND key > ?)) "
-                            "ORDER BY h, key LIMIT ?", (oh, after[0], after[0], after[1], nr + 1)).fetchall()
+        rows = conn.execute(
+            "SELECT h, key FROM kv WHERE oid = ? AND (h > ? OR (h = ? AND key > ?)) ORDER BY h, key LIMIT ?",
+            (oh, after[0], after[0], after[1], nr + 1),
+        ).fetchall()
     if rows and len(rows[0][1]) > size:
         size = len(rows[0][1])  # the shim's DER_KEY2BIG retry with a buffer that fits the key
     page, used = [], 0
@@ -299,8 +395,9 @@ def create_container(pool: str, label: str, layout: str = "PYTHON") -> str:
     cont_uuid = str(uuid.uuid4())
     with _Transaction() as conn:
         pool_row = _find(conn, "pools", pool)
-        conn.execute("INSERT INTO conts (uuid, pool, label, layout) VALUES (?, ?, ?, ?)",
-                     (cont_uuid, pool_row[0], label, layout))
+        conn.execute(
+            "INSERT INTO conts (uuid, pool, label, layout) VALUES (?, ?, ?, ?)", (cont_uuid, pool_row[0], label, layout)
+        )
     return cont_uuid
 
 
@@ -310,8 +407,9 @@ def deny(pool: str, cont: str) -> None:
         conn.execute("UPDATE conts SET denied = 1 WHERE label = ? OR uuid = ?", (cont, cont))
 
 
-def inject(op: str, error: str, times: int = 1, match: bytes | str | None = None, applied: bool = False,
-           skip: int = 0) -> None:
+def inject(
+    op: str, error: str, times: int = 1, match: bytes | str | None = None, applied: bool = False, skip: int = 0
+) -> None:
     """Make the next `times` calls of shim function `op` (on a key containing `match`), after
     `skip` such calls, fail with DER error `error` (a name like 'DER_TIMEDOUT'); times=-1:
     every call. `applied` (kv_put): the failing key is written anyway, as when a reply is lost
@@ -319,8 +417,10 @@ def inject(op: str, error: str, times: int = 1, match: bytes | str | None = None
     if isinstance(match, str):
         match = match.encode()
     with _Transaction() as conn:
-        conn.execute("INSERT INTO faults (op, rc, remaining, match, applied, skip) VALUES (?, ?, ?, ?, ?, ?)",
-                     (op, -ERRORS[error], times, match, int(applied), skip))
+        conn.execute(
+            "INSERT INTO faults (op, rc, remaining, match, applied, skip) VALUES (?, ?, ?, ?, ?, ?)",
+            (op, -ERRORS[error], times, match, int(applied), skip),
+        )
 
 
 def clear_faults() -> None:
@@ -336,8 +436,7 @@ def dict_names(pool: str, cont: str) -> list[str]:
     conn = _db()
     pool_row = _find(conn, "pools", pool)
     cont_row = _find(conn, "conts", cont, pool=pool_row[0])
-    return sorted(bytes(n).decode() for (n,) in conn.execute("SELECT name FROM objects WHERE cont = ?",
-                                                              (cont_row[0],)))
+    return sorted(bytes(n).decode() for (n,) in conn.execute("SELECT name FROM objects WHERE cont = ?", (cont_row[0],)))
 
 
 def dict_items(pool: str, cont: str, name: str) -> dict[bytes, bytes]:
