@@ -308,7 +308,7 @@ class ShuffleRun:
         except OSError as exc:
             raise BenchError(f"{name} phase on {self.label}: {exc}") from None
         result = Phase(name, nbytes, time.perf_counter() - started, files, opens)
-        if self.on_mount:
+        if before is not None:
             after = self._store_counters(sync=changes_store)
             if changes_store:
                 result.stored_seconds = time.perf_counter() - started

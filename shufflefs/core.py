@@ -20,6 +20,7 @@ import stat
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from typing import NoReturn
 
 import trio
 
@@ -663,15 +664,15 @@ class Filesystem:
         return self._open_handle(node, flags), node
 
     @staticmethod
-    def link(*_) -> None:
+    def link(*_) -> NoReturn:
         raise FsError(errno.EPERM, "hard links are not supported")
 
     @staticmethod
-    def symlink(*_) -> None:
+    def symlink(*_) -> NoReturn:
         raise FsError(errno.EPERM, "symbolic links are not supported")
 
     @staticmethod
-    def mknod(*_) -> None:
+    def mknod(*_) -> NoReturn:
         raise FsError(errno.EPERM, "only regular files and directories are supported")
 
     async def unlink(self, parent_ino: int, name: str) -> None:

@@ -340,6 +340,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         late_window=config.late_window,
         request_timeout=config.store_timeout,
     )
+    views = Views(Callers(), Registry(store, remote.instance, config.cache_dir, config.executor_lease), remote.call)
     fs = Filesystem(
         store,
         remote,
@@ -349,7 +350,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         cache_size=config.cache_size,
         remote_ttl=config.listing_ttl,
         owner=config.owner,
-        views=Views(Callers(), Registry(store, remote.instance, config.cache_dir, config.executor_lease), remote.call),
+        views=views,
     )
     beat = Heartbeat(store, remote.instance, config.cache_dir, config.heartbeat)
     # computed before mounting: resolving the path afterwards would ask this very daemon
@@ -429,8 +430,8 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             await nursery.start(watch_signals)  # before the journal is resumed, which can take a while
             remote.start(nursery)
             nursery.start_soon(cache.staging.housekeep)
-            nursery.start_soon(fs.views.keep_lease)
-            nursery.start_soon(keep_heartbeat, beat, cache.journal.dirs, fs.views.callers.alive, remote.call)
+            nursery.start_soon(views.keep_lease)
+            nursery.start_soon(keep_heartbeat, beat, cache.journal.dirs, views.callers.alive, remote.call)
             nursery.start_soon(watch_backlog, remote, fs.cache_size)
             resumed = fs.resume_journal()
             if resumed:

@@ -28,6 +28,8 @@ DIRECTORY = "block manager directory"
 UNFINISHED = "unfinished write"
 RECORD = "registry record"
 KINDS = (DIRECTORY, UNFINISHED, RECORD)
+#: a listing budget no store reaches: gc must see everything before it decides
+UNLIMITED = 2**63
 #: keys per delete request (S3's limit)
 DELETE_BATCH = 1000
 #: how old the heartbeats read may get, while deleting, before they are read again
@@ -178,7 +180,7 @@ def plan(store: Store, older_than: float, holders: Holders) -> Plan:
 
 def _directories(store: Store, result: Plan) -> dict[str, Item]:
     found: dict[str, Item] = {}
-    for relative, _dirs, files in walk_store(store, Budget(math.inf)):
+    for relative, _dirs, files in walk_store(store, Budget(UNLIMITED)):
         parts = relative.split("/") if relative else []
         holder = next((i for i, part in enumerate(parts) if is_block_manager_dir(part)), None)
         if holder is None:
@@ -233,7 +235,7 @@ def delete(store: Store, planned: Plan, holders: Holders, progress: Callable[[in
                     spared.add(item.name)
                     outcome.spared.append(item)
                     continue
-            elif item.kind == UNFINISHED:
+            elif item.unfinished is not None:
                 store.abort_unfinished(item.unfinished)
                 progress(1)
             else:

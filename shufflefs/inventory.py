@@ -8,7 +8,6 @@ listings go page by page through the store's own listing and stop after `limit` 
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from shufflefs.naming import DURABLE_PATTERN, is_block_manager_dir
 from shufflefs.registry import RESERVED
 from shufflefs.stores import Store
 
-SHUFFLE_ID = re.compile(r"shuffle_(\d+)_")
 #: levels below the target searched for block manager directories (Spark: <local dir>/spark-*/
 #: executor-*/blockmgr-*, or <local dir>/blockmgr-*)
 SEARCH_DEPTH = 4
@@ -120,7 +118,7 @@ def _count(walk: Walk, found: dict[tuple[str, int], Shuffle], pending_keys: set[
         for name, size, mtime_ns in files:
             if DURABLE_PATTERN.fullmatch(name) is None:
                 continue
-            shuffle_id = int(SHUFFLE_ID.match(name).group(1))
+            shuffle_id = int(name.split("_")[1])
             entry = found.setdefault(
                 (where, shuffle_id), Shuffle(where, shuffle_id, pending=0 if pending_keys is not None else None)
             )
@@ -128,7 +126,7 @@ def _count(walk: Walk, found: dict[tuple[str, int], Shuffle], pending_keys: set[
             entry.bytes += size
             entry.map_outputs += name.endswith(".index")
             entry.newest_ns = max(entry.newest_ns, mtime_ns)
-            if pending_keys is not None and f"{relative}/{name}" in pending_keys:
+            if entry.pending is not None and pending_keys is not None and f"{relative}/{name}" in pending_keys:
                 entry.pending += 1
 
 

@@ -131,8 +131,8 @@ class Invocation:
     """What mount(8) asked for."""
 
     def __init__(self):
-        self.source: str | None = None
-        self.mountpoint: str | None = None
+        self.source = ""
+        self.mountpoint = ""
         self.options: list[str] = []
         self.fake = False
         self.sloppy = False
@@ -237,7 +237,7 @@ def _check(name: str, action: argparse.Action | None, value: str) -> None:
         return
     if action.nargs == 0:
         raise ValueError("takes no value")
-    converted = action.type(value) if action.type is not None else value
+    converted = action.type(value) if callable(action.type) else value
     if action.choices is not None and converted not in action.choices:
         raise ValueError(f"use one of {', '.join(action.choices)}")
     if name in EXTRA_CHECKS:

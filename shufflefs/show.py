@@ -77,7 +77,8 @@ def inspect(index: str) -> MapOutput:
     match = INDEX_NAME.fullmatch(os.path.basename(index))
     if match is None:
         raise ShowError(f"{index} is not a map output's index file (shuffle_S_M_R.index)")
-    output = MapOutput(index, *map(int, match.groups()))
+    shuffle, map_id, reduce = (int(group) for group in match.groups())
+    output = MapOutput(index, shuffle, map_id, reduce)
     try:
         with open(index, "rb") as f:
             raw = f.read()
@@ -127,7 +128,7 @@ def _check(output: MapOutput, path: str) -> None:
             f"the checksum file is {len(raw)} bytes, not 8 for each of {len(output.partitions)} partitions"
         )
         return
-    if output.algorithm not in CHECKSUMS:
+    if output.data is None or output.algorithm not in CHECKSUMS:
         return  # not computable here: reported as not checked
     function, start = CHECKSUMS[output.algorithm]
     expected = struct.unpack(f">{len(output.partitions)}q", raw)
@@ -164,7 +165,7 @@ def render(output: MapOutput) -> str:
     if output.checksum is not None:
         checked = [p for p in output.partitions if p.checksum_ok is not None]
         verdict = (
-            f"{sum(p.checksum_ok for p in checked)} of {len(output.partitions)} partitions match"
+            f"{sum(bool(p.checksum_ok) for p in checked)} of {len(output.partitions)} partitions match"
             if checked
             else "not checked here"
         )

@@ -52,7 +52,7 @@ class Views:
         on another mount is never shown to an executor."""
         self.callers = callers
         self.registry = registry if registry is not None and registry.works else None
-        self.call = call
+        self.call: Caller = call or _no_store
         self._has_executors = trio.Event()
         #: block manager directories made here by executors that have not listed the shared
         #: local dir yet: Spark's recovery plugin does, before an executor's first map output,
@@ -76,11 +76,14 @@ class Views:
         """A restarted daemon found an executor's directory of its earlier run. Told before:
         the executor may live on, so the node's lease must not run out, and its death is still
         to tell."""
+        executor = directory.executor
+        if executor is None:
+            return
         if directory.registered:
-            self._watched[key] = directory.executor
+            self._watched[key] = executor
             self._has_executors.set()
         else:
-            self._untold.setdefault(directory.executor, []).append(directory)
+            self._untold.setdefault(executor, []).append(directory)
 
     async def _tell(self, executor: Executor, key_of: Callable[[Dir], str]) -> list[Dir]:
         """The executor lists the shared local dir: tell every mount whose block manager
@@ -125,6 +128,8 @@ class Views:
     async def _tell_deaths(self) -> None:
         """Executors of this node that died (while the node lives on): their directories
         become adoptable on other nodes too."""
+        if self.registry is None:
+            return
         for key, executor in list(self._watched.items()):
             if self.callers.alive(executor):
                 continue
@@ -226,7 +231,7 @@ class Views:
         checksums = moved.removesuffix(".data") + ".checksum."
         return holder, [
             (sub, name)
-            for sub in [holder, *holder.children.values()]
+            for sub in [holder, *(holder.children or {}).values()]
             if sub.children
             for name in sub.children
             if name.startswith(checksums)
@@ -234,7 +239,11 @@ class Views:
 
     def _died_here(self, adopter: Executor, node: str) -> bool:
         """(worker thread) Whether a claim's adopter is a dead executor of this node."""
-        return node == self.registry.node and not self.callers.alive(adopter)
+        return self.registry is not None and node == self.registry.node and not self.callers.alive(adopter)
+
+
+async def _no_store(*_args, **_kwargs):
+    raise RuntimeError("Views without a registry asks no store")
 
 
 def _block_manager_dir_of(directory: Dir) -> Dir | None:

@@ -86,7 +86,7 @@ class FusermountError(OSError):
         super().__init__(None, message)
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 def _one_line(text: str) -> str:

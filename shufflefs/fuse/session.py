@@ -16,6 +16,8 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 
@@ -158,6 +160,7 @@ class Session:
         """The current request is about to wait: if its task is the reader, a new task reads."""
         if self._reader is trio.lowlevel.current_task() and not self._stopping:
             self._reader = None
+            assert self._nursery is not None  # set while serving, and only then do requests wait
             self._nursery.start_soon(self._read_requests)
 
     async def _read_requests(self) -> None:
@@ -326,7 +329,7 @@ class Session:
         return b""
 
     @staticmethod
-    def _refusing(refuse):
+    def _refusing(refuse: Callable[[], NoReturn]):
         async def handler(nodeid, body, uid, gid, pid) -> bytes:
             refuse()
 

@@ -411,7 +411,7 @@ class DAOSStore(Store):
     def check(self) -> None:
         self._open()
         layout = self._dict(LAYOUT_DICT)
-        values = {"version": None, "shards": None, "chunk_size": None}
+        values: dict = {"version": None, "shards": None, "chunk_size": None}
         self._call(f"reading the layout of {self.url}", layout.bget, values, MANIFEST_BUFFER)
         if values["version"] is None:  # a new container (or a mount that died while creating it)
             # the version last, in its own call: the keys of one bput land independently, so a
@@ -592,5 +592,7 @@ class DAOSStore(Store):
         except StoreError:
             return  # only space leaks
         self._remove_data(
-            manifests[full] for full, current in now.items() if current is None or current.data != manifests[full].data
+            manifest
+            for full, current in now.items()
+            if (manifest := manifests[full]) is not None and (current is None or current.data != manifest.data)
         )

@@ -771,11 +771,13 @@ def _connection_reason(exc: BaseException) -> str:
 
 def _exception_chain(exc: BaseException):
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        inner = getattr(exc, "kwargs", {}).get("error") if isinstance(getattr(exc, "kwargs", None), dict) else None
-        exc = inner if isinstance(inner, BaseException) else (exc.__cause__ or exc.__context__)
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        kwargs = getattr(current, "kwargs", None)
+        inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+        current = inner if isinstance(inner, BaseException) else (current.__cause__ or current.__context__)
 
 
 def _mtime_ns(value) -> int:
@@ -795,7 +797,8 @@ def _redact_url(url: str) -> str:
         return url
     if parts.username is None and parts.password is None:
         return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def _one_line(text: str) -> str:
