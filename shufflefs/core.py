@@ -887,6 +887,7 @@ class Filesystem:
         its object goes too, else the next commit replaces it)."""
         self._forget_remote(node, key, delete=delete)
         node.committed = False
+        self.evictable.pop(node.ino, None)  # its bytes are the only copy again
         # stores may share the uploaded file (a file:// hard link): later writes go to a copy
         shared, node.staging = node.staging, self.staging.copy(node.staging)
         shared.unref()

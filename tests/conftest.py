@@ -19,7 +19,7 @@ if not REAL_DAOS_POOL:
     sys.path.insert(0, FAKE_PYDAOS)
 
 from shufflefs.fuse.mount import unescape  # noqa: E402
-from shufflefs.testing.corefs import Env  # noqa: E402
+from shufflefs.testing.corefs import Env, invariant_problems  # noqa: E402
 from shufflefs.testing.logcheck import fail_on_logged_errors, pytest_configure  # noqa: E402,F401 (an autouse fixture, its marker)
 from shufflefs.testing.mounting import Mount  # noqa: E402
 from shufflefs.testing.servers import SeaweedS3  # noqa: E402
@@ -34,6 +34,13 @@ async def env(tmp_path, monkeypatch):
         environment = Env(tmp_path, nursery)
         try:
             yield environment
+            problems = [
+                f"{mount.cache_dir}: {problem}"
+                for mount in environment.mounts
+                if not mount.closed
+                for problem in invariant_problems(mount.fs)
+            ]
+            assert not problems, "the core's bookkeeping is inconsistent after the test:\n" + "\n".join(problems)
         finally:
             environment.release()
             nursery.cancel_scope.cancel()

@@ -3,8 +3,11 @@ traceback in a mounted daemon's log."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from shufflefs.testing.corefs import BM, DATA, commit, invariant_problems, mkdirs, settle
 from shufflefs.testing.mounting import Mount
 
 pytest_plugins = ["pytester"]
@@ -43,3 +46,24 @@ def test_a_traceback_in_a_daemons_log_fails_its_mount(tmp_path):
     )
     with pytest.raises(AssertionError, match="logged a traceback"):
         mount.check_log()
+
+
+async def test_the_core_invariants_find_a_miscount_an_evictable_local_file_and_a_stale_handle(env):
+    m = env.mount()
+    d = await mkdirs(m.fs, BM)
+    node = await commit(m.fs, d, DATA, b"x" * 1000)
+    await settle(m)
+    assert invariant_problems(m.fs) == []
+    m.fs.staging.bytes += 1
+    node.committed = False  # a local file in the eviction list: its only copy could go
+    miscounted = invariant_problems(m.fs)
+    m.fs.staging.bytes -= 1
+    node.committed = True
+    fh = await m.fs.open(node.ino, os.O_RDONLY)
+    del m.fs.inodes[node.ino]
+    stale = invariant_problems(m.fs)
+    m.fs.inodes[node.ino] = node  # as it was: the fixture's own check passes
+    await m.fs.release(fh)
+    assert [problem.split()[:2] for problem in miscounted] == [["the", "staging"], ["inode", str(node.ino)]]
+    # (its staging file is no inode's any more either: counted, but held by nothing)
+    assert [problem.split()[:2] for problem in stale] == [["the", "staging"], ["handle", str(fh)]]

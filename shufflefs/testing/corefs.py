@@ -342,3 +342,29 @@ DATA, INDEX, CHECKSUM = "shuffle_0_5_0.data", "shuffle_0_5_0.index", "shuffle_0_
 
 def key(name: str, directory: str = BM) -> str:
     return f"{directory}/{name}"
+
+
+def invariant_problems(fs: Filesystem) -> list[str]:
+    """What is wrong with the core's bookkeeping, checked after every core test: the staging
+    byte count (what --cache-size bounds) is the sum of the sizes of the staging files that
+    inodes and store operations hold; only committed files nobody has open are evictable; no
+    handle points at a freed inode."""
+    problems = []
+    held = {id(node.staging): node.staging for node in fs.inodes.values() if node.staging is not None}
+    for op in [*fs.remote.pending, *fs.remote.given_up, *fs.remote.failed, *fs.remote.sweeps]:
+        for staging in (op.staging, op.source_staging):
+            if staging is not None and staging.refs > 0:
+                held[id(staging)] = staging
+    counted = sum(staging.size for staging in held.values())
+    if fs.staging.bytes != counted:
+        problems.append(f"the staging area counts {fs.staging.bytes} bytes, its live files hold {counted}")
+    for ino, node in fs.evictable.items():
+        if node.opens or not node.committed or node.ino != ino:
+            problems.append(f"inode {ino} ({node.name}) is evictable but open ({node.opens}) or not committed")
+    for fh, handle in fs.handles.items():
+        if fs.inodes.get(handle.node.ino) is not handle.node:
+            problems.append(f"handle {fh} points at freed inode {handle.node.ino} ({handle.node.name})")
+    for fh, (directory, _entries) in fs.dir_handles.items():
+        if fs.inodes.get(directory.ino) is not directory:
+            problems.append(f"directory handle {fh} points at freed inode {directory.ino} ({directory.name})")
+    return problems
