@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------- mount
 def _mount_config(args):
+    from shufflefs.assembly import Tunables
     from shufflefs.daemon import MountConfig
     from shufflefs.stores import StoreError, check_endpoint_url
 
@@ -219,20 +220,23 @@ def _mount_config(args):
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
         cache_size = int(shutil.disk_usage(probe).free * 0.8)
+    tunables = Tunables(
+        commit=args.commit,
+        cache_size=cache_size,
+        upload_workers=args.upload_workers,
+        late_window=args.late_window,
+        store_timeout=args.store_timeout,
+        executor_lease=args.executor_lease,
+        owner=args.owner,
+    )
     return MountConfig(
         store_url=args.store_url,
         mountpoint=os.path.abspath(args.mountpoint),
         cache_dir=cache_dir,
-        cache_size=cache_size,
-        commit=args.commit,
+        tunables=tunables,
         s3_endpoint_url=args.s3_endpoint_url,
-        upload_workers=args.upload_workers,
-        owner=args.owner,
         leave_mount=args.leave_mount,
-        late_window=args.late_window,
-        store_timeout=args.store_timeout,
         fuse=args.fuse,
-        executor_lease=args.executor_lease,
         heartbeat=args.heartbeat,
         metrics_addr=args.metrics_addr,
         passthrough=args.passthrough,
@@ -316,17 +320,17 @@ def _spawn_daemon(args, config) -> int:
         "--cache-dir",
         config.cache_dir,
         "--cache-size",
-        str(config.cache_size),
+        str(config.tunables.cache_size),
         "--commit",
-        config.commit,
+        config.tunables.commit,
         "--upload-workers",
-        str(config.upload_workers),
+        str(config.tunables.upload_workers),
         "--late-window",
-        repr(config.late_window),
+        repr(config.tunables.late_window),
         "--store-timeout",
-        repr(config.store_timeout),
+        repr(config.tunables.store_timeout),
         "--executor-lease",
-        repr(config.executor_lease),
+        repr(config.tunables.executor_lease),
         "--heartbeat",
         repr(config.heartbeat),
         "--fuse",
@@ -338,8 +342,8 @@ def _spawn_daemon(args, config) -> int:
     ]
     if config.s3_endpoint_url:
         command += ["--s3-endpoint-url", config.s3_endpoint_url]
-    if config.owner is not None:
-        command += ["--owner", "{}:{}".format(*config.owner)]
+    if config.tunables.owner is not None:
+        command += ["--owner", "{}:{}".format(*config.tunables.owner)]
     if config.leave_mount:
         command.append("--leave-mount")
     if config.metrics_addr is not None:

@@ -21,6 +21,7 @@ import lmdb
 import trio
 
 from shufflefs import control
+from shufflefs.assembly import Tunables, assemble
 from shufflefs.callers import Callers
 from shufflefs.control import process_memory
 from shufflefs.core import Filesystem
@@ -44,9 +45,8 @@ from shufflefs.places import (
     run_file,
     write_run_file,
 )
-from shufflefs.registry import LEASE as EXECUTOR_LEASE
 from shufflefs.registry import Registry
-from shufflefs.remote import LATE_WINDOW, REQUEST_TIMEOUT, Remote
+from shufflefs.remote import Remote
 from shufflefs.staging import StagingArea
 from shufflefs.stores import Store, StoreError, open_store
 from shufflefs.views import Views
@@ -59,22 +59,11 @@ class MountConfig:
     store_url: str
     mountpoint: str
     cache_dir: str
-    cache_size: int
-    commit: str = "sync"
+    #: the core's (commit mode, cache size, store requests, timeouts, leases, owner)
+    tunables: Tunables
     s3_endpoint_url: str | None = None
-    upload_workers: int = 8
-    listing_ttl: float = 1.0
-    max_attempts: int = 6
-    owner: tuple[int, int] | None = None
     #: on SIGTERM/SIGINT, drain and exit but leave the (then dead) mount for the next daemon
     leave_mount: bool = False
-    #: seconds a store request may still be applied after its sender gave up on it
-    late_window: float = LATE_WINDOW
-    #: seconds a FUSE request waits for the store (a read, a listing, a sync commit's upload)
-    store_timeout: float = REQUEST_TIMEOUT
-    #: seconds after its node's last renewal that a node's executors count as lost, and their
-    #: map outputs may be adopted by executors elsewhere (docs/RECOVERY.md)
-    executor_lease: float = EXECUTOR_LEASE
     #: which FUSE session serves the mount (cli.FUSE_SESSIONS)
     fuse: str = "own"
     #: whether our session may pass reads and writes of local files through to them
@@ -332,26 +321,18 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         check_outside(mountpoint, "the store directory", path)
         check_store_apart(mountpoint, config.cache_dir, path)
     cache = CacheDir(config.cache_dir, store.url)
-    remote = Remote(
+    tunables = config.tunables
+    fs = assemble(
         store,
-        cache.journal,
-        workers=config.upload_workers,
-        max_attempts=config.max_attempts,
-        late_window=config.late_window,
-        request_timeout=config.store_timeout,
-    )
-    views = Views(Callers(), Registry(store, remote.instance, config.cache_dir, config.executor_lease), remote.call)
-    fs = Filesystem(
-        store,
-        remote,
         cache.journal,
         cache.staging,
-        commit_mode=config.commit,
-        cache_size=config.cache_size,
-        remote_ttl=config.listing_ttl,
-        owner=config.owner,
-        views=views,
+        tunables,
+        lambda remote: Views(
+            Callers(), Registry(store, remote.instance, config.cache_dir, tunables.executor_lease), remote.call
+        ),
     )
+    remote, views = fs.remote, fs.views
+    assert views is not None
     beat = Heartbeat(store, remote.instance, config.cache_dir, config.heartbeat)
     # computed before mounting: resolving the path afterwards would ask this very daemon
     pid_file = run_file(mountpoint, "json")
@@ -381,7 +362,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
             "pending_put_bytes": remote.pending_put_bytes,
             "cached_bytes": fs.staging.bytes,
             "cache_size": fs.cache_size,
-            "commit": config.commit,
+            "commit": tunables.commit,
             "store_url": store.url,
             **process,
         }
@@ -442,13 +423,13 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
                 "timeout %gs, executor lease %gs, heartbeat %gs)",
                 store.url,
                 mountpoint,
-                config.commit,
+                tunables.commit,
                 config.cache_dir,
-                config.cache_size,
+                tunables.cache_size,
                 config.fuse,
-                config.upload_workers,
-                config.store_timeout,
-                config.executor_lease,
+                tunables.upload_workers,
+                tunables.store_timeout,
+                tunables.executor_lease,
                 config.heartbeat,
             )
             ready()

@@ -141,12 +141,17 @@ class Remote:
         max_attempts: int = 6,
         late_window: float = LATE_WINDOW,
         request_timeout: float = REQUEST_TIMEOUT,
+        backoff_first: float = BACKOFF_FIRST,
+        backoff_max: float = BACKOFF_MAX,
         on_put_done: Callable[[Op], None] | None = None,
         on_failed: Callable[[Op], None] | None = None,
     ):
         self.store = store
         self.journal = journal
         self.max_attempts = max_attempts
+        #: the wait before the first retry of a failed request, doubling up to backoff_max
+        self.backoff_first = backoff_first
+        self.backoff_max = backoff_max
         self.late_window = late_window
         #: the longest a caller waits for a read of the store, or a sync commit for its upload
         self.request_timeout = request_timeout
@@ -350,7 +355,7 @@ class Remote:
         raise StoreError(f"{what or fn.__name__}: no answer from the store within {self.request_timeout:g} s")
 
     async def _call(self, fn: Callable, args: tuple, kwargs: dict, what: str, attempts: int):
-        delay = BACKOFF_FIRST
+        delay = self.backoff_first
         for attempt in range(1, attempts + 1):
             try:
                 result = await trio.to_thread.run_sync(
@@ -369,7 +374,7 @@ class Remote:
                     self.stats[f"{fn.__name__}_bytes"] += len(result)
                 return result
             await trio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, self.backoff_max)
 
     # -- execution
     def _expectations(self, op: Op) -> None:
@@ -581,7 +586,7 @@ class Remote:
         """Delete a batch; reports started once its first attempt is done, and retries the
         keys that failed on their own."""
         remaining = batch
-        delay = BACKOFF_FIRST
+        delay = self.backoff_first
         attempt = 0
         while remaining:
             attempt += 1
@@ -612,7 +617,7 @@ class Remote:
                     return
                 log.warning("%d deletes failed, retrying them: %s", len(remaining), error)
                 await self._backoff(remaining, delay, attempt)
-                delay = min(delay * 2, BACKOFF_MAX)
+                delay = min(delay * 2, self.backoff_max)
         if attempt == 1 and failed is _NOT_DONE:
             task_status.started()
 
@@ -632,7 +637,7 @@ class Remote:
                 self._blocking_delete_stale(op.key, info.version)
                 self.stats["swept_keys"] += 1
 
-        delay = BACKOFF_FIRST
+        delay = self.backoff_first
         while True:
             try:
                 await trio.to_thread.run_sync(sweep, limiter=self._limiter)
@@ -642,7 +647,7 @@ class Remote:
                     log.error("could not check %s for a late write: %s", op.key, exc)
                     break
             await trio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, self.backoff_max)
         self.journal.remove_op(op.seq)
         self.sweeps.discard(op)
 
@@ -659,7 +664,7 @@ class Remote:
     async def _attempt(self, ops: list[Op], fn: Callable, *args):
         """Run fn until it succeeds (its result) or the ops were aborted, failed for good or
         given up while draining (_NOT_DONE; the ops are finished either way)."""
-        delay = BACKOFF_FIRST
+        delay = self.backoff_first
         attempt = 0
         while True:
             attempt += 1
@@ -703,7 +708,7 @@ class Remote:
                     self._give_up(ops)
                     return _NOT_DONE
             await self._backoff(ops, delay, attempt)
-            delay = min(delay * 2, BACKOFF_MAX)
+            delay = min(delay * 2, self.backoff_max)
 
     async def _backoff(self, ops: list[Op], delay: float, attempt: int = 0) -> None:
         """Sleep before the next attempt; cut short by a cancel, or by draining once the ops

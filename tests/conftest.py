@@ -10,8 +10,6 @@ import uuid
 import pytest
 import trio
 
-import shufflefs.remote
-
 #: the pydaos stand-in; a real pydaos is used instead when SHUFFLEFS_DAOS_POOL names a real pool
 FAKE_PYDAOS = os.path.join(os.path.dirname(__file__), "fake_pydaos")
 REAL_DAOS_POOL = os.environ.get("SHUFFLEFS_DAOS_POOL")
@@ -26,10 +24,8 @@ from shufflefs.testing.servers import SeaweedS3  # noqa: E402
 
 
 @pytest.fixture
-async def env(tmp_path, monkeypatch):
+async def env(tmp_path):
     """Filesystem cores as the daemon builds them, one per simulated node (shufflefs.testing.corefs)."""
-    # the retry schedule's shape is what matters in these tests, not its pace
-    monkeypatch.setattr(shufflefs.remote, "BACKOFF_FIRST", 0.005)
     async with trio.open_nursery() as nursery:
         environment = Env(tmp_path, nursery)
         try:

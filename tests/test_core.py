@@ -1389,11 +1389,13 @@ class Processes:
 def node_with_registry(env, store, name: str, lease: float, *executors: Executor) -> Mount:
     """A mount of `store` as node `name`, whose views know `executors` and keep a registry in
     the store with leases of `lease` seconds."""
-    mount = env.mount(store, name=name)
-    mount.fs.views = Views(
-        Processes(*executors), Registry(store, name, mount.staging.directory, lease=lease), mount.remote.call
+    return env.mount(
+        store,
+        name=name,
+        views=lambda remote: Views(
+            Processes(*executors), Registry(store, name, str(env.tmp_path / name), lease=lease), remote.call
+        ),
     )
-    return mount
 
 
 async def listing(fs: Filesystem, path: str, caller: int) -> list[str]:

@@ -10,9 +10,11 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import trio
 
+from shufflefs.assembly import Tunables, assemble
 from shufflefs.core import ROOT_INODE, Filesystem, Node
 from shufflefs.journal import Journal
 from shufflefs.remote import Remote
@@ -127,30 +129,16 @@ class Mount:
         store,
         cache_dir: str,
         nursery: trio.Nursery,
-        *,
-        commit_mode: str,
-        cache_size: int,
-        remote_ttl: float,
-        max_attempts: int,
-        workers: int,
-        views: Views | None,
+        tunables: Tunables,
+        views: Callable[[Remote], Views] | None = None,
     ):
         os.makedirs(cache_dir, exist_ok=True)
         self.store = store
         self.cache_dir = cache_dir
         self.journal = Journal(os.path.join(cache_dir, "lmdb"))
         self.staging = StagingArea(os.path.join(cache_dir, "staging"))
-        self.remote = Remote(store, self.journal, workers=workers, max_attempts=max_attempts)
-        self.fs = Filesystem(
-            store,
-            self.remote,
-            self.journal,
-            self.staging,
-            commit_mode=commit_mode,
-            cache_size=cache_size,
-            remote_ttl=remote_ttl,
-            views=views,
-        )
+        self.fs = assemble(store, self.journal, self.staging, tunables, views)
+        self.remote = self.fs.remote
         self.remote.start(nursery)
         self.closed = False
 
@@ -193,21 +181,23 @@ class Env:
         remote_ttl: float = 1.0,
         max_attempts: int = 3,
         workers: int = 8,
-        views: Views | None = None,
+        views: Views | Callable[[Remote], Views] | None = None,
     ) -> Mount:
+        """A core over `store` (a new recording memory store by default) as node `name`;
+        `views`: what its executors see, or how to make it from the mount's Remote."""
         if store is None:
             store = self.store()
-        mount = Mount(
-            store,
-            str(self.tmp_path / name),
-            nursery or self.nursery,
-            commit_mode=commit_mode,
+        # the retry schedule's shape is what matters in tests, not its pace
+        tunables = Tunables(
+            commit=commit_mode,
             cache_size=cache_size,
-            remote_ttl=remote_ttl,
+            listing_ttl=remote_ttl,
             max_attempts=max_attempts,
-            workers=workers,
-            views=views,
+            upload_workers=workers,
+            backoff_first=0.005,
         )
+        make_views = (lambda _remote: views) if isinstance(views, Views) else views
+        mount = Mount(store, str(self.tmp_path / name), nursery or self.nursery, tunables, make_views)
         self.mounts.append(mount)
         return mount
 
