@@ -607,6 +607,8 @@ class Remote:
             if remaining:
                 error = failed[remaining[0].key]
                 self.stats["failed_requests"] += 1
+                if attempt >= self.max_attempts:
+                    self._settle_with(remaining, error)
                 if self.draining and attempt >= self.max_attempts:
                     log.error(
                         "giving up on %d deletes while draining, kept in the journal for the next mount: %s",
@@ -694,10 +696,7 @@ class Remote:
                 op.uncertain = True  # the request may have reached the store, and may yet
             log.warning("%r failed (attempt %d): %s", ops[0], attempt, error)
             if attempt >= self.max_attempts:
-                for op in ops:
-                    if not op.settled.is_set():
-                        op.error = error
-                        op.settled.set()
+                self._settle_with(ops, error)
                 if self.draining:
                     log.error(
                         "giving up on %d operation(s) while draining, kept in the journal for the next mount: %r: %s",
@@ -709,6 +708,15 @@ class Remote:
                     return _NOT_DONE
             await self._backoff(ops, delay, attempt)
             delay = min(delay * 2, self.backoff_max)
+
+    @staticmethod
+    def _settle_with(ops: list[Op], error: StoreError) -> None:
+        """The ops used their attempts: whoever waits for them learns of `error` now, while
+        the retries go on in the background."""
+        for op in ops:
+            if not op.settled.is_set():
+                op.error = error
+                op.settled.set()
 
     async def _backoff(self, ops: list[Op], delay: float, attempt: int = 0) -> None:
         """Sleep before the next attempt; cut short by a cancel, or by draining once the ops
@@ -788,6 +796,9 @@ class Remote:
     def _finish(self, op: Op, keep_journal: bool = False) -> None:
         if op.finished.is_set():
             return
+        if not keep_journal:
+            # done after all (or no longer wanted): a waiter from now on is told no error
+            op.error = None
         if not keep_journal:
             self.journal.remove_op(op.seq)
         self._track(op)
