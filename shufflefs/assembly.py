@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shufflefs.core import Filesystem
+from shufflefs.core import OWNED_TTL, READAHEAD, TOMBSTONE_TTL, Filesystem
 from shufflefs.journal import Journal
 from shufflefs.registry import LEASE
 from shufflefs.remote import BACKOFF_FIRST, BACKOFF_MAX, LATE_WINDOW, REQUEST_TIMEOUT, Remote
@@ -39,6 +39,15 @@ class Tunables:
     backoff_max: float = BACKOFF_MAX
     #: (uid, gid) of the root and of what is learned from the store; None: the daemon's
     owner: tuple[int, int] | None = None
+    #: bytes at least that a read of what only the store has fetches at once
+    readahead: int = READAHEAD
+    #: seconds the kernel may keep entries and attributes of directories this mount owns
+    owned_ttl: float = OWNED_TTL
+    #: seconds a name removed from a directory this mount does not own stays hidden from
+    #: store listings (deletes are asynchronous; SeaweedFS lists emptied prefixes a while)
+    tombstone_ttl: float = TOMBSTONE_TTL
+    #: seconds a drain waits for open shuffle files to be closed (and committed) first
+    release_wait: float = 5.0
 
 
 def assemble(
@@ -71,4 +80,7 @@ def assemble(
         remote_ttl=tunables.listing_ttl,
         owner=tunables.owner,
         views=views(remote) if views is not None else None,
+        readahead=tunables.readahead,
+        owned_ttl=tunables.owned_ttl,
+        tombstone_ttl=tunables.tombstone_ttl,
     )

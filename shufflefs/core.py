@@ -253,8 +253,17 @@ class Filesystem:
         remote_ttl: float = 1.0,
         owner: tuple[int, int] | None = None,
         views: Views | None = None,
+        readahead: int = READAHEAD,
+        owned_ttl: float = OWNED_TTL,
+        tombstone_ttl: float = TOMBSTONE_TTL,
     ):
         self.store = store
+        #: bytes at least that a read of what only the store has fetches at once
+        self.readahead = readahead
+        #: seconds the kernel may keep entries and attributes of directories this mount owns
+        self.owned_ttl = owned_ttl
+        #: seconds a name removed from a directory this mount does not own stays hidden
+        self.tombstone_ttl = tombstone_ttl
         #: what executors listing the shared local dir see (None: every caller sees it all)
         self.views = views
         self.remote = remote
@@ -417,7 +426,7 @@ class Filesystem:
         return Entry(self._current(node), ttl, ttl)
 
     def attr_ttl(self, node: Node) -> float:
-        return OWNED_TTL if self.is_owned_entry(node) else self.remote_ttl
+        return self.owned_ttl if self.is_owned_entry(node) else self.remote_ttl
 
     # ------------------------------------------------------------------ remote view
     async def _refresh(self, directory: Node) -> None:
@@ -442,7 +451,7 @@ class Filesystem:
         if not directory.linked and directory is not self.root:
             return
         now = directory.listed_at = time.monotonic()
-        while self._tombstones and now - next(iter(self._tombstones.values())) > TOMBSTONE_TTL:
+        while self._tombstones and now - next(iter(self._tombstones.values())) > self.tombstone_ttl:
             self._tombstones.popitem(last=False)
         seen = set(listing.dirs)
         for name in listing.dirs:
@@ -540,7 +549,7 @@ class Filesystem:
         if node is not None:
             return self.entry(node)
         if self.node(parent_ino).owned:
-            return Negative(OWNED_TTL)
+            return Negative(self.owned_ttl)
         raise FsError(errno.ENOENT)
 
     def forget(self, ino: int, count: int) -> None:
@@ -1191,7 +1200,7 @@ class Filesystem:
             return data[offset : offset + size]
         end = min(offset + size, node.size)  # reads past EOF (the kernel's last page) need no more
         if not (handle.buf_off <= offset and end <= handle.buf_off + len(handle.buf)):
-            length = min(max(size, READAHEAD), node.size - offset)
+            length = min(max(size, self.readahead), node.size - offset)
             handle.buf = await self._get(handle, key, offset, length)
             handle.buf_off = offset
             self.stats["range_gets"] += 1

@@ -258,8 +258,6 @@ class CacheDir:
 
 
 # ---------------------------------------------------------------------------- running
-#: seconds a drain waits for open shuffle files to be closed (and committed) first
-RELEASE_WAIT = 5.0
 FSTYPE = "fuse.shufflefs"
 
 
@@ -444,7 +442,7 @@ def run(config: MountConfig, ready: Callable[[], None]) -> int:
         fs.draining = True
         # a file closed just before the signal commits at its RELEASE, which may still be on its
         # way; give writers of shuffle files a moment to close
-        with trio.move_on_after(RELEASE_WAIT):
+        with trio.move_on_after(tunables.release_wait):
             while fs.uncommitted_writers():
                 await trio.sleep(0.05)
         await remote.drain()

@@ -152,6 +152,8 @@ class Remote:
         #: the wait before the first retry of a failed request, doubling up to backoff_max
         self.backoff_first = backoff_first
         self.backoff_max = backoff_max
+        #: keys per delete request (S3's DeleteObjects takes 1000)
+        self.delete_batch = DELETE_BATCH
         self.late_window = late_window
         #: the longest a caller waits for a read of the store, or a sync commit for its upload
         self.request_timeout = request_timeout
@@ -574,7 +576,8 @@ class Remote:
             await self._delete_ready.wait()
             self._delete_ready = trio.Event()
             while self._delete_queue:
-                batch, self._delete_queue = self._delete_queue[:DELETE_BATCH], self._delete_queue[DELETE_BATCH:]
+                size = self.delete_batch
+                batch, self._delete_queue = self._delete_queue[:size], self._delete_queue[size:]
                 for op in batch:
                     op.started = True
                 # deletes queue up while a batch's first attempt runs (that makes the batches);

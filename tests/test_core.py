@@ -1917,9 +1917,9 @@ async def test_a_file_this_mount_stored_and_another_deleted_is_gone_at_the_next_
     assert await read_all(m2.fs, (await m2.fs.lookup(d2, "shuffle_0_6_0.data")).ino) == b"late"
 
 
-async def test_delete_batching(env, monkeypatch):
-    monkeypatch.setattr(shufflefs.remote, "DELETE_BATCH", 50)
+async def test_delete_batching(env):
     m = env.mount(commit_mode="async")
+    m.remote.delete_batch = 50
     fs = m.fs
     d = await mkdirs(fs, BM)
     names = [f"shuffle_1_{i}_0.data" for i in range(120)]
