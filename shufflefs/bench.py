@@ -356,7 +356,7 @@ def _write_file(path: str, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------- command line
-def add_bench_parser(commands) -> None:
+def add_command(commands) -> None:
     bench = commands.add_parser(
         "bench",
         help="time Spark's shuffle I/O pattern on a directory",

@@ -16,14 +16,12 @@ import subprocess
 import sys
 import time
 
-from shufflefs import __version__
+from shufflefs import __version__, bench, gc, inventory, show
 from shufflefs.options import (
     EXIT_FAILURE,
     CommandError,
     OneLineParser,
     add_mount_arguments,
-    add_s3_endpoint_argument,
-    parse_duration,
     positive_int,
     positive_seconds,
     wait_seconds,
@@ -37,7 +35,6 @@ from shufflefs.places import (
     mounted_filesystems,
     process_alive,
     run_file,
-    shufflefs_mount_of,
 )
 
 
@@ -109,63 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     helper.add_argument("--dir", default="/sbin", help="where mount(8) looks for helpers (default: %(default)s)")
     helper.set_defaults(run=cmd_install_mount_helper)
 
-    listing = commands.add_parser(
-        "ls",
-        help="the shuffles a mount, a directory or a store holds",
-        description="List the map outputs below PATH (a mount, or any directory) or in STORE_URL (without "
-        "mounting it), per block manager directory and shuffle: map outputs, files, bytes, "
-        "age; on a mount, how many files still wait for the store; in a store, the "
-        "application where Spark's recovery plugin registered it.",
-    )
-    listing.add_argument("target", metavar="PATH|STORE_URL")
-    listing.add_argument("--json", action="store_true", help="a JSON list instead of a table")
-    listing.add_argument(
-        "--limit",
-        type=positive_int,
-        default=1_000_000,
-        metavar="N",
-        help="stop listing a store after N objects (default: %(default)s)",
-    )
-    add_s3_endpoint_argument(listing)
-    listing.set_defaults(run=cmd_ls)
-
-    gc = commands.add_parser(
-        "gc",
-        help="remove from a store what crashed or finished applications left and no live mount holds",
-        description="Find, in STORE_URL, the Spark block manager directories no live mount holds (each mount "
-        "renews a heartbeat in the store naming those it holds) with nothing written below them "
-        "for DURATION, writes begun and never finished (S3 multipart uploads) that long ago, and "
-        "the registry records that name nothing live. A dry run by default: prints what it would "
-        "remove and what it keeps; --delete removes it. Objects outside block manager directories "
-        "are never removed. See docs/GC.md.",
-    )
-    gc.add_argument("store_url", metavar="STORE_URL")
-    gc.add_argument(
-        "--older-than",
-        type=parse_duration,
-        default=86400.0,
-        metavar="DURATION",
-        help="leave alone whatever was written, renewed or released less than DURATION ago "
-        "(90s, 30m, 24h, 7d; default: 24h)",
-    )
-    gc.add_argument("--delete", action="store_true", help="remove what the dry run lists (default: only list it)")
-    gc.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    add_s3_endpoint_argument(gc)
-    gc.set_defaults(run=cmd_gc)
-
-    show = commands.add_parser(
-        "show",
-        help="decode a map output's index file, and check it against its data and checksum files",
-        description="Print the partitions (offset, length) of a map output from its index file "
-        "(shuffle_S_M_R.index, on a mount or anywhere), check that its data file holds as "
-        "many bytes as the index says, and each partition against Spark's checksum file when "
-        "there is one (ADLER32, CRC32; reads the whole data file). Exit status 1 when "
-        "something does not match.",
-    )
-    show.add_argument("index", metavar="FILE.index")
-    show.add_argument("--json", action="store_true", help="one JSON object instead of a table")
-    show.set_defaults(run=cmd_show)
-
     journal = commands.add_parser(
         "journal",
         help="list (or drop) the store operations a cache dir owes or the store refused",
@@ -184,9 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     journal.set_defaults(run=cmd_journal)
 
-    from shufflefs.bench import add_bench_parser
-
-    add_bench_parser(commands)
+    for command in (inventory, show, gc, bench):
+        command.add_command(commands)
     return parser
 
 
@@ -410,128 +349,6 @@ def cmd_install_mount_helper(args) -> int:
     for path in paths:
         print(f"installed {path}")
     return 0
-
-
-# ---------------------------------------------------------------------------- ls
-def cmd_ls(args) -> int:
-    from shufflefs import inventory
-
-    if "://" in args.target:
-        found, truncated = _store_shuffles(args)
-    else:
-        if not os.path.isdir(args.target):
-            raise CommandError(
-                f"{args.target} {'is not a directory' if os.path.exists(args.target) else 'does not exist'}"
-            )
-        found, truncated = inventory.shuffles(inventory.walk_directory(args.target), _pending_keys(args.target))
-    if args.json:
-        now = time.time_ns()
-        print(json.dumps({"shuffles": [s.report(now) for s in found], "truncated": truncated}, indent=1))
-    else:
-        print(inventory.render(found, truncated))
-    return 0
-
-
-def _open_store(url: str, s3_endpoint_url: str | None):
-    from shufflefs.stores import StoreError, check_endpoint_url, open_store
-
-    try:
-        check_endpoint_url(url, "the store URL")
-        if s3_endpoint_url:
-            check_endpoint_url(s3_endpoint_url)
-        return open_store(url, s3_endpoint_url=s3_endpoint_url)
-    except StoreError as exc:
-        raise CommandError(str(exc)) from None
-
-
-def _store_shuffles(args):
-    from shufflefs import inventory
-    from shufflefs.stores import StoreError
-
-    store = _open_store(args.target, args.s3_endpoint_url)
-    try:
-        found, truncated = inventory.shuffles(inventory.walk_store(store, inventory.Budget(args.limit)))
-        try:
-            apps = inventory.registered_apps(store, inventory.Budget(args.limit))
-        except inventory.Truncated:
-            apps = {}
-    except StoreError as exc:
-        raise CommandError(f"listing {store.url}: {exc}") from None
-    finally:
-        store.close()
-    for shuffle in found:
-        shuffle.app = apps.get(os.path.basename(shuffle.where))
-    return found, truncated
-
-
-def _pending_keys(path: str) -> set[str] | None:
-    """On a shufflefs mount, the files below `path` its journal still owes the store (their
-    paths relative to `path`); None elsewhere."""
-    from shufflefs.journal import CacheDirBusy, open_journal
-
-    mountpoint = shufflefs_mount_of(path)
-    if mountpoint is None:
-        return None
-    try:
-        with open(run_file(mountpoint, "json")) as f:
-            cache_dir = json.load(f)["cache_dir"]
-        with open_journal(cache_dir, exclusive=False) as journal:
-            keys = {
-                record.get("dst", record["key"])
-                for _, record in journal.pending_ops()
-                if record["kind"] in ("put", "move")
-            }
-    except (OSError, ValueError, KeyError, CacheDirBusy):
-        return None  # not ours to read: pending counts unknown
-    below = os.path.relpath(os.path.realpath(path), mountpoint)
-    if below == ".":
-        return keys
-    return {key[len(below) + 1 :] for key in keys if key.startswith(below + "/")}
-
-
-# ---------------------------------------------------------------------------- gc
-def cmd_gc(args) -> int:
-    import tqdm
-
-    from shufflefs import gc
-    from shufflefs.stores import StoreError
-
-    store = _open_store(args.store_url, args.s3_endpoint_url)
-    try:
-        store.check()
-        holders = gc.Holders(store, args.older_than)
-        planned = gc.plan(store, args.older_than, holders)
-        outcome = None
-        if args.delete and planned.garbage:
-            with tqdm.tqdm(
-                total=sum(item.objects for item in planned.garbage),
-                unit=" objects",
-                desc="deleting",
-                disable=not sys.stderr.isatty(),
-            ) as bar:
-                outcome = gc.delete(store, planned, holders, bar.update)
-        elif args.delete:
-            outcome = gc.Outcome()
-    except StoreError as exc:
-        raise CommandError(f"{store.url}: {exc}") from None
-    except gc.GcError as exc:
-        raise CommandError(str(exc)) from None
-    finally:
-        store.close()
-    print(json.dumps(gc.report(planned, outcome), indent=1) if args.json else gc.render(planned, outcome))
-    return 1 if outcome is not None and outcome.failed else 0
-
-
-# ---------------------------------------------------------------------------- show
-def cmd_show(args) -> int:
-    from shufflefs.show import ShowError, inspect, render
-
-    try:
-        output = inspect(args.index)
-    except ShowError as exc:
-        raise CommandError(str(exc)) from None
-    print(json.dumps(output.report(), indent=1) if args.json else render(output))
-    return 1 if output.problems else 0
 
 
 # ---------------------------------------------------------------------------- umount

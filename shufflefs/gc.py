@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 from shufflefs.heartbeat import EVERY, MOUNTS
 from shufflefs.inventory import Budget, human_age, human_bytes, walk_store
 from shufflefs.naming import is_block_manager_dir
+from shufflefs.options import CommandError, add_s3_endpoint_argument, parse_duration
 from shufflefs.registry import RESERVED
-from shufflefs.stores import ObjectInfo, ObjectMissing, Store, StoreError, Unfinished
+from shufflefs.stores import ObjectInfo, ObjectMissing, Store, StoreError, Unfinished, open_user_store
 
 DIRECTORY = "block manager directory"
 UNFINISHED = "unfinished write"
@@ -351,3 +353,62 @@ def report(planned: Plan, outcome: Outcome | None = None) -> dict:
         result["spared"] = [item.key for item in outcome.spared]
         result["failed"] = [{"key": item.key, "error": error} for item, error in outcome.failed]
     return result
+
+
+# ---------------------------------------------------------------------------- the command
+def add_command(commands) -> None:
+    parser = commands.add_parser(
+        "gc",
+        help="remove from a store what crashed or finished applications left and no live mount holds",
+        description="Find, in STORE_URL, the Spark block manager directories no live mount holds (each mount "
+        "renews a heartbeat in the store naming those it holds) with nothing written below them "
+        "for DURATION, writes begun and never finished (S3 multipart uploads) that long ago, and "
+        "the registry records that name nothing live. A dry run by default: prints what it would "
+        "remove and what it keeps; --delete removes it. Objects outside block manager directories "
+        "are never removed. See docs/GC.md.",
+    )
+    parser.add_argument("store_url", metavar="STORE_URL")
+    parser.add_argument(
+        "--older-than",
+        type=parse_duration,
+        default=86400.0,
+        metavar="DURATION",
+        help="leave alone whatever was written, renewed or released less than DURATION ago "
+        "(90s, 30m, 24h, 7d; default: 24h)",
+    )
+    parser.add_argument("--delete", action="store_true", help="remove what the dry run lists (default: only list it)")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    add_s3_endpoint_argument(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import tqdm
+
+    try:
+        store = open_user_store(args.store_url, args.s3_endpoint_url)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        store.check()
+        holders = Holders(store, args.older_than)
+        planned = plan(store, args.older_than, holders)
+        outcome = None
+        if args.delete and planned.garbage:
+            with tqdm.tqdm(
+                total=sum(item.objects for item in planned.garbage),
+                unit=" objects",
+                desc="deleting",
+                disable=not sys.stderr.isatty(),
+            ) as bar:
+                outcome = delete(store, planned, holders, bar.update)
+        elif args.delete:
+            outcome = Outcome()
+    except StoreError as exc:
+        raise CommandError(f"{store.url}: {exc}") from None
+    except GcError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        store.close()
+    print(json.dumps(report(planned, outcome), indent=1) if args.json else render(planned, outcome))
+    return 1 if outcome is not None and outcome.failed else 0

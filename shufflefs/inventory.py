@@ -7,14 +7,17 @@ listings go page by page through the store's own listing and stop after `limit` 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from shufflefs.naming import DURABLE_PATTERN, is_block_manager_dir
+from shufflefs.options import CommandError, add_s3_endpoint_argument, positive_int
+from shufflefs.places import run_file, shufflefs_mount_of
 from shufflefs.registry import RESERVED
-from shufflefs.stores import Store
+from shufflefs.stores import Store, StoreError, open_user_store
 
 #: levels below the target searched for block manager directories (Spark: <local dir>/spark-*/
 #: executor-*/blockmgr-*, or <local dir>/blockmgr-*)
@@ -189,3 +192,88 @@ def human_age(seconds: float) -> str:
         if seconds >= length:
             return f"{seconds / length:.0f} {unit}"
     return f"{seconds:.0f} s"
+
+
+# ---------------------------------------------------------------------------- the command
+def add_command(commands) -> None:
+    listing = commands.add_parser(
+        "ls",
+        help="the shuffles a mount, a directory or a store holds",
+        description="List the map outputs below PATH (a mount, or any directory) or in STORE_URL (without "
+        "mounting it), per block manager directory and shuffle: map outputs, files, bytes, "
+        "age; on a mount, how many files still wait for the store; in a store, the "
+        "application where Spark's recovery plugin registered it.",
+    )
+    listing.add_argument("target", metavar="PATH|STORE_URL")
+    listing.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    listing.add_argument(
+        "--limit",
+        type=positive_int,
+        default=1_000_000,
+        metavar="N",
+        help="stop listing a store after N objects (default: %(default)s)",
+    )
+    add_s3_endpoint_argument(listing)
+    listing.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if "://" in args.target:
+        found, truncated = _store_shuffles(args)
+    else:
+        if not os.path.isdir(args.target):
+            raise CommandError(
+                f"{args.target} {'is not a directory' if os.path.exists(args.target) else 'does not exist'}"
+            )
+        found, truncated = shuffles(walk_directory(args.target), _pending_keys(args.target))
+    if args.json:
+        now = time.time_ns()
+        print(json.dumps({"shuffles": [s.report(now) for s in found], "truncated": truncated}, indent=1))
+    else:
+        print(render(found, truncated))
+    return 0
+
+
+def _store_shuffles(args):
+    try:
+        store = open_user_store(args.target, args.s3_endpoint_url)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        found, truncated = shuffles(walk_store(store, Budget(args.limit)))
+        try:
+            apps = registered_apps(store, Budget(args.limit))
+        except Truncated:
+            apps = {}
+    except StoreError as exc:
+        raise CommandError(f"listing {store.url}: {exc}") from None
+    finally:
+        store.close()
+    for shuffle in found:
+        shuffle.app = apps.get(os.path.basename(shuffle.where))
+    return found, truncated
+
+
+def _pending_keys(path: str) -> set[str] | None:
+    """On a shufflefs mount, the files below `path` its journal still owes the store (their
+    paths relative to `path`); None elsewhere."""
+    from shufflefs.journal import CacheDirBusy, open_journal
+
+    mountpoint = shufflefs_mount_of(path)
+    if mountpoint is None:
+        return None
+    try:
+        with open(run_file(mountpoint, "json")) as f:
+            cache_dir = json.load(f)["cache_dir"]
+        with open_journal(cache_dir, exclusive=False) as journal:
+            keys = {
+                record.get("dst", record["key"])
+                for _, record in journal.pending_ops()
+                if record["kind"] in ("put", "move")
+            }
+    except (OSError, ValueError, KeyError, CacheDirBusy):
+        return None  # not ours to read: pending counts unknown
+    below = os.path.relpath(os.path.realpath(path), mountpoint)
+    if below == ".":
+        return keys
+    return {key[len(below) + 1 :] for key in keys if key.startswith(below + "/")}

@@ -8,11 +8,14 @@ Standard library only; works on a mount or on any copy of a block manager direct
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import struct
 import zlib
 from dataclasses import dataclass, field
+
+from shufflefs.options import CommandError
 
 INDEX_NAME = re.compile(r"shuffle_(\d+)_(\d+)_(\d+)\.index")
 #: Spark's checksum algorithms that the standard library computes (CRC32C is not among them)
@@ -178,3 +181,28 @@ def render(output: MapOutput) -> str:
             mark = {True: "ok", False: "MISMATCH", None: "-"}[p.checksum_ok]
             lines.append(f"{n:>9} {p.offset:>12} {p.length:>12}  {mark}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the command
+def add_command(commands) -> None:
+    parser = commands.add_parser(
+        "show",
+        help="decode a map output's index file, and check it against its data and checksum files",
+        description="Print the partitions (offset, length) of a map output from its index file "
+        "(shuffle_S_M_R.index, on a mount or anywhere), check that its data file holds as "
+        "many bytes as the index says, and each partition against Spark's checksum file when "
+        "there is one (ADLER32, CRC32; reads the whole data file). Exit status 1 when "
+        "something does not match.",
+    )
+    parser.add_argument("index", metavar="FILE.index")
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    try:
+        output = inspect(args.index)
+    except ShowError as exc:
+        raise CommandError(str(exc)) from None
+    print(json.dumps(output.report(), indent=1) if args.json else render(output))
+    return 1 if output.problems else 0

@@ -96,3 +96,12 @@ def open_store(url: str, *, s3_endpoint_url: str | None = None) -> Store:
         raise StoreError(f"the {parsed.scheme}:// store needs {missing}: {install_hint}", transient=False) from None
     store_class = getattr(module, class_name)
     return store_class.from_url(parsed, s3_endpoint_url=s3_endpoint_url)
+
+
+def open_user_store(url: str, s3_endpoint_url: str | None = None) -> Store:
+    """The store a user named on a command line (`ls`, `gc`): like open_store, after refusing
+    credentials in either URL (StoreError, one line, never repeating the URL)."""
+    check_endpoint_url(url, "the store URL")
+    if s3_endpoint_url:
+        check_endpoint_url(s3_endpoint_url)
+    return open_store(url, s3_endpoint_url=s3_endpoint_url)
