@@ -38,10 +38,8 @@ from shufflefs.testing.corefs import (
     KiB,
     MiB,
     Mount,
-    RecordingMemoryStore,
     close,
     commit,
-    contents,
     create,
     errno_of,
     forget,
@@ -55,6 +53,7 @@ from shufflefs.testing.corefs import (
     until,
     write_file,
 )
+from shufflefs.testing.stores import RecordingMemoryStore, contents
 from shufflefs.views import Views
 
 MODES = pytest.mark.parametrize("mode", ["sync", "async"])

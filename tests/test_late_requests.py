@@ -23,10 +23,8 @@ from shufflefs.testing.corefs import (
     BM,
     DATA,
     INDEX,
-    RecordingMemoryStore,
     close,
     commit,
-    contents,
     create,
     errno_of,
     forget,
@@ -38,6 +36,7 @@ from shufflefs.testing.corefs import (
     until,
     write_file,
 )
+from shufflefs.testing.stores import RecordingMemoryStore, contents
 
 NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
 

@@ -11,8 +11,9 @@ import pytest
 import trio
 
 from shufflefs.core import READAHEAD, FsError
-from shufflefs.testing.corefs import MiB, commit, contents, errno_of, key, mkdirs, resolve, write_file
+from shufflefs.testing.corefs import MiB, commit, errno_of, key, mkdirs, resolve, write_file
 from shufflefs.testing.mounting import Mount
+from shufflefs.testing.stores import contents
 
 DIR = "spark-1/blockmgr-10000000-0000-4000-8000-000000000000/0c"
 NAME = "shuffle_0_5_0.data"

@@ -7,8 +7,6 @@ commit by rename)."""
 from __future__ import annotations
 
 import os
-import threading
-import time
 import uuid
 from collections.abc import Callable
 
@@ -19,9 +17,8 @@ from shufflefs.core import ROOT_INODE, Filesystem, Node
 from shufflefs.journal import Journal
 from shufflefs.remote import Remote
 from shufflefs.staging import StagingArea
-from shufflefs.stores import StoreError
-from shufflefs.stores.file import FileStore
 from shufflefs.stores.memory import MemoryStore
+from shufflefs.testing.stores import RecordingFileStore, RecordingMemoryStore
 from shufflefs.views import Views
 
 KiB = 1024
@@ -32,95 +29,6 @@ APPEND = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # how Spark creates .data and t
 
 
 # -- stores that record what was asked of them -------------------------------------------------
-
-
-class Recorder:
-    """Mixin for a real store: logs every call with its keys, and can hold uploads at a gate
-    (to see what happens while an upload is in flight) or ignore the abort event (a store that
-    cannot stop an upload once it started)."""
-
-    def _setup_recorder(self) -> None:
-        self.log: list[tuple] = []
-        self.gate = threading.Event()  # holds put_file
-        self.gate.set()
-        self.move_gate = threading.Event()  # holds move
-        self.move_gate.set()
-        self.copy_gate = threading.Event()  # holds copy
-        self.copy_gate.set()
-        self.delete_gate = threading.Event()  # holds delete_many
-        self.delete_gate.set()
-        self.honor_abort = True
-        self.hang_listings = threading.Event()
-
-    def calls_of(self, method: str, key: str | None = None) -> list[tuple]:
-        return [entry for entry in self.log if entry[0] == method and (key is None or entry[1] == key)]
-
-    def put_file(self, key, path, abort=None, **conditions):
-        self.log.append(("put_file", key))
-        if not self.gate.wait(30):
-            raise StoreError("test gate stayed closed", transient=False)
-        return super().put_file(key, path, abort if self.honor_abort else None, **conditions)
-
-    def get_range(self, key, offset, length, **conditions):
-        self.log.append(("get_range", key, offset, length))
-        return super().get_range(key, offset, length, **conditions)
-
-    def head(self, key):
-        self.log.append(("head", key))
-        return super().head(key)
-
-    def list_dir(self, prefix):
-        self.log.append(("list_dir", prefix))
-        while self.hang_listings.is_set():  # a store that does not answer
-            time.sleep(0.01)
-        return super().list_dir(prefix)
-
-    def move(self, src, dst, **conditions):
-        self.log.append(("move", src, dst))
-        if not self.move_gate.wait(30):
-            raise StoreError("test gate stayed closed", transient=False)
-        return super().move(src, dst, **conditions)
-
-    def copy(self, src, dst, **conditions):
-        self.log.append(("copy", src, dst))
-        if not self.copy_gate.wait(30):
-            raise StoreError("test gate stayed closed", transient=False)
-        return super().copy(src, dst, **conditions)
-
-    def delete_many(self, keys, **conditions):
-        self.log.append(("delete_many", tuple(keys)))
-        if not self.delete_gate.wait(30):
-            raise StoreError("test gate stayed closed", transient=False)
-        return super().delete_many(keys, **conditions)
-
-
-class RecordingMemoryStore(Recorder, MemoryStore):
-    def __init__(self):
-        MemoryStore.__init__(self)
-        self._setup_recorder()
-
-
-class RecordingFileStore(Recorder, FileStore):
-    def __init__(self, root: str):
-        os.makedirs(root)
-        FileStore.__init__(self, root)
-        self._setup_recorder()
-
-
-def contents(store) -> dict[str, bytes]:
-    """Every object in the store, byte for byte."""
-    if isinstance(store, MemoryStore):
-        return {key: value[0] for key, value in store.objects.copy().items()}
-    result = {}
-    for dirpath, _, filenames in os.walk(store.root):
-        for filename in filenames:
-            path = os.path.join(dirpath, filename)
-            with open(path, "rb") as f:
-                result[os.path.relpath(path, store.root)] = f.read()
-    return result
-
-
-# -- one filesystem core as the daemon builds it ------------------------------------------------
 
 
 class Mount:
